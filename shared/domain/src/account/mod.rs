@@ -1,0 +1,129 @@
+//! The Account aggregate. `handle` dispatches each command to the file named after it;
+//! `apply` is the one place state changes.
+
+mod close;
+mod deposit;
+mod events;
+mod open;
+mod withdraw;
+
+pub use events::AccountEvent;
+
+use crate::{AccountId, Amount, Currency, Money};
+use tally_es::Aggregate;
+
+/// Where an account is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccountStatus {
+    /// No event yet: the stream is empty.
+    #[default]
+    NotOpened,
+    Open,
+    Closed,
+}
+
+/// The state of one account, folded from its events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Account {
+    pub id: Option<AccountId>,
+    pub status: AccountStatus,
+    pub currency: Option<Currency>,
+    /// Balance in minor units; never negative.
+    pub balance: i64,
+}
+
+/// What a client can ask of an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountCommand {
+    Open { id: AccountId, currency: Currency },
+    Deposit { amount: Amount },
+    Withdraw { amount: Amount },
+    Close,
+}
+
+/// Why a command was refused. Each variant names the HTTP answer the API gives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// 409: the stream already has events.
+    #[error("account already exists")]
+    AlreadyOpen,
+    /// 404: nothing was ever stored for this id.
+    #[error("account not found")]
+    NotFound,
+    /// 409: closed accounts accept no more commands.
+    #[error("account is closed")]
+    Closed,
+    /// 422: a withdrawal larger than the balance.
+    #[error("insufficient funds: balance {balance}, requested {requested}")]
+    InsufficientFunds { balance: Money, requested: Money },
+    /// 409: only an account at zero can be closed.
+    #[error("the balance is {balance}; only an account with a zero balance can be closed")]
+    BalanceNotZero { balance: Money },
+    /// 422: the amount is in another currency than the account.
+    #[error("the account holds {account}, the amount is in {amount}")]
+    CurrencyMismatch { account: Currency, amount: Currency },
+    /// 422: the balance would exceed what the account can hold.
+    #[error("the balance would exceed the largest representable amount")]
+    BalanceOverflow,
+}
+
+impl Account {
+    /// The balance as money (zero in USD before the account is opened).
+    pub fn balance_money(&self) -> Money {
+        Money {
+            minor: self.balance,
+            currency: self.currency.unwrap_or(Currency::USD),
+        }
+    }
+
+    /// The currency of an open account, or the reason commands are refused.
+    fn open_currency(&self) -> Result<Currency, AccountError> {
+        match (self.status, self.currency) {
+            (AccountStatus::Open, Some(c)) => Ok(c),
+            (AccountStatus::Closed, _) => Err(AccountError::Closed),
+            _ => Err(AccountError::NotFound),
+        }
+    }
+
+    /// Check that `amount` may touch this open account; returns the account's currency.
+    fn accept(&self, amount: &Amount) -> Result<Currency, AccountError> {
+        let currency = self.open_currency()?;
+        if amount.currency() != currency {
+            return Err(AccountError::CurrencyMismatch {
+                account: currency,
+                amount: amount.currency(),
+            });
+        }
+        Ok(currency)
+    }
+}
+
+impl Aggregate for Account {
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+
+    fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::Open { id, currency } => open::decide(self, id, currency),
+            AccountCommand::Deposit { amount } => deposit::decide(self, amount),
+            AccountCommand::Withdraw { amount } => withdraw::decide(self, amount),
+            AccountCommand::Close => close::decide(self),
+        }
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Opened { id, currency } => {
+                self.id = Some(id.clone());
+                self.currency = Some(*currency);
+                self.status = AccountStatus::Open;
+                self.balance = 0;
+            }
+            AccountEvent::Deposited { balance, .. } | AccountEvent::Withdrawn { balance, .. } => {
+                self.balance = *balance;
+            }
+            AccountEvent::Closed => self.status = AccountStatus::Closed,
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Opening an account: only on an empty stream.
+
+use super::{Account, AccountError, AccountEvent, AccountStatus};
+use crate::{AccountId, Currency};
+
+pub(super) fn decide(
+    account: &Account,
+    id: AccountId,
+    currency: Currency,
+) -> Result<Vec<AccountEvent>, AccountError> {
+    if account.status != AccountStatus::NotOpened {
+        return Err(AccountError::AlreadyOpen);
+    }
+    Ok(vec![AccountEvent::Opened { id, currency }])
+}

@@ -1,0 +1,20 @@
+//! `tally-domain`: the account domain, Tally's first user of the `tally-es` toolkit.
+//!
+//! **Architecture invariant:** this crate does no IO and knows nothing of HTTP, Lambda,
+//! S3, Kafka, SQL or Redis. Adapters depend on it, never the reverse. Its dependency
+//! tree is checked by a test (`the_domain_crate_depends_on_no_io_crate`).
+//!
+//! * [`AccountId`], [`Amount`], [`Money`], [`Currency`], [`IdempotencyKey`] — parsed
+//!   newtypes: once you hold one, it is valid.
+//! * [`account::Account`] — the aggregate: one file per command under `account/`.
+
+pub mod account;
+mod id;
+mod idempotency;
+mod money;
+
+pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};
+pub use id::{AccountId, AccountIdError};
+pub use idempotency::{IdempotencyKey, IdempotencyKeyError};
+pub use money::{Amount, AmountError, AmountPolicy, Currency, CurrencyError, Money};
+pub use tally_es::Revision;

@@ -1,0 +1,37 @@
+//! Events as a schema boundary: type name, schema version, upcasting.
+
+use serde_json::Value;
+
+/// Why a stored event could not be turned back into a domain event.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The type name is not one this code knows.
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+    /// The schema version is newer than this code, or was never written.
+    #[error("unsupported schema version {version} of event type `{event_type}`")]
+    UnsupportedVersion { event_type: String, version: u32 },
+    /// The payload does not match the schema it claims.
+    #[error("malformed payload of event type `{event_type}` v{version}: {reason}")]
+    Malformed {
+        event_type: String,
+        version: u32,
+        reason: String,
+    },
+}
+
+/// An event type that can be stored and read back across schema versions.
+///
+/// [`encode`](DomainEvent::encode) always writes the current version;
+/// [`decode`](DomainEvent::decode) accepts every version ever written and upcasts old
+/// ones. Keep a stored fixture of every old version in the tests, forever.
+pub trait DomainEvent: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// Stable type name, e.g. `"Deposited"`.
+    fn event_type(&self) -> &'static str;
+    /// Current schema version of this event type.
+    fn schema_version(&self) -> u32;
+    /// The payload, at the current schema version.
+    fn encode(&self) -> Value;
+    /// Read a payload of any known version.
+    fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError>;
+}

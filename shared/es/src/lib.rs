@@ -1,0 +1,28 @@
+//! `tally-es`: the reusable event-sourcing toolkit under Tally.
+//!
+//! It knows nothing of bank accounts, HTTP, Lambda, S3, Kafka, SQL or Redis:
+//!
+//! * [`Aggregate`] — decide in [`Aggregate::handle`], change state in [`Aggregate::apply`];
+//! * [`DomainEvent`] — every stored event carries its type name and schema version, and
+//!   old versions are upcast when decoded;
+//! * [`StoredCommit`] / [`Commit`] — the unit of atomic append: one object, one or more
+//!   events, the stream revision of its first event, and metadata;
+//! * [`StreamId`] and [`Revision`] — parsed newtypes: a stream id that reaches a storage
+//!   key has passed [`StreamId::parse`];
+//! * the ports [`EventStore`] and [`EventPublisher`], implemented by adapter crates;
+//! * [`testing`] — a given/when/then harness for any aggregate.
+
+mod aggregate;
+mod commit;
+mod event;
+mod ids;
+mod store;
+pub mod testing;
+
+pub use aggregate::Aggregate;
+pub use commit::{Commit, CommitMetadata, StoredCommit, StoredEvent};
+pub use event::{DecodeError, DomainEvent};
+pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
+pub use store::{
+    check_contiguous, AppendError, EventPublisher, EventStore, PublishError, StoreError,
+};

@@ -1,0 +1,96 @@
+//! Ports: what an event store and an event publisher must do.
+//!
+//! Adapter crates implement these (a local directory, S3, Kafka, ...). Each error variant
+//! says what the caller should do with it.
+
+use crate::{Revision, StoredCommit, StreamId};
+use async_trait::async_trait;
+
+/// Why an append did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer already created a commit at this revision. Nothing was written by
+    /// this call. Handling rule: reload the stream and decide again (bounded retries).
+    #[error("a commit at revision {revision} of stream `{stream}` already exists")]
+    Conflict {
+        stream: StreamId,
+        revision: Revision,
+    },
+    /// The store could not be reached or failed. The commit may or may not exist; a
+    /// later read tells. Handling rule: answer 503 with `Retry-After`.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or failed. Handling rule: 503 with `Retry-After`.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is unreadable or inconsistent (a gap, an overlap, bad JSON). Handling
+    /// rule: this is a bug or tampering; answer 500 and alert, never guess.
+    #[error("event store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The source of truth: append-only streams of commits.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Create `commit` if and only if no commit exists at `(commit.stream,
+    /// commit.revision)`. Atomic (all events or none) and durable once it returns `Ok`.
+    /// The caller guarantees `commit.revision` is its loaded revision + 1.
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError>;
+
+    /// All commits of `stream` whose last event is at or after `from`, in order. An
+    /// unknown stream reads as empty. Implementations check that revisions are
+    /// contiguous and fail with [`StoreError::Corrupt`] otherwise.
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError>;
+
+    /// The ids of every stream that has at least one commit (for rebuilds).
+    async fn streams(&self) -> Result<Vec<StreamId>, StoreError>;
+
+    /// Whether the store can serve requests now (for `/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+}
+
+/// Why a publish failed. Handling rule: never fail the command for it; the commit is in
+/// the store and a relay or a catch-up delivers it later.
+#[derive(Debug, thiserror::Error)]
+#[error("publish failed: {0}")]
+pub struct PublishError(pub String);
+
+/// The fast path from the store to projections.
+#[async_trait]
+pub trait EventPublisher: Send + Sync + 'static {
+    /// Publish one accepted commit, keyed by its stream id.
+    async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError>;
+}
+
+/// Check that `commits` continue a stream at `expected` without gap or overlap.
+pub fn check_contiguous(
+    stream: &StreamId,
+    mut expected: Revision,
+    commits: &[StoredCommit],
+) -> Result<(), StoreError> {
+    for c in commits {
+        if c.events.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "empty commit at {stream}@{}",
+                c.revision
+            )));
+        }
+        if &c.stream != stream || c.revision != expected {
+            return Err(StoreError::Corrupt(format!(
+                "stream `{stream}`: expected a commit at revision {expected}, found {}@{}",
+                c.stream, c.revision
+            )));
+        }
+        expected = c.last_revision().next();
+    }
+    Ok(())
+}
