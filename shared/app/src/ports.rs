@@ -1,0 +1,100 @@
+//! Ports for the read side: the read model and the cache.
+
+use async_trait::async_trait;
+use tally_domain::{AccountEvent, AccountId, Currency};
+use tally_es::{Commit, Revision};
+use time::OffsetDateTime;
+
+/// One account as the read model holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub balance: i64,
+    pub closed: bool,
+    /// The revision of the last event applied.
+    pub revision: Revision,
+    pub opened_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// The direction of a money movement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransactionKind {
+    Deposit,
+    Withdrawal,
+}
+
+/// One deposit or withdrawal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransactionView {
+    pub revision: Revision,
+    pub kind: TransactionKind,
+    pub amount: i64,
+    pub balance: i64,
+    pub recorded_at: OffsetDateTime,
+}
+
+/// What applying a commit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The commit was the next one and is now reflected.
+    Applied,
+    /// The commit was applied before; nothing changed.
+    Duplicate,
+    /// Commits are missing before this one; nothing changed. The caller repairs the gap
+    /// from the store, starting at `expected`.
+    Gap { expected: Revision },
+}
+
+/// Why the read model failed. Handling rule: 503 + Retry-After for queries; the
+/// projector retries the commit later.
+#[derive(Debug, thiserror::Error)]
+#[error("read model unavailable: {0}")]
+pub struct ReadModelError(pub String);
+
+/// A projection of account streams, updated commit by commit.
+///
+/// `apply` is atomic and idempotent: it applies a commit if and only if the commit's
+/// first revision is exactly the account's current revision + 1.
+#[async_trait]
+pub trait ReadModel: Send + Sync + 'static {
+    /// The last revision applied for `id` (0 if none).
+    async fn position(&self, id: &AccountId) -> Result<Revision, ReadModelError>;
+    /// Apply one commit.
+    async fn apply(&self, commit: &Commit<AccountEvent>) -> Result<Applied, ReadModelError>;
+    /// One account.
+    async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError>;
+    /// Up to `limit` transactions after revision `after`, oldest first.
+    async fn transactions(
+        &self,
+        id: &AccountId,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<TransactionView>, ReadModelError>;
+    /// Drop everything (before a rebuild).
+    async fn clear(&self) -> Result<(), ReadModelError>;
+    /// Whether queries can be served now.
+    async fn ready(&self) -> Result<(), ReadModelError>;
+}
+
+/// A cached balance, tagged with the revision it reflects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedBalance {
+    pub balance: i64,
+    pub currency: Currency,
+    pub revision: Revision,
+}
+
+/// A best-effort balance cache in front of the read model. Implementations swallow
+/// their own failures (a miss is always a correct answer) and never replace an entry
+/// with an older revision.
+#[async_trait]
+pub trait Cache: Send + Sync + 'static {
+    /// The cached balance, if any.
+    async fn get(&self, id: &AccountId) -> Option<CachedBalance>;
+    /// Store a balance unless a newer revision is cached.
+    async fn put(&self, id: &AccountId, balance: CachedBalance);
+    /// Forget everything (before a rebuild).
+    async fn clear(&self);
+}

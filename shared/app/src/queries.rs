@@ -1,0 +1,142 @@
+//! Queries: cache → read model → store.
+
+use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
+use crate::projection::{ProjectionError, Projector};
+use std::sync::Arc;
+use tally_domain::{AccountId, Currency};
+use tally_es::Revision;
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// 404: no such account.
+    #[error("account not found")]
+    NotFound,
+    /// 422: the account has not reached the revision the client asked for.
+    #[error("the account is at revision {actual}; revision {wanted} does not exist")]
+    RevisionNotReached { wanted: Revision, actual: Revision },
+    /// 503 + Retry-After.
+    #[error(transparent)]
+    ReadModel(#[from] ReadModelError),
+    /// 503 (store down) or 500 (corrupt data).
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+/// A balance as queries return it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalanceView {
+    pub balance: i64,
+    pub currency: Currency,
+    pub revision: Revision,
+}
+
+impl From<CachedBalance> for BalanceView {
+    fn from(c: CachedBalance) -> Self {
+        Self {
+            balance: c.balance,
+            currency: c.currency,
+            revision: c.revision,
+        }
+    }
+}
+
+/// The read side of the account API.
+#[derive(Clone)]
+pub struct Queries {
+    read_model: Arc<dyn ReadModel>,
+    cache: Arc<dyn Cache>,
+    projector: Projector,
+    read_through: bool,
+}
+
+impl Queries {
+    /// Queries over `read_model` and `cache`; `projector` catches an account up from the
+    /// store when the read model is behind what the client asks for.
+    ///
+    /// With `read_through`, every query first catches its account up from the store:
+    /// for a process that receives no stream (a lone query function in embedded mode).
+    pub fn new(
+        read_model: Arc<dyn ReadModel>,
+        cache: Arc<dyn Cache>,
+        projector: Projector,
+        read_through: bool,
+    ) -> Self {
+        Self {
+            read_model,
+            cache,
+            projector,
+            read_through,
+        }
+    }
+
+    /// The account, at least at revision `min` (read-your-writes).
+    pub async fn account(
+        &self,
+        id: &AccountId,
+        min: Option<Revision>,
+    ) -> Result<AccountView, QueryError> {
+        if self.read_through {
+            self.projector.catch_up(id).await?;
+        }
+        let view = self.read_model.account(id).await?;
+        let fresh = match (&view, min) {
+            (Some(v), Some(min)) => v.revision >= min,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let view = if fresh {
+            view
+        } else {
+            // Behind, or unknown here: the store decides.
+            self.projector.catch_up(id).await?;
+            self.read_model.account(id).await?
+        };
+        let view = view.ok_or(QueryError::NotFound)?;
+        if let Some(min) = min {
+            if view.revision < min {
+                return Err(QueryError::RevisionNotReached {
+                    wanted: min,
+                    actual: view.revision,
+                });
+            }
+        }
+        Ok(view)
+    }
+
+    /// The balance: from the cache when it is fresh enough, else from the read model.
+    pub async fn balance(
+        &self,
+        id: &AccountId,
+        min: Option<Revision>,
+    ) -> Result<BalanceView, QueryError> {
+        if !self.read_through {
+            if let Some(hit) = self.cache.get(id).await {
+                if min.is_none_or(|m| hit.revision >= m) {
+                    return Ok(hit.into());
+                }
+            }
+        }
+        let view = self.account(id, min).await?;
+        let balance = CachedBalance {
+            balance: view.balance,
+            currency: view.currency,
+            revision: view.revision,
+        };
+        self.cache.put(id, balance).await;
+        Ok(balance.into())
+    }
+
+    /// Transactions after revision `after`, oldest first, at most `limit`.
+    pub async fn transactions(
+        &self,
+        id: &AccountId,
+        after: Revision,
+        limit: usize,
+        min: Option<Revision>,
+    ) -> Result<(AccountView, Vec<TransactionView>), QueryError> {
+        let view = self.account(id, min).await?;
+        let items = self.read_model.transactions(id, after, limit).await?;
+        Ok((view, items))
+    }
+}

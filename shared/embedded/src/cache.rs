@@ -1,0 +1,35 @@
+//! The balance cache in memory.
+
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tally_app::{Cache, CachedBalance};
+use tally_domain::AccountId;
+
+/// Balances by account, never replaced by an older revision.
+#[derive(Default)]
+pub struct MemoryCache {
+    entries: Mutex<HashMap<AccountId, CachedBalance>>,
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn get(&self, id: &AccountId) -> Option<CachedBalance> {
+        self.entries.lock().ok()?.get(id).copied()
+    }
+
+    async fn put(&self, id: &AccountId, balance: CachedBalance) {
+        if let Ok(mut entries) = self.entries.lock() {
+            let entry = entries.entry(id.clone()).or_insert(balance);
+            if entry.revision < balance.revision {
+                *entry = balance;
+            }
+        }
+    }
+
+    async fn clear(&self) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.clear();
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The event store in a local directory.
+//!
+//! Layout: `ROOT/streams/STREAM/REVISION.json`, one file per commit, named by the
+//! zero-padded revision of its first event. An append writes the commit to a temporary
+//! file in the stream's directory, syncs it, then hard-links it to its final name:
+//! `link(2)` fails with `EEXIST` if the name is taken, so of any number of writers (in
+//! any number of processes) racing for one revision exactly one wins, and a reader sees
+//! either the whole commit or nothing. The directory is synced before the append
+//! returns. A crash leaves at most a stray temporary file, which readers ignore and
+//! [`DirEventStore::open`] removes.
+
+use async_trait::async_trait;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tally_es::{
+    check_contiguous, AppendError, EventStore, Revision, StoreError, StoredCommit, StreamId,
+};
+
+const TMP_PREFIX: &str = ".tmp-";
+
+/// The local-directory event store.
+#[derive(Clone, Debug)]
+pub struct DirEventStore {
+    root: Arc<PathBuf>,
+}
+
+impl DirEventStore {
+    /// Open (and create) a store under `root`, removing temporary files left by a crash.
+    pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(root.join("streams"))?;
+        for stream in fs::read_dir(root.join("streams"))? {
+            let stream = stream?;
+            if !stream.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(stream.path())? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        Ok(Self {
+            root: Arc::new(root),
+        })
+    }
+
+    /// The directory this store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn stream_dir(&self, stream: &StreamId) -> PathBuf {
+        // Safe: a StreamId holds only [A-Za-z0-9_-].
+        self.root.join("streams").join(stream.as_str())
+    }
+
+    fn append_blocking(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        let unavailable = |e: std::io::Error| AppendError::Unavailable(e.to_string());
+        let dir = self.stream_dir(&commit.stream);
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(unavailable)?;
+            sync_dir(&self.root.join("streams")).map_err(unavailable)?;
+        }
+        let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", fastrand::u64(..)));
+        let target = dir.join(file_name(commit.revision));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(&commit.to_bytes())?;
+            file.sync_all()?;
+            fs::hard_link(&tmp, &target)
+        })();
+        let _ = fs::remove_file(&tmp);
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(AppendError::Conflict {
+                    stream: commit.stream.clone(),
+                    revision: commit.revision,
+                })
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        sync_dir(&dir).map_err(unavailable)
+    }
+
+    fn read_blocking(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let dir = self.stream_dir(stream);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        };
+        let mut revisions = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let revision = name
+                .strip_suffix(".json")
+                .and_then(|n| Revision::parse(n).ok())
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("unexpected file {name} in {stream}"))
+                })?;
+            revisions.push(revision);
+        }
+        revisions.sort();
+        // The commit holding `from` may start before it.
+        let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
+        let mut commits = Vec::with_capacity(revisions.len() - start);
+        for revision in &revisions[start..] {
+            let path = dir.join(file_name(*revision));
+            let bytes = fs::read(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let commit = StoredCommit::from_bytes(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+            commits.push(commit);
+        }
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+            if start == 0 && first.revision != Revision::new(1) {
+                return Err(StoreError::Corrupt(format!(
+                    "stream `{stream}` starts at revision {}",
+                    first.revision
+                )));
+            }
+        }
+        commits.retain(|c| c.last_revision() >= from);
+        Ok(commits)
+    }
+
+    fn streams_blocking(&self) -> Result<Vec<StreamId>, StoreError> {
+        let mut streams = Vec::new();
+        let entries = fs::read_dir(self.root.join("streams"))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let id = StreamId::parse(&name)
+                .map_err(|e| StoreError::Corrupt(format!("stream directory {name:?}: {e}")))?;
+            streams.push(id);
+        }
+        streams.sort();
+        Ok(streams)
+    }
+}
+
+fn file_name(revision: Revision) -> String {
+    format!("{:020}.json", revision.get())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+    join_error: impl FnOnce(String) -> T,
+) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => join_error(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl EventStore for DirEventStore {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        let (store, commit) = (self.clone(), commit.clone());
+        blocking(
+            move || store.append_blocking(&commit),
+            |e| Err(AppendError::Unavailable(e)),
+        )
+        .await
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let (store, stream) = (self.clone(), stream.clone());
+        blocking(
+            move || store.read_blocking(&stream, from),
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
+    }
+
+    async fn streams(&self) -> Result<Vec<StreamId>, StoreError> {
+        let store = self.clone();
+        blocking(
+            move || store.streams_blocking(),
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let dir = self.root.join("streams");
+        match tokio::fs::metadata(&dir).await {
+            Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
+            Ok(_) => Err(StoreError::Unavailable(format!(
+                "{} is not a writable directory",
+                dir.display()
+            ))),
+            Err(e) => Err(StoreError::Unavailable(format!("{}: {e}", dir.display()))),
+        }
+    }
+}
