@@ -1,0 +1,211 @@
+//! Request and response bodies. Requests accept the seed project's capitalised field
+//! names (`ID`, `Amount`) and lower-case ones; responses use lower case.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tally_app::{AccountView, TransactionKind, TransactionView};
+use tally_domain::Currency;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+/// `POST /accounts`
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccountRequest {
+    /// The new account's id: 1–64 characters from `A-Z a-z 0-9 _ -`. `ID` or `id`.
+    #[serde(rename = "ID", alias = "id")]
+    #[schema(example = "account123")]
+    pub id: String,
+}
+
+/// An amount: a JSON number or a decimal string, at most as precise as the currency.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(example = 500.00)]
+pub enum AmountValue {
+    Number(f64),
+    Text(String),
+}
+
+/// `POST /accounts/{id}/deposit` and `/withdraw`
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmountRequest {
+    /// Greater than zero, at most the configured maximum. `Amount` or `amount`.
+    #[serde(rename = "Amount", alias = "amount")]
+    #[schema(value_type = AmountValue)]
+    pub amount: Box<RawValue>,
+}
+
+impl AmountRequest {
+    /// The amount's decimal text, whether it came as a number or a string.
+    pub fn text(&self) -> Result<String, String> {
+        let raw = self.amount.get().trim();
+        if raw.starts_with('"') {
+            serde_json::from_str::<String>(raw).map_err(|e| e.to_string())
+        } else if raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            Ok(raw.to_owned())
+        } else {
+            Err(format!(
+                "Amount must be a number or a decimal string, not {}",
+                raw.chars().take(20).collect::<String>()
+            ))
+        }
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What a command did.
+#[derive(Serialize, ToSchema)]
+pub struct CommandResponse {
+    #[schema(example = "account123")]
+    pub id: String,
+    /// The stream revision after this command; send it as `min_revision` to read your
+    /// own write, or as `If-Match` to write only if nothing changed in between.
+    #[schema(example = 3)]
+    pub revision: u64,
+    /// `open` or `closed`.
+    #[schema(example = "open")]
+    pub status: &'static str,
+    /// The balance after this command, as decimal text.
+    #[schema(example = "350.00")]
+    pub balance: String,
+    #[schema(example = "USD")]
+    pub currency: String,
+    /// The amount moved, for deposits and withdrawals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "150.00")]
+    pub amount: Option<String>,
+    /// When the command was recorded (RFC 3339).
+    pub recorded_at: String,
+}
+
+impl CommandResponse {
+    pub fn new(
+        id: &str,
+        revision: u64,
+        closed: bool,
+        balance: i64,
+        currency: Currency,
+        amount: Option<i64>,
+        recorded_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: id.to_owned(),
+            revision,
+            status: if closed { "closed" } else { "open" },
+            balance: currency.format(balance),
+            currency: currency.code().to_owned(),
+            amount: amount.map(|a| currency.format(a)),
+            recorded_at: rfc3339(recorded_at),
+        }
+    }
+}
+
+/// `GET /accounts/{id}/balance`
+#[derive(Serialize, ToSchema)]
+pub struct BalanceResponse {
+    #[schema(example = "account123")]
+    pub id: String,
+    #[schema(example = "350.00")]
+    pub balance: String,
+    #[schema(example = "USD")]
+    pub currency: String,
+    /// The revision this balance reflects.
+    #[schema(example = 3)]
+    pub revision: u64,
+}
+
+/// `GET /accounts/{id}`
+#[derive(Serialize, ToSchema)]
+pub struct AccountResponse {
+    #[schema(example = "account123")]
+    pub id: String,
+    #[schema(example = "open")]
+    pub status: &'static str,
+    #[schema(example = "350.00")]
+    pub balance: String,
+    #[schema(example = "USD")]
+    pub currency: String,
+    #[schema(example = 3)]
+    pub revision: u64,
+    pub opened_at: String,
+    pub updated_at: String,
+}
+
+impl From<AccountView> for AccountResponse {
+    fn from(v: AccountView) -> Self {
+        Self {
+            id: v.id.to_string(),
+            status: if v.closed { "closed" } else { "open" },
+            balance: v.currency.format(v.balance),
+            currency: v.currency.code().to_owned(),
+            revision: v.revision.get(),
+            opened_at: rfc3339(v.opened_at),
+            updated_at: rfc3339(v.updated_at),
+        }
+    }
+}
+
+/// One deposit or withdrawal.
+#[derive(Serialize, ToSchema)]
+pub struct TransactionItem {
+    #[schema(example = 2)]
+    pub revision: u64,
+    /// `deposit` or `withdrawal`.
+    #[serde(rename = "type")]
+    #[schema(example = "deposit")]
+    pub kind: &'static str,
+    #[schema(example = "500.00")]
+    pub amount: String,
+    /// The balance after this transaction.
+    #[schema(example = "500.00")]
+    pub balance: String,
+    pub recorded_at: String,
+}
+
+impl TransactionItem {
+    pub fn new(t: &TransactionView, currency: Currency) -> Self {
+        Self {
+            revision: t.revision.get(),
+            kind: match t.kind {
+                TransactionKind::Deposit => "deposit",
+                TransactionKind::Withdrawal => "withdrawal",
+            },
+            amount: currency.format(t.amount),
+            balance: currency.format(t.balance),
+            recorded_at: rfc3339(t.recorded_at),
+        }
+    }
+}
+
+/// `GET /accounts/{id}/transactions`: one page, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct TransactionsPage {
+    #[schema(example = "account123")]
+    pub id: String,
+    pub items: Vec<TransactionItem>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// An RFC 9457 problem (`application/problem+json`).
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ProblemBody {
+    /// Stable: `/problems/{kind}`, e.g. `/problems/insufficient-funds`.
+    #[serde(rename = "type")]
+    #[schema(example = "/problems/insufficient-funds")]
+    pub kind: String,
+    #[schema(example = "Insufficient funds")]
+    pub title: String,
+    #[schema(example = 422)]
+    pub status: u16,
+    #[schema(example = "insufficient funds: balance 5.00, requested 10.00")]
+    pub detail: String,
+}

@@ -1,0 +1,215 @@
+//! Every way a request can fail, and its problem+json answer.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tally_app::{CommandError, QueryError};
+use tally_domain::AccountError;
+use tally_es::StoreError;
+use tally_runtime::problem;
+
+/// An error answer. The `type` of each problem (`/problems/{kind}`) is stable.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400 `invalid-account-id`
+    InvalidAccountId(String),
+    /// 400 `malformed-json`
+    MalformedJson(String),
+    /// 422 `invalid-request`: well-formed JSON with missing, unknown or mistyped fields.
+    InvalidRequest(String),
+    /// 415 `unsupported-media-type`
+    UnsupportedMediaType,
+    /// 413 `payload-too-large`
+    PayloadTooLarge,
+    /// 422 `invalid-amount`
+    InvalidAmount(String),
+    /// 400 `invalid-header`
+    InvalidHeader(String),
+    /// 400 `invalid-query`
+    InvalidQuery(String),
+    /// 404 `account-not-found`
+    AccountNotFound,
+    /// 409 `account-already-exists`
+    AccountExists,
+    /// 409 `account-closed`
+    AccountClosed,
+    /// 422 `insufficient-funds`
+    InsufficientFunds(String),
+    /// 409 `balance-not-zero`
+    BalanceNotZero(String),
+    /// 422 `currency-mismatch`
+    CurrencyMismatch(String),
+    /// 422 `balance-limit`
+    BalanceLimit,
+    /// 412 `revision-mismatch`
+    RevisionMismatch(String),
+    /// 422 `idempotency-key-reused`
+    IdempotencyKeyReused,
+    /// 422 `revision-not-reached`
+    RevisionNotReached(String),
+    /// 503 `unavailable`, with `Retry-After`
+    Unavailable(String),
+    /// 500 `internal`
+    Internal(String),
+}
+
+/// Every problem kind with its status and title, for the OpenAPI document and tests.
+pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
+    ("invalid-account-id", 400, "Invalid account id"),
+    ("malformed-json", 400, "Malformed JSON"),
+    ("invalid-header", 400, "Invalid header"),
+    ("invalid-query", 400, "Invalid query parameter"),
+    ("not-found", 404, "Not Found"),
+    ("account-not-found", 404, "Account not found"),
+    ("method-not-allowed", 405, "Method Not Allowed"),
+    ("account-already-exists", 409, "Account already exists"),
+    ("account-closed", 409, "Account closed"),
+    ("balance-not-zero", 409, "Balance not zero"),
+    ("revision-mismatch", 412, "Revision mismatch"),
+    ("payload-too-large", 413, "Payload too large"),
+    ("unsupported-media-type", 415, "Unsupported media type"),
+    ("invalid-request", 422, "Invalid request"),
+    ("invalid-amount", 422, "Invalid amount"),
+    ("insufficient-funds", 422, "Insufficient funds"),
+    ("currency-mismatch", 422, "Currency mismatch"),
+    ("balance-limit", 422, "Balance limit"),
+    ("idempotency-key-reused", 422, "Idempotency key reused"),
+    ("revision-not-reached", 422, "Revision not reached"),
+    ("internal", 500, "Internal Server Error"),
+    ("unavailable", 503, "Service unavailable"),
+    ("not-ready", 503, "Not Ready"),
+];
+
+impl ApiError {
+    /// The problem kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidAccountId(_) => "invalid-account-id",
+            Self::MalformedJson(_) => "malformed-json",
+            Self::InvalidRequest(_) => "invalid-request",
+            Self::UnsupportedMediaType => "unsupported-media-type",
+            Self::PayloadTooLarge => "payload-too-large",
+            Self::InvalidAmount(_) => "invalid-amount",
+            Self::InvalidHeader(_) => "invalid-header",
+            Self::InvalidQuery(_) => "invalid-query",
+            Self::AccountNotFound => "account-not-found",
+            Self::AccountExists => "account-already-exists",
+            Self::AccountClosed => "account-closed",
+            Self::InsufficientFunds(_) => "insufficient-funds",
+            Self::BalanceNotZero(_) => "balance-not-zero",
+            Self::CurrencyMismatch(_) => "currency-mismatch",
+            Self::BalanceLimit => "balance-limit",
+            Self::RevisionMismatch(_) => "revision-mismatch",
+            Self::IdempotencyKeyReused => "idempotency-key-reused",
+            Self::RevisionNotReached(_) => "revision-not-reached",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Self::InvalidAccountId(d)
+            | Self::MalformedJson(d)
+            | Self::InvalidRequest(d)
+            | Self::InvalidAmount(d)
+            | Self::InvalidHeader(d)
+            | Self::InvalidQuery(d)
+            | Self::InsufficientFunds(d)
+            | Self::BalanceNotZero(d)
+            | Self::CurrencyMismatch(d)
+            | Self::RevisionMismatch(d)
+            | Self::RevisionNotReached(d) => d.clone(),
+            Self::UnsupportedMediaType => {
+                "send the body as application/json (Content-Type: application/json)".into()
+            }
+            Self::PayloadTooLarge => format!(
+                "the body is larger than {} bytes",
+                crate::extract::MAX_BODY_BYTES
+            ),
+            Self::AccountNotFound => "no account has this id".into(),
+            Self::AccountExists => "an account with this id already exists".into(),
+            Self::AccountClosed => "the account is closed".into(),
+            Self::BalanceLimit => "the balance would exceed what an account can hold".into(),
+            Self::IdempotencyKeyReused => {
+                "this Idempotency-Key was already used with a different request".into()
+            }
+            Self::Unavailable(_) => "a backend is unavailable; retry shortly".into(),
+            Self::Internal(_) => "the request failed unexpectedly".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = self.kind();
+        let (_, status, title) = PROBLEM_KINDS
+            .iter()
+            .find(|(k, _, _)| *k == kind)
+            .copied()
+            .unwrap_or(("internal", 500, "Internal Server Error"));
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        match &self {
+            Self::Unavailable(e) => tracing::warn!(error = %e, "backend unavailable"),
+            Self::Internal(e) => tracing::error!(error = %e, "internal error"),
+            _ => tracing::debug!(kind, "request refused"),
+        }
+        let mut response = problem(status, kind, title, self.detail()).into_response();
+        if matches!(self, Self::Unavailable(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::AlreadyOpen => Self::AccountExists,
+            AccountError::NotFound => Self::AccountNotFound,
+            AccountError::Closed => Self::AccountClosed,
+            AccountError::InsufficientFunds { .. } => Self::InsufficientFunds(e.to_string()),
+            AccountError::BalanceNotZero { .. } => Self::BalanceNotZero(e.to_string()),
+            AccountError::CurrencyMismatch { .. } => Self::CurrencyMismatch(e.to_string()),
+            AccountError::BalanceOverflow => Self::BalanceLimit,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(e) => Self::Unavailable(e),
+            StoreError::Corrupt(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<CommandError<AccountError>> for ApiError {
+    fn from(e: CommandError<AccountError>) -> Self {
+        match e {
+            CommandError::Rejected(e) => e.into(),
+            CommandError::RevisionMismatch { .. } => Self::RevisionMismatch(e.to_string()),
+            CommandError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            CommandError::Contention => Self::Unavailable(e.to_string()),
+            CommandError::Store(e) => e.into(),
+            CommandError::Decode(e) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::NotFound => Self::AccountNotFound,
+            QueryError::RevisionNotReached { .. } => Self::RevisionNotReached(e.to_string()),
+            QueryError::ReadModel(e) => Self::Unavailable(e.to_string()),
+            QueryError::Projection(tally_app::ProjectionError::Store(e)) => e.into(),
+            QueryError::Projection(tally_app::ProjectionError::Decode(e)) => {
+                Self::Internal(e.to_string())
+            }
+            QueryError::Projection(e) => Self::Unavailable(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! `POST /accounts/{id}/close` — the close-account function.
+
+use crate::dto::{CommandResponse, ProblemBody};
+use crate::extract::{AccountPath, CommandHeaders};
+use crate::{ApiError, AppState};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use tally_domain::AccountCommand;
+
+/// Close an account whose balance is zero. A closed account refuses every command.
+#[utoipa::path(
+    post, path = "/accounts/{id}/close", tag = "commands", operation_id = "closeAccount",
+    params(
+        ("id" = String, Path, description = "Account id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry."),
+        ("If-Match" = Option<String>, Header, description = "The revision (ETag) the client last saw."),
+    ),
+    responses(
+        (status = 200, description = "Closed", body = CommandResponse,
+            headers(("ETag" = String, description = "The revision, quoted"))),
+        (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "Already closed, or the balance is not zero", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 412, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn handle(
+    State(state): State<AppState>,
+    AccountPath(id): AccountPath,
+    headers: CommandHeaders,
+) -> Result<Response, ApiError> {
+    let fingerprint = "close".to_owned();
+    super::run_command(
+        &state,
+        &id,
+        AccountCommand::Close,
+        fingerprint,
+        headers,
+        StatusCode::OK,
+    )
+    .await
+}

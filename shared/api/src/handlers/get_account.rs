@@ -1,0 +1,36 @@
+//! `GET /accounts/{id}` — the get-account function.
+
+use super::get_balance::ReadParams;
+use crate::dto::{AccountResponse, ProblemBody};
+use crate::extract::{revision_param, AccountPath, QueryParams};
+use crate::{ApiError, AppState};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// The account's details.
+#[utoipa::path(
+    get, path = "/accounts/{id}", tag = "queries", operation_id = "getAccount",
+    params(
+        ("id" = String, Path, description = "Account id"),
+        ("min_revision" = Option<u64>, Query, description = "Read your writes: answer only once the account reflects at least this revision."),
+    ),
+    responses(
+        (status = 200, body = AccountResponse, headers(("ETag" = String))),
+        (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn handle(
+    State(state): State<AppState>,
+    AccountPath(id): AccountPath,
+    QueryParams(params): QueryParams<ReadParams>,
+) -> Result<Response, ApiError> {
+    let min = revision_param("min_revision", params.min_revision.as_deref())?;
+    let view = state.queries.account(&id, min).await?;
+    let etag = super::etag(view.revision);
+    Ok(([(header::ETAG, etag)], Json(AccountResponse::from(view))).into_response())
+}

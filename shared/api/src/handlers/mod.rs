@@ -1,0 +1,96 @@
+//! One file per function: parse → domain → ports. Shared response shaping here.
+
+pub mod close_account;
+pub mod deposit;
+pub mod get_account;
+pub mod get_balance;
+pub mod list_transactions;
+pub mod open_account;
+pub mod withdraw;
+
+use crate::dto::CommandResponse;
+use crate::extract::CommandHeaders;
+use crate::{ApiError, AppState};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tally_app::{CommandContext, Executed};
+use tally_domain::{Account, AccountCommand, AccountEvent, AccountId, Revision};
+
+/// Run `command` on account `id`; `fingerprint` describes the request for
+/// `Idempotency-Key` reuse detection.
+pub(crate) async fn run_command(
+    state: &AppState,
+    id: &AccountId,
+    command: AccountCommand,
+    fingerprint: String,
+    headers: CommandHeaders,
+    success: StatusCode,
+) -> Result<Response, ApiError> {
+    let ctx = CommandContext {
+        idempotency: headers
+            .idempotency_key
+            .map(|k| (k.as_str().to_owned(), fingerprint)),
+        expected: headers.expected,
+        request_id: headers.request_id,
+    };
+    let executed = state
+        .commands
+        .execute(id.stream_id(), command, &ctx)
+        .await?;
+    Ok(respond(state, id, &executed, success))
+}
+
+fn respond(
+    state: &AppState,
+    id: &AccountId,
+    executed: &Executed<Account>,
+    success: StatusCode,
+) -> Response {
+    let commit = &executed.commit;
+    let (mut closed, mut balance, mut amount) = (false, 0, None);
+    for event in &commit.events {
+        match event {
+            AccountEvent::Opened { .. } => {}
+            AccountEvent::Deposited {
+                amount: a,
+                balance: b,
+            }
+            | AccountEvent::Withdrawn {
+                amount: a,
+                balance: b,
+            } => {
+                balance = *b;
+                amount = Some(*a);
+            }
+            AccountEvent::Closed => closed = true,
+        }
+    }
+    let revision = commit.last_revision();
+    let body = CommandResponse::new(
+        id.as_str(),
+        revision.get(),
+        closed,
+        balance,
+        state.policy.currency,
+        amount,
+        commit.recorded_at,
+    );
+    let mut response = (success, Json(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag(revision));
+    if success == StatusCode::CREATED {
+        if let Ok(location) = HeaderValue::from_str(&format!("/accounts/{id}")) {
+            headers.insert(header::LOCATION, location);
+        }
+    }
+    if executed.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// A revision as a strong ETag: `"3"`.
+pub(crate) fn etag(revision: Revision) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits are a valid header")
+}

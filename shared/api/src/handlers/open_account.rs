@@ -1,0 +1,51 @@
+//! `POST /accounts` — the open-account function.
+
+use crate::dto::{CommandResponse, OpenAccountRequest, ProblemBody};
+use crate::extract::{CommandHeaders, JsonBody};
+use crate::{ApiError, AppState};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use tally_domain::{AccountCommand, AccountId};
+
+/// Open an account with a zero balance.
+#[utoipa::path(
+    post, path = "/accounts", tag = "commands", operation_id = "openAccount",
+    request_body = OpenAccountRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the command safe to retry: a retry returns the first answer and writes nothing."),
+    ),
+    responses(
+        (status = 201, description = "Opened", body = CommandResponse,
+            headers(("ETag" = String, description = "The revision, quoted"), ("Location" = String))),
+        (status = 400, description = "Malformed JSON, invalid id or header", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "The account already exists", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Missing or mistyped fields; Idempotency-Key reused", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "A backend is down; retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn handle(
+    State(state): State<AppState>,
+    headers: CommandHeaders,
+    JsonBody(request): JsonBody<OpenAccountRequest>,
+) -> Result<Response, ApiError> {
+    let id =
+        AccountId::parse(&request.id).map_err(|e| ApiError::InvalidAccountId(e.to_string()))?;
+    let currency = state.policy.currency;
+    let command = AccountCommand::Open {
+        id: id.clone(),
+        currency,
+    };
+    let fingerprint = format!("open {currency}");
+    super::run_command(
+        &state,
+        &id,
+        command,
+        fingerprint,
+        headers,
+        StatusCode::CREATED,
+    )
+    .await
+}

@@ -1,0 +1,23 @@
+//! `tally-api`: the HTTP edge of Tally.
+//!
+//! * [`routes::ROUTES`] — the one route table: every public method + path and the
+//!   function that serves it. The gateway, each function binary, the OpenAPI document
+//!   (and later the Helm chart and the cargo-lambda router) are checked against it.
+//! * `extract` — requests become domain types at the edge (`AccountId`, `Amount`,
+//!   `IdempotencyKey`, `Revision`) or a problem+json answer; nothing invalid gets
+//!   further.
+//! * `handlers` — one file per function: parse → domain → ports.
+//! * [`openapi`] — the OpenAPI 3.1 document, generated from the handlers and DTOs.
+
+mod dto;
+mod error;
+mod extract;
+mod handlers;
+pub mod openapi;
+pub mod routes;
+mod state;
+
+pub use error::ApiError;
+pub use extract::MAX_BODY_BYTES;
+pub use routes::{router, Route, ROUTES};
+pub use state::AppState;

@@ -1,0 +1,186 @@
+//! `tally-runtime`: how every Tally function runs.
+//!
+//! [`serve`] takes a function's router and runs it
+//!
+//! * under the Lambda runtime (`lambda_http`) when `AWS_LAMBDA_RUNTIME_API` is set —
+//!   `cargo lambda watch`, AWS Lambda;
+//! * otherwise as a plain HTTP server on `$HOST:$PORT` (default `0.0.0.0:8080`) — a
+//!   pod, `make dev`, tests — shutting down gracefully on SIGTERM or Ctrl-C.
+//!
+//! Both modes get the same layers: `/healthz` (the process is alive), `/readyz` (its
+//! backends answer), an `x-request-id` on every request and response, a tracing span
+//! per request, panics turned into a 500 problem, and problem+json for unknown routes
+//! and methods. Logs are JSON lines on stdout, filtered by `RUST_LOG`.
+//!
+//! Handlers read ids and query parameters from the URI only: Lambda-only request
+//! extensions do not exist in server mode.
+
+mod problem;
+
+pub use problem::{problem, Problem};
+
+use async_trait::async_trait;
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use std::sync::Arc;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::{DefaultOnResponse, TraceLayer},
+};
+
+/// The error type of `main`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What `/readyz` asks.
+#[async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    /// `Ok` when the function's backends can serve requests.
+    async fn check(&self) -> Result<(), String>;
+}
+
+/// Always ready (for functions without backends).
+pub struct AlwaysReady;
+
+#[async_trait]
+impl Readiness for AlwaysReady {
+    async fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Set up JSON logs on stdout, filtered by `RUST_LOG` (default `info`). Safe to call
+/// more than once.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Whether this process runs under the Lambda runtime.
+pub fn lambda_mode() -> bool {
+    std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
+}
+
+/// Wrap a function's router with the health routes and the common layers.
+pub fn app(function: &'static str, router: Router, readiness: Arc<dyn Readiness>) -> Router {
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(readiness);
+    router
+        .merge(health)
+        .fallback(|| async {
+            problem(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not Found",
+                "no route matches this path",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method Not Allowed",
+                "this path does not accept this method",
+            )
+        })
+        .layer(CatchPanicLayer::custom(|_| {
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal Server Error",
+                "the request failed unexpectedly",
+            )
+            .into_response()
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http()
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                .make_span_with(move |req: &http::Request<_>| {
+                    let request_id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", function, method = %req.method(),
+                    path = %req.uri().path(), request_id)
+                }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn readyz(State(readiness): State<Arc<dyn Readiness>>) -> axum::response::Response {
+    match readiness.check().await {
+        Ok(()) => "ready".into_response(),
+        Err(reason) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not Ready",
+            reason,
+        )
+        .into_response(),
+    }
+}
+
+/// Run `router` as the function `function` until the runtime or a signal stops it.
+pub async fn serve(
+    function: &'static str,
+    router: Router,
+    readiness: Arc<dyn Readiness>,
+) -> Result<(), BoxError> {
+    let app = app(function, router, readiness);
+    if lambda_mode() {
+        tracing::info!(
+            function,
+            mode = "lambda",
+            "starting under the Lambda runtime"
+        );
+        return lambda_http::run(app).await;
+    }
+    let host = std::env::var("HOST").unwrap_or_else(|_| "0.0.0.0".into());
+    let port: u16 = match std::env::var("PORT") {
+        Ok(p) => p.parse().map_err(|e| format!("PORT={p:?}: {e}"))?,
+        Err(_) => 8080,
+    };
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    tracing::info!(function, mode = "http", addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!(function, "stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}
