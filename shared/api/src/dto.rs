@@ -18,14 +18,11 @@ pub struct OpenAccountRequest {
     pub id: String,
 }
 
-/// An amount: a JSON number or a decimal string, at most as precise as the currency.
+/// An amount: a JSON number or a decimal string. Its schema is written out in
+/// `openapi::value`, since no Rust type here is "decimal text in either JSON form".
 #[derive(ToSchema)]
 #[allow(dead_code)]
-#[schema(example = 500.00)]
-pub enum AmountValue {
-    Number(f64),
-    Text(String),
-}
+pub struct AmountValue(String);
 
 /// `POST /accounts/{id}/deposit` and `/withdraw`
 #[derive(Deserialize, ToSchema)]

@@ -17,7 +17,7 @@ pub mod openapi;
 pub mod routes;
 mod state;
 
-pub use error::ApiError;
+pub use error::{ApiError, PROBLEM_KINDS};
 pub use extract::MAX_BODY_BYTES;
 pub use routes::{router, Route, ROUTES};
 pub use state::AppState;

@@ -44,16 +44,32 @@ use utoipa::OpenApi;
 )]
 struct ApiDoc;
 
-/// The document as pretty JSON, with a trailing newline.
-pub fn document() -> String {
-    let mut json = ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serializes");
-    json.push('\n');
-    json
+/// The document as a value, with every problem `type` listed.
+pub fn value() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    let kinds: Vec<String> = crate::error::PROBLEM_KINDS
+        .iter()
+        .map(|(kind, _, _)| format!("/problems/{kind}"))
+        .collect();
+    doc["components"]["schemas"]["ProblemBody"]["properties"]["type"]["enum"] = kinds.into();
+    // An amount is decimal text, as a JSON number or a string; it is read exactly,
+    // never through floating point (so no `format: double`).
+    doc["components"]["schemas"]["AmountValue"] = serde_json::json!({
+        "description": "A decimal amount, as a JSON number (500.00) or a string (\"500.00\"). \
+            Read exactly, never through floating point. Greater than zero, at most as \
+            many decimals as the currency has, at most the configured maximum.",
+        "oneOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": "^(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?$"}
+        ],
+        "examples": [500.00, "150.00"]
+    });
+    doc
 }
 
-/// The document as a value, for checks.
-pub fn value() -> serde_json::Value {
-    serde_json::from_str(&document()).expect("valid JSON")
+/// The document as pretty JSON, with a trailing newline.
+pub fn document() -> String {
+    let mut json = serde_json::to_string_pretty(&value()).expect("the document serializes");
+    json.push('\n');
+    json
 }
