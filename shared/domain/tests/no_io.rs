@@ -19,7 +19,11 @@ fn the_domain_crate_depends_on_no_io_crate() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo tree");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tree = String::from_utf8(out.stdout).unwrap();
     let crates: Vec<&str> = tree
         .lines()
@@ -27,9 +31,24 @@ fn the_domain_crate_depends_on_no_io_crate() {
         .collect();
     assert!(crates.contains(&"tally-es"), "the tree was read: {tree}");
     let forbidden = [
-        "tokio", "mio", "socket2", "hyper", "http", "axum", "tower", "reqwest", "lambda_http",
-        "lambda_runtime", "aws-sdk-s3", "aws-config", "aws-smithy-runtime", "rdkafka", "redis",
-        "sqlx", "kube", "async-trait-io",
+        "tokio",
+        "mio",
+        "socket2",
+        "hyper",
+        "http",
+        "axum",
+        "tower",
+        "reqwest",
+        "lambda_http",
+        "lambda_runtime",
+        "aws-sdk-s3",
+        "aws-config",
+        "aws-smithy-runtime",
+        "rdkafka",
+        "redis",
+        "sqlx",
+        "kube",
+        "async-trait-io",
     ];
     for name in crates {
         assert!(
