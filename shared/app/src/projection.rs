@@ -3,7 +3,7 @@
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
-use tally_es::{Commit, DecodeError, EventStore, StoreError, StoredCommit};
+use tally_es::{Commit, DecodeError, Delivery, EventStore, StoreError, StoredCommit, Subscription};
 
 /// Why a commit could not be projected. Handling rule: leave the commit
 /// unacknowledged and retry it later; never skip it.
@@ -123,6 +123,33 @@ impl Projector {
             }
         }
         Ok(report)
+    }
+
+    /// Follow `subscription` until it closes: handle each commit, then acknowledge it;
+    /// on a lag, catch every stream up from the store. A commit that fails is not
+    /// acknowledged; the next catch-up (or redelivery) applies it.
+    pub async fn run(&self, mut subscription: Box<dyn Subscription>) {
+        while let Some(delivery) = subscription.next().await {
+            match delivery {
+                Delivery::Commit(commit) => match self.handle(&commit).await {
+                    Ok(_) => {
+                        if let Err(e) = subscription.ack(&commit).await {
+                            tracing::warn!(stream = %commit.stream, error = %e, "ack failed; the commit may be delivered again");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(stream = %commit.stream, revision = %commit.revision, error = %e,
+                            "projection failed; catching the stream up later");
+                    }
+                },
+                Delivery::Lagged { missed } => {
+                    tracing::warn!(missed, "subscription lagged; catching up from the store");
+                    if let Err(e) = self.catch_up_all().await {
+                        tracing::error!(error = %e, "catch-up failed");
+                    }
+                }
+            }
+        }
     }
 
     async fn write_through(&self, commit: &Commit<AccountEvent>) {

@@ -15,4 +15,4 @@ mod stream;
 pub use cache::MemoryCache;
 pub use dir_store::DirEventStore;
 pub use read_model::MemoryReadModel;
-pub use stream::InProcessStream;
+pub use stream::{InProcessStream, InProcessSubscription};

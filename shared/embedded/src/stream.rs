@@ -1,7 +1,7 @@
 //! The event stream inside one process.
 
 use async_trait::async_trait;
-use tally_es::{EventPublisher, PublishError, StoredCommit};
+use tally_es::{Delivery, EventPublisher, EventStream, PublishError, StoredCommit, Subscription};
 use tokio::sync::broadcast;
 
 /// A broadcast channel of commits. A subscriber that falls behind by more than the
@@ -18,9 +18,35 @@ impl InProcessStream {
         Self { sender }
     }
 
-    /// A new subscriber, receiving every commit published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<StoredCommit> {
+    /// A new receiver, getting every commit published from now on.
+    pub fn receiver(&self) -> broadcast::Receiver<StoredCommit> {
         self.sender.subscribe()
+    }
+}
+
+/// A subscription to an [`InProcessStream`]. In one process every subscriber is its own
+/// group; there are no offsets to store, so `ack` does nothing.
+pub struct InProcessSubscription(broadcast::Receiver<StoredCommit>);
+
+#[async_trait]
+impl Subscription for InProcessSubscription {
+    async fn next(&mut self) -> Option<Delivery> {
+        match self.0.recv().await {
+            Ok(commit) => Some(Delivery::Commit(commit)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Delivery::Lagged { missed }),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    async fn ack(&mut self, _commit: &StoredCommit) -> Result<(), PublishError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventStream for InProcessStream {
+    async fn subscribe(&self, _group: &str) -> Result<Box<dyn Subscription>, PublishError> {
+        Ok(Box::new(InProcessSubscription(self.receiver())))
     }
 }
 

@@ -201,7 +201,7 @@ async fn a_rebuild_from_the_store_gives_identical_views() {
     let dir = tempfile::tempdir().unwrap();
     let store = DirEventStore::open(dir.path()).unwrap();
     let stream_out = InProcessStream::new(1024);
-    let mut rx = stream_out.subscribe();
+    let mut rx = stream_out.receiver();
     let handler = CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(stream_out));
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     for n in 0..5 {
@@ -259,4 +259,114 @@ async fn a_rebuild_from_the_store_gives_identical_views() {
                 .unwrap()
         );
     }
+}
+
+/// Four handlers over one store stand for four processes: their per-process locks do not
+/// see each other, so only the store's create-if-absent keeps them apart, and the losers
+/// of each race decide again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handlers_in_different_processes_never_both_commit_and_retry_to_a_business_outcome() {
+    use tally_app::CommandError;
+    use tally_domain::AccountError;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let handlers: Vec<_> = (0..4)
+        .map(|_| {
+            Arc::new(CommandHandler::<Account>::new(
+                Arc::new(store.clone()),
+                Arc::new(InProcessStream::new(16)),
+            ))
+        })
+        .collect();
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("shared").unwrap();
+    let ctx = CommandContext::default();
+    handlers[0]
+        .execute(
+            id.stream_id(),
+            AccountCommand::Open {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    handlers[1]
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit {
+                amount: policy.parse("200").unwrap(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let handler = handlers[n % 4].clone();
+        let id = id.clone();
+        let amount = policy.parse("10").unwrap();
+        tasks.push(tokio::spawn(async move {
+            handler
+                .execute(
+                    id.stream_id(),
+                    AccountCommand::Withdraw { amount },
+                    &CommandContext::default(),
+                )
+                .await
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(CommandError::Rejected(AccountError::InsufficientFunds { .. })) => refused += 1,
+            Err(e) => panic!("clients must only see business outcomes, got: {e}"),
+        }
+    }
+    assert_eq!((ok, refused), (20, 20));
+    let commits = store.read(id.stream_id(), Revision::new(1)).await.unwrap();
+    let revisions: Vec<u64> = commits.iter().map(|c| c.revision.get()).collect();
+    assert_eq!(revisions, (1..=22).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_lagging_subscriber_catches_up_from_the_store() {
+    use tally_es::EventStream;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let stream_out = InProcessStream::new(2);
+    let subscription = stream_out.subscribe("projector").await.unwrap();
+    let handler =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(stream_out.clone()));
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("lag").unwrap();
+    let ctx = CommandContext::default();
+    handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Open {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    for _ in 0..9 {
+        let amount = policy.parse("1").unwrap();
+        handler
+            .execute(id.stream_id(), AccountCommand::Deposit { amount }, &ctx)
+            .await
+            .unwrap();
+    }
+    // Ten commits into a channel of two: the subscriber has lagged before it starts.
+    let (projector, read_model, _) = projector(&store);
+    let runner = tokio::spawn(async move { projector.run(subscription).await });
+    drop(handler);
+    drop(stream_out);
+    runner.await.unwrap();
+    let view = read_model.account(&id).await.unwrap().unwrap();
+    assert_eq!((view.revision, view.balance), (Revision::new(10), 900));
 }

@@ -9,7 +9,8 @@
 //!   events, the stream revision of its first event, and metadata;
 //! * [`StreamId`] and [`Revision`] — parsed newtypes: a stream id that reaches a storage
 //!   key has passed [`StreamId::parse`];
-//! * the ports [`EventStore`] and [`EventPublisher`], implemented by adapter crates;
+//! * the ports [`EventStore`], [`EventPublisher`] and [`EventStream`] (with
+//!   [`Subscription`]), implemented by adapter crates;
 //! * [`testing`] — a given/when/then harness for any aggregate.
 
 mod aggregate;
@@ -24,5 +25,6 @@ pub use commit::{Commit, CommitMetadata, StoredCommit, StoredEvent};
 pub use event::{DecodeError, DomainEvent};
 pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
 pub use store::{
-    check_contiguous, AppendError, EventPublisher, EventStore, PublishError, StoreError,
+    check_contiguous, AppendError, Delivery, EventPublisher, EventStore, EventStream, PublishError,
+    StoreError, Subscription,
 };

@@ -71,6 +71,34 @@ pub trait EventPublisher: Send + Sync + 'static {
     async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError>;
 }
 
+/// What a subscription delivers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Delivery {
+    /// A commit, at least once, in publish order per stream.
+    Commit(StoredCommit),
+    /// The subscriber fell behind and `missed` deliveries are gone. Handling rule:
+    /// catch every stream up from the store, then go on.
+    Lagged { missed: u64 },
+}
+
+/// One consumer's view of the stream.
+#[async_trait]
+pub trait Subscription: Send + 'static {
+    /// The next delivery; `None` when the stream is closed for good.
+    async fn next(&mut self) -> Option<Delivery>;
+    /// Record that `commit` was handled, so it is not delivered to this group again
+    /// (a consumer offset). Call only after its effects are durable.
+    async fn ack(&mut self, commit: &StoredCommit) -> Result<(), PublishError>;
+}
+
+/// The event stream: publish commits, and subscribe to them.
+#[async_trait]
+pub trait EventStream: EventPublisher {
+    /// Subscribe as a member of consumer group `group`: each commit goes to one member
+    /// of each group.
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, PublishError>;
+}
+
 /// Check that `commits` continue a stream at `expected` without gap or overlap.
 pub fn check_contiguous(
     stream: &StreamId,

@@ -22,7 +22,7 @@ use tally_api::AppState;
 use tally_app::{CommandHandler, Projector, Queries, ReadModel};
 use tally_domain::{AmountPolicy, Currency};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
-use tally_es::EventStore;
+use tally_es::{EventStore, EventStream};
 use tally_runtime::{BoxError, Readiness};
 
 /// Settings read from the environment.
@@ -113,9 +113,9 @@ impl Embedded {
     }
 
     /// Project every commit published from now on, in the background; catches up from
-    /// the store first, and again whenever the subscriber lags.
+    /// the store first (subscribing before, so nothing falls in between).
     pub async fn start_projection(&self) -> Result<tokio::task::JoinHandle<()>, BoxError> {
-        let mut rx = self.stream.subscribe();
+        let subscription = self.stream.subscribe("projector").await?;
         let projector = self.state.projector.clone();
         let report = projector.catch_up_all().await?;
         tracing::info!(
@@ -123,25 +123,9 @@ impl Embedded {
             commits = report.commits,
             "read model rebuilt from the store"
         );
-        Ok(tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
-            loop {
-                match rx.recv().await {
-                    Ok(commit) => {
-                        if let Err(e) = projector.handle(&commit).await {
-                            tracing::error!(stream = %commit.stream, error = %e, "projection failed; will catch up");
-                        }
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "projection lagged; catching up from the store");
-                        if let Err(e) = projector.catch_up_all().await {
-                            tracing::error!(error = %e, "catch-up failed");
-                        }
-                    }
-                    Err(RecvError::Closed) => break,
-                }
-            }
-        }))
+        Ok(tokio::spawn(
+            async move { projector.run(subscription).await },
+        ))
     }
 }
 
