@@ -159,6 +159,21 @@ async fn the_seed_walk_through_works_and_survives_a_restart() {
 }
 
 #[tokio::test]
+async fn a_client_reads_its_own_writes_without_asking_for_a_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    gw.post("/accounts", r#"{"ID": "ryw"}"#).await;
+    for n in 1..=50 {
+        let (s, b) = gw.post("/accounts/ryw/deposit", r#"{"Amount": 1}"#).await;
+        assert_eq!(s, 200);
+        let (_, balance) = gw.get("/accounts/ryw/balance").await;
+        assert_eq!(balance["balance"], b["balance"], "after deposit {n}");
+        let (_, page) = gw.get("/accounts/ryw/transactions?limit=100").await;
+        assert_eq!(page["items"].as_array().unwrap().len(), n);
+    }
+}
+
+#[tokio::test]
 async fn lower_case_field_names_and_decimal_strings_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;

@@ -86,6 +86,16 @@ pub struct CachedBalance {
     pub revision: Revision,
 }
 
+impl From<&AccountView> for CachedBalance {
+    fn from(view: &AccountView) -> Self {
+        Self {
+            balance: view.balance,
+            currency: view.currency,
+            revision: view.revision,
+        }
+    }
+}
+
 /// A best-effort balance cache in front of the read model. Implementations swallow
 /// their own failures (a miss is always a correct answer) and never replace an entry
 /// with an older revision.

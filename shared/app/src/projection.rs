@@ -110,16 +110,7 @@ impl Projector {
                 report.events += commit.events.len();
             }
             if let Some(view) = self.read_model.account(&id).await? {
-                self.cache
-                    .put(
-                        &id,
-                        CachedBalance {
-                            balance: view.balance,
-                            currency: view.currency,
-                            revision: view.revision,
-                        },
-                    )
-                    .await;
+                self.cache.put(&id, CachedBalance::from(&view)).await;
             }
         }
         Ok(report)
@@ -156,16 +147,7 @@ impl Projector {
         let id = AccountId::from(commit.stream.clone());
         match self.read_model.account(&id).await {
             Ok(Some(view)) if view.revision >= commit.last_revision() => {
-                self.cache
-                    .put(
-                        &id,
-                        CachedBalance {
-                            balance: view.balance,
-                            currency: view.currency,
-                            revision: view.revision,
-                        },
-                    )
-                    .await;
+                self.cache.put(&id, CachedBalance::from(&view)).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(stream = %id, error = %e, "cache write-through skipped"),

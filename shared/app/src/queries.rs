@@ -118,11 +118,7 @@ impl Queries {
             }
         }
         let view = self.account(id, min).await?;
-        let balance = CachedBalance {
-            balance: view.balance,
-            currency: view.currency,
-            revision: view.revision,
-        };
+        let balance = CachedBalance::from(&view);
         self.cache.put(id, balance).await;
         Ok(balance.into())
     }

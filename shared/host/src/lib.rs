@@ -22,7 +22,7 @@ use tally_api::AppState;
 use tally_app::{CommandHandler, Projector, Queries, ReadModel};
 use tally_domain::{AmountPolicy, Currency};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
-use tally_es::{EventStore, EventStream};
+use tally_es::{EventPublisher, EventStore, EventStream, PublishError, StoredCommit};
 use tally_runtime::{BoxError, Readiness};
 
 /// Settings read from the environment.
@@ -98,8 +98,12 @@ impl Embedded {
         let cache = Arc::new(MemoryCache::default());
         let store_port: Arc<dyn EventStore> = Arc::new(store.clone());
         let projector = Projector::new(store_port.clone(), read_model.clone(), cache.clone());
+        let publisher = Arc::new(ProjectInline {
+            projector: projector.clone(),
+            stream: stream.clone(),
+        });
         let state = AppState {
-            commands: Arc::new(CommandHandler::new(store_port, Arc::new(stream.clone()))),
+            commands: Arc::new(CommandHandler::new(store_port, publisher)),
             queries: Queries::new(read_model.clone(), cache, projector.clone(), read_through),
             projector,
             policy: config.policy()?,
@@ -126,6 +130,25 @@ impl Embedded {
         Ok(tokio::spawn(
             async move { projector.run(subscription).await },
         ))
+    }
+}
+
+/// The embedded publisher: applies each commit to this process's read model before
+/// the command answers (so a client reads its own writes without asking for a
+/// revision), then publishes it on the in-process stream. Applying is idempotent, so the
+/// projector following the stream skips what was applied here.
+struct ProjectInline {
+    projector: Projector,
+    stream: InProcessStream,
+}
+
+#[async_trait]
+impl EventPublisher for ProjectInline {
+    async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError> {
+        if let Err(e) = self.projector.handle(commit).await {
+            tracing::warn!(stream = %commit.stream, error = %e, "inline projection failed; the projector will catch up");
+        }
+        self.stream.publish(commit).await
     }
 }
 

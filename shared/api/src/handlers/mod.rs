@@ -90,6 +90,18 @@ fn respond(
     response
 }
 
+/// The amount of a deposit or withdrawal, parsed under the deployment's policy.
+pub(crate) fn amount(
+    state: &AppState,
+    request: &crate::dto::AmountRequest,
+) -> Result<tally_domain::Amount, ApiError> {
+    let text = request.text().map_err(ApiError::InvalidAmount)?;
+    state
+        .policy
+        .parse(&text)
+        .map_err(|e| ApiError::InvalidAmount(e.to_string()))
+}
+
 /// A revision as a strong ETag: `"3"`.
 pub(crate) fn etag(revision: Revision) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits are a valid header")

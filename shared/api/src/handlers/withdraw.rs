@@ -36,11 +36,7 @@ pub async fn handle(
     headers: CommandHeaders,
     JsonBody(request): JsonBody<AmountRequest>,
 ) -> Result<Response, ApiError> {
-    let text = request.text().map_err(ApiError::InvalidAmount)?;
-    let amount = state
-        .policy
-        .parse(&text)
-        .map_err(|e| ApiError::InvalidAmount(e.to_string()))?;
+    let amount = super::amount(&state, &request)?;
     let fingerprint = format!("withdraw {}", amount.minor());
     let command = AccountCommand::Withdraw { amount };
     super::run_command(&state, &id, command, fingerprint, headers, StatusCode::OK).await
