@@ -1,0 +1,86 @@
+//! The gateway binary's life in server mode: JSON logs with request ids, readiness that
+//! follows its backend, and a graceful exit on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gateway");
+
+#[tokio::test]
+async fn it_logs_json_with_request_ids_follows_its_store_for_readiness_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("TALLY_DATA_DIR", &data)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            ready = r.status().is_success();
+            if ready {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "the gateway became ready");
+    let r = client
+        .post(format!("{base}/accounts"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-me-42")
+        .body(r#"{"ID": "logged"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Readiness follows the store: take its directory away, and /readyz says 503.
+    std::fs::remove_dir_all(&data).unwrap();
+    let r = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "alive even when not ready");
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the gateway stops within 10 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "a graceful stop exits 0, got {exit}");
+
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logs = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        logs.push(value);
+    }
+    assert!(
+        logs.iter()
+            .any(|l| l["request_id"] == "trace-me-42" || l["span"]["request_id"] == "trace-me-42"),
+        "a log line carries the request id: {logs:#?}"
+    );
+    assert!(logs.iter().any(|l| l["message"] == "stopped"), "{logs:#?}");
+}
