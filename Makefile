@@ -4,13 +4,19 @@ CARGO ?= cargo
 DATA_DIR ?= ./.data
 PORT ?= 8080
 
-.PHONY: dev test lint fmt openapi build release walkthrough clean help
+.PHONY: dev stack services test lint fmt openapi build release walkthrough clean help
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 dev: ## every public route on :8080, embedded backends, data under ./.data (no services needed)
 	TALLY_DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(CARGO) run -p gateway
+
+stack: ## every function as its own process on the real backends (S3, Kafka, PostgreSQL, Redis), routes on :8080
+	./scripts/stack.sh
+
+services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)
+	./scripts/services.sh up
 
 test: ## provision what the tests need, then fmt check, clippy and every test
 	./scripts/test.sh

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# The test command (`make test`, and so CI): provision what the tests need, then run
-# the format check, clippy and every test of the workspace.
-#
-# Today the tests need no service: the embedded backends run in-process and the Lambda
-# runtime is faked on 127.0.0.1 by the tests themselves. Services the real adapters
-# need are provisioned here as they arrive.
+# The test command (`make test`, and so CI): provision the services the tests need on
+# 127.0.0.1 (PostgreSQL, Redis, an S3 server, a Kafka-protocol broker — see
+# scripts/services.sh), then run the format check, clippy and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +14,15 @@ done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "== services"
+./scripts/services.sh up
+eval "$(./scripts/services.sh env)"
+# Databases the tests created in earlier runs.
+psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
+  "select 'drop database if exists ' || datname || ';' from pg_database where datname like 'tally_t_%'" \
+  | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null
+
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (tests and binaries)"

@@ -5,22 +5,22 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tally_es::{EventStore, Revision, StreamId};
-use tally_host::{Config, Embedded};
+use tally_es::{Revision, StreamId};
+use tally_host::Host;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A gateway on a free port over a data directory.
 struct Gateway {
     base: String,
     addr: std::net::SocketAddr,
-    embedded: Embedded,
+    embedded: Host,
     client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Gateway {
     async fn start(dir: &Path) -> Self {
-        let embedded = Embedded::open(&Config::with_data_dir(dir), false).unwrap();
+        let embedded = Host::embedded(dir).await.unwrap();
         embedded.start_projection().await.unwrap();
         let app = tally_host::gateway_app(&embedded);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

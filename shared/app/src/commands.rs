@@ -4,10 +4,11 @@ use crate::locks::StreamLocks;
 use backon::{ExponentialBuilder, Retryable};
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
-    Revision, StoreError, StoredCommit, StreamId,
+    Outbox, Revision, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
 
@@ -60,8 +61,27 @@ pub enum CommandError<E: std::error::Error> {
 }
 
 enum Attempt<E: std::error::Error> {
+    /// Another writer won this revision, or the append failed in a way that leaves its
+    /// outcome unknown: reload and look again.
     Conflict,
     Failed(CommandError<E>),
+}
+
+/// How a commit reaches the stream after the append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishMode {
+    /// Await the publisher before answering (an in-process stream).
+    Inline,
+    /// Answer at once and publish in the background (a broker: a slow or absent broker
+    /// never slows a command down; the outbox covers what does not get through).
+    Background,
+}
+
+/// A deliberate crash, for the fault tests of the no-lost-event guarantee.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Abort the process right after a successful append, before publishing.
+    CrashAfterAppend,
 }
 
 /// The state of one stream as loaded from the store.
@@ -84,6 +104,9 @@ impl<A: Aggregate> Loaded<A> {
 pub struct CommandHandler<A: Aggregate> {
     store: Arc<dyn EventStore>,
     publisher: Arc<dyn EventPublisher>,
+    outbox: Option<Arc<dyn Outbox>>,
+    publish_mode: PublishMode,
+    fault: Option<Fault>,
     locks: StreamLocks,
     max_attempts: usize,
     clock: fn() -> OffsetDateTime,
@@ -99,11 +122,33 @@ where
         Self {
             store,
             publisher,
+            outbox: None,
+            publish_mode: PublishMode::Inline,
+            fault: None,
             locks: StreamLocks::default(),
             max_attempts: 20,
             clock: OffsetDateTime::now_utc,
             _aggregate: PhantomData,
         }
+    }
+
+    /// Record every commit in `outbox` before appending it, and remove it once
+    /// published: a relay publishes what a crash or an outage left behind.
+    pub fn with_outbox(mut self, outbox: Arc<dyn Outbox>) -> Self {
+        self.outbox = Some(outbox);
+        self
+    }
+
+    /// How commits are published after the append.
+    pub fn with_publish_mode(mut self, mode: PublishMode) -> Self {
+        self.publish_mode = mode;
+        self
+    }
+
+    /// Inject `fault` (tests only).
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
+        self
     }
 
     /// Run `command` on `stream`.
@@ -123,7 +168,8 @@ where
             .with_max_delay(Duration::from_millis(100))
             .with_max_times(self.max_attempts)
             .with_jitter();
-        let attempt = || self.attempt(stream, command.clone(), ctx);
+        let attempted = Mutex::new(Vec::new());
+        let attempt = || self.attempt(stream, command.clone(), ctx, &attempted);
         match attempt
             .retry(backoff)
             .when(|e| matches!(e, Attempt::Conflict))
@@ -160,8 +206,32 @@ where
         stream: &StreamId,
         command: A::Command,
         ctx: &CommandContext,
+        attempted: &Mutex<Vec<String>>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
         let loaded = self.load(stream).await.map_err(Attempt::Failed)?;
+        // Did an earlier attempt of ours land after all (a timeout, or a retried
+        // request answered "exists")? Then that commit is our answer.
+        let ours = {
+            let attempted = attempted.lock().expect("attempt list poisoned");
+            loaded
+                .commits
+                .iter()
+                .rev()
+                .find(|c| {
+                    c.metadata
+                        .commit_id
+                        .as_ref()
+                        .is_some_and(|id| attempted.contains(id))
+                })
+                .cloned()
+        };
+        if let Some(commit) = ours {
+            self.after_append(commit.encode()).await;
+            return Ok(Executed {
+                commit,
+                replayed: false,
+            });
+        }
         if let Some((key, fingerprint)) = &ctx.idempotency {
             if let Some(first) = loaded.with_key(key) {
                 if first.metadata.fingerprint.as_deref() != Some(fingerprint.as_str()) {
@@ -185,9 +255,15 @@ where
             .state
             .handle(command)
             .map_err(|e| Attempt::Failed(CommandError::Rejected(e)))?;
+        let commit_id = format!("{:032x}", fastrand::u128(..));
+        attempted
+            .lock()
+            .expect("attempt list poisoned")
+            .push(commit_id.clone());
         let metadata = CommitMetadata {
             idempotency_key: ctx.idempotency.as_ref().map(|(k, _)| k.clone()),
             fingerprint: ctx.idempotency.as_ref().map(|(_, f)| f.clone()),
+            commit_id: Some(commit_id),
             request_id: ctx.request_id.clone(),
         };
         let commit = Commit::new(
@@ -198,6 +274,12 @@ where
             metadata,
         );
         let stored = commit.encode();
+        if let Some(outbox) = &self.outbox {
+            outbox
+                .record(stream, commit.revision)
+                .await
+                .map_err(|e| Attempt::Failed(CommandError::Store(e)))?;
+        }
         match self.store.append(&stored).await {
             Ok(()) => {}
             Err(AppendError::Conflict { .. }) => {
@@ -205,12 +287,14 @@ where
                 return Err(Attempt::Conflict);
             }
             Err(AppendError::Unavailable(e)) => {
-                return Err(Attempt::Failed(CommandError::Store(
-                    StoreError::Unavailable(e),
-                )))
+                // The outcome is unknown: the next attempt's load tells (and fails with
+                // 503 if the store is really down).
+                tracing::warn!(%stream, revision = %commit.revision, error = %e,
+                    "append failed; reloading to see whether it landed");
+                return Err(Attempt::Conflict);
             }
         }
-        self.publish(&stored).await;
+        self.after_append(stored).await;
         Ok(Executed {
             commit,
             replayed: false,
@@ -218,11 +302,36 @@ where
     }
 
     /// The fast path to projections. A failure never fails the command: the commit is
-    /// durable, and projections catch up from the store.
-    async fn publish(&self, stored: &StoredCommit) {
-        if let Err(e) = self.publisher.publish(stored).await {
-            tracing::warn!(stream = %stored.stream, revision = %stored.revision, error = %e,
-                "publish failed; the commit will reach projections by catch-up");
+    /// durable, its outbox entry stays, and the relay publishes it later.
+    async fn after_append(&self, stored: StoredCommit) {
+        if self.fault == Some(Fault::CrashAfterAppend) {
+            tracing::error!(stream = %stored.stream, revision = %stored.revision,
+                "fault injection: crashing after the append, before the publish");
+            std::process::abort();
+        }
+        let publisher = self.publisher.clone();
+        let outbox = self.outbox.clone();
+        let publish = async move {
+            match publisher.publish(&stored).await {
+                Ok(()) => {
+                    if let Some(outbox) = outbox {
+                        if let Err(e) = outbox.done(&stored.stream, stored.revision).await {
+                            tracing::warn!(stream = %stored.stream, error = %e,
+                                "outbox entry not removed; the relay will publish the commit again");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %stored.stream, revision = %stored.revision, error = %e,
+                    "publish failed; the relay will publish the commit")
+                }
+            }
+        };
+        match self.publish_mode {
+            PublishMode::Inline => publish.await,
+            PublishMode::Background => {
+                tokio::spawn(publish);
+            }
         }
     }
 }

@@ -6,6 +6,8 @@
 //! * [`projection::Projector`] — applies commits to the read model exactly once, in
 //!   revision order, repairing gaps from the store; then writes the cache through.
 //! * [`queries::Queries`] — cache → read model → store.
+//! * [`relay::Relay`] — publishes what the outbox still holds: commits a crash or a
+//!   broker outage kept from the stream.
 //! * [`ports`] — the read-model and cache ports (the event store and publisher ports are
 //!   in `tally-es`).
 //!
@@ -16,11 +18,13 @@ mod locks;
 pub mod ports;
 pub mod projection;
 pub mod queries;
+pub mod relay;
 
-pub use commands::{CommandContext, CommandError, CommandHandler, Executed};
+pub use commands::{CommandContext, CommandError, CommandHandler, Executed, Fault, PublishMode};
 pub use ports::{
     AccountView, Applied, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind,
     TransactionView,
 };
 pub use projection::{ProjectionError, Projector, RebuildReport};
 pub use queries::{BalanceView, Queries, QueryError};
+pub use relay::{Relay, RelayReport};

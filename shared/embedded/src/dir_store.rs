@@ -15,7 +15,8 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tally_es::{
-    check_contiguous, AppendError, EventStore, Revision, StoreError, StoredCommit, StreamId,
+    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, StoreError,
+    StoredCommit, StreamId,
 };
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -31,6 +32,7 @@ impl DirEventStore {
     pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(root.join("streams"))?;
+        fs::create_dir_all(root.join("outbox"))?;
         for stream in fs::read_dir(root.join("streams"))? {
             let stream = stream?;
             if !stream.file_type()?.is_dir() {
@@ -152,6 +154,77 @@ impl DirEventStore {
         }
         streams.sort();
         Ok(streams)
+    }
+}
+
+impl DirEventStore {
+    fn outbox_path(&self, stream: &StreamId, revision: Revision) -> PathBuf {
+        self.root
+            .join("outbox")
+            .join(format!("{}.{:020}", stream.as_str(), revision.get()))
+    }
+
+    fn outbox_pending_blocking(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let unavailable = |e: std::io::Error| StoreError::Unavailable(e.to_string());
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(self.root.join("outbox")).map_err(unavailable)? {
+            let entry = entry.map_err(unavailable)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((stream, revision)) = name.rsplit_once('.') else {
+                continue;
+            };
+            let (Ok(stream), Ok(revision)) = (StreamId::parse(stream), Revision::parse(revision))
+            else {
+                continue;
+            };
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(unavailable)?;
+            entries.push(OutboxEntry {
+                stream,
+                revision,
+                recorded_at: modified.into(),
+            });
+        }
+        entries.sort_by_key(|e| e.recorded_at);
+        entries.truncate(limit);
+        Ok(entries)
+    }
+}
+
+/// The outbox as files `ROOT/outbox/STREAM.REVISION`, synced before `record` returns.
+#[async_trait]
+impl Outbox for DirEventStore {
+    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+        let path = self.outbox_path(stream, revision);
+        blocking(
+            move || {
+                let file = File::create(&path)?;
+                file.sync_all()?;
+                sync_dir(path.parent().expect("outbox dir"))
+            },
+            |e| Err(std::io::Error::other(e)),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.outbox_path(stream, revision)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let store = self.clone();
+        blocking(
+            move || store.outbox_pending_blocking(limit),
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
     }
 }
 

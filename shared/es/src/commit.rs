@@ -23,6 +23,11 @@ pub struct CommitMetadata {
     /// A digest of the request the key was first used with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// A unique id of the append attempt that wrote this commit. A writer whose append
+    /// failed ambiguously (a timeout, a retried request answered 412) finds out from it
+    /// whether the commit in the store is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_id: Option<String>,
     /// The request id that produced this commit, for tracing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,

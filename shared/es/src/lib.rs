@@ -25,6 +25,6 @@ pub use commit::{Commit, CommitMetadata, StoredCommit, StoredEvent};
 pub use event::{DecodeError, DomainEvent};
 pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
 pub use store::{
-    check_contiguous, AppendError, Delivery, EventPublisher, EventStore, EventStream, PublishError,
-    StoreError, Subscription,
+    check_contiguous, AppendError, Delivery, EventPublisher, EventStore, EventStream, Outbox,
+    OutboxEntry, PublishError, StoreError, Subscription,
 };

@@ -5,6 +5,7 @@
 
 use crate::{Revision, StoredCommit, StreamId};
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 /// Why an append did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,29 @@ pub struct PublishError(pub String);
 pub trait EventPublisher: Send + Sync + 'static {
     /// Publish one accepted commit, keyed by its stream id.
     async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError>;
+}
+
+/// A commit that must still be published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub stream: StreamId,
+    pub revision: Revision,
+    /// When the entry was recorded (just before the append was attempted).
+    pub recorded_at: OffsetDateTime,
+}
+
+/// The outbox: a durable note, written *before* a commit is appended, that the commit
+/// at `(stream, revision)` must reach the event stream. It is removed once the commit
+/// is published. A relay publishes whatever is left behind by a crash or a broker
+/// outage (see `tally_app::relay`).
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Record that a commit at `(stream, revision)` is about to be appended.
+    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError>;
+    /// The commit was published (or never made it into the store): forget it.
+    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError>;
+    /// Up to `limit` entries still pending.
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
 }
 
 /// What a subscription delivers.

@@ -1,222 +1,257 @@
 //! `tally-host`: turns the environment into backends and runs a function.
 //!
-//! Every binary under `functions/` is one call: [`run_function`] (one function's routes)
-//! or [`run_gateway`] (every public route in one process, with the projector running
-//! in-process). Configuration comes from the environment:
+//! Every binary under `functions/` is one call: [`run_function`] (one function's
+//! routes, or the projector, relay or migrate jobs) or [`run_gateway`] (every public
+//! route in one process — on the embedded backends for `make dev`, or as a reverse
+//! proxy in front of the function processes for `make stack`).
 //!
-//! | variable            | default       | meaning                                        |
-//! | ------------------- | ------------- | ---------------------------------------------- |
-//! | `TALLY_DATA_DIR`    | `./.data`     | the embedded event store's directory           |
-//! | `TALLY_CURRENCY`    | `USD`         | currency of accounts and amounts               |
-//! | `TALLY_MAX_AMOUNT`  | `1000000.00`  | the largest accepted deposit or withdrawal     |
-//! | `HOST`, `PORT`      | `0.0.0.0:8080`| where the HTTP server listens (server mode)    |
-//! | `RUST_LOG`          | `info`        | log filter                                     |
-//! | `AWS_LAMBDA_RUNTIME_API` | unset    | set by Lambda / `cargo lambda`: Lambda mode    |
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `TALLY_DATA_DIR` | `./.data` | the directory event store (when S3 is not configured) |
+//! | `TALLY_S3_BUCKET`, `TALLY_S3_ENDPOINT`, `TALLY_S3_PREFIX` | unset | the S3 event store |
+//! | `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` | `us-east-1` | S3 credentials |
+//! | `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC`, `TALLY_KAFKA_GROUP` | unset, `tally.commits`, `tally-projector` | the Kafka stream |
+//! | `TALLY_DATABASE_URL` | unset | the PostgreSQL read model |
+//! | `TALLY_REDIS_URL`, `TALLY_REDIS_PREFIX` | unset, `tally:` | the Redis cache |
+//! | `TALLY_CURRENCY`, `TALLY_MAX_AMOUNT` | `USD`, `1000000.00` | the amount policy |
+//! | `TALLY_UPSTREAMS` | unset | gateway proxy mode: `function=url,...` |
+//! | `HOST`, `PORT` | `0.0.0.0`, `8080` | where the HTTP server listens |
+//! | `RUST_LOG` | `info` | log filter |
+//! | `AWS_LAMBDA_RUNTIME_API` | unset | set by Lambda / `cargo lambda`: Lambda mode |
+
+mod backends;
+mod config;
+mod proxy;
+
+pub use backends::{Host, Kinds, Role};
+pub use config::Config;
 
 use async_trait::async_trait;
-use serde::Deserialize;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tally_api::AppState;
-use tally_app::{CommandHandler, Projector, Queries, ReadModel};
-use tally_domain::{AmountPolicy, Currency};
-use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
-use tally_es::{EventPublisher, EventStore, EventStream, PublishError, StoredCommit};
 use tally_runtime::{BoxError, Readiness};
 
-/// Settings read from the environment.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Config {
-    #[serde(default = "default_data_dir")]
-    pub data_dir: PathBuf,
-    #[serde(default = "default_currency")]
-    pub currency: String,
-    #[serde(default = "default_max_amount")]
-    pub max_amount: String,
-}
-
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("./.data")
-}
-fn default_currency() -> String {
-    "USD".into()
-}
-fn default_max_amount() -> String {
-    "1000000.00".into()
-}
-
-impl Config {
-    /// Read `TALLY_*` variables.
-    pub fn from_env() -> Result<Self, BoxError> {
-        envy::prefixed("TALLY_")
-            .from_env::<Config>()
-            .map_err(|e| format!("configuration: {e}").into())
-    }
-
-    /// A config with defaults and the given data directory.
-    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            data_dir: data_dir.into(),
-            currency: default_currency(),
-            max_amount: default_max_amount(),
-        }
-    }
-
-    /// The amount policy: currency and maximum.
-    pub fn policy(&self) -> Result<AmountPolicy, BoxError> {
-        let currency =
-            Currency::parse(&self.currency).map_err(|e| format!("TALLY_CURRENCY: {e}"))?;
-        let max = AmountPolicy::new(currency, i64::MAX)
-            .parse(&self.max_amount)
-            .map_err(|e| format!("TALLY_MAX_AMOUNT={:?}: {e}", self.max_amount))?;
-        Ok(AmountPolicy::new(currency, max.minor()))
-    }
-}
-
-/// The embedded backends and the state built on them.
-#[derive(Clone)]
-pub struct Embedded {
-    pub state: AppState,
-    pub store: DirEventStore,
-    pub stream: InProcessStream,
-    pub read_model: Arc<MemoryReadModel>,
-}
-
-impl Embedded {
-    /// Open the embedded backends described by `config`. With `read_through`, queries
-    /// first catch their account up from the store (for a process that gets no stream).
-    pub fn open(config: &Config, read_through: bool) -> Result<Self, BoxError> {
-        let store = DirEventStore::open(&config.data_dir).map_err(|e| {
-            format!(
-                "cannot open the event store in {}: {e}",
-                config.data_dir.display()
-            )
-        })?;
-        let stream = InProcessStream::new(4096);
-        let read_model = Arc::new(MemoryReadModel::default());
-        let cache = Arc::new(MemoryCache::default());
-        let store_port: Arc<dyn EventStore> = Arc::new(store.clone());
-        let projector = Projector::new(store_port.clone(), read_model.clone(), cache.clone());
-        let publisher = Arc::new(ProjectInline {
-            projector: projector.clone(),
-            stream: stream.clone(),
-        });
-        let state = AppState {
-            commands: Arc::new(CommandHandler::new(store_port, publisher)),
-            queries: Queries::new(read_model.clone(), cache, projector.clone(), read_through),
-            projector,
-            policy: config.policy()?,
-        };
-        Ok(Self {
-            state,
-            store,
-            stream,
-            read_model,
-        })
-    }
-
-    /// Project every commit published from now on, in the background; catches up from
-    /// the store first (subscribing before, so nothing falls in between).
-    pub async fn start_projection(&self) -> Result<tokio::task::JoinHandle<()>, BoxError> {
-        let subscription = self.stream.subscribe("projector").await?;
-        let projector = self.state.projector.clone();
-        let report = projector.catch_up_all().await?;
-        tracing::info!(
-            streams = report.streams,
-            commits = report.commits,
-            "read model rebuilt from the store"
-        );
-        Ok(tokio::spawn(
-            async move { projector.run(subscription).await },
-        ))
-    }
-}
-
-/// The embedded publisher: applies each commit to this process's read model before
-/// the command answers (so a client reads its own writes without asking for a
-/// revision), then publishes it on the in-process stream. Applying is idempotent, so the
-/// projector following the stream skips what was applied here.
-struct ProjectInline {
-    projector: Projector,
-    stream: InProcessStream,
-}
+struct HostReadiness(Host);
 
 #[async_trait]
-impl EventPublisher for ProjectInline {
-    async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError> {
-        if let Err(e) = self.projector.handle(commit).await {
-            tracing::warn!(stream = %commit.stream, error = %e, "inline projection failed; the projector will catch up");
-        }
-        self.stream.publish(commit).await
-    }
-}
-
-struct EmbeddedReadiness(Embedded);
-
-#[async_trait]
-impl Readiness for EmbeddedReadiness {
+impl Readiness for HostReadiness {
     async fn check(&self) -> Result<(), String> {
-        self.0.store.ready().await.map_err(|e| e.to_string())?;
-        self.0.read_model.ready().await.map_err(|e| e.to_string())
+        self.0.ready().await
     }
 }
 
-/// Run one function (`deposit`, `get-balance`, `projector`, ...) with its routes only.
+/// Run function `function` (`deposit`, `get-balance`, `projector`, `relay`, `migrate`).
 pub async fn run_function(function: &'static str) -> Result<(), BoxError> {
     tally_runtime::init_tracing();
-    if !tally_api::routes::functions().contains(&function) {
+    let config = Config::from_env()?;
+    let role = Role::of(function);
+    if function == "migrate" {
+        return migrate(&config).await;
+    }
+    if !tally_api::routes::functions().contains(&function) && role != Role::Relay {
         return Err(format!("unknown function {function}").into());
     }
-    let config = Config::from_env()?;
-    let is_query = function.starts_with("get-") || function == "list-transactions";
-    let embedded = Embedded::open(&config, is_query)?;
-    if is_query || function == "projector" {
-        let report = embedded.state.projector.catch_up_all().await?;
-        tracing::info!(
-            function,
-            streams = report.streams,
-            commits = report.commits,
-            "read model rebuilt from the store"
-        );
-    }
-    if function == "projector" && !tally_runtime::lambda_mode() {
-        // Alone, the projector has no in-process stream to follow: it tails the store.
-        let projector = embedded.state.projector.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Err(e) = projector.catch_up_all().await {
-                    tracing::warn!(error = %e, "catch-up failed");
-                }
+    let host = Host::build(&config, role).await?;
+    host.verify().await?;
+    tracing::info!(
+        function,
+        store = host.kinds.store,
+        stream = host.kinds.stream,
+        read_model = host.kinds.read_model,
+        cache = host.kinds.cache,
+        "backends"
+    );
+    match role {
+        Role::Query if host.kinds.read_model == "memory" => {
+            let report = host.state.projector.catch_up_all().await?;
+            tracing::info!(
+                streams = report.streams,
+                commits = report.commits,
+                "read model rebuilt from the store"
+            );
+        }
+        Role::Projector if tally_runtime::lambda_mode() => return lambda_projector(host).await,
+        Role::Projector => {
+            if host.kinds.stream == "in-process" {
+                // Alone, the embedded projector has no stream to follow: it tails the store.
+                tail_store(&host);
+            } else {
+                host.start_projection().await?;
             }
-        });
+        }
+        Role::Relay => return run_relay(host).await,
+        _ => {}
     }
-    let router = tally_api::router(embedded.state.clone(), |r| r.function == function);
-    tally_runtime::serve(function, router, Arc::new(EmbeddedReadiness(embedded))).await
+    let router = tally_api::router(host.state.clone(), |r| r.function == function);
+    tally_runtime::serve(function, router, Arc::new(HostReadiness(host))).await
 }
 
-/// Run every public route in one process on the embedded backends, with the projector
-/// following the in-process stream. This is `make dev`.
+fn tail_store(host: &Host) {
+    let projector = host.state.projector.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = projector.catch_up_all().await {
+                tracing::warn!(error = %e, "catch-up failed");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Every public route in one process: on the configured backends with the projector
+/// in-process, or — with `TALLY_UPSTREAMS` — as a reverse proxy to the functions.
 pub async fn run_gateway() -> Result<(), BoxError> {
     tally_runtime::init_tracing();
     let config = Config::from_env()?;
-    let embedded = Embedded::open(&config, false)?;
-    embedded.start_projection().await?;
-    tracing::info!(data_dir = %config.data_dir.display(), "embedded backends");
-    let public = |r: &tally_api::Route| tally_api::ROUTES.contains(r);
-    let router = tally_api::router(embedded.state.clone(), public);
-    tally_runtime::serve("gateway", router, Arc::new(EmbeddedReadiness(embedded))).await
+    if let Some(upstreams) = &config.upstreams {
+        let router = proxy::router(upstreams)?;
+        tracing::info!(upstreams, "gateway in proxy mode");
+        return tally_runtime::serve("gateway", router, Arc::new(tally_runtime::AlwaysReady)).await;
+    }
+    let host = Host::build(&config, Role::Gateway).await?;
+    // The gateway is the all-in-one process: it creates what it needs (init proves the
+    // store enforces conditional writes, too).
+    host.init().await?;
+    host.start_projection().await?;
+    if let Some(relay) = host.relay() {
+        spawn_relay_loop(relay);
+    }
+    tracing::info!(
+        store = host.kinds.store,
+        stream = host.kinds.stream,
+        read_model = host.kinds.read_model,
+        cache = host.kinds.cache,
+        "gateway backends"
+    );
+    let router = public_router(&host);
+    tally_runtime::serve("gateway", router, Arc::new(HostReadiness(host))).await
 }
 
-/// The gateway's router: every public route, wrapped in the runtime's layers (health,
-/// request ids, problem+json fallbacks), exactly as `make dev` serves it.
-pub fn gateway_app(embedded: &Embedded) -> axum::Router {
+fn public_router(host: &Host) -> axum::Router {
     let public = |r: &tally_api::Route| tally_api::ROUTES.contains(r);
-    let router = tally_api::router(embedded.state.clone(), public);
+    tally_api::router(host.state.clone(), public)
+}
+
+/// The gateway's app: every public route wrapped in the runtime's layers (health,
+/// request ids, problem+json fallbacks), exactly as the gateway serves it.
+pub fn gateway_app(host: &Host) -> axum::Router {
     tally_runtime::app(
         "gateway",
-        router,
-        Arc::new(EmbeddedReadiness(embedded.clone())),
+        public_router(host),
+        Arc::new(HostReadiness(host.clone())),
+    )
+}
+
+/// The init step: bucket, topic, schema. Runs once per deploy, not in every function.
+async fn migrate(config: &Config) -> Result<(), BoxError> {
+    let host = Host::build(config, Role::Tool).await?;
+    host.init().await?;
+    tracing::info!(
+        store = host.kinds.store,
+        stream = host.kinds.stream,
+        read_model = host.kinds.read_model,
+        "backends initialised"
+    );
+    Ok(())
+}
+
+fn spawn_relay_loop(relay: tally_app::Relay) {
+    tokio::spawn(async move {
+        loop {
+            match relay.sweep().await {
+                Ok(report) if report.published + report.abandoned > 0 => {
+                    tracing::info!(
+                        published = report.published,
+                        abandoned = report.abandoned,
+                        waiting = report.waiting,
+                        "relay sweep"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "relay sweep failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+/// The relay: sweeps the outbox every 500 ms; `POST /relay/sweep` sweeps now. Under the
+/// Lambda runtime, every invocation (e.g. a schedule) is one sweep.
+async fn run_relay(host: Host) -> Result<(), BoxError> {
+    let relay = host
+        .relay()
+        .ok_or("the relay needs the S3 store (outbox) and Kafka (stream)")?;
+    if tally_runtime::lambda_mode() {
+        let handler = lambda_runtime::service_fn(
+            move |_event: lambda_runtime::LambdaEvent<serde_json::Value>| {
+                let relay = relay.clone();
+                async move {
+                    let report = relay.sweep().await?;
+                    Ok::<_, BoxError>(serde_json::json!({
+                        "published": report.published, "abandoned": report.abandoned, "waiting": report.waiting
+                    }))
+                }
+            },
+        );
+        return lambda_runtime::run(handler).await;
+    }
+    spawn_relay_loop(relay.clone());
+    let router = axum::Router::new().route(
+        "/relay/sweep",
+        axum::routing::post(move || {
+            let relay = relay.clone();
+            async move {
+                match relay.sweep().await {
+                    Ok(r) => axum::Json(serde_json::json!({
+                        "published": r.published, "abandoned": r.abandoned, "waiting": r.waiting
+                    }))
+                    .into_response(),
+                    Err(e) => tally_runtime::problem(
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "Service unavailable",
+                        e.to_string(),
+                    )
+                    .into_response(),
+                }
+            }
+        }),
+    );
+    tally_runtime::serve("relay", router, Arc::new(HostReadiness(host))).await
+}
+
+use axum::response::IntoResponse;
+
+/// The projector under the Lambda runtime: each invocation is a Kafka batch
+/// (`aws_lambda_events` `KafkaEvent`). Commits are applied in order per partition; if
+/// any fails, the invocation fails and Lambda retries the batch (duplicates are
+/// skipped, so a retry is safe).
+async fn lambda_projector(host: Host) -> Result<(), BoxError> {
+    let projector = host.state.projector.clone();
+    let handler = lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<aws_lambda_events::event::kafka::KafkaEvent>| {
+            let projector = projector.clone();
+            async move { handle_kafka_batch(&projector, &event.payload).await }
+        },
+    );
+    lambda_runtime::run(handler).await
+}
+
+/// Apply one Lambda Kafka batch; returns counts by outcome.
+pub async fn handle_kafka_batch(
+    projector: &tally_app::Projector,
+    event: &aws_lambda_events::event::kafka::KafkaEvent,
+) -> Result<serde_json::Value, BoxError> {
+    let commits = tally_kafka::decode_lambda_batch(event)?;
+    let (mut applied, mut duplicates, mut repaired) = (0, 0, 0);
+    for commit in &commits {
+        match projector.handle(commit).await? {
+            tally_app::Applied::Applied => applied += 1,
+            tally_app::Applied::Duplicate => duplicates += 1,
+            tally_app::Applied::Gap { .. } => repaired += 1,
+        }
+    }
+    Ok(
+        serde_json::json!({"commits": commits.len(), "applied": applied, "duplicates": duplicates, "gaps_repaired": repaired}),
     )
 }

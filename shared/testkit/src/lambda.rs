@@ -66,23 +66,24 @@ impl FakeLambdaRuntime {
         &self.address
     }
 
-    /// Hand `event` to the function and wait for its API Gateway v2 response.
-    pub async fn invoke(&self, event: Value) -> Answer {
-        let id = format!(
-            "req-{:x}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
+    /// Hand `event` to the function; its response, or the error it reported.
+    pub async fn invoke_raw(&self, event: Value) -> Result<Value, Value> {
+        let id = format!("req-{:032x}", fastrand::u128(..));
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id.clone(), tx);
         self.sender.send((id, event)).await.unwrap();
-        let result = tokio::time::timeout(Duration::from_secs(30), rx)
+        tokio::time::timeout(Duration::from_secs(30), rx)
             .await
             .expect("the function answered within 30 s")
-            .expect("the runtime stayed up");
-        let response = result.unwrap_or_else(|e| panic!("the function reported an error: {e}"));
+            .expect("the runtime stayed up")
+    }
+
+    /// Hand `event` to the function and wait for its API Gateway v2 response.
+    pub async fn invoke(&self, event: Value) -> Answer {
+        let response = self
+            .invoke_raw(event)
+            .await
+            .unwrap_or_else(|e| panic!("the function reported an error: {e}"));
         let status = response["statusCode"].as_u64().unwrap_or(0) as u16;
         let headers = response["headers"].as_object().cloned().unwrap_or_default();
         let content_type = headers

@@ -7,8 +7,11 @@
 //!   ([`Function::lambda`]), killed on drop.
 //! * [`seed`] — write commits into a data directory through the real command handler.
 //! * [`both_doors`] — the same request against the same seed through each door.
+//! * [`services`] — the real services (PostgreSQL, Redis, S3, Kafka) provisioned by
+//!   `make test`, fresh databases, and private servers a test can stop and start.
 
 mod lambda;
+pub mod services;
 
 pub use lambda::{apigw_v2_event, FakeLambdaRuntime};
 
@@ -18,7 +21,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use tally_app::CommandContext;
 use tally_domain::{AccountCommand, AccountId};
-use tally_host::{Config, Embedded};
+use tally_host::{Config, Host};
 use tokio::process::{Child, Command};
 
 /// A test request.
@@ -103,7 +106,7 @@ pub enum Step<'a> {
 /// Write `steps` into the event store under `dir` through the real command handler.
 pub async fn seed(dir: &Path, steps: &[Step<'_>]) {
     let config = Config::with_data_dir(dir);
-    let embedded = Embedded::open(&config, false).expect("open the store");
+    let embedded = Host::embedded(dir).await.expect("open the store");
     let policy = config.policy().unwrap();
     for step in steps {
         let (id, command) = match step {
@@ -159,11 +162,17 @@ enum Door {
 impl Function {
     /// Start `binary` as an HTTP server on a free loopback port, with its data in `dir`.
     pub async fn server(binary: &str, dir: &Path) -> Self {
+        Self::server_with(binary, dir, &[]).await
+    }
+
+    /// [`Function::server`] with extra environment variables.
+    pub async fn server_with(binary: &str, dir: &Path, env: &[(String, String)]) -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let child = base_command(binary, dir)
+            .envs(env.iter().cloned())
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
             .spawn()
@@ -186,6 +195,11 @@ impl Function {
 
     /// Start `binary` under a fake Lambda Runtime API, with its data in `dir`.
     pub async fn lambda(binary: &str, dir: &Path) -> Self {
+        Self::lambda_with(binary, dir, &[]).await
+    }
+
+    /// [`Function::lambda`] with extra environment variables.
+    pub async fn lambda_with(binary: &str, dir: &Path, env: &[(String, String)]) -> Self {
         let runtime = FakeLambdaRuntime::start().await;
         let name = Path::new(binary)
             .file_name()
@@ -193,6 +207,7 @@ impl Function {
             .to_string_lossy()
             .into_owned();
         let child = base_command(binary, dir)
+            .envs(env.iter().cloned())
             .env("AWS_LAMBDA_RUNTIME_API", runtime.address())
             .env("AWS_LAMBDA_FUNCTION_NAME", &name)
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
@@ -208,8 +223,26 @@ impl Function {
         }
     }
 
+    /// Under the Lambda door: hand the function a raw event (e.g. a Kafka batch).
+    pub async fn invoke_raw(&self, event: Value) -> Result<Value, Value> {
+        match &self.door {
+            Door::Lambda { runtime } => runtime.invoke_raw(event).await,
+            Door::Server { .. } => panic!("invoke_raw needs the Lambda door"),
+        }
+    }
+
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the function is running")
+    }
+
     /// Send `req` through this function's door.
     pub async fn call(&self, req: &Req) -> Answer {
+        self.try_call(req).await.expect("the request got an answer")
+    }
+
+    /// [`Function::call`], with a transport failure as an error (a process that died).
+    pub async fn try_call(&self, req: &Req) -> Result<Answer, String> {
         match &self.door {
             Door::Server { base, client } => {
                 let method = reqwest::Method::from_bytes(req.method.as_bytes()).unwrap();
@@ -220,7 +253,7 @@ impl Function {
                 if let Some(body) = &req.body {
                     r = r.body(body.clone());
                 }
-                let response = r.send().await.expect("request");
+                let response = r.send().await.map_err(|e| e.to_string())?;
                 let status = response.status().as_u16();
                 let content_type = response
                     .headers()
@@ -228,16 +261,16 @@ impl Function {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
-                let text = response.text().await.unwrap();
-                Answer {
+                let text = response.text().await.map_err(|e| e.to_string())?;
+                Ok(Answer {
                     status,
                     content_type,
                     body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-                }
+                })
             }
             Door::Lambda { runtime } => {
                 let event = apigw_v2_event(req);
-                runtime.invoke(event).await
+                Ok(runtime.invoke(event).await)
             }
         }
     }

@@ -1,0 +1,512 @@
+//! The no-loss guarantees against real servers: an S3 server (moto), a Kafka-protocol
+//! broker (tansu), PostgreSQL and Redis, all on 127.0.0.1 and provisioned by
+//! `make test`. Each test uses its own bucket, topic, database and key prefix; a test
+//! that plays an outage starts private servers it can stop.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use tally_domain::AccountId;
+use tally_es::{EventStore, Revision, StoredCommit, StreamId};
+use tally_host::{Config, Host, Role};
+use tally_s3::{S3Config, S3EventStore};
+use tally_testkit::services::{fresh_database, required_env, unique, PrivateService};
+
+struct Backends {
+    s3_endpoint: String,
+    bucket: String,
+    brokers: String,
+    topic: String,
+    database_url: String,
+    redis_url: String,
+    redis_prefix: String,
+}
+
+impl Backends {
+    async fn fresh() -> Self {
+        Self {
+            s3_endpoint: required_env("TALLY_TEST_S3_ENDPOINT"),
+            bucket: unique("tally"),
+            brokers: required_env("TALLY_TEST_KAFKA_BROKERS"),
+            topic: unique("commits"),
+            database_url: fresh_database().await,
+            redis_url: required_env("TALLY_TEST_REDIS_URL"),
+            redis_prefix: format!("{}:", unique("t")),
+        }
+    }
+
+    fn config(&self, dir: &std::path::Path) -> Config {
+        let mut c = Config::with_data_dir(dir);
+        c.s3_bucket = Some(self.bucket.clone());
+        c.s3_endpoint = Some(self.s3_endpoint.clone());
+        c.s3_access_key_id = Some("test".into());
+        c.s3_secret_access_key = Some("test".into());
+        c.kafka_brokers = Some(self.brokers.clone());
+        c.kafka_topic = self.topic.clone();
+        c.kafka_group = unique("group");
+        c.database_url = Some(self.database_url.clone());
+        c.redis_url = Some(self.redis_url.clone());
+        c.redis_prefix = self.redis_prefix.clone();
+        c
+    }
+
+    /// The environment a function process needs to run on these backends.
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("TALLY_S3_BUCKET", self.bucket.as_str()),
+            ("TALLY_S3_ENDPOINT", &self.s3_endpoint),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("TALLY_KAFKA_BROKERS", &self.brokers),
+            ("TALLY_KAFKA_TOPIC", &self.topic),
+            ("TALLY_DATABASE_URL", &self.database_url),
+            ("TALLY_REDIS_URL", &self.redis_url),
+            ("TALLY_REDIS_PREFIX", &self.redis_prefix),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+fn s3_store(endpoint: &str, bucket: &str) -> S3EventStore {
+    S3EventStore::new(&S3Config {
+        endpoint: Some(endpoint.to_owned()),
+        bucket: bucket.to_owned(),
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        session_token: None,
+    })
+}
+
+/// A gateway over `host` on a free loopback port.
+struct Api {
+    base: String,
+    client: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Api {
+    async fn start(host: &Host) -> Self {
+        let app = tally_host::gateway_app(host);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            server,
+        }
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn host(config: &Config, role: Role) -> Host {
+    let host = Host::build(config, role).await.unwrap();
+    host.init().await.unwrap();
+    host
+}
+
+/// Wait until the read model shows `id` at `revision` (projected, not caught up).
+async fn converged(host: &Host, id: &str, revision: u64) -> tally_app::AccountView {
+    let id = AccountId::parse(id).unwrap();
+    for _ in 0..600 {
+        if let Ok(Some(view)) = host.read_model.account(&id).await {
+            if view.revision.get() >= revision {
+                return view;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the read model did not reach {id}@{revision} within 30 s");
+}
+
+fn stream(id: &str) -> StreamId {
+    StreamId::parse(id).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_s3_server_lets_exactly_one_of_many_conditional_writers_create_a_key() {
+    let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
+    let store = s3_store(&endpoint, &unique("conformance"));
+    store.ensure_bucket().await.unwrap();
+    store.verify_conditional_writes().await.unwrap();
+    for round in 1..=20u64 {
+        let mut writers = Vec::new();
+        for writer in 0..16 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let commit = StoredCommit {
+                    stream: stream("race"),
+                    revision: Revision::new(round),
+                    recorded_at: time::OffsetDateTime::now_utc(),
+                    events: vec![tally_es::StoredEvent {
+                        event_type: "Probe".into(),
+                        version: 1,
+                        data: json!({ "writer": writer }),
+                    }],
+                    metadata: Default::default(),
+                };
+                store.append(&commit).await
+            }));
+        }
+        let mut wins = 0;
+        for w in writers {
+            match w.await.unwrap() {
+                Ok(()) => wins += 1,
+                Err(tally_es::AppendError::Conflict { .. }) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(
+            wins, 1,
+            "round {round}: the S3 server let {wins} conditional writers win"
+        );
+    }
+    let all = store.read(&stream("race"), Revision::new(1)).await.unwrap();
+    assert_eq!(all.len(), 20);
+}
+
+#[tokio::test]
+async fn the_s3_store_reads_from_any_revision_and_lists_its_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Gateway).await;
+    let api = Api::start(&host).await;
+    for id in ["alpha", "beta"] {
+        api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+        for _ in 0..3 {
+            api.post(&format!("/accounts/{id}/deposit"), r#"{"Amount": 1}"#)
+                .await;
+        }
+    }
+    let store = host.store.clone();
+    assert_eq!(
+        store.streams().await.unwrap(),
+        vec![stream("alpha"), stream("beta")]
+    );
+    let all = store
+        .read(&stream("alpha"), Revision::new(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|c| c.revision.get()).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let tail = store
+        .read(&stream("alpha"), Revision::new(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        tail.iter().map(|c| c.revision.get()).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert!(store
+        .read(&stream("alpha"), Revision::new(5))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .read(&stream("nobody"), Revision::new(1))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn tally_refuses_an_s3_server_that_ignores_conditional_writes() {
+    // A server that says yes to every request, like one that ignores If-None-Match.
+    let app = axum::Router::new().fallback(|| async { "" });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let err = s3_store(&endpoint, "any")
+        .verify_conditional_writes()
+        .await
+        .unwrap_err();
+    assert!(err.contains("ignores If-None-Match"), "{err}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_seed_flow_on_the_real_backends_reaches_postgres_and_redis_through_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Gateway).await;
+    host.start_projection().await.unwrap();
+    let api = Api::start(&host).await;
+    assert_eq!(
+        api.post("/accounts", r#"{"ID": "account123"}"#).await.0,
+        201
+    );
+    assert_eq!(
+        api.post("/accounts/account123/deposit", r#"{"Amount": 500.00}"#)
+            .await
+            .0,
+        200
+    );
+    let (s, b) = api
+        .post("/accounts/account123/withdraw", r#"{"Amount": 150.00}"#)
+        .await;
+    assert_eq!((s, b["revision"].as_u64()), (200, Some(3)));
+    // Projected through Kafka, not caught up on demand:
+    let view = converged(&host, "account123", 3).await;
+    assert_eq!(view.balance, 35_000);
+    let cached = host
+        .cache
+        .get(&AccountId::parse("account123").unwrap())
+        .await;
+    assert_eq!(
+        cached.map(|c| (c.balance, c.revision.get())),
+        Some((35_000, 3))
+    );
+    let (_, b) = api.get("/accounts/account123/balance").await;
+    assert_eq!(
+        b,
+        json!({"id": "account123", "balance": "350.00", "currency": "USD", "revision": 3})
+    );
+    let (_, page) = api.get("/accounts/account123/transactions").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    // Nothing is left in the outbox once published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(host
+        .outbox
+        .as_ref()
+        .unwrap()
+        .pending(10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_keep_working_while_kafka_is_down_and_the_read_model_converges_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = PrivateService::persistent_broker().await;
+    let mut backends = Backends::fresh().await;
+    backends.brokers = broker.address();
+    let config = backends.config(dir.path());
+    let host = host(&config, Role::Gateway).await;
+    let projection = host.start_projection().await.unwrap();
+    let relay = host.relay().unwrap().with_grace(Duration::from_millis(200));
+    let api = Api::start(&host).await;
+    api.post("/accounts", r#"{"ID": "steady"}"#).await;
+    converged(&host, "steady", 1).await;
+
+    broker.stop().await;
+    for n in 1..=10 {
+        let (s, b) = api
+            .post("/accounts/steady/deposit", r#"{"Amount": 1.00}"#)
+            .await;
+        assert_eq!(s, 200, "deposit {n} with the broker down: {b}");
+    }
+    assert!(
+        !host
+            .outbox
+            .as_ref()
+            .unwrap()
+            .pending(100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "undelivered commits wait in the outbox"
+    );
+    broker.start().await;
+    let sweeper = tokio::spawn(async move {
+        loop {
+            let _ = relay.sweep().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let view = converged(&host, "steady", 11).await;
+    assert_eq!(view.balance, 1_000);
+    sweeper.abort();
+    // Let the consumer leave its group while the broker is still there.
+    projection.abort();
+    let _ = projection.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_whose_process_died_before_publishing_still_reaches_the_read_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let bin = env!("CARGO_BIN_EXE_gateway");
+    let mut env = backends.env();
+    env.push(("TALLY_FAULT_INJECTION".into(), "crash-after-append".into()));
+    let doomed = tally_testkit::Function::server_with(bin, dir.path(), &env).await;
+    let req = tally_testkit::Req::post("/accounts").json(r#"{"ID": "phoenix"}"#);
+    let answer = tokio::time::timeout(Duration::from_secs(10), doomed.try_call(&req))
+        .await
+        .expect("the request ends");
+    assert!(answer.is_err(), "the process died mid-request: {answer:?}");
+    drop(doomed);
+
+    // The commit is in the store, and nowhere else yet.
+    let config = backends.config(dir.path());
+    let observer = host(&config, Role::Tool).await;
+    let mut landed = false;
+    for _ in 0..100 {
+        if !observer
+            .store
+            .read(&stream("phoenix"), Revision::new(1))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            landed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(landed, "the append happened before the crash");
+    assert!(observer
+        .read_model
+        .account(&AccountId::parse("phoenix").unwrap())
+        .await
+        .unwrap()
+        .is_none());
+
+    // A healthy gateway (its relay and projector) delivers it, with no manual step.
+    let healthy = tally_testkit::Function::server_with(bin, dir.path(), &backends.env()).await;
+    let view = converged(&observer, "phoenix", 1).await;
+    assert!(!view.closed);
+    drop(healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_queries_still_answer_and_commands_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = PrivateService::redis().await;
+    let mut backends = Backends::fresh().await;
+    backends.redis_url = format!("redis://{}", redis.address());
+    let host = host(&backends.config(dir.path()), Role::Gateway).await;
+    host.start_projection().await.unwrap();
+    let api = Api::start(&host).await;
+    api.post("/accounts", r#"{"ID": "cached"}"#).await;
+    api.post("/accounts/cached/deposit", r#"{"Amount": 5}"#)
+        .await;
+    converged(&host, "cached", 2).await;
+
+    redis.stop().await;
+    let (s, _) = api
+        .post("/accounts/cached/deposit", r#"{"Amount": 5}"#)
+        .await;
+    assert_eq!(s, 200, "commands do not need the cache");
+    let (s, b) = api.get("/accounts/cached/balance?min_revision=3").await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("10.00")));
+    let (s, b) = api.get("/accounts/cached").await;
+    assert_eq!(s, 200, "{b}");
+
+    redis.start().await;
+    // The cache waits a second after a failed connection before it tries again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    api.post("/accounts/cached/deposit", r#"{"Amount": 5}"#)
+        .await;
+    converged(&host, "cached", 4).await;
+    let mut cached = None;
+    for _ in 0..100 {
+        cached = host.cache.get(&AccountId::parse("cached").unwrap()).await;
+        if cached.is_some_and(|c| c.revision.get() == 4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cached.map(|c| c.balance),
+        Some(1_500),
+        "the cache is written again once Redis is back"
+    );
+}
+
+async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
+    let mut rows: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(a)::text FROM (SELECT * FROM accounts ORDER BY id) a",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let txs: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(t)::text FROM (SELECT * FROM transactions ORDER BY account_id, revision) t",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.extend(txs);
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identical_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Gateway).await;
+    host.start_projection().await.unwrap();
+    let api = Api::start(&host).await;
+    for id in ["r1", "r2", "r3"] {
+        api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+        for n in 1..=4 {
+            api.post(
+                &format!("/accounts/{id}/deposit"),
+                &format!(r#"{{"Amount": {n}.25}}"#),
+            )
+            .await;
+        }
+        api.post(&format!("/accounts/{id}/withdraw"), r#"{"Amount": 2}"#)
+            .await;
+    }
+    api.post("/accounts/r3/withdraw", r#"{"Amount": 9}"#).await;
+    api.post("/accounts/r3/close", "").await;
+    converged(&host, "r1", 6).await;
+    converged(&host, "r2", 6).await;
+    converged(&host, "r3", 8).await;
+    let pool = host.pg.as_ref().unwrap().pool().clone();
+    let live = dump(&pool).await;
+    assert_eq!(live.len(), 3 + 16, "three accounts, sixteen movements");
+
+    let report = host.state.projector.rebuild().await.unwrap();
+    assert_eq!((report.streams, report.events), (3, 20));
+    assert_eq!(dump(&pool).await, live, "a rebuild gives the same rows");
+
+    // And into a brand-new database, from the store alone.
+    let mut other = backends.config(dir.path());
+    other.database_url = Some(fresh_database().await);
+    let fresh = host_no_init(&other).await;
+    fresh.state.projector.rebuild().await.unwrap();
+    assert_eq!(dump(fresh.pg.as_ref().unwrap().pool()).await, live);
+}
+
+async fn host_no_init(config: &Config) -> Host {
+    Host::build(config, Role::Tool).await.unwrap()
+}

@@ -1,0 +1,104 @@
+//! The relay: publishes the commits the outbox still holds.
+//!
+//! A command records `(stream, revision)` in the outbox before it appends, publishes
+//! after, and removes the entry once the broker acknowledged. Whatever is left — the
+//! process died between the append and the publish, or the broker was down — is found
+//! here: an entry older than the grace period whose commit is in the store is
+//! published, then removed. An entry whose commit never made it into the store (the
+//! append lost a race or failed) is removed once it is older than `abandon_after`, long
+//! past any append that could still be in flight. Several relays may run at once: a
+//! commit published twice is applied once by the projections.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tally_es::{EventPublisher, EventStore, Outbox, PublishError, StoreError};
+use time::OffsetDateTime;
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Commits published and removed from the outbox.
+    pub published: usize,
+    /// Entries removed because their commit never reached the store.
+    pub abandoned: usize,
+    /// Entries left for later (too young, or their publish failed).
+    pub waiting: usize,
+}
+
+/// Why a sweep stopped. Handling rule: log and sweep again later.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// Publishes what the outbox holds.
+#[derive(Clone)]
+pub struct Relay {
+    store: Arc<dyn EventStore>,
+    outbox: Arc<dyn Outbox>,
+    publisher: Arc<dyn EventPublisher>,
+    grace: Duration,
+    abandon_after: Duration,
+    batch: usize,
+}
+
+impl Relay {
+    /// A relay with a grace period of 2 s (the fast path's time to publish) and
+    /// abandonment after 10 minutes.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        outbox: Arc<dyn Outbox>,
+        publisher: Arc<dyn EventPublisher>,
+    ) -> Self {
+        Self {
+            store,
+            outbox,
+            publisher,
+            grace: Duration::from_secs(2),
+            abandon_after: Duration::from_secs(600),
+            batch: 500,
+        }
+    }
+
+    /// Entries younger than `grace` are left to the command that wrote them.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// One pass over the outbox.
+    pub async fn sweep(&self) -> Result<RelayReport, RelayError> {
+        let mut report = RelayReport::default();
+        let now = OffsetDateTime::now_utc();
+        for entry in self.outbox.pending(self.batch).await? {
+            let age = now - entry.recorded_at;
+            if age < self.grace {
+                report.waiting += 1;
+                continue;
+            }
+            let commits = self.store.read(&entry.stream, entry.revision).await?;
+            match commits.iter().find(|c| c.revision == entry.revision) {
+                Some(commit) => match self.publisher.publish(commit).await {
+                    Ok(()) => {
+                        self.outbox.done(&entry.stream, entry.revision).await?;
+                        report.published += 1;
+                        tracing::info!(stream = %entry.stream, revision = %entry.revision, "relayed a commit the fast path did not publish");
+                    }
+                    Err(e) => {
+                        report.waiting += 1;
+                        tracing::warn!(stream = %entry.stream, error = %e, "relay publish failed; will retry");
+                    }
+                },
+                None if age > self.abandon_after => {
+                    self.outbox.done(&entry.stream, entry.revision).await?;
+                    report.abandoned += 1;
+                }
+                None => report.waiting += 1,
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,283 @@
+//! The backends a process runs on, built from the configuration.
+
+use crate::config::Config;
+use async_trait::async_trait;
+use std::sync::Arc;
+use tally_api::AppState;
+use tally_app::{Cache, CommandHandler, Fault, Projector, PublishMode, Queries, ReadModel, Relay};
+use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
+use tally_es::{EventPublisher, EventStore, EventStream, Outbox, PublishError, StoredCommit};
+use tally_runtime::BoxError;
+
+/// What a process does, which decides what it checks and how its queries read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A command function: appends commits.
+    Command,
+    /// A query function: reads the projections.
+    Query,
+    /// The projector: applies commits to the read model.
+    Projector,
+    /// The relay: publishes what the outbox holds.
+    Relay,
+    /// Everything in one process (`make dev`).
+    Gateway,
+    /// A one-shot tool (migrations, seeding).
+    Tool,
+}
+
+impl Role {
+    /// The role of function `name`.
+    pub fn of(name: &str) -> Self {
+        match name {
+            "open-account" | "deposit" | "withdraw" | "close-account" => Role::Command,
+            "get-account" | "get-balance" | "list-transactions" => Role::Query,
+            "projector" => Role::Projector,
+            "relay" => Role::Relay,
+            "gateway" => Role::Gateway,
+            _ => Role::Tool,
+        }
+    }
+}
+
+/// Which implementation backs each port, for logs and `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kinds {
+    pub store: &'static str,
+    pub stream: &'static str,
+    pub read_model: &'static str,
+    pub cache: &'static str,
+}
+
+/// A process wired to its backends.
+#[derive(Clone)]
+pub struct Host {
+    pub config: Config,
+    pub role: Role,
+    pub state: AppState,
+    pub store: Arc<dyn EventStore>,
+    pub outbox: Option<Arc<dyn Outbox>>,
+    pub stream: Arc<dyn EventStream>,
+    pub read_model: Arc<dyn ReadModel>,
+    pub cache: Arc<dyn Cache>,
+    pub kinds: Kinds,
+    /// The S3 store, when configured (for init and checks).
+    pub s3: Option<tally_s3::S3EventStore>,
+    /// The Kafka stream, when configured (for init).
+    pub kafka: Option<tally_kafka::KafkaStream>,
+    /// The PostgreSQL pool, when configured (for migrations).
+    pub pg: Option<tally_postgres::PgReadModel>,
+}
+
+/// The embedded publisher: applies each commit to this process's read model before
+/// the command answers (so a client reads its own writes without asking for a
+/// revision), then publishes it on the in-process stream. Applying is idempotent, so the
+/// projector following the stream skips what was applied here.
+struct ProjectInline {
+    projector: Projector,
+    stream: InProcessStream,
+}
+
+#[async_trait]
+impl EventPublisher for ProjectInline {
+    async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError> {
+        if let Err(e) = self.projector.handle(commit).await {
+            tracing::warn!(stream = %commit.stream, error = %e, "inline projection failed; the projector will catch up");
+        }
+        self.stream.publish(commit).await
+    }
+}
+
+impl Host {
+    /// Wire the backends `config` names for a process in `role`. Connections are made
+    /// lazily: a backend that is down only fails the requests that need it.
+    pub async fn build(config: &Config, role: Role) -> Result<Self, BoxError> {
+        let policy = config.policy()?;
+
+        let (store, outbox, s3, store_kind): (Arc<dyn EventStore>, Option<Arc<dyn Outbox>>, _, _) =
+            match config.s3()? {
+                Some(s3_config) => {
+                    let s3 = tally_s3::S3EventStore::new(&s3_config);
+                    (
+                        Arc::new(s3.clone()),
+                        Some(Arc::new(s3.clone()) as Arc<dyn Outbox>),
+                        Some(s3),
+                        "s3",
+                    )
+                }
+                None => {
+                    let dir = DirEventStore::open(&config.data_dir).map_err(|e| {
+                        format!(
+                            "cannot open the event store in {}: {e}",
+                            config.data_dir.display()
+                        )
+                    })?;
+                    (Arc::new(dir), None, None, "directory")
+                }
+            };
+
+        let (read_model, pg, read_model_kind): (Arc<dyn ReadModel>, _, _) =
+            match &config.database_url {
+                Some(url) => {
+                    let pool = tally_postgres::connect_lazy(url, 8)?;
+                    let rm = tally_postgres::PgReadModel::new(pool);
+                    (Arc::new(rm.clone()), Some(rm), "postgres")
+                }
+                None => (Arc::new(MemoryReadModel::default()), None, "memory"),
+            };
+
+        let (cache, cache_kind): (Arc<dyn Cache>, _) = match &config.redis_url {
+            Some(url) => (
+                Arc::new(tally_redis::RedisCache::new(url, &config.redis_prefix)?),
+                "redis",
+            ),
+            None => (Arc::new(MemoryCache::default()), "memory"),
+        };
+
+        let projector = Projector::new(store.clone(), read_model.clone(), cache.clone());
+        let fault = match config.fault_injection.as_deref() {
+            None | Some("") => None,
+            Some("crash-after-append") => Some(Fault::CrashAfterAppend),
+            Some(other) => {
+                return Err(format!("TALLY_FAULT_INJECTION={other:?} is not a fault").into())
+            }
+        };
+
+        let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) =
+            match &config.kafka_brokers {
+                Some(brokers) => {
+                    let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
+                        brokers: brokers.clone(),
+                        topic: config.kafka_topic.clone(),
+                        publish_timeout: std::time::Duration::from_secs(10),
+                    })?;
+                    let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
+                        .with_publish_mode(PublishMode::Background)
+                        .with_fault(fault);
+                    if let Some(outbox) = &outbox {
+                        commands = commands.with_outbox(outbox.clone());
+                    }
+                    (Arc::new(kafka.clone()), Some(kafka), commands, "kafka")
+                }
+                None => {
+                    let in_process = InProcessStream::new(4096);
+                    let publisher = Arc::new(ProjectInline {
+                        projector: projector.clone(),
+                        stream: in_process.clone(),
+                    });
+                    let commands = CommandHandler::new(store.clone(), publisher).with_fault(fault);
+                    (Arc::new(in_process), None, commands, "in-process")
+                }
+            };
+
+        // A lone query function on the embedded backends receives no stream: it reads
+        // through the store.
+        let read_through = role == Role::Query && read_model_kind == "memory";
+        let state = AppState {
+            commands: Arc::new(commands),
+            queries: Queries::new(
+                read_model.clone(),
+                cache.clone(),
+                projector.clone(),
+                read_through,
+            ),
+            projector,
+            policy,
+        };
+        Ok(Self {
+            config: config.clone(),
+            role,
+            state,
+            store,
+            outbox,
+            stream,
+            read_model,
+            cache,
+            kinds: Kinds {
+                store: store_kind,
+                stream: stream_kind,
+                read_model: read_model_kind,
+                cache: cache_kind,
+            },
+            s3,
+            kafka,
+            pg,
+        })
+    }
+
+    /// Embedded backends with their data in `data_dir` (tests, tools).
+    pub async fn embedded(data_dir: impl Into<std::path::PathBuf>) -> Result<Self, BoxError> {
+        Self::build(&Config::with_data_dir(data_dir), Role::Gateway).await
+    }
+
+    /// Whether a projector in this process should first catch up from the store.
+    pub fn catch_up_on_start(&self) -> bool {
+        self.config
+            .catch_up_on_start
+            .unwrap_or(self.kinds.read_model == "memory")
+    }
+
+    /// Follow the stream in the background (consumer group `TALLY_KAFKA_GROUP`), after
+    /// catching up from the store if [`Host::catch_up_on_start`]. Subscribes first, so
+    /// nothing falls between the catch-up and the stream.
+    pub async fn start_projection(&self) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+        let subscription = self.stream.subscribe(&self.config.kafka_group).await?;
+        let projector = self.state.projector.clone();
+        if self.catch_up_on_start() {
+            let report = projector.catch_up_all().await?;
+            tracing::info!(
+                streams = report.streams,
+                commits = report.commits,
+                "read model caught up from the store"
+            );
+        }
+        Ok(tokio::spawn(
+            async move { projector.run(subscription).await },
+        ))
+    }
+
+    /// The relay, if this process has an outbox to relay from.
+    pub fn relay(&self) -> Option<Relay> {
+        let outbox = self.outbox.clone()?;
+        let kafka = self.kafka.clone()?;
+        Some(Relay::new(self.store.clone(), outbox, Arc::new(kafka)))
+    }
+
+    /// At start-up: refuse an S3 server that ignores conditional writes (writers only).
+    pub async fn verify(&self) -> Result<(), BoxError> {
+        if let (Some(s3), Role::Command | Role::Gateway) = (&self.s3, self.role) {
+            s3.verify_conditional_writes().await?;
+        }
+        Ok(())
+    }
+
+    /// Create what the backends need (bucket, topic, schema). Idempotent: the init step.
+    pub async fn init(&self) -> Result<(), BoxError> {
+        if let Some(s3) = &self.s3 {
+            s3.ensure_bucket().await?;
+            s3.verify_conditional_writes().await?;
+        }
+        if let Some(kafka) = &self.kafka {
+            kafka.ensure_topic(4).await?;
+        }
+        if let Some(pg) = &self.pg {
+            tally_postgres::migrate(pg.pool()).await?;
+        }
+        Ok(())
+    }
+
+    /// `/readyz`: the backends this role cannot work without.
+    pub async fn ready(&self) -> Result<(), String> {
+        let store = || async { self.store.ready().await.map_err(|e| e.to_string()) };
+        let read_model = || async { self.read_model.ready().await.map_err(|e| e.to_string()) };
+        match self.role {
+            Role::Command | Role::Relay => store().await,
+            Role::Query => read_model().await,
+            Role::Projector | Role::Gateway => {
+                store().await?;
+                read_model().await
+            }
+            Role::Tool => Ok(()),
+        }
+    }
+}

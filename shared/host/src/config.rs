@@ -1,0 +1,118 @@
+//! Configuration from the environment (`TALLY_*`).
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use tally_domain::{AmountPolicy, Currency};
+use tally_runtime::BoxError;
+
+/// Settings read from the environment. A backend is real when its variable is set
+/// (`TALLY_S3_BUCKET`, `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL`, `TALLY_REDIS_URL`)
+/// and embedded otherwise.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    #[serde(default = "default_max_amount")]
+    pub max_amount: String,
+
+    pub s3_bucket: Option<String>,
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_prefix: String,
+    /// Falls back to `AWS_ACCESS_KEY_ID`.
+    pub s3_access_key_id: Option<String>,
+    /// Falls back to `AWS_SECRET_ACCESS_KEY`.
+    pub s3_secret_access_key: Option<String>,
+
+    pub kafka_brokers: Option<String>,
+    #[serde(default = "default_topic")]
+    pub kafka_topic: String,
+    #[serde(default = "default_group")]
+    pub kafka_group: String,
+
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    #[serde(default = "default_redis_prefix")]
+    pub redis_prefix: String,
+
+    /// `crash-after-append`: abort right after a successful append (fault tests only).
+    pub fault_injection: Option<String>,
+    /// Catch every stream up from the store when a projector starts (default: only with
+    /// the in-memory read model, which starts empty).
+    pub catch_up_on_start: Option<bool>,
+    /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
+    pub upstreams: Option<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./.data")
+}
+fn default_currency() -> String {
+    "USD".into()
+}
+fn default_max_amount() -> String {
+    "1000000.00".into()
+}
+fn default_topic() -> String {
+    "tally.commits".into()
+}
+fn default_group() -> String {
+    "tally-projector".into()
+}
+fn default_redis_prefix() -> String {
+    "tally:".into()
+}
+
+impl Config {
+    /// Read `TALLY_*` variables.
+    pub fn from_env() -> Result<Self, BoxError> {
+        envy::prefixed("TALLY_")
+            .from_env::<Config>()
+            .map_err(|e| format!("configuration: {e}").into())
+    }
+
+    /// Defaults everywhere: embedded backends with their data in `data_dir`.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config: Config =
+            envy::from_iter(std::iter::empty::<(String, String)>()).expect("defaults");
+        config.data_dir = data_dir.into();
+        config
+    }
+
+    /// The amount policy: currency and maximum.
+    pub fn policy(&self) -> Result<AmountPolicy, BoxError> {
+        let currency =
+            Currency::parse(&self.currency).map_err(|e| format!("TALLY_CURRENCY: {e}"))?;
+        let max = AmountPolicy::new(currency, i64::MAX)
+            .parse(&self.max_amount)
+            .map_err(|e| format!("TALLY_MAX_AMOUNT={:?}: {e}", self.max_amount))?;
+        Ok(AmountPolicy::new(currency, max.minor()))
+    }
+
+    /// The S3 settings, if the S3 store is configured.
+    pub fn s3(&self) -> Result<Option<tally_s3::S3Config>, BoxError> {
+        let Some(bucket) = &self.s3_bucket else {
+            return Ok(None);
+        };
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Ok(Some(tally_s3::S3Config {
+            endpoint: self.s3_endpoint.clone(),
+            bucket: bucket.clone(),
+            prefix: self.s3_prefix.clone(),
+            region: env("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
+            access_key_id: self
+                .s3_access_key_id
+                .clone()
+                .or_else(|| env("AWS_ACCESS_KEY_ID"))
+                .ok_or("S3 store: set AWS_ACCESS_KEY_ID (or TALLY_S3_ACCESS_KEY_ID)")?,
+            secret_access_key: self
+                .s3_secret_access_key
+                .clone()
+                .or_else(|| env("AWS_SECRET_ACCESS_KEY"))
+                .ok_or("S3 store: set AWS_SECRET_ACCESS_KEY (or TALLY_S3_SECRET_ACCESS_KEY)")?,
+            session_token: env("AWS_SESSION_TOKEN"),
+        }))
+    }
+}

@@ -1,0 +1,269 @@
+//! `tally-kafka`: the event stream on Kafka (or any broker that speaks its protocol).
+//!
+//! * [`KafkaStream::publish`] — an idempotent producer (`enable.idempotence`,
+//!   `acks=all`) sends each commit keyed by its stream id, so a stream's commits stay in
+//!   order on one partition, with headers `event-types`, `schema-versions`, `revision`
+//!   and `x-request-id`. It resolves when the broker acknowledged.
+//! * [`KafkaStream::subscribe`] — a consumer in a consumer group, auto-commit off: the
+//!   offset of a message is committed only when the projector acknowledges it, after its
+//!   read-model transaction committed.
+//! * [`decode_lambda_batch`] — the commits of an `aws_lambda_events` `KafkaEvent`, for
+//!   the projector under the Lambda runtime.
+
+use async_trait::async_trait;
+use aws_lambda_events::event::kafka::KafkaEvent;
+use base64::Engine;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use std::time::Duration;
+use tally_es::{Delivery, EventPublisher, EventStream, PublishError, StoredCommit, Subscription};
+
+/// Where the stream is.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`
+    pub brokers: String,
+    pub topic: String,
+    /// How long a publish may wait for the broker before it fails (the outbox covers it).
+    pub publish_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// From `TALLY_KAFKA_BROKERS` and `TALLY_KAFKA_TOPIC` (default `tally.commits`).
+    pub fn from_env() -> Result<Self, String> {
+        let brokers = std::env::var("TALLY_KAFKA_BROKERS")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or("TALLY_KAFKA_BROKERS is not set")?;
+        Ok(Self {
+            brokers,
+            topic: std::env::var("TALLY_KAFKA_TOPIC").unwrap_or_else(|_| "tally.commits".into()),
+            publish_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+/// The Kafka stream: a producer, and subscriptions on demand.
+#[derive(Clone)]
+pub struct KafkaStream {
+    config: KafkaConfig,
+    producer: FutureProducer,
+}
+
+fn kafka(e: KafkaError) -> PublishError {
+    PublishError(e.to_string())
+}
+
+impl KafkaStream {
+    /// Create the producer (connects lazily).
+    pub fn new(config: KafkaConfig) -> Result<Self, PublishError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set(
+                "message.timeout.ms",
+                config.publish_timeout.as_millis().to_string(),
+            )
+            .set("socket.connection.setup.timeout.ms", "3000")
+            .set("topic.metadata.refresh.interval.ms", "2000")
+            .create()
+            .map_err(kafka)?;
+        Ok(Self { config, producer })
+    }
+
+    /// Create the topic with `partitions` partitions if it does not exist (the init
+    /// step; idempotent).
+    pub async fn ensure_topic(&self, partitions: i32) -> Result<(), PublishError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .create()
+            .map_err(kafka)?;
+        let topic = NewTopic::new(&self.config.topic, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(kafka)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(PublishError(format!("create topic {name}: {code}")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.config.topic
+    }
+}
+
+fn headers(commit: &StoredCommit) -> OwnedHeaders {
+    let types: Vec<&str> = commit
+        .events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect();
+    let versions: Vec<String> = commit
+        .events
+        .iter()
+        .map(|e| e.version.to_string())
+        .collect();
+    let revision = commit.revision.to_string();
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "event-types",
+            value: Some(types.join(",").as_str()),
+        })
+        .insert(Header {
+            key: "schema-versions",
+            value: Some(versions.join(",").as_str()),
+        })
+        .insert(Header {
+            key: "revision",
+            value: Some(revision.as_str()),
+        });
+    if let Some(request_id) = &commit.metadata.request_id {
+        headers = headers.insert(Header {
+            key: "x-request-id",
+            value: Some(request_id.as_str()),
+        });
+    }
+    headers
+}
+
+#[async_trait]
+impl EventPublisher for KafkaStream {
+    async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError> {
+        let payload = commit.to_bytes();
+        let record = FutureRecord::to(&self.config.topic)
+            .key(commit.stream.as_str())
+            .payload(&payload)
+            .headers(headers(commit));
+        self.producer
+            .send(record, Duration::ZERO)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kafka(e))
+    }
+}
+
+#[async_trait]
+impl EventStream for KafkaStream {
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, PublishError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("topic.metadata.refresh.interval.ms", "2000")
+            .create()
+            .map_err(kafka)?;
+        consumer
+            .subscribe(&[self.config.topic.as_str()])
+            .map_err(kafka)?;
+        Ok(Box::new(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            last: None,
+        }))
+    }
+}
+
+/// A consumer-group member. Offsets are committed by [`Subscription::ack`] only.
+pub struct KafkaSubscription {
+    consumer: Arc<StreamConsumer>,
+    /// Topic, partition and offset of the last message handed out.
+    last: Option<(String, i32, i64)>,
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            match self.consumer.recv().await {
+                Ok(message) => {
+                    let position = (
+                        message.topic().to_owned(),
+                        message.partition(),
+                        message.offset(),
+                    );
+                    match message.payload().map(StoredCommit::from_bytes) {
+                        Some(Ok(commit)) => {
+                            self.last = Some(position);
+                            return Some(Delivery::Commit(commit));
+                        }
+                        other => {
+                            // Not a commit: nothing the store accepted is lost by passing
+                            // it (projections read commits from the store, not from here).
+                            tracing::error!(topic = %position.0, partition = position.1, offset = position.2,
+                                error = ?other.map(|r| r.err()), "undecodable message on the commit topic; skipping");
+                            self.last = Some(position);
+                            let _ = self.commit_last();
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka receive failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn ack(&mut self, _commit: &StoredCommit) -> Result<(), PublishError> {
+        self.commit_last()
+    }
+}
+
+impl KafkaSubscription {
+    fn commit_last(&self) -> Result<(), PublishError> {
+        let Some((topic, partition, offset)) = &self.last else {
+            return Ok(());
+        };
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+            .map_err(kafka)?;
+        self.consumer
+            .commit(&list, CommitMode::Async)
+            .map_err(kafka)
+    }
+}
+
+/// The commits of a Lambda Kafka batch, in order per partition. A record that is not a
+/// commit is an error: the batch is refused (and retried by Lambda) rather than skipped.
+pub fn decode_lambda_batch(event: &KafkaEvent) -> Result<Vec<StoredCommit>, String> {
+    let mut partitions: Vec<_> = event.records.iter().collect();
+    partitions.sort_by(|a, b| a.0.cmp(b.0));
+    let mut commits = Vec::new();
+    for (partition, records) in partitions {
+        let mut records: Vec<_> = records.iter().collect();
+        records.sort_by_key(|r| r.offset);
+        for record in records {
+            let value = record.value.as_deref().ok_or_else(|| {
+                format!("{partition}@{:?}: record without a value", record.offset)
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .map_err(|e| {
+                    format!("{partition}@{:?}: value is not base64: {e}", record.offset)
+                })?;
+            let commit = StoredCommit::from_bytes(&bytes)
+                .map_err(|e| format!("{partition}@{:?}: not a commit: {e}", record.offset))?;
+            commits.push(commit);
+        }
+    }
+    Ok(commits)
+}

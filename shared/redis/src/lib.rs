@@ -1,0 +1,196 @@
+//! `tally-redis`: the balance cache in Redis.
+//!
+//! Each account is a hash `{prefix}balance:{id}` with `rev`, `bal` and `cur`. A put is
+//! one Lua script that writes only when the cached revision is older, so a slow
+//! projector can never put an old balance back. Every call has a short timeout and any
+//! failure is a miss: with Redis down, queries fall back to the read model and
+//! commands never notice. The connection is made lazily and re-made after a failure,
+//! at most once per second after a failed attempt.
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Script};
+use std::time::{Duration, Instant};
+use tally_app::{Cache, CachedBalance};
+use tally_domain::{AccountId, Currency};
+use tally_es::Revision;
+use tokio::sync::Mutex;
+
+const PUT_IF_NEWER: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'rev')
+if (not cur) or tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
+  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+  return 1
+end
+return 0
+"#;
+
+/// The cache.
+pub struct RedisCache {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    ttl_seconds: u64,
+    conn: Mutex<Connection>,
+    script: Script,
+}
+
+#[derive(Default)]
+struct Connection {
+    live: Option<MultiplexedConnection>,
+    last_attempt: Option<Instant>,
+}
+
+impl RedisCache {
+    /// A cache at `url` (`redis://127.0.0.1:6379`) whose keys start with `prefix`.
+    /// Does not connect yet: a Redis that is down at start-up only means misses.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            prefix: prefix.to_owned(),
+            timeout: Duration::from_millis(100),
+            ttl_seconds: 24 * 3600,
+            conn: Mutex::new(Connection::default()),
+            script: Script::new(PUT_IF_NEWER),
+        })
+    }
+
+    fn key(&self, id: &AccountId) -> String {
+        format!("{}balance:{}", self.prefix, id.as_str())
+    }
+
+    async fn connection(&self) -> Option<MultiplexedConnection> {
+        let mut conn = self.conn.lock().await;
+        if let Some(live) = &conn.live {
+            return Some(live.clone());
+        }
+        if conn
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        conn.last_attempt = Some(Instant::now());
+        match tokio::time::timeout(
+            self.timeout * 3,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(Ok(live)) => {
+                conn.live = Some(live.clone());
+                conn.last_attempt = None;
+                Some(live)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis unreachable; serving without the cache");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("redis connect timed out; serving without the cache");
+                None
+            }
+        }
+    }
+
+    async fn forget_connection(&self) {
+        self.conn.lock().await.live = None;
+    }
+
+    /// Run `f` on a connection with the timeout; any failure drops the connection.
+    async fn with<T, F, Fut>(&self, f: F) -> Option<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(self.timeout, f(conn)).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "redis command failed");
+                self.forget_connection().await;
+                None
+            }
+            Err(_) => {
+                tracing::warn!("redis command timed out");
+                self.forget_connection().await;
+                None
+            }
+        }
+    }
+
+    /// Whether Redis answers a PING now.
+    pub async fn ping(&self) -> bool {
+        self.with(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .is_some()
+    }
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, id: &AccountId) -> Option<CachedBalance> {
+        let key = self.key(id);
+        let (rev, bal, cur): (Option<u64>, Option<i64>, Option<String>) = self
+            .with(|mut c| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("rev")
+                    .arg("bal")
+                    .arg("cur")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Some(CachedBalance {
+            revision: Revision::new(rev?),
+            balance: bal?,
+            currency: Currency::parse(&cur?).ok()?,
+        })
+    }
+
+    async fn put(&self, id: &AccountId, balance: CachedBalance) {
+        let key = self.key(id);
+        let script = self.script.clone();
+        let ttl = self.ttl_seconds;
+        let _: Option<i64> = self
+            .with(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(balance.revision.get())
+                    .arg(balance.balance)
+                    .arg(balance.currency.code())
+                    .arg(ttl)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    async fn clear(&self) {
+        let pattern = format!("{}balance:*", self.prefix);
+        let _: Option<()> = self
+            .with(|mut c| async move {
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut c)
+                        .await?;
+                    if !keys.is_empty() {
+                        let _: () = c.del(keys).await?;
+                    }
+                    if next == 0 {
+                        return Ok(());
+                    }
+                    cursor = next;
+                }
+            })
+            .await;
+    }
+}

@@ -1,0 +1,457 @@
+//! `tally-s3`: the event store in an S3 bucket (AWS S3, MinIO, or any server that
+//! implements conditional writes).
+//!
+//! Layout under an optional key prefix:
+//!
+//! * `streams/{stream}/{revision:020}.json` — one object per commit, written with
+//!   `If-None-Match: *`: the server creates it only if the key is free, so of two writers
+//!   that loaded the same revision exactly one wins; the other gets 412 (or 409 while
+//!   the first write is in flight), which becomes [`AppendError::Conflict`].
+//! * `outbox/{stream}/{revision:020}` — the outbox (see `tally_es::Outbox`).
+//!
+//! Reads list a stream's keys from a start-after cursor and fetch the commits
+//! concurrently. The SDK retries transient errors (standard mode: bounded attempts,
+//! exponential backoff with jitter) and every call has connect, attempt and operation
+//! timeouts. [`S3EventStore::verify_conditional_writes`] proves at start-up that the
+//! server refuses a second conditional create of one key; a store that ignores the
+//! header would silently lose updates, so Tally refuses to start on it.
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::time::Duration;
+use tally_es::{
+    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, StoreError,
+    StoredCommit, StreamId,
+};
+use time::OffsetDateTime;
+
+/// How many commit objects a read fetches at once.
+const READ_CONCURRENCY: usize = 16;
+
+/// Where the store is.
+#[derive(Clone, Debug)]
+pub struct S3Config {
+    /// A custom endpoint (MinIO, a test server): `http://127.0.0.1:9000`. `None` for AWS.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    /// A key prefix, e.g. `tally/`; empty for none.
+    pub prefix: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl S3Config {
+    /// From the environment: `TALLY_S3_ENDPOINT`, `TALLY_S3_BUCKET`, `TALLY_S3_PREFIX`,
+    /// `AWS_REGION` (default `us-east-1`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN`.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Ok(Self {
+            endpoint: var("TALLY_S3_ENDPOINT"),
+            bucket: var("TALLY_S3_BUCKET").ok_or("TALLY_S3_BUCKET is not set")?,
+            prefix: var("TALLY_S3_PREFIX").unwrap_or_default(),
+            region: var("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
+            access_key_id: var("AWS_ACCESS_KEY_ID").ok_or("AWS_ACCESS_KEY_ID is not set")?,
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY")
+                .ok_or("AWS_SECRET_ACCESS_KEY is not set")?,
+            session_token: var("AWS_SESSION_TOKEN"),
+        })
+    }
+}
+
+/// The S3 event store.
+#[derive(Clone, Debug)]
+pub struct S3EventStore {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
+
+fn unavailable<E>(e: SdkError<E, HttpResponse>) -> String
+where
+    E: std::error::Error + ProvideErrorMetadata + 'static,
+{
+    match &e {
+        SdkError::ServiceError(se) => format!(
+            "{}: {}",
+            se.err().code().unwrap_or("error"),
+            se.err().message().unwrap_or("")
+        ),
+        other => aws_sdk_s3::error::DisplayErrorContext(other)
+            .to_string()
+            .chars()
+            .take(300)
+            .collect(),
+    }
+}
+
+fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+impl S3EventStore {
+    /// A store over `config`. Does not touch the network.
+    pub fn new(config: &S3Config) -> Self {
+        let credentials = Credentials::new(
+            &config.access_key_id,
+            &config.secret_access_key,
+            config.session_token.clone(),
+            None,
+            "tally-environment",
+        );
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(true)
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .operation_attempt_timeout(Duration::from_secs(3))
+                    .operation_timeout(Duration::from_secs(10))
+                    .build(),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.clone(),
+        }
+    }
+
+    /// The SDK client (for tools and tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn stream_prefix(&self, stream: &StreamId) -> String {
+        format!("{}streams/{}/", self.prefix, stream.as_str())
+    }
+
+    fn commit_key(&self, stream: &StreamId, revision: Revision) -> String {
+        format!("{}{:020}.json", self.stream_prefix(stream), revision.get())
+    }
+
+    fn outbox_key(&self, stream: &StreamId, revision: Revision) -> String {
+        format!(
+            "{}outbox/{}/{:020}",
+            self.prefix,
+            stream.as_str(),
+            revision.get()
+        )
+    }
+
+    /// Create the bucket if it does not exist (the init step; idempotent).
+    pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(StoreError::Unavailable(unavailable(e))),
+        }
+    }
+
+    /// Prove the server enforces `If-None-Match: *`: create a probe key twice; the second
+    /// create must be refused. Returns an error saying why Tally must not run here.
+    pub async fn verify_conditional_writes(&self) -> Result<(), String> {
+        let key = format!("{}_probe/{:032x}", self.prefix, fastrand::u128(..));
+        let put = || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .if_none_match("*")
+                .content_type("application/octet-stream")
+                .body(ByteStream::from_static(b"probe"))
+                .send()
+        };
+        put()
+            .await
+            .map_err(|e| format!("cannot write to bucket {}: {}", self.bucket, unavailable(e)))?;
+        let second = put().await;
+        let _ = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await;
+        match second {
+            Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(()),
+            Ok(_) => Err(format!(
+                "the S3 server at bucket {} ignores If-None-Match: a second conditional \
+                 create of one key succeeded. Tally needs conditional writes to prevent lost \
+                 updates; use AWS S3, MinIO or another server that implements them",
+                self.bucket
+            )),
+            Err(e) => Err(format!(
+                "conditional-write probe failed: {}",
+                unavailable(e)
+            )),
+        }
+    }
+
+    /// Every key under `prefix` after `start_after`, in order.
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<String>,
+    ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix);
+            if let Some(t) = &token {
+                req = req.continuation_token(t);
+            } else if let Some(s) = &start_after {
+                req = req.start_after(s);
+            }
+            let page = req
+                .send()
+                .await
+                .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    let modified = object
+                        .last_modified()
+                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.secs()).ok());
+                    keys.push((key.to_owned(), modified));
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .into_bytes();
+        StoredCommit::from_bytes(&bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+    }
+
+    fn revision_of(&self, stream: &StreamId, key: &str) -> Result<Revision, StoreError> {
+        key.strip_prefix(&self.stream_prefix(stream))
+            .and_then(|k| k.strip_suffix(".json"))
+            .and_then(|k| Revision::parse(k).ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("unexpected key {key}")))
+    }
+}
+
+#[async_trait]
+impl EventStore for S3EventStore {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        let result = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.commit_key(&commit.stream, commit.revision))
+            .if_none_match("*")
+            .content_type("application/json")
+            .body(ByteStream::from(commit.to_bytes()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // 412: the key exists. 409: a conditional write of this key is in flight.
+            Err(e) if matches!(status(&e), Some(412 | 409)) => Err(AppendError::Conflict {
+                stream: commit.stream.clone(),
+                revision: commit.revision,
+            }),
+            Err(e) => Err(AppendError::Unavailable(unavailable(e))),
+        }
+    }
+
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let prefix = self.stream_prefix(stream);
+        // Keys from `from` on; if the first one starts later, the commit holding `from`
+        // started before it, so list from the beginning instead.
+        let start_after =
+            (from.get() > 1).then(|| self.commit_key(stream, Revision::new(from.get() - 1)));
+        let mut keys = self.list(&prefix, start_after.clone()).await?;
+        if start_after.is_some() {
+            let first = keys
+                .first()
+                .map(|(k, _)| self.revision_of(stream, k))
+                .transpose()?;
+            if first.is_some_and(|r| r != from) {
+                let all = self.list(&prefix, None).await?;
+                let mut revisions = Vec::with_capacity(all.len());
+                for (k, _) in &all {
+                    revisions.push(self.revision_of(stream, k)?);
+                }
+                let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
+                keys = all[start..].to_vec();
+            }
+        }
+        let commits: Vec<StoredCommit> = stream::iter(keys.into_iter().map(|(k, _)| self.get(k)))
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+        }
+        Ok(commits
+            .into_iter()
+            .filter(|c| c.last_revision() >= from)
+            .collect())
+    }
+
+    async fn streams(&self) -> Result<Vec<StreamId>, StoreError> {
+        let prefix = format!("{}streams/", self.prefix);
+        let mut streams = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .delimiter("/");
+            if let Some(t) = &token {
+                req = req.continuation_token(t);
+            }
+            let page = req
+                .send()
+                .await
+                .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+            for p in page.common_prefixes() {
+                let name = p
+                    .prefix()
+                    .and_then(|p| p.strip_prefix(&prefix))
+                    .and_then(|p| p.strip_suffix('/'))
+                    .unwrap_or_default();
+                streams
+                    .push(StreamId::parse(name).map_err(|e| {
+                        StoreError::Corrupt(format!("stream prefix {name:?}: {e}"))
+                    })?);
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        streams.sort();
+        Ok(streams)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+    }
+}
+
+#[async_trait]
+impl Outbox for S3EventStore {
+    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.outbox_key(stream, revision))
+            .content_type("application/octet-stream")
+            .body(ByteStream::from_static(b""))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+    }
+
+    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.outbox_key(stream, revision))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let prefix = format!("{}outbox/", self.prefix);
+        let keys = self.list(&prefix, None).await?;
+        let mut entries = Vec::new();
+        for (key, modified) in keys.into_iter().take(limit) {
+            let rest = key.strip_prefix(&prefix).unwrap_or_default();
+            let Some((stream, revision)) = rest.split_once('/') else {
+                continue;
+            };
+            let (Ok(stream), Ok(revision)) = (StreamId::parse(stream), Revision::parse(revision))
+            else {
+                continue;
+            };
+            entries.push(OutboxEntry {
+                stream,
+                revision,
+                recorded_at: modified.unwrap_or_else(OffsetDateTime::now_utc),
+            });
+        }
+        Ok(entries)
+    }
+}

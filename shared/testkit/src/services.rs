@@ -1,0 +1,240 @@
+//! The real services the tests run against, provisioned by `make test`
+//! (`scripts/services.sh`). A test that needs one fails loudly when it is missing.
+
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// A variable `make test` sets; panics with what to do when it is missing.
+pub fn required_env(name: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| {
+            panic!(
+            "{name} is not set: this test needs a real service. Run the tests with `make test`, \
+             which provisions PostgreSQL, Redis, an S3 server and a Kafka broker on 127.0.0.1 \
+             (or `eval \"$(scripts/services.sh env)\"` after `scripts/services.sh up`)."
+        )
+        })
+}
+
+/// A name no other test uses (letters, digits and `-`, starting with a letter).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// A fresh PostgreSQL database with the migrations applied; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin_url = required_env("TALLY_TEST_DATABASE_URL");
+    let name = unique("tally_t").replace('-', "_");
+    let admin = tally_postgres::connect(&admin_url, 1)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create a test database");
+    admin.close().await;
+    let base = admin_url
+        .rsplit_once('/')
+        .map_or(admin_url.as_str(), |(b, _)| b);
+    let url = format!("{base}/{name}");
+    let pool = tally_postgres::connect(&url, 1).await.unwrap();
+    tally_postgres::migrate(&pool).await.expect("migrations");
+    pool.close().await;
+    url
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16, what: &str) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what} did not open port {port}");
+}
+
+/// A service process of this test alone, which the test can stop and start again on
+/// the same port (to play an outage).
+pub struct PrivateService {
+    what: &'static str,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateService {
+    async fn start_new(what: &'static str, program: String, args: Vec<String>, port: u16) -> Self {
+        let mut service = Self {
+            what,
+            program,
+            args,
+            env: Vec::new(),
+            port,
+            child: None,
+        };
+        service.start().await;
+        service
+    }
+
+    /// A Kafka-protocol broker (tansu, in memory) on a free port.
+    pub async fn broker() -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        Self::start_new(
+            "broker",
+            required_env("TALLY_TANSU_BIN"),
+            vec![
+                "broker".into(),
+                "--listener-url".into(),
+                url.clone(),
+                "--advertised-listener-url".into(),
+                url,
+                "--storage-engine".into(),
+                "memory://tansu/".into(),
+            ],
+            port,
+        )
+        .await
+    }
+
+    /// A Kafka-protocol broker (tansu) on a free port that keeps its topics, logs and
+    /// offsets in a fresh bucket of the test S3 server, so they survive a restart like a
+    /// real broker's.
+    pub async fn persistent_broker() -> Self {
+        let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
+        let bucket = unique("broker");
+        let store = tally_s3::S3EventStore::new(&tally_s3::S3Config {
+            endpoint: Some(endpoint.clone()),
+            bucket: bucket.clone(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: "test".into(),
+            secret_access_key: "test".into(),
+            session_token: None,
+        });
+        store
+            .ensure_bucket()
+            .await
+            .expect("a bucket for the broker");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut service = Self {
+            what: "broker",
+            program: required_env("TALLY_TANSU_BIN"),
+            args: vec![
+                "broker".into(),
+                "--listener-url".into(),
+                url.clone(),
+                "--advertised-listener-url".into(),
+                url,
+                "--storage-engine".into(),
+                format!("s3://{bucket}/"),
+            ],
+            env: [
+                ("AWS_ENDPOINT", endpoint.as_str()),
+                ("AWS_ALLOW_HTTP", "true"),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+                ("AWS_DEFAULT_REGION", "us-east-1"),
+                ("AWS_REGION", "us-east-1"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            port,
+            child: None,
+        };
+        service.start().await;
+        service
+    }
+
+    /// A Redis server on a free port, keeping nothing on disk.
+    pub async fn redis() -> Self {
+        let port = free_port();
+        Self::start_new(
+            "redis",
+            required_env("TALLY_REDIS_SERVER_BIN"),
+            vec![
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                port.to_string(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+            ],
+            port,
+        )
+        .await
+    }
+
+    /// An S3 server (moto, in memory) on a free port.
+    pub async fn s3() -> Self {
+        let port = free_port();
+        Self::start_new(
+            "s3",
+            required_env("TALLY_MOTO_BIN"),
+            vec![
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ],
+            port,
+        )
+        .await
+    }
+
+    /// Start (again) on the same port.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.what);
+        // Its output goes to a file in the temp directory, for post-mortems.
+        let log = std::env::temp_dir().join(format!("tally-{}-{}.log", self.what, self.port));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("a log file for the service");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} ({}): {e}", self.what, self.program));
+        self.child = Some(child);
+        wait_for_port(self.port, self.what).await;
+    }
+
+    /// Kill it (SIGKILL) and wait until it is gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// `127.0.0.1:port`
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
