@@ -25,7 +25,8 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
 
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo build (tests and binaries)"
+echo "== cargo build (every function, and the tests)"
+cargo build --workspace --bins
 cargo test --workspace --no-run
 echo "== cargo test"
 cargo test --workspace

@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tally_es::{Revision, StreamId};
 use tally_host::Host;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tally_testkit::cases;
 
 /// A gateway on a free port over a data directory.
 struct Gateway {
     base: String,
-    addr: std::net::SocketAddr,
     embedded: Host,
     client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
@@ -30,7 +29,6 @@ impl Gateway {
         });
         Self {
             base: format!("http://{addr}"),
-            addr,
             embedded,
             client: reqwest::Client::new(),
             server,
@@ -73,20 +71,6 @@ impl Gateway {
     async fn get(&self, path: &str) -> (u16, Value) {
         let (s, b, _) = self.send("GET", path, None, &[]).await;
         (s, b)
-    }
-
-    /// A raw HTTP/1.1 request, for paths a client library would normalise.
-    async fn raw(&self, request_line_path: &str, body: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let req = format!(
-            "POST {request_line_path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.unwrap();
-        let status = out[9..12].parse().unwrap();
-        (status, out)
     }
 
     async fn revisions(&self, id: &str) -> Vec<u64> {
@@ -218,143 +202,19 @@ async fn a_hundred_concurrent_withdrawals_of_ten_from_five_hundred_let_exactly_f
     );
 }
 
-/// (method, path, body, content type, extra header, status, problem kind)
-type Case<'a> = (
-    &'a str,
-    String,
-    &'a str,
-    Option<&'a str>,
-    Option<(&'a str, &'a str)>,
-    u16,
-    &'a str,
-);
-
 #[tokio::test]
 async fn bad_input_gets_the_right_problem_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;
-    gw.post("/accounts", r#"{"ID": "acc"}"#).await;
-    gw.post("/accounts/acc/deposit", r#"{"Amount": 100.00}"#)
-        .await;
-    gw.post("/accounts", r#"{"ID": "shut"}"#).await;
-    gw.post("/accounts/shut/close", "").await;
-    let long_id = "x".repeat(65);
-    let big = format!(r#"{{"Amount": 1, "pad": "{}"}}"#, "x".repeat(20_000));
-    let d = "/accounts/acc/deposit";
-    let w = "/accounts/acc/withdraw";
-    // (method, path, body, content type, extra header, status, problem kind)
-    #[rustfmt::skip]
-    let cases: Vec<Case> = vec![
-        ("POST", d.into(), r#"{"Amount": "#, Some("application/json"), None, 400, "malformed-json"),
-        ("POST", d.into(), r#"not json"#, Some("application/json"), None, 400, "malformed-json"),
-        ("POST", d.into(), r#"{"Amount": 1}"#, Some("text/plain"), None, 415, "unsupported-media-type"),
-        ("POST", d.into(), r#"{"Amount": 1}"#, None, None, 415, "unsupported-media-type"),
-        ("POST", d.into(), r#"{}"#, Some("application/json"), None, 422, "invalid-request"),
-        ("POST", d.into(), r#"{"Amount": 1, "Currency": "EUR"}"#, Some("application/json"), None, 422, "invalid-request"),
-        ("POST", d.into(), r#"[1]"#, Some("application/json"), None, 422, "invalid-request"),
-        ("POST", d.into(), r#"{"Amount": true}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": null}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": {"v": 1}}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 0}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 0.00}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": -5.00}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", w.into(), r#"{"Amount": -5.00}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 1.001}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": "0.005"}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 1e30}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 1000000.01}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": 99999999999999999999999999999}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": NaN}"#, Some("application/json"), None, 400, "malformed-json"),
-        ("POST", d.into(), r#"{"Amount": Infinity}"#, Some("application/json"), None, 400, "malformed-json"),
-        ("POST", d.into(), r#"{"Amount": "NaN"}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), r#"{"Amount": "-Infinity"}"#, Some("application/json"), None, 422, "invalid-amount"),
-        ("POST", d.into(), big.as_str(), Some("application/json"), None, 413, "payload-too-large"),
-        ("POST", "/accounts/a%2Fb/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts/a%00b/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts/a%0Ab/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts/a%7Fb/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts/%2E%2E%2Facc/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", format!("/accounts/{long_id}/deposit"), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("GET", format!("/accounts/{long_id}/balance"), "", None, None, 400, "invalid-account-id"),
-        ("POST", "/accounts".into(), r#"{"ID": ""}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts".into(), r#"{"ID": "../etc"}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts".into(), r#"{"ID": "a/b"}"#, Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts".into(), "{\"ID\": \"a\\u0000b\"}", Some("application/json"), None, 400, "invalid-account-id"),
-        ("POST", "/accounts".into(), r#"{"ID": 123}"#, Some("application/json"), None, 422, "invalid-request"),
-        ("POST", "/accounts".into(), r#"{"ID": "acc"}"#, Some("application/json"), None, 409, "account-already-exists"),
-        ("POST", "/accounts/nobody/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 404, "account-not-found"),
-        ("POST", "/accounts/nobody/close".into(), "", None, None, 404, "account-not-found"),
-        ("GET", "/accounts/nobody/balance".into(), "", None, None, 404, "account-not-found"),
-        ("GET", "/accounts/nobody".into(), "", None, None, 404, "account-not-found"),
-        ("GET", "/accounts/nobody/transactions".into(), "", None, None, 404, "account-not-found"),
-        ("POST", w.into(), r#"{"Amount": 100.01}"#, Some("application/json"), None, 422, "insufficient-funds"),
-        ("POST", "/accounts/acc/close".into(), "", None, None, 409, "balance-not-zero"),
-        ("POST", "/accounts/shut/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 409, "account-closed"),
-        ("POST", "/accounts/shut/close".into(), "", None, None, 409, "account-closed"),
-        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("idempotency-key", "")), 400, "invalid-header"),
-        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("if-match", "\"abc\"")), 400, "invalid-header"),
-        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("if-match", "\"1\"")), 412, "revision-mismatch"),
-        ("GET", "/accounts/acc/balance?min_revision=x".into(), "", None, None, 400, "invalid-query"),
-        ("GET", "/accounts/acc/balance?min_revision=99".into(), "", None, None, 422, "revision-not-reached"),
-        ("GET", "/accounts/acc/transactions?limit=0".into(), "", None, None, 400, "invalid-query"),
-        ("GET", "/accounts/acc/transactions?limit=1000".into(), "", None, None, 400, "invalid-query"),
-        ("GET", "/accounts/acc/transactions?cursor=-1".into(), "", None, None, 400, "invalid-query"),
-        ("DELETE", "/accounts/acc".into(), "", None, None, 405, "method-not-allowed"),
-        ("GET", "/nowhere".into(), "", None, None, 404, "not-found"),
-    ];
+    let api = cases::Api::new(gw.base.clone());
+    cases::bad_input_fixtures(&api).await;
     let before = snapshot(dir.path());
-    for (method, path, body, content_type, header, status, kind) in &cases {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = gw.client.request(m, format!("{}{path}", gw.base));
-        if let Some(ct) = content_type {
-            req = req.header("content-type", *ct);
-        }
-        if let Some((k, v)) = header {
-            req = req.header(*k, *v);
-        }
-        if !body.is_empty() {
-            req = req.body(body.to_string());
-        }
-        let res = req.send().await.unwrap();
-        let got = res.status().as_u16();
-        let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
-        let b: Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
-        let case = format!(
-            "{method} {} {}",
-            &path[..path.len().min(60)],
-            &body[..body.len().min(60)]
-        );
-        assert_eq!(got, *status, "{case}: {b}");
-        assert_eq!(ct, "application/problem+json", "{case}");
-        assert_eq!(b["type"], format!("/problems/{kind}"), "{case}: {b}");
-        assert_eq!(b["status"], *status, "{case}");
-        assert!(
-            b["title"].is_string() && b["detail"].is_string(),
-            "{case}: {b}"
-        );
-    }
-    // Paths a client library would normalise, sent raw.
-    for path in [
-        "/accounts//deposit",
-        "/accounts/../deposit",
-        "/accounts/./deposit",
-        "/accounts/..%2F..%2Fetc/deposit",
-    ] {
-        let (status, text) = gw.raw(path, r#"{"Amount": 1}"#).await;
-        assert_eq!(status, 400, "{path}: {text}");
-        assert!(text.contains("application/problem+json"), "{path}: {text}");
-        assert!(
-            text.contains("/problems/invalid-account-id"),
-            "{path}: {text}"
-        );
-    }
+    cases::bad_inputs_are_refused(&api).await;
     assert_eq!(
         snapshot(dir.path()),
         before,
         "bad input must change nothing in the store"
     );
-    let (_, b) = gw.get("/accounts/acc/balance").await;
-    assert_eq!(b["balance"], "100.00");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

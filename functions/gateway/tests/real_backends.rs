@@ -510,3 +510,44 @@ async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identica
 async fn host_no_init(config: &Config) -> Host {
     Host::build(config, Role::Tool).await.unwrap()
 }
+
+#[tokio::test]
+async fn a_balance_whose_write_through_failed_is_never_served_stale() {
+    use tally_app::{Cache, CachedBalance};
+    let redis = PrivateService::redis().await;
+    let cache =
+        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap();
+    let id = AccountId::parse("blip").unwrap();
+    let balance = |minor, rev| CachedBalance {
+        balance: minor,
+        currency: tally_domain::Currency::USD,
+        revision: Revision::new(rev),
+    };
+    cache.put(&id, balance(100, 1)).await;
+    assert_eq!(cache.get(&id).await, Some(balance(100, 1)));
+
+    // Redis stops answering writes for a moment: the write-through of revision 2 fails.
+    let paused = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CLIENT",
+            "PAUSE",
+            "500",
+            "WRITE",
+        ])
+        .status()
+        .unwrap();
+    assert!(paused.success());
+    cache.put(&id, balance(200, 2)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+
+    // Revision 1 must not be served as the balance any more.
+    assert_eq!(
+        cache.get(&id).await,
+        None,
+        "the stale balance was invalidated"
+    );
+    cache.put(&id, balance(200, 2)).await;
+    assert_eq!(cache.get(&id).await, Some(balance(200, 2)));
+}

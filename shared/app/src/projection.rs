@@ -117,22 +117,24 @@ impl Projector {
     }
 
     /// Follow `subscription` until it closes: handle each commit, then acknowledge it;
-    /// on a lag, catch every stream up from the store. A commit that fails is not
-    /// acknowledged; the next catch-up (or redelivery) applies it.
+    /// on a lag, catch every stream up from the store. A commit that cannot be applied
+    /// (the read model is down) is retried with backoff, never passed over: acknowledging
+    /// a later message would move the consumer offset past it.
     pub async fn run(&self, mut subscription: Box<dyn Subscription>) {
         while let Some(delivery) = subscription.next().await {
             match delivery {
-                Delivery::Commit(commit) => match self.handle(&commit).await {
-                    Ok(_) => {
-                        if let Err(e) = subscription.ack(&commit).await {
-                            tracing::warn!(stream = %commit.stream, error = %e, "ack failed; the commit may be delivered again");
-                        }
-                    }
-                    Err(e) => {
+                Delivery::Commit(commit) => {
+                    let mut delay = std::time::Duration::from_millis(50);
+                    while let Err(e) = self.handle(&commit).await {
                         tracing::error!(stream = %commit.stream, revision = %commit.revision, error = %e,
-                            "projection failed; catching the stream up later");
+                            retry_in_ms = delay.as_millis() as u64, "projection failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
                     }
-                },
+                    if let Err(e) = subscription.ack(&commit).await {
+                        tracing::warn!(stream = %commit.stream, error = %e, "ack failed; the commit may be delivered again");
+                    }
+                }
                 Delivery::Lagged { missed } => {
                     tracing::warn!(missed, "subscription lagged; catching up from the store");
                     if let Err(e) = self.catch_up_all().await {

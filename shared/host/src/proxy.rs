@@ -2,7 +2,8 @@
 //! function that serves it (the Kubernetes topology without a cluster: `make stack`).
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
@@ -61,13 +62,29 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-async fn forward(State(upstream): State<Upstream>, request: Request) -> Response {
+async fn forward(
+    State(upstream): State<Upstream>,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+    request: Request,
+) -> Response {
+    let params = match params {
+        Ok(Path(params)) => params,
+        Err(e) => return tally_api::ApiError::InvalidAccountId(e.body_text()).into_response(),
+    };
+    // Ids are parsed at the edge too: an id like `..` must be refused here, since a URL
+    // library would resolve it (`/accounts/../deposit` → `/deposit`) on the way on.
+    if let Some(id) = params.get("id") {
+        if let Err(e) = tally_domain::AccountId::parse(id) {
+            return tally_api::ApiError::InvalidAccountId(e.to_string()).into_response();
+        }
+    }
     let (parts, body) = request.into_parts();
-    let path = parts
+    let path = parts.uri.path();
+    let query = parts
         .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let Ok(body) = axum::body::to_bytes(body, tally_api::MAX_BODY_BYTES + 1).await else {
         return tally_runtime::problem(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -79,7 +96,10 @@ async fn forward(State(upstream): State<Upstream>, request: Request) -> Response
     };
     let mut outgoing = upstream
         .client
-        .request(parts.method.clone(), format!("{}{path}", upstream.base))
+        .request(
+            parts.method.clone(),
+            format!("{}{path}{query}", upstream.base),
+        )
         .body(body);
     for (name, value) in &parts.headers {
         if !HOP_BY_HOP.contains(&name.as_str()) {

@@ -10,6 +10,7 @@
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Script};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tally_app::{Cache, CachedBalance};
 use tally_domain::{AccountId, Currency};
@@ -34,6 +35,9 @@ pub struct RedisCache {
     ttl_seconds: u64,
     conn: Mutex<Connection>,
     script: Script,
+    /// Keys whose write-through failed: deleted as soon as Redis answers again, so an
+    /// older balance cached before the failure is never served after it.
+    stale: std::sync::Mutex<HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -53,6 +57,7 @@ impl RedisCache {
             ttl_seconds: 24 * 3600,
             conn: Mutex::new(Connection::default()),
             script: Script::new(PUT_IF_NEWER),
+            stale: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -78,7 +83,22 @@ impl RedisCache {
         )
         .await
         {
-            Ok(Ok(live)) => {
+            Ok(Ok(mut live)) => {
+                let stale: Vec<String> = self
+                    .stale
+                    .lock()
+                    .map(|mut s| s.drain().collect())
+                    .unwrap_or_default();
+                if !stale.is_empty() {
+                    let deleted: redis::RedisResult<()> = live.del(&stale).await;
+                    if let Err(e) = deleted {
+                        tracing::warn!(error = %e, "could not invalidate stale balances");
+                        if let Ok(mut s) = self.stale.lock() {
+                            s.extend(stale);
+                        }
+                        return None;
+                    }
+                }
                 conn.live = Some(live.clone());
                 conn.last_attempt = None;
                 Some(live)
@@ -154,18 +174,26 @@ impl Cache for RedisCache {
         let key = self.key(id);
         let script = self.script.clone();
         let ttl = self.ttl_seconds;
-        let _: Option<i64> = self
-            .with(|mut c| async move {
-                script
-                    .key(key)
-                    .arg(balance.revision.get())
-                    .arg(balance.balance)
-                    .arg(balance.currency.code())
-                    .arg(ttl)
-                    .invoke_async(&mut c)
-                    .await
+        let written: Option<i64> = self
+            .with(|mut c| {
+                let key = key.clone();
+                async move {
+                    script
+                        .key(key)
+                        .arg(balance.revision.get())
+                        .arg(balance.balance)
+                        .arg(balance.currency.code())
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await
+                }
             })
             .await;
+        if written.is_none() {
+            if let Ok(mut stale) = self.stale.lock() {
+                stale.insert(key);
+            }
+        }
     }
 
     async fn clear(&self) {

@@ -10,6 +10,7 @@
 //! * [`services`] — the real services (PostgreSQL, Redis, S3, Kafka) provisioned by
 //!   `make test`, fresh databases, and private servers a test can stop and start.
 
+pub mod cases;
 mod lambda;
 pub mod services;
 
@@ -228,6 +229,14 @@ impl Function {
         match &self.door {
             Door::Lambda { runtime } => runtime.invoke_raw(event).await,
             Door::Server { .. } => panic!("invoke_raw needs the Lambda door"),
+        }
+    }
+
+    /// The base URL in server mode (`http://127.0.0.1:port`).
+    pub fn base_url(&self) -> Option<&str> {
+        match &self.door {
+            Door::Server { base, .. } => Some(base),
+            Door::Lambda { .. } => None,
         }
     }
 

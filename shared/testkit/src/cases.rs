@@ -1,0 +1,269 @@
+//! The API checks every deployment must pass — the seed walk-through, a hundred
+//! concurrent withdrawals, and every kind of bad input — written once and run against
+//! `make dev` (the gateway in-process) and `make stack` (every function its own process
+//! on the real backends).
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// (method, path, body, content type, extra header, status, problem kind)
+pub type Case<'a> = (
+    &'a str,
+    String,
+    &'a str,
+    Option<&'a str>,
+    Option<(&'a str, &'a str)>,
+    u16,
+    &'a str,
+);
+
+/// An HTTP client for one deployment.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(body.to_owned());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
+        )
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let (s, b, _) = self.send("POST", path, Some(body), &[]).await;
+        (s, b)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (s, b, _) = self.send("GET", path, None, &[]).await;
+        (s, b)
+    }
+
+    /// A raw HTTP/1.1 POST, for paths a client library would normalise.
+    pub async fn raw_post(&self, path: &str, body: &str) -> (u16, String) {
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        (status, out)
+    }
+}
+
+/// The seed project's walk-through: create, deposit 500.00, balance, withdraw 150.00,
+/// balance 350.00.
+pub async fn seed_walkthrough(api: &Api, id: &str) {
+    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = api
+        .post(&format!("/accounts/{id}/deposit"), r#"{"Amount": 500.00}"#)
+        .await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("500.00")), "{b}");
+    let (s, b) = api
+        .get(&format!("/accounts/{id}/balance?min_revision=2"))
+        .await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("500.00")), "{b}");
+    let (s, b) = api
+        .post(&format!("/accounts/{id}/withdraw"), r#"{"Amount": 150.00}"#)
+        .await;
+    assert_eq!((s, b["revision"].as_u64()), (200, Some(3)), "{b}");
+    let (_, b) = api
+        .get(&format!("/accounts/{id}/balance?min_revision=3"))
+        .await;
+    assert_eq!(
+        b,
+        json!({"id": id, "balance": "350.00", "currency": "USD", "revision": 3})
+    );
+}
+
+/// 100 concurrent withdrawals of 10.00 from 500.00: exactly 50 succeed, 50 are refused
+/// for insufficient funds, none fails otherwise; the balance ends at 0.00 (revision 52).
+pub async fn hundred_concurrent_withdrawals(api: &Api, id: &str) {
+    api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    api.post(&format!("/accounts/{id}/deposit"), r#"{"Amount": 500.00}"#)
+        .await;
+    let path = format!("/accounts/{id}/withdraw");
+    let answers =
+        futures::future::join_all((0..100).map(|_| api.post(&path, r#"{"Amount": 10.00}"#))).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 50, "{answers:?}");
+    for (s, b) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(*s, 422, "{b}");
+        assert_eq!(b["type"], "/problems/insufficient-funds");
+    }
+    let mut revisions: Vec<u64> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b["revision"].as_u64().unwrap())
+        .collect();
+    revisions.sort();
+    assert_eq!(
+        revisions,
+        (3..=52).collect::<Vec<_>>(),
+        "one revision per success"
+    );
+    let (_, b) = api
+        .get(&format!("/accounts/{id}/balance?min_revision=52"))
+        .await;
+    assert_eq!(b["balance"], "0.00");
+}
+
+/// Create what the bad-input cases expect: `acc` holding 100.00 at revision 2, and
+/// `shut`, closed.
+pub async fn bad_input_fixtures(api: &Api) {
+    api.post("/accounts", r#"{"ID": "acc"}"#).await;
+    api.post("/accounts/acc/deposit", r#"{"Amount": 100.00}"#)
+        .await;
+    api.post("/accounts", r#"{"ID": "shut"}"#).await;
+    api.post("/accounts/shut/close", "").await;
+}
+
+/// Send every bad input and check each gets its problem; the caller checks the store
+/// is unchanged.
+pub async fn bad_inputs_are_refused(api: &Api) {
+    let long_id = "x".repeat(65);
+    let big = format!(r#"{{"Amount": 1, "pad": "{}"}}"#, "x".repeat(20_000));
+    let d = "/accounts/acc/deposit";
+    let w = "/accounts/acc/withdraw";
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("POST", d.into(), r#"{"Amount": "#, Some("application/json"), None, 400, "malformed-json"),
+        ("POST", d.into(), r#"not json"#, Some("application/json"), None, 400, "malformed-json"),
+        ("POST", d.into(), r#"{"Amount": 1}"#, Some("text/plain"), None, 415, "unsupported-media-type"),
+        ("POST", d.into(), r#"{"Amount": 1}"#, None, None, 415, "unsupported-media-type"),
+        ("POST", d.into(), r#"{}"#, Some("application/json"), None, 422, "invalid-request"),
+        ("POST", d.into(), r#"{"Amount": 1, "Currency": "EUR"}"#, Some("application/json"), None, 422, "invalid-request"),
+        ("POST", d.into(), r#"[1]"#, Some("application/json"), None, 422, "invalid-request"),
+        ("POST", d.into(), r#"{"Amount": true}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": null}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": {"v": 1}}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 0}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 0.00}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": -5.00}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", w.into(), r#"{"Amount": -5.00}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 1.001}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": "0.005"}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 1e30}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 1000000.01}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": 99999999999999999999999999999}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": NaN}"#, Some("application/json"), None, 400, "malformed-json"),
+        ("POST", d.into(), r#"{"Amount": Infinity}"#, Some("application/json"), None, 400, "malformed-json"),
+        ("POST", d.into(), r#"{"Amount": "NaN"}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), r#"{"Amount": "-Infinity"}"#, Some("application/json"), None, 422, "invalid-amount"),
+        ("POST", d.into(), big.as_str(), Some("application/json"), None, 413, "payload-too-large"),
+        ("POST", "/accounts/a%2Fb/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts/a%00b/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts/a%0Ab/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts/a%7Fb/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts/%2E%2E%2Facc/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", format!("/accounts/{long_id}/deposit"), r#"{"Amount": 1}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("GET", format!("/accounts/{long_id}/balance"), "", None, None, 400, "invalid-account-id"),
+        ("POST", "/accounts".into(), r#"{"ID": ""}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts".into(), r#"{"ID": "../etc"}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts".into(), r#"{"ID": "a/b"}"#, Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts".into(), "{\"ID\": \"a\\u0000b\"}", Some("application/json"), None, 400, "invalid-account-id"),
+        ("POST", "/accounts".into(), r#"{"ID": 123}"#, Some("application/json"), None, 422, "invalid-request"),
+        ("POST", "/accounts".into(), r#"{"ID": "acc"}"#, Some("application/json"), None, 409, "account-already-exists"),
+        ("POST", "/accounts/nobody/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 404, "account-not-found"),
+        ("POST", "/accounts/nobody/close".into(), "", None, None, 404, "account-not-found"),
+        ("GET", "/accounts/nobody/balance".into(), "", None, None, 404, "account-not-found"),
+        ("GET", "/accounts/nobody".into(), "", None, None, 404, "account-not-found"),
+        ("GET", "/accounts/nobody/transactions".into(), "", None, None, 404, "account-not-found"),
+        ("POST", w.into(), r#"{"Amount": 100.01}"#, Some("application/json"), None, 422, "insufficient-funds"),
+        ("POST", "/accounts/acc/close".into(), "", None, None, 409, "balance-not-zero"),
+        ("POST", "/accounts/shut/deposit".into(), r#"{"Amount": 1}"#, Some("application/json"), None, 409, "account-closed"),
+        ("POST", "/accounts/shut/close".into(), "", None, None, 409, "account-closed"),
+        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("idempotency-key", "")), 400, "invalid-header"),
+        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("if-match", "\"abc\"")), 400, "invalid-header"),
+        ("POST", d.into(), r#"{"Amount": 1}"#, Some("application/json"), Some(("if-match", "\"1\"")), 412, "revision-mismatch"),
+        ("GET", "/accounts/acc/balance?min_revision=x".into(), "", None, None, 400, "invalid-query"),
+        ("GET", "/accounts/acc/balance?min_revision=99".into(), "", None, None, 422, "revision-not-reached"),
+        ("GET", "/accounts/acc/transactions?limit=0".into(), "", None, None, 400, "invalid-query"),
+        ("GET", "/accounts/acc/transactions?limit=1000".into(), "", None, None, 400, "invalid-query"),
+        ("GET", "/accounts/acc/transactions?cursor=-1".into(), "", None, None, 400, "invalid-query"),
+        ("DELETE", "/accounts/acc".into(), "", None, None, 405, "method-not-allowed"),
+        ("GET", "/nowhere".into(), "", None, None, 404, "not-found"),
+    ];
+    for (method, path, body, content_type, header, status, kind) in &cases {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = api.client.request(m, format!("{}{path}", api.base));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", *ct);
+        }
+        if let Some((k, v)) = header {
+            req = req.header(*k, *v);
+        }
+        if !body.is_empty() {
+            req = req.body(body.to_string());
+        }
+        let res = req.send().await.unwrap();
+        let got = res.status().as_u16();
+        let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
+        let b: Value = serde_json::from_str(&res.text().await.unwrap()).unwrap();
+        let case = format!(
+            "{method} {} {}",
+            &path[..path.len().min(60)],
+            &body[..body.len().min(60)]
+        );
+        assert_eq!(got, *status, "{case}: {b}");
+        assert_eq!(ct, "application/problem+json", "{case}");
+        assert_eq!(b["type"], format!("/problems/{kind}"), "{case}: {b}");
+        assert_eq!(b["status"], *status, "{case}");
+        assert!(
+            b["title"].is_string() && b["detail"].is_string(),
+            "{case}: {b}"
+        );
+    }
+    for path in [
+        "/accounts//deposit",
+        "/accounts/../deposit",
+        "/accounts/./deposit",
+        "/accounts/..%2F..%2Fetc/deposit",
+    ] {
+        let (status, text) = api.raw_post(path, r#"{"Amount": 1}"#).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains("application/problem+json"), "{path}: {text}");
+        assert!(
+            text.contains("/problems/invalid-account-id"),
+            "{path}: {text}"
+        );
+    }
+    let (_, b) = api.get("/accounts/acc/balance").await;
+    assert_eq!(b["balance"], "100.00");
+}
