@@ -551,3 +551,45 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
     cache.put(&id, balance(200, 2)).await;
     assert_eq!(cache.get(&id).await, Some(balance(200, 2)));
 }
+
+#[tokio::test]
+async fn the_s3_store_keeps_the_newest_snapshot_and_commands_load_from_it() {
+    use tally_es::SnapshotStore;
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let mut config = backends.config(dir.path());
+    config.snapshot_every = 5;
+    let host = host(&config, Role::Gateway).await;
+    let api = Api::start(&host).await;
+    api.post("/accounts", r#"{"ID": "snap"}"#).await;
+    for _ in 0..11 {
+        api.post("/accounts/snap/deposit", r#"{"Amount": 2.50}"#)
+            .await;
+    }
+    let s3 = host.s3.clone().unwrap();
+    let mut latest = None;
+    for _ in 0..100 {
+        latest = s3.latest(&stream("snap")).await.unwrap();
+        if latest.as_ref().is_some_and(|s| s.revision.get() == 10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(latest.map(|s| s.revision.get()), Some(10));
+    let keys = s3
+        .client()
+        .list_objects_v2()
+        .bucket(s3.bucket())
+        .prefix("snapshots/snap/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keys.contents().len(), 1, "older snapshots are deleted");
+    let (s, b) = api
+        .post("/accounts/snap/withdraw", r#"{"Amount": 7.50}"#)
+        .await;
+    assert_eq!(
+        (s, b["balance"].as_str(), b["revision"].as_u64()),
+        (200, Some("20.00"), Some(13))
+    );
+}

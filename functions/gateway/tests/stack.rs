@@ -141,6 +141,7 @@ async fn the_stack_behaves_like_make_dev() {
     let api = stack.api();
 
     cases::seed_walkthrough(&api, "account123").await;
+    cases::balance_reads_its_own_writes(&api, "fresh").await;
     cases::hundred_concurrent_withdrawals(&api, "busy").await;
 
     cases::bad_input_fixtures(&api).await;

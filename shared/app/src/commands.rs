@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
-    Outbox, Revision, StoreError, StoredCommit, StreamId,
+    Outbox, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
 
@@ -60,6 +60,10 @@ pub enum CommandError<E: std::error::Error> {
     Decode(#[from] DecodeError),
 }
 
+/// How many idempotency keys of a stream a snapshot remembers: a retry with a key
+/// older than the newest this many keyed commands of the account is decided again.
+pub const REMEMBERED_KEYS: usize = 1000;
+
 enum Attempt<E: std::error::Error> {
     /// Another writer won this revision, or the append failed in a way that leaves its
     /// outcome unknown: reload and look again.
@@ -88,15 +92,52 @@ pub enum Fault {
 struct Loaded<A: Aggregate> {
     state: A,
     revision: Revision,
+    /// The commits read after the snapshot (all of them without one).
     commits: Vec<Commit<A::Event>>,
+    /// The snapshot's revision (zero without one).
+    snapshot_revision: Revision,
+    /// Idempotency keys of commits before the snapshot.
+    remembered: Vec<RememberedKey>,
+}
+
+/// Where an idempotency key was found.
+enum KeyHit<'a, E> {
+    Commit(&'a Commit<E>),
+    Remembered(&'a RememberedKey),
 }
 
 impl<A: Aggregate> Loaded<A> {
-    fn with_key(&self, key: &str) -> Option<&Commit<A::Event>> {
-        self.commits
+    fn with_key(&self, key: &str) -> Option<KeyHit<'_, A::Event>> {
+        if let Some(c) = self
+            .commits
             .iter()
             .rev()
             .find(|c| c.metadata.idempotency_key.as_deref() == Some(key))
+        {
+            return Some(KeyHit::Commit(c));
+        }
+        self.remembered
+            .iter()
+            .rev()
+            .find(|r| r.key == key)
+            .map(KeyHit::Remembered)
+    }
+
+    /// The keys to remember in a snapshot taken after `commit`: the newest `keep`.
+    fn keys_after(&self, commit: &Commit<A::Event>, keep: usize) -> Vec<RememberedKey> {
+        let mut keys = self.remembered.clone();
+        for c in self.commits.iter().chain(std::iter::once(commit)) {
+            if let Some(key) = &c.metadata.idempotency_key {
+                keys.push(RememberedKey {
+                    key: key.clone(),
+                    fingerprint: c.metadata.fingerprint.clone(),
+                    revision: c.revision,
+                });
+            }
+        }
+        let excess = keys.len().saturating_sub(keep);
+        keys.drain(..excess);
+        keys
     }
 }
 
@@ -105,6 +146,7 @@ pub struct CommandHandler<A: Aggregate> {
     store: Arc<dyn EventStore>,
     publisher: Arc<dyn EventPublisher>,
     outbox: Option<Arc<dyn Outbox>>,
+    snapshots: Option<(Arc<dyn SnapshotStore>, u64)>,
     publish_mode: PublishMode,
     fault: Option<Fault>,
     locks: StreamLocks,
@@ -123,6 +165,7 @@ where
             store,
             publisher,
             outbox: None,
+            snapshots: None,
             publish_mode: PublishMode::Inline,
             fault: None,
             locks: StreamLocks::default(),
@@ -136,6 +179,16 @@ where
     /// published: a relay publishes what a crash or an outage left behind.
     pub fn with_outbox(mut self, outbox: Arc<dyn Outbox>) -> Self {
         self.outbox = Some(outbox);
+        self
+    }
+
+    /// Keep a snapshot in `store` every `every` revisions (if the aggregate supports
+    /// snapshots), and load from the newest one. Snapshots remember the last
+    /// [`REMEMBERED_KEYS`] idempotency keys of the stream.
+    pub fn with_snapshots(mut self, store: Arc<dyn SnapshotStore>, every: u64) -> Self {
+        if every > 0 && A::SNAPSHOT_SCHEMA.is_some() {
+            self.snapshots = Some((store, every));
+        }
         self
     }
 
@@ -181,10 +234,39 @@ where
         }
     }
 
+    /// The newest usable snapshot: of this aggregate's schema, and readable.
+    async fn snapshot(&self, stream: &StreamId) -> Option<(A, Revision, Vec<RememberedKey>)> {
+        let (store, _) = self.snapshots.as_ref()?;
+        let snapshot = match store.latest(stream).await {
+            Ok(snapshot) => snapshot?,
+            Err(e) => {
+                tracing::warn!(%stream, error = %e, "snapshot unavailable; replaying the stream");
+                return None;
+            }
+        };
+        if Some(snapshot.schema.as_str()) != A::SNAPSHOT_SCHEMA {
+            return None;
+        }
+        let state = A::from_snapshot(snapshot.state)?;
+        Some((state, snapshot.revision, snapshot.idempotency))
+    }
+
     async fn load(&self, stream: &StreamId) -> Result<Loaded<A>, CommandError<A::Error>> {
-        let stored = self.store.read(stream, Revision::new(1)).await?;
-        let mut state = A::default();
-        let mut revision = Revision::ZERO;
+        let (mut state, mut revision, mut remembered) = self
+            .snapshot(stream)
+            .await
+            .unwrap_or_else(|| (A::default(), Revision::ZERO, Vec::new()));
+        let mut stored = self.store.read(stream, revision.next()).await?;
+        if stored
+            .first()
+            .is_some_and(|c| c.revision != revision.next())
+        {
+            // The snapshot does not end on a commit boundary: not ours; replay.
+            tracing::warn!(%stream, %revision, "snapshot off a commit boundary; replaying the stream");
+            (state, revision, remembered) = (A::default(), Revision::ZERO, Vec::new());
+            stored = self.store.read(stream, Revision::new(1)).await?;
+        }
+        let snapshot_revision = revision;
         let mut commits = Vec::with_capacity(stored.len());
         for s in &stored {
             let commit = Commit::<A::Event>::decode(s)?;
@@ -198,7 +280,44 @@ where
             state,
             revision,
             commits,
+            snapshot_revision,
+            remembered,
         })
+    }
+
+    /// After an append: keep a snapshot if the commit crossed a multiple of `every`.
+    fn maybe_snapshot(&self, loaded: &Loaded<A>, commit: &Commit<A::Event>) {
+        let Some((store, every)) = &self.snapshots else {
+            return;
+        };
+        let last = commit.last_revision();
+        if last.get() / every == loaded.revision.get() / every
+            && last.get() - loaded.snapshot_revision.get() < 2 * every
+        {
+            return;
+        }
+        let mut state = loaded.state.clone();
+        for e in &commit.events {
+            state.apply(e);
+        }
+        let (Some(schema), Some(value)) = (A::SNAPSHOT_SCHEMA, state.to_snapshot()) else {
+            return;
+        };
+        let snapshot = Snapshot {
+            stream: commit.stream.clone(),
+            revision: last,
+            schema: schema.to_owned(),
+            state: value,
+            idempotency: loaded.keys_after(commit, REMEMBERED_KEYS),
+            taken_at: (self.clock)(),
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.save(&snapshot).await {
+                tracing::warn!(stream = %snapshot.stream, revision = %snapshot.revision, error = %e,
+                    "snapshot not saved; loads replay a little more");
+            }
+        });
     }
 
     async fn attempt(
@@ -233,12 +352,23 @@ where
             });
         }
         if let Some((key, fingerprint)) = &ctx.idempotency {
-            if let Some(first) = loaded.with_key(key) {
-                if first.metadata.fingerprint.as_deref() != Some(fingerprint.as_str()) {
+            let first = match loaded.with_key(key) {
+                None => None,
+                Some(KeyHit::Commit(c)) => Some((c.metadata.fingerprint.clone(), c.clone())),
+                Some(KeyHit::Remembered(r)) => {
+                    let commit = self
+                        .commit_at(stream, r.revision)
+                        .await
+                        .map_err(Attempt::Failed)?;
+                    Some((r.fingerprint.clone(), commit))
+                }
+            };
+            if let Some((first_fingerprint, commit)) = first {
+                if first_fingerprint.as_deref() != Some(fingerprint.as_str()) {
                     return Err(Attempt::Failed(CommandError::IdempotencyKeyReused));
                 }
                 return Ok(Executed {
-                    commit: first.clone(),
+                    commit,
                     replayed: true,
                 });
             }
@@ -294,11 +424,28 @@ where
                 return Err(Attempt::Conflict);
             }
         }
+        self.maybe_snapshot(&loaded, &commit);
         self.after_append(stored).await;
         Ok(Executed {
             commit,
             replayed: false,
         })
+    }
+
+    /// The commit that starts at `revision` (an answer remembered by a snapshot).
+    async fn commit_at(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+    ) -> Result<Commit<A::Event>, CommandError<A::Error>> {
+        let stored = self.store.read(stream, revision).await?;
+        let found = stored
+            .iter()
+            .find(|c| c.revision == revision)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("{stream}: no commit at revision {revision}"))
+            })?;
+        Ok(Commit::decode(found)?)
     }
 
     /// The fast path to projections. A failure never fails the command: the commit is

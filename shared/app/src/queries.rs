@@ -123,6 +123,14 @@ impl Queries {
         Ok(balance.into())
     }
 
+    /// A command just committed `balance`: cache it, so a balance query reads the write
+    /// at once even while the projection is still on its way (read-your-writes for
+    /// clients that do not send `min_revision`). The cache keeps the newest revision, so
+    /// this never moves a balance backwards.
+    pub async fn note_write(&self, id: &AccountId, balance: CachedBalance) {
+        self.cache.put(id, balance).await;
+    }
+
     /// Transactions after revision `after`, oldest first, at most `limit`.
     pub async fn transactions(
         &self,

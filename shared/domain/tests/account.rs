@@ -257,3 +257,21 @@ proptest! {
         prop_assert_eq!(policy.parse(&text).unwrap().minor(), minor);
     }
 }
+
+proptest! {
+    #[test]
+    fn a_snapshot_restores_exactly_the_state_it_was_taken_of(
+        commands in proptest::collection::vec(command(), 0..40)
+    ) {
+        let mut state = Account::default();
+        for c in commands {
+            if let Ok(events) = state.handle(c) {
+                for e in events {
+                    state.apply(&e);
+                }
+            }
+        }
+        let value = state.to_snapshot().unwrap();
+        prop_assert_eq!(Account::from_snapshot(value), Some(state));
+    }
+}

@@ -15,8 +15,8 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tally_es::{
-    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, StoreError,
-    StoredCommit, StreamId,
+    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, Snapshot,
+    SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -225,6 +225,81 @@ impl Outbox for DirEventStore {
             |e| Err(StoreError::Unavailable(e)),
         )
         .await
+    }
+}
+
+impl DirEventStore {
+    fn snapshot_dir(&self, stream: &StreamId) -> PathBuf {
+        self.root.join("snapshots").join(stream.as_str())
+    }
+
+    fn snapshot_revisions(&self, stream: &StreamId) -> std::io::Result<Vec<Revision>> {
+        let mut revisions = Vec::new();
+        let entries = match fs::read_dir(self.snapshot_dir(stream)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(revisions),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(r) = name
+                .strip_suffix(".json")
+                .and_then(|n| Revision::parse(n).ok())
+            {
+                revisions.push(r);
+            }
+        }
+        revisions.sort();
+        Ok(revisions)
+    }
+}
+
+/// Snapshots as `ROOT/snapshots/STREAM/REVISION.json`, written whole (temporary file,
+/// sync, rename); older ones are removed.
+#[async_trait]
+impl SnapshotStore for DirEventStore {
+    async fn latest(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let (store, stream) = (self.clone(), stream.clone());
+        blocking(
+            move || {
+                let revisions = store
+                    .snapshot_revisions(&stream)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let Some(last) = revisions.last() else {
+                    return Ok(None);
+                };
+                let path = store.snapshot_dir(&stream).join(file_name(*last));
+                Ok(fs::read(path)
+                    .ok()
+                    .and_then(|bytes| Snapshot::from_bytes(&bytes).ok()))
+            },
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
+    }
+
+    async fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let (store, snapshot) = (self.clone(), snapshot.clone());
+        blocking(
+            move || {
+                let dir = store.snapshot_dir(&snapshot.stream);
+                fs::create_dir_all(&dir)?;
+                let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", fastrand::u64(..)));
+                let mut file = File::create(&tmp)?;
+                file.write_all(&snapshot.to_bytes())?;
+                file.sync_all()?;
+                fs::rename(&tmp, dir.join(file_name(snapshot.revision)))?;
+                for old in store.snapshot_revisions(&snapshot.stream)? {
+                    if old < snapshot.revision {
+                        let _ = fs::remove_file(dir.join(file_name(old)));
+                    }
+                }
+                Ok(())
+            },
+            |e| Err(std::io::Error::other(e)),
+        )
+        .await
+        .map_err(|e: std::io::Error| StoreError::Unavailable(e.to_string()))
     }
 }
 

@@ -370,3 +370,159 @@ async fn a_lagging_subscriber_catches_up_from_the_store() {
     let view = read_model.account(&id).await.unwrap().unwrap();
     assert_eq!((view.revision, view.balance), (Revision::new(10), 900));
 }
+
+/// A store that counts the commits its reads return.
+struct Counting {
+    inner: DirEventStore,
+    commits_read: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl EventStore for Counting {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        self.inner.append(commit).await
+    }
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
+        let commits = self.inner.read(stream, from).await?;
+        self.commits_read
+            .fetch_add(commits.len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(commits)
+    }
+    async fn streams(&self) -> Result<Vec<StreamId>, tally_es::StoreError> {
+        self.inner.streams().await
+    }
+    async fn ready(&self) -> Result<(), tally_es::StoreError> {
+        self.inner.ready().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_keys() {
+    use std::sync::atomic::Ordering;
+    use tally_es::SnapshotStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let counting = Arc::new(Counting {
+        inner: store.clone(),
+        commits_read: Default::default(),
+    });
+    let handler =
+        CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
+            .with_snapshots(Arc::new(store.clone()), 10);
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("long").unwrap();
+    let keyed = |n: u32| CommandContext {
+        idempotency: Some((format!("k{n}"), "deposit 100".into())),
+        ..Default::default()
+    };
+    handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Open {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    for n in 1..=34 {
+        let amount = policy.parse("1").unwrap();
+        handler
+            .execute(
+                id.stream_id(),
+                AccountCommand::Deposit { amount },
+                &keyed(n),
+            )
+            .await
+            .unwrap();
+    }
+    // Snapshots are written in the background; wait for the one at revision 30.
+    let mut latest = None;
+    for _ in 0..100 {
+        latest = store.latest(id.stream_id()).await.unwrap();
+        if latest
+            .as_ref()
+            .is_some_and(|s| s.revision == Revision::new(30))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let latest = latest.expect("a snapshot was kept");
+    assert_eq!(latest.revision, Revision::new(30));
+    assert_eq!(latest.idempotency.len(), 29, "keys k1..k29 are remembered");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("snapshots/long"))
+            .unwrap()
+            .count(),
+        1,
+        "older snapshots are removed"
+    );
+
+    counting.commits_read.store(0, Ordering::SeqCst);
+    let amount = policy.parse("1").unwrap();
+    let executed = handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit { amount },
+            &keyed(35),
+        )
+        .await
+        .unwrap();
+    assert_eq!(executed.commit.revision, Revision::new(36));
+    assert_eq!(
+        counting.commits_read.load(Ordering::SeqCst),
+        5,
+        "only the commits after the snapshot (31..35) were read"
+    );
+
+    // A retry of k3 (answered at revision 4, long before the snapshot) gets its answer.
+    let amount = policy.parse("1").unwrap();
+    let replay = handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit { amount },
+            &keyed(3),
+        )
+        .await
+        .unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.commit.revision, Revision::new(4));
+    assert_eq!(
+        replay.commit.events,
+        vec![AccountEvent::Deposited {
+            amount: 100,
+            balance: 300
+        }]
+    );
+
+    // A damaged snapshot is ignored: the stream is replayed, and the state is the same.
+    let snapshot_file = std::fs::read_dir(dir.path().join("snapshots/long"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&snapshot_file, b"{ not json").unwrap();
+    let amount = policy.parse("1").unwrap();
+    let executed = handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Withdraw { amount },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        executed.commit.events,
+        vec![AccountEvent::Withdrawn {
+            amount: 100,
+            balance: 3_400
+        }]
+    );
+}

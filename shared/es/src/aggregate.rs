@@ -22,6 +22,21 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// Apply one event to the state.
     fn apply(&mut self, event: &Self::Event);
 
+    /// The schema of this aggregate's snapshots; change it whenever the snapshot form
+    /// changes, and old snapshots are ignored. `None`: this aggregate is never
+    /// snapshotted.
+    const SNAPSHOT_SCHEMA: Option<&'static str> = None;
+
+    /// The state as a snapshot (only called when `SNAPSHOT_SCHEMA` is set).
+    fn to_snapshot(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// The state back from a snapshot of the current schema.
+    fn from_snapshot(_value: serde_json::Value) -> Option<Self> {
+        None
+    }
+
     /// Fold a sequence of events onto the default state.
     fn replay<'a>(events: impl IntoIterator<Item = &'a Self::Event>) -> Self {
         let mut state = Self::default();

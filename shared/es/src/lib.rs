@@ -17,6 +17,7 @@ mod aggregate;
 mod commit;
 mod event;
 mod ids;
+mod snapshot;
 mod store;
 pub mod testing;
 
@@ -24,6 +25,7 @@ pub use aggregate::Aggregate;
 pub use commit::{Commit, CommitMetadata, StoredCommit, StoredEvent};
 pub use event::{DecodeError, DomainEvent};
 pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
+pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, AppendError, Delivery, EventPublisher, EventStore, EventStream, Outbox,
     OutboxEntry, PublishError, StoreError, Subscription,

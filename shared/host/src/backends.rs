@@ -6,7 +6,9 @@ use std::sync::Arc;
 use tally_api::AppState;
 use tally_app::{Cache, CommandHandler, Fault, Projector, PublishMode, Queries, ReadModel, Relay};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
-use tally_es::{EventPublisher, EventStore, EventStream, Outbox, PublishError, StoredCommit};
+use tally_es::{
+    EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore, StoredCommit,
+};
 use tally_runtime::BoxError;
 
 /// What a process does, which decides what it checks and how its queries read.
@@ -47,6 +49,15 @@ pub struct Kinds {
     pub stream: &'static str,
     pub read_model: &'static str,
     pub cache: &'static str,
+}
+
+/// The event store and what the same backend also provides.
+struct StoreParts {
+    store: Arc<dyn EventStore>,
+    outbox: Option<Arc<dyn Outbox>>,
+    snapshots: Arc<dyn SnapshotStore>,
+    s3: Option<tally_s3::S3EventStore>,
+    kind: &'static str,
 }
 
 /// A process wired to its backends.
@@ -94,27 +105,39 @@ impl Host {
     pub async fn build(config: &Config, role: Role) -> Result<Self, BoxError> {
         let policy = config.policy()?;
 
-        let (store, outbox, s3, store_kind): (Arc<dyn EventStore>, Option<Arc<dyn Outbox>>, _, _) =
-            match config.s3()? {
-                Some(s3_config) => {
-                    let s3 = tally_s3::S3EventStore::new(&s3_config);
-                    (
-                        Arc::new(s3.clone()),
-                        Some(Arc::new(s3.clone()) as Arc<dyn Outbox>),
-                        Some(s3),
-                        "s3",
+        let StoreParts {
+            store,
+            outbox,
+            snapshots,
+            s3,
+            kind: store_kind,
+        } = match config.s3()? {
+            Some(s3_config) => {
+                let s3 = tally_s3::S3EventStore::new(&s3_config);
+                StoreParts {
+                    store: Arc::new(s3.clone()),
+                    outbox: Some(Arc::new(s3.clone())),
+                    snapshots: Arc::new(s3.clone()),
+                    s3: Some(s3),
+                    kind: "s3",
+                }
+            }
+            None => {
+                let dir = DirEventStore::open(&config.data_dir).map_err(|e| {
+                    format!(
+                        "cannot open the event store in {}: {e}",
+                        config.data_dir.display()
                     )
+                })?;
+                StoreParts {
+                    store: Arc::new(dir.clone()),
+                    outbox: None,
+                    snapshots: Arc::new(dir),
+                    s3: None,
+                    kind: "directory",
                 }
-                None => {
-                    let dir = DirEventStore::open(&config.data_dir).map_err(|e| {
-                        format!(
-                            "cannot open the event store in {}: {e}",
-                            config.data_dir.display()
-                        )
-                    })?;
-                    (Arc::new(dir), None, None, "directory")
-                }
-            };
+            }
+        };
 
         let (read_model, pg, read_model_kind): (Arc<dyn ReadModel>, _, _) =
             match &config.database_url {
@@ -152,6 +175,7 @@ impl Host {
                         publish_timeout: std::time::Duration::from_secs(10),
                     })?;
                     let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
+                        .with_snapshots(snapshots.clone(), config.snapshot_every)
                         .with_publish_mode(PublishMode::Background)
                         .with_fault(fault);
                     if let Some(outbox) = &outbox {
@@ -165,7 +189,9 @@ impl Host {
                         projector: projector.clone(),
                         stream: in_process.clone(),
                     });
-                    let commands = CommandHandler::new(store.clone(), publisher).with_fault(fault);
+                    let commands = CommandHandler::new(store.clone(), publisher)
+                        .with_snapshots(snapshots.clone(), config.snapshot_every)
+                        .with_fault(fault);
                     (Arc::new(in_process), None, commands, "in-process")
                 }
             };

@@ -37,6 +37,10 @@ pub struct Config {
     #[serde(default = "default_redis_prefix")]
     pub redis_prefix: String,
 
+    /// Keep a snapshot every this many revisions of a stream (0: never).
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+
     /// `crash-after-append`: abort right after a successful append (fault tests only).
     pub fault_injection: Option<String>,
     /// Catch every stream up from the store when a projector starts (default: only with
@@ -54,6 +58,9 @@ fn default_currency() -> String {
 }
 fn default_max_amount() -> String {
     "1000000.00".into()
+}
+fn default_snapshot_every() -> u64 {
+    100
 }
 fn default_topic() -> String {
     "tally.commits".into()

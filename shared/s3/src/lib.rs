@@ -26,8 +26,8 @@ use aws_sdk_s3::Client;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::time::Duration;
 use tally_es::{
-    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, StoreError,
-    StoredCommit, StreamId,
+    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, Snapshot,
+    SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
 
@@ -148,6 +148,10 @@ impl S3EventStore {
 
     fn commit_key(&self, stream: &StreamId, revision: Revision) -> String {
         format!("{}{:020}.json", self.stream_prefix(stream), revision.get())
+    }
+
+    fn snapshot_prefix(&self, stream: &StreamId) -> String {
+        format!("{}snapshots/{}/", self.prefix, stream.as_str())
     }
 
     fn outbox_key(&self, stream: &StreamId, revision: Revision) -> String {
@@ -453,5 +457,61 @@ impl Outbox for S3EventStore {
             });
         }
         Ok(entries)
+    }
+}
+
+/// Snapshots as `snapshots/{stream}/{revision:020}.json`; older ones are deleted after a
+/// newer one is written, so finding the newest is one short listing.
+#[async_trait]
+impl SnapshotStore for S3EventStore {
+    async fn latest(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let keys = self.list(&self.snapshot_prefix(stream), None).await?;
+        let Some((key, _)) = keys.last() else {
+            return Ok(None);
+        };
+        let object = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
+        };
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .into_bytes();
+        Ok(Snapshot::from_bytes(&bytes).ok())
+    }
+
+    async fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let prefix = self.snapshot_prefix(&snapshot.stream);
+        let key = format!("{prefix}{:020}.json", snapshot.revision.get());
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/json")
+            .body(ByteStream::from(snapshot.to_bytes()))
+            .send()
+            .await
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+        for (old, _) in self.list(&prefix, None).await? {
+            if old < key {
+                let _ = self
+                    .client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(&old)
+                    .send()
+                    .await;
+            }
+        }
+        Ok(())
     }
 }

@@ -112,6 +112,22 @@ pub async fn seed_walkthrough(api: &Api, id: &str) {
     );
 }
 
+/// The seed project's clients send no `min_revision`: a balance read right after a
+/// command must already show it.
+pub async fn balance_reads_its_own_writes(api: &Api, id: &str) {
+    api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    for n in 1..=20 {
+        let path = if n % 3 == 0 { "withdraw" } else { "deposit" };
+        let (s, b) = api
+            .post(&format!("/accounts/{id}/{path}"), r#"{"Amount": 1.00}"#)
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let (_, balance) = api.get(&format!("/accounts/{id}/balance")).await;
+        assert_eq!(balance["balance"], b["balance"], "right after command {n}");
+        assert_eq!(balance["revision"], b["revision"]);
+    }
+}
+
 /// 100 concurrent withdrawals of 10.00 from 500.00: exactly 50 succeed, 50 are refused
 /// for insufficient funds, none fails otherwise; the balance ends at 0.00 (revision 52).
 pub async fn hundred_concurrent_withdrawals(api: &Api, id: &str) {

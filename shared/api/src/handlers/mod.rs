@@ -14,7 +14,7 @@ use crate::{ApiError, AppState};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use tally_app::{CommandContext, Executed};
+use tally_app::{CachedBalance, CommandContext, Executed};
 use tally_domain::{Account, AccountCommand, AccountEvent, AccountId, Revision};
 
 /// Run `command` on account `id`; `fingerprint` describes the request for
@@ -38,7 +38,28 @@ pub(crate) async fn run_command(
         .commands
         .execute(id.stream_id(), command, &ctx)
         .await?;
-    Ok(respond(state, id, &executed, success))
+    let response = respond(state, id, &executed, success);
+    if let Some(balance) = balance_after(state, &executed) {
+        state.queries.note_write(id, balance).await;
+    }
+    Ok(response)
+}
+
+/// The balance the commit left, for the cache.
+fn balance_after(state: &AppState, executed: &Executed<Account>) -> Option<CachedBalance> {
+    let mut balance = None;
+    for event in &executed.commit.events {
+        match event {
+            AccountEvent::Opened { .. } | AccountEvent::Closed => balance = balance.or(Some(0)),
+            AccountEvent::Deposited { balance: b, .. }
+            | AccountEvent::Withdrawn { balance: b, .. } => balance = Some(*b),
+        }
+    }
+    Some(CachedBalance {
+        balance: balance?,
+        currency: state.policy.currency,
+        revision: executed.commit.last_revision(),
+    })
 }
 
 fn respond(

@@ -5,6 +5,7 @@ mod close;
 mod deposit;
 mod events;
 mod open;
+mod snapshot;
 mod withdraw;
 
 pub use events::AccountEvent;
@@ -102,6 +103,16 @@ impl Aggregate for Account {
     type Command = AccountCommand;
     type Event = AccountEvent;
     type Error = AccountError;
+
+    const SNAPSHOT_SCHEMA: Option<&'static str> = Some(snapshot::SCHEMA);
+
+    fn to_snapshot(&self) -> Option<serde_json::Value> {
+        Some(snapshot::to_value(self))
+    }
+
+    fn from_snapshot(value: serde_json::Value) -> Option<Self> {
+        snapshot::from_value(value)
+    }
 
     fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         match command {
