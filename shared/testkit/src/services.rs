@@ -215,6 +215,7 @@ impl PrivateService {
             .expect("a log file for the service");
         let child = Command::new(&self.program)
             .args(&self.args)
+            .env("RUST_LOG", "warn")
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
