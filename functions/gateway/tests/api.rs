@@ -2,19 +2,27 @@
 //! on a real loopback port, driven over real HTTP.
 
 use futures::future::join_all;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tally_es::{Revision, StreamId};
 use tally_host::Host;
 use tally_testkit::cases;
 
-/// A gateway on a free port over a data directory.
+/// A gateway on a free port over a data directory; its HTTP client is the shared
+/// [`cases::Api`].
 struct Gateway {
-    base: String,
+    api: cases::Api,
     embedded: Host,
-    client: reqwest::Client,
     server: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = cases::Api;
+
+    fn deref(&self) -> &cases::Api {
+        &self.api
+    }
 }
 
 impl Gateway {
@@ -28,49 +36,10 @@ impl Gateway {
             axum::serve(listener, app).await.unwrap();
         });
         Self {
-            base: format!("http://{addr}"),
+            api: cases::Api::new(format!("http://{addr}")),
             embedded,
-            client: reqwest::Client::new(),
             server,
         }
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> (u16, Value, reqwest::header::HeaderMap) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(body) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(body.to_owned());
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let text = res.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            headers,
-        )
-    }
-
-    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let (s, b, _) = self.send("POST", path, Some(body), &[]).await;
-        (s, b)
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let (s, b, _) = self.send("GET", path, None, &[]).await;
-        (s, b)
     }
 
     async fn revisions(&self, id: &str) -> Vec<u64> {
@@ -206,7 +175,7 @@ async fn a_hundred_concurrent_withdrawals_of_ten_from_five_hundred_let_exactly_f
 async fn bad_input_gets_the_right_problem_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;
-    let api = cases::Api::new(gw.base.clone());
+    let api = gw.api.clone();
     cases::bad_input_fixtures(&api).await;
     let before = snapshot(dir.path());
     cases::bad_inputs_are_refused(&api).await;
