@@ -439,9 +439,23 @@ impl Outbox for S3EventStore {
 
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let prefix = format!("{}outbox/", self.prefix);
-        let keys = self.list(&prefix, None).await?;
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .max_keys(i32::try_from(limit.min(1000)).unwrap_or(1000))
+            .send()
+            .await
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+        let keys = page.contents().iter().filter_map(|o| {
+            let modified = o
+                .last_modified()
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.secs()).ok());
+            o.key().map(|k| (k.to_owned(), modified))
+        });
         let mut entries = Vec::new();
-        for (key, modified) in keys.into_iter().take(limit) {
+        for (key, modified) in keys {
             let rest = key.strip_prefix(&prefix).unwrap_or_default();
             let Some((stream, revision)) = rest.split_once('/') else {
                 continue;
