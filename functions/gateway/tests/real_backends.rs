@@ -593,3 +593,34 @@ async fn the_s3_store_keeps_the_newest_snapshot_and_commands_load_from_it() {
         (200, Some("20.00"), Some(13))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replayed_command_never_puts_an_old_balance_back_in_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Gateway).await;
+    host.start_projection().await.unwrap();
+    let api = Api::start(&host).await;
+    api.post("/accounts", r#"{"ID": "replay"}"#).await;
+    let deposit = || {
+        api.client
+            .post(format!("{}/accounts/replay/deposit", api.base))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "dep-1")
+            .body(r#"{"Amount": 5.00}"#)
+            .send()
+    };
+    assert_eq!(deposit().await.unwrap().status(), 200);
+    api.post("/accounts/replay/withdraw", r#"{"Amount": 2.00}"#)
+        .await;
+    converged(&host, "replay", 3).await;
+    host.cache.clear().await;
+
+    let replay = deposit().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let (_, b) = api.get("/accounts/replay/balance").await;
+    assert_eq!(
+        (b["balance"].as_str(), b["revision"].as_u64()),
+        (Some("3.00"), Some(3))
+    );
+}

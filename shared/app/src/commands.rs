@@ -229,9 +229,53 @@ where
             .await
         {
             Ok(executed) => Ok(executed),
-            Err(Attempt::Conflict) => Err(CommandError::Contention),
+            Err(Attempt::Conflict) => {
+                // Out of attempts; one of them may still have landed ambiguously.
+                let loaded = self.load(stream).await?;
+                match self.find_ours(stream, &loaded, &attempted).await? {
+                    Some(commit) => {
+                        self.after_append(commit.encode()).await;
+                        Ok(Executed {
+                            commit,
+                            replayed: false,
+                        })
+                    }
+                    None => Err(CommandError::Contention),
+                }
+            }
             Err(Attempt::Failed(e)) => Err(e),
         }
+    }
+
+    /// The commit one of our earlier attempts wrote, if one landed after all (its
+    /// append timed out, or a retried request was answered "exists"). Looks in the
+    /// loaded commits, and in the store for attempts a snapshot has since covered.
+    async fn find_ours(
+        &self,
+        stream: &StreamId,
+        loaded: &Loaded<A>,
+        attempted: &Mutex<Vec<(String, Revision)>>,
+    ) -> Result<Option<Commit<A::Event>>, CommandError<A::Error>> {
+        let attempts = attempted.lock().expect("attempt list poisoned").clone();
+        for (id, revision) in attempts.iter().rev() {
+            let is_ours = |c: &Commit<A::Event>| c.metadata.commit_id.as_deref() == Some(id);
+            if *revision > loaded.snapshot_revision {
+                if let Some(c) = loaded.commits.iter().find(|c| c.revision == *revision) {
+                    if is_ours(c) {
+                        return Ok(Some(c.clone()));
+                    }
+                }
+            } else {
+                let stored = self.store.read(stream, *revision).await?;
+                if let Some(found) = stored.iter().find(|c| c.revision == *revision) {
+                    let commit = Commit::decode(found)?;
+                    if is_ours(&commit) {
+                        return Ok(Some(commit));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The newest usable snapshot: of this aggregate's schema, and readable.
@@ -325,25 +369,14 @@ where
         stream: &StreamId,
         command: A::Command,
         ctx: &CommandContext,
-        attempted: &Mutex<Vec<String>>,
+        attempted: &Mutex<Vec<(String, Revision)>>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
         let loaded = self.load(stream).await.map_err(Attempt::Failed)?;
-        // Did an earlier attempt of ours land after all (a timeout, or a retried
-        // request answered "exists")? Then that commit is our answer.
-        let ours = {
-            let attempted = attempted.lock().expect("attempt list poisoned");
-            loaded
-                .commits
-                .iter()
-                .rev()
-                .find(|c| {
-                    c.metadata
-                        .commit_id
-                        .as_ref()
-                        .is_some_and(|id| attempted.contains(id))
-                })
-                .cloned()
-        };
+        // Did an earlier attempt of ours land after all? Then that commit is our answer.
+        let ours = self
+            .find_ours(stream, &loaded, attempted)
+            .await
+            .map_err(Attempt::Failed)?;
         if let Some(commit) = ours {
             self.after_append(commit.encode()).await;
             return Ok(Executed {
@@ -389,7 +422,7 @@ where
         attempted
             .lock()
             .expect("attempt list poisoned")
-            .push(commit_id.clone());
+            .push((commit_id.clone(), loaded.revision.next()));
         let metadata = CommitMetadata {
             idempotency_key: ctx.idempotency.as_ref().map(|(k, _)| k.clone()),
             fingerprint: ctx.idempotency.as_ref().map(|(_, f)| f.clone()),

@@ -23,6 +23,8 @@ pub struct RebuildReport {
     pub streams: usize,
     pub commits: usize,
     pub events: usize,
+    /// Streams that could not be caught up (see the log).
+    pub failed: usize,
 }
 
 /// Applies account commits to a read model, then writes balances through to a cache.
@@ -82,11 +84,18 @@ impl Projector {
     }
 
     /// Catch up every stream in the store (at start-up, or after a lagging subscriber).
+    /// A stream that fails is logged and counted in `failed`; the others go on.
     pub async fn catch_up_all(&self) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
         for stream in self.store.streams().await? {
             report.streams += 1;
-            report.commits += self.catch_up(&AccountId::from(stream)).await?;
+            match self.catch_up(&AccountId::from(stream.clone())).await {
+                Ok(applied) => report.commits += applied,
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::error!(%stream, error = %e, "catch-up of this stream failed");
+                }
+            }
         }
         Ok(report)
     }

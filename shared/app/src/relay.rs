@@ -73,32 +73,50 @@ impl Relay {
     pub async fn sweep(&self) -> Result<RelayReport, RelayError> {
         let mut report = RelayReport::default();
         let now = OffsetDateTime::now_utc();
-        for entry in self.outbox.pending(self.batch).await? {
+        let mut entries = self.outbox.pending(self.batch).await?;
+        entries.sort_by_key(|e| e.recorded_at);
+        for entry in entries {
             let age = now - entry.recorded_at;
             if age < self.grace {
                 report.waiting += 1;
                 continue;
             }
-            let commits = self.store.read(&entry.stream, entry.revision).await?;
-            match commits.iter().find(|c| c.revision == entry.revision) {
-                Some(commit) => match self.publisher.publish(commit).await {
-                    Ok(()) => {
-                        self.outbox.done(&entry.stream, entry.revision).await?;
-                        report.published += 1;
-                        tracing::info!(stream = %entry.stream, revision = %entry.revision, "relayed a commit the fast path did not publish");
-                    }
-                    Err(e) => {
-                        report.waiting += 1;
-                        tracing::warn!(stream = %entry.stream, error = %e, "relay publish failed; will retry");
-                    }
-                },
-                None if age > self.abandon_after => {
-                    self.outbox.done(&entry.stream, entry.revision).await?;
-                    report.abandoned += 1;
+            // One entry that fails (an unreadable stream, a broker hiccup) must not
+            // hold up the others: log it, leave it for the next sweep, go on.
+            match self.relay_one(&entry, age).await {
+                Ok(Some(true)) => report.published += 1,
+                Ok(Some(false)) => report.abandoned += 1,
+                Ok(None) => report.waiting += 1,
+                Err(e) => {
+                    report.waiting += 1;
+                    tracing::warn!(stream = %entry.stream, revision = %entry.revision, error = %e,
+                        "relay could not handle this entry; will retry");
                 }
-                None => report.waiting += 1,
             }
         }
         Ok(report)
+    }
+
+    /// `Some(true)`: published; `Some(false)`: abandoned; `None`: left for later.
+    async fn relay_one(
+        &self,
+        entry: &tally_es::OutboxEntry,
+        age: time::Duration,
+    ) -> Result<Option<bool>, RelayError> {
+        let commits = self.store.read(&entry.stream, entry.revision).await?;
+        match commits.iter().find(|c| c.revision == entry.revision) {
+            Some(commit) => {
+                self.publisher.publish(commit).await?;
+                self.outbox.done(&entry.stream, entry.revision).await?;
+                tracing::info!(stream = %entry.stream, revision = %entry.revision,
+                    "relayed a commit the fast path did not publish");
+                Ok(Some(true))
+            }
+            None if age > self.abandon_after => {
+                self.outbox.done(&entry.stream, entry.revision).await?;
+                Ok(Some(false))
+            }
+            None => Ok(None),
+        }
     }
 }

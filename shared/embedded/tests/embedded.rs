@@ -526,3 +526,95 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
         }]
     );
 }
+
+/// A store whose first append lands but answers "unavailable", after another process
+/// has (in this story) already taken a snapshot that covers it.
+struct AmbiguousOnce {
+    inner: DirEventStore,
+    tripped: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EventStore for AmbiguousOnce {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        self.inner.append(commit).await?;
+        if !self.tripped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            use tally_es::SnapshotStore;
+            let events: Vec<AccountEvent> = self
+                .inner
+                .read(&commit.stream, Revision::new(1))
+                .await
+                .unwrap()
+                .iter()
+                .flat_map(|c| Commit::<AccountEvent>::decode(c).unwrap().events)
+                .collect();
+            let state = <Account as tally_es::Aggregate>::replay(&events);
+            self.inner
+                .save(&tally_es::Snapshot {
+                    stream: commit.stream.clone(),
+                    revision: commit.last_revision(),
+                    schema: "account/1".into(),
+                    state: tally_es::Aggregate::to_snapshot(&state).unwrap(),
+                    idempotency: Vec::new(),
+                    taken_at: OffsetDateTime::now_utc(),
+                })
+                .await
+                .unwrap();
+            return Err(AppendError::Unavailable("timed out (but it landed)".into()));
+        }
+        Ok(())
+    }
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
+        self.inner.read(stream, from).await
+    }
+    async fn streams(&self) -> Result<Vec<StreamId>, tally_es::StoreError> {
+        self.inner.streams().await
+    }
+    async fn ready(&self) -> Result<(), tally_es::StoreError> {
+        self.inner.ready().await
+    }
+}
+
+#[tokio::test]
+async fn an_append_that_landed_despite_an_error_is_recognised_even_behind_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let id = AccountId::parse("ghost").unwrap();
+    let plain =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(4)));
+    plain
+        .execute(
+            id.stream_id(),
+            AccountCommand::Open {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    let flaky = Arc::new(AmbiguousOnce {
+        inner: store.clone(),
+        tripped: Default::default(),
+    });
+    let handler = CommandHandler::<Account>::new(flaky, Arc::new(InProcessStream::new(4)))
+        .with_snapshots(Arc::new(store.clone()), 100);
+    let amount = AmountPolicy::new(Currency::USD, 1_000_000_00)
+        .parse("7")
+        .unwrap();
+    let executed = handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit { amount },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(executed.commit.revision, Revision::new(2));
+    let all = store.read(id.stream_id(), Revision::new(1)).await.unwrap();
+    assert_eq!(all.len(), 2, "the deposit was not made a second time");
+}

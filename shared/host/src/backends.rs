@@ -131,7 +131,7 @@ impl Host {
                 })?;
                 StoreParts {
                     store: Arc::new(dir.clone()),
-                    outbox: None,
+                    outbox: Some(Arc::new(dir.clone())),
                     snapshots: Arc::new(dir),
                     s3: None,
                     kind: "directory",
@@ -238,9 +238,11 @@ impl Host {
 
     /// Whether a projector in this process should first catch up from the store.
     pub fn catch_up_on_start(&self) -> bool {
+        // Without a broker nothing redelivers what a crash kept from the in-process
+        // stream, and a memory read model starts empty: catch up from the store.
         self.config
             .catch_up_on_start
-            .unwrap_or(self.kinds.read_model == "memory")
+            .unwrap_or(self.kinds.read_model == "memory" || self.kinds.stream == "in-process")
     }
 
     /// Follow the stream in the background (consumer group `TALLY_KAFKA_GROUP`), after

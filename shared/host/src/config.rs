@@ -43,8 +43,8 @@ pub struct Config {
 
     /// `crash-after-append`: abort right after a successful append (fault tests only).
     pub fault_injection: Option<String>,
-    /// Catch every stream up from the store when a projector starts (default: only with
-    /// the in-memory read model, which starts empty).
+    /// Catch every stream up from the store when a projector starts (default: with the
+    /// in-memory read model or the in-process stream, where nothing else would).
     pub catch_up_on_start: Option<bool>,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,

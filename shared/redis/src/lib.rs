@@ -54,7 +54,7 @@ impl RedisCache {
             client: redis::Client::open(url)?,
             prefix: prefix.to_owned(),
             timeout: Duration::from_millis(100),
-            ttl_seconds: 24 * 3600,
+            ttl_seconds: 60,
             conn: Mutex::new(Connection::default()),
             script: Script::new(PUT_IF_NEWER),
             stale: std::sync::Mutex::new(HashSet::new()),
@@ -172,6 +172,11 @@ impl Cache for RedisCache {
 
     async fn put(&self, id: &AccountId, balance: CachedBalance) {
         let key = self.key(id);
+        // Marked stale before trying, so that a reconnect racing with a failure below
+        // cannot miss it; unmarked once written.
+        if let Ok(mut stale) = self.stale.lock() {
+            stale.insert(key.clone());
+        }
         let script = self.script.clone();
         let ttl = self.ttl_seconds;
         let written: Option<i64> = self
@@ -189,9 +194,9 @@ impl Cache for RedisCache {
                 }
             })
             .await;
-        if written.is_none() {
+        if written.is_some() {
             if let Ok(mut stale) = self.stale.lock() {
-                stale.insert(key);
+                stale.remove(&key);
             }
         }
     }

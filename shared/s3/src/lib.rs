@@ -355,6 +355,12 @@ impl EventStore for S3EventStore {
             .await?;
         if let Some(first) = commits.first() {
             check_contiguous(stream, first.revision, &commits)?;
+            if from.get() <= 1 && first.revision != Revision::new(1) {
+                return Err(StoreError::Corrupt(format!(
+                    "stream `{stream}` starts at revision {}",
+                    first.revision
+                )));
+            }
         }
         Ok(commits
             .into_iter()

@@ -39,8 +39,11 @@ pub(crate) async fn run_command(
         .execute(id.stream_id(), command, &ctx)
         .await?;
     let response = respond(state, id, &executed, success);
-    if let Some(balance) = balance_after(state, &executed) {
-        state.queries.note_write(id, balance).await;
+    // A replayed answer is history: caching its balance could put an old one back.
+    if !executed.replayed {
+        if let Some(balance) = balance_after(state, &executed) {
+            state.queries.note_write(id, balance).await;
+        }
     }
     Ok(response)
 }
