@@ -233,13 +233,7 @@ where
                 // Out of attempts; one of them may still have landed ambiguously.
                 let loaded = self.load(stream).await?;
                 match self.find_ours(stream, &loaded, &attempted).await? {
-                    Some(commit) => {
-                        self.after_append(commit.encode()).await;
-                        Ok(Executed {
-                            commit,
-                            replayed: false,
-                        })
-                    }
+                    Some(commit) => Ok(self.adopt(commit).await),
                     None => Err(CommandError::Contention),
                 }
             }
@@ -265,17 +259,23 @@ where
                         return Ok(Some(c.clone()));
                     }
                 }
-            } else {
-                let stored = self.store.read(stream, *revision).await?;
-                if let Some(found) = stored.iter().find(|c| c.revision == *revision) {
-                    let commit = Commit::decode(found)?;
-                    if is_ours(&commit) {
-                        return Ok(Some(commit));
-                    }
+            } else if let Some(found) = self.store.read_commit(stream, *revision).await? {
+                let commit = Commit::decode(&found)?;
+                if is_ours(&commit) {
+                    return Ok(Some(commit));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// An earlier attempt's commit that landed after all: publish it and answer with it.
+    async fn adopt(&self, commit: Commit<A::Event>) -> Executed<A> {
+        self.after_append(commit.encode()).await;
+        Executed {
+            commit,
+            replayed: false,
+        }
     }
 
     /// The newest usable snapshot: of this aggregate's schema, and readable.
@@ -378,11 +378,7 @@ where
             .await
             .map_err(Attempt::Failed)?;
         if let Some(commit) = ours {
-            self.after_append(commit.encode()).await;
-            return Ok(Executed {
-                commit,
-                replayed: false,
-            });
+            return Ok(self.adopt(commit).await);
         }
         if let Some((key, fingerprint)) = &ctx.idempotency {
             let first = match loaded.with_key(key) {
@@ -471,14 +467,14 @@ where
         stream: &StreamId,
         revision: Revision,
     ) -> Result<Commit<A::Event>, CommandError<A::Error>> {
-        let stored = self.store.read(stream, revision).await?;
-        let found = stored
-            .iter()
-            .find(|c| c.revision == revision)
+        let found = self
+            .store
+            .read_commit(stream, revision)
+            .await?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("{stream}: no commit at revision {revision}"))
             })?;
-        Ok(Commit::decode(found)?)
+        Ok(Commit::decode(&found)?)
     }
 
     /// The fast path to projections. A failure never fails the command: the commit is

@@ -103,10 +103,13 @@ impl Relay {
         entry: &tally_es::OutboxEntry,
         age: time::Duration,
     ) -> Result<Option<bool>, RelayError> {
-        let commits = self.store.read(&entry.stream, entry.revision).await?;
-        match commits.iter().find(|c| c.revision == entry.revision) {
+        match self
+            .store
+            .read_commit(&entry.stream, entry.revision)
+            .await?
+        {
             Some(commit) => {
-                self.publisher.publish(commit).await?;
+                self.publisher.publish(&commit).await?;
                 self.outbox.done(&entry.stream, entry.revision).await?;
                 tracing::info!(stream = %entry.stream, revision = %entry.revision,
                     "relayed a commit the fast path did not publish");

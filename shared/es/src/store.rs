@@ -52,6 +52,16 @@ pub trait EventStore: Send + Sync + 'static {
         from: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError>;
 
+    /// The commit that starts at `revision`, if there is one.
+    async fn read_commit(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+    ) -> Result<Option<StoredCommit>, StoreError> {
+        let commits = self.read(stream, revision).await?;
+        Ok(commits.into_iter().find(|c| c.revision == revision))
+    }
+
     /// The ids of every stream that has at least one commit (for rebuilds).
     async fn streams(&self) -> Result<Vec<StreamId>, StoreError>;
 
