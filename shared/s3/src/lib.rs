@@ -273,12 +273,16 @@ impl S3EventStore {
         }
     }
 
-    async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
+    /// The whole body of object `key`.
+    async fn get_bytes(
+        &self,
+        key: &str,
+    ) -> Result<impl std::ops::Deref<Target = [u8]>, StoreError> {
         let object = self
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(&key)
+            .key(key)
             .send()
             .await
             .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
@@ -288,6 +292,11 @@ impl S3EventStore {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .into_bytes();
+        Ok(bytes)
+    }
+
+    async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
+        let bytes = self.get_bytes(&key).await?;
         StoredCommit::from_bytes(&bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
     }
 
@@ -489,23 +498,7 @@ impl SnapshotStore for S3EventStore {
         let Some((key, _)) = keys.last() else {
             return Ok(None);
         };
-        let object = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(object) => object,
-            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
-        };
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .into_bytes();
+        let bytes = self.get_bytes(key).await?;
         Ok(Snapshot::from_bytes(&bytes).ok())
     }
 
