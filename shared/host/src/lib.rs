@@ -61,15 +61,9 @@ pub async fn run_function(function: &'static str) -> Result<(), BoxError> {
         cache = host.kinds.cache,
         "backends"
     );
+    // (A query function on the in-memory read model reads through the store, account
+    // by account, on every query: it needs no catch-up at start.)
     match role {
-        Role::Query if host.kinds.read_model == "memory" => {
-            let report = host.state.projector.catch_up_all().await?;
-            tracing::info!(
-                streams = report.streams,
-                commits = report.commits,
-                "read model rebuilt from the store"
-            );
-        }
         Role::Projector if tally_runtime::lambda_mode() => return lambda_projector(host).await,
         Role::Projector => {
             if host.kinds.stream == "in-process" {
