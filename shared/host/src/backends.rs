@@ -82,8 +82,8 @@ pub struct Host {
 
 /// The embedded publisher: applies each commit to this process's read model before
 /// the command answers (so a client reads its own writes without asking for a
-/// revision), then publishes it on the in-process stream. Applying is idempotent, so the
-/// projector following the stream skips what was applied here.
+/// revision). Only a commit it could not apply goes on the in-process stream, where the
+/// projector retries it until it applies; the others would only be duplicates there.
 struct ProjectInline {
     projector: Projector,
     stream: InProcessStream,
@@ -92,10 +92,14 @@ struct ProjectInline {
 #[async_trait]
 impl EventPublisher for ProjectInline {
     async fn publish(&self, commit: &StoredCommit) -> Result<(), PublishError> {
-        if let Err(e) = self.projector.handle(commit).await {
-            tracing::warn!(stream = %commit.stream, error = %e, "inline projection failed; the projector will catch up");
+        match self.projector.handle(commit).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(stream = %commit.stream, error = %e,
+                    "inline projection failed; the projector retries it");
+                self.stream.publish(commit).await
+            }
         }
-        self.stream.publish(commit).await
     }
 }
 
