@@ -38,66 +38,65 @@ pub(crate) async fn run_command(
         .commands
         .execute(id.stream_id(), command, &ctx)
         .await?;
-    let response = respond(state, id, &executed, success);
+    let summary = Summary::of(&executed.commit);
     // A replayed answer is history: caching its balance could put an old one back.
     if !executed.replayed {
-        if let Some(balance) = balance_after(state, &executed) {
-            state.queries.note_write(id, balance).await;
-        }
+        let balance = CachedBalance {
+            balance: summary.balance,
+            currency: state.policy.currency,
+            revision: executed.commit.last_revision(),
+        };
+        state.queries.note_write(id, balance).await;
     }
-    Ok(response)
+    Ok(respond(state, id, &executed, &summary, success))
 }
 
-/// The balance the commit left, for the cache.
-fn balance_after(state: &AppState, executed: &Executed<Account>) -> Option<CachedBalance> {
-    let mut balance = None;
-    for event in &executed.commit.events {
-        match event {
-            AccountEvent::Opened { .. } | AccountEvent::Closed => balance = balance.or(Some(0)),
-            AccountEvent::Deposited { balance: b, .. }
-            | AccountEvent::Withdrawn { balance: b, .. } => balance = Some(*b),
+/// What a commit left the account as: read once from its events (each carries the
+/// balance after it), for the response and for the cache.
+struct Summary {
+    closed: bool,
+    balance: i64,
+    amount: Option<i64>,
+}
+
+impl Summary {
+    fn of(commit: &tally_es::Commit<AccountEvent>) -> Self {
+        let mut summary = Summary {
+            closed: false,
+            balance: 0,
+            amount: None,
+        };
+        for event in &commit.events {
+            match event {
+                AccountEvent::Opened { .. } => {}
+                AccountEvent::Deposited { amount, balance }
+                | AccountEvent::Withdrawn { amount, balance } => {
+                    summary.balance = *balance;
+                    summary.amount = Some(*amount);
+                }
+                AccountEvent::Closed => summary.closed = true,
+            }
         }
+        summary
     }
-    Some(CachedBalance {
-        balance: balance?,
-        currency: state.policy.currency,
-        revision: executed.commit.last_revision(),
-    })
 }
 
 fn respond(
     state: &AppState,
     id: &AccountId,
     executed: &Executed<Account>,
+    summary: &Summary,
     success: StatusCode,
 ) -> Response {
     let commit = &executed.commit;
-    let (mut closed, mut balance, mut amount) = (false, 0, None);
-    for event in &commit.events {
-        match event {
-            AccountEvent::Opened { .. } => {}
-            AccountEvent::Deposited {
-                amount: a,
-                balance: b,
-            }
-            | AccountEvent::Withdrawn {
-                amount: a,
-                balance: b,
-            } => {
-                balance = *b;
-                amount = Some(*a);
-            }
-            AccountEvent::Closed => closed = true,
-        }
-    }
     let revision = commit.last_revision();
     let body = CommandResponse::new(
         id.as_str(),
         revision.get(),
-        closed,
-        balance,
+        summary.closed,
+        summary.balance,
         state.policy.currency,
-        amount,
+        summary.amount,
         commit.recorded_at,
     );
     let mut response = (success, Json(body)).into_response();
