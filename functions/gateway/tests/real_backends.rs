@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use std::time::Duration;
 use tally_domain::AccountId;
-use tally_es::{EventStore, Revision, StoredCommit, StreamId};
+use tally_es::{Revision, StreamId};
 use tally_host::{Config, Host, Role};
 use tally_s3::{S3Config, S3EventStore};
 use tally_testkit::services::{fresh_database, required_env, unique, PrivateService};
@@ -163,40 +163,7 @@ async fn the_s3_server_lets_exactly_one_of_many_conditional_writers_create_a_key
     let store = s3_store(&endpoint, &unique("conformance"));
     store.ensure_bucket().await.unwrap();
     store.verify_conditional_writes().await.unwrap();
-    for round in 1..=20u64 {
-        let mut writers = Vec::new();
-        for writer in 0..16 {
-            let store = store.clone();
-            writers.push(tokio::spawn(async move {
-                let commit = StoredCommit {
-                    stream: stream("race"),
-                    revision: Revision::new(round),
-                    recorded_at: time::OffsetDateTime::now_utc(),
-                    events: vec![tally_es::StoredEvent {
-                        event_type: "Probe".into(),
-                        version: 1,
-                        data: json!({ "writer": writer }),
-                    }],
-                    metadata: Default::default(),
-                };
-                store.append(&commit).await
-            }));
-        }
-        let mut wins = 0;
-        for w in writers {
-            match w.await.unwrap() {
-                Ok(()) => wins += 1,
-                Err(tally_es::AppendError::Conflict { .. }) => {}
-                Err(e) => panic!("round {round}: {e}"),
-            }
-        }
-        assert_eq!(
-            wins, 1,
-            "round {round}: the S3 server let {wins} conditional writers win"
-        );
-    }
-    let all = store.read(&stream("race"), Revision::new(1)).await.unwrap();
-    assert_eq!(all.len(), 20);
+    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race"), 20, 16).await;
 }
 
 #[tokio::test]

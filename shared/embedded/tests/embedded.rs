@@ -38,36 +38,7 @@ fn deposited(amount: i64, balance: i64) -> AccountEvent {
 async fn of_many_concurrent_writers_at_one_revision_exactly_one_wins() {
     let dir = tempfile::tempdir().unwrap();
     let store = DirEventStore::open(dir.path()).unwrap();
-    for round in 1..=30u64 {
-        let mut tasks = Vec::new();
-        for writer in 0..16 {
-            let store = store.clone();
-            let c = if round == 1 {
-                commit("race", 1, vec![opened("race")])
-            } else {
-                commit("race", round, vec![deposited(writer + 1, writer + 1)])
-            };
-            tasks.push(tokio::spawn(async move { store.append(&c).await }));
-        }
-        let mut wins = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(()) => wins += 1,
-                Err(AppendError::Conflict { revision, .. }) => {
-                    assert_eq!(revision, Revision::new(round))
-                }
-                Err(e) => panic!("unexpected error: {e}"),
-            }
-        }
-        assert_eq!(wins, 1, "round {round}: exactly one writer must win");
-    }
-    let all = store.read(&stream("race"), Revision::new(1)).await.unwrap();
-    let revisions: Vec<u64> = all.iter().map(|c| c.revision.get()).collect();
-    assert_eq!(
-        revisions,
-        (1..=30).collect::<Vec<_>>(),
-        "no gap, no duplicate"
-    );
+    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race"), 30, 16).await;
 }
 
 #[tokio::test]
