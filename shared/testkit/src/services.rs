@@ -80,38 +80,23 @@ pub struct PrivateService {
 }
 
 impl PrivateService {
-    async fn start_new(what: &'static str, program: String, args: Vec<String>, port: u16) -> Self {
+    async fn start_new(
+        what: &'static str,
+        program: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        port: u16,
+    ) -> Self {
         let mut service = Self {
             what,
             program,
             args,
-            env: Vec::new(),
+            env,
             port,
             child: None,
         };
         service.start().await;
         service
-    }
-
-    /// A Kafka-protocol broker (tansu, in memory) on a free port.
-    pub async fn broker() -> Self {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        Self::start_new(
-            "broker",
-            required_env("TALLY_TANSU_BIN"),
-            vec![
-                "broker".into(),
-                "--listener-url".into(),
-                url.clone(),
-                "--advertised-listener-url".into(),
-                url,
-                "--storage-engine".into(),
-                "memory://tansu/".into(),
-            ],
-            port,
-        )
-        .await
     }
 
     /// A Kafka-protocol broker (tansu) on a free port that keeps its topics, logs and
@@ -135,10 +120,10 @@ impl PrivateService {
             .expect("a bucket for the broker");
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut service = Self {
-            what: "broker",
-            program: required_env("TALLY_TANSU_BIN"),
-            args: vec![
+        Self::start_new(
+            "broker",
+            required_env("TALLY_TANSU_BIN"),
+            vec![
                 "broker".into(),
                 "--listener-url".into(),
                 url.clone(),
@@ -147,7 +132,7 @@ impl PrivateService {
                 "--storage-engine".into(),
                 format!("s3://{bucket}/"),
             ],
-            env: [
+            [
                 ("AWS_ENDPOINT", endpoint.as_str()),
                 ("AWS_ALLOW_HTTP", "true"),
                 ("AWS_ACCESS_KEY_ID", "test"),
@@ -159,10 +144,8 @@ impl PrivateService {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
             port,
-            child: None,
-        };
-        service.start().await;
-        service
+        )
+        .await
     }
 
     /// A Redis server on a free port, keeping nothing on disk.
@@ -181,23 +164,7 @@ impl PrivateService {
                 "--appendonly".into(),
                 "no".into(),
             ],
-            port,
-        )
-        .await
-    }
-
-    /// An S3 server (moto, in memory) on a free port.
-    pub async fn s3() -> Self {
-        let port = free_port();
-        Self::start_new(
-            "s3",
-            required_env("TALLY_MOTO_BIN"),
-            vec![
-                "-H".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ],
+            Vec::new(),
             port,
         )
         .await
