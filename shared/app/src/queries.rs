@@ -85,10 +85,11 @@ impl Queries {
             (Some(_), None) => true,
             (None, _) => false,
         };
-        let view = if fresh {
+        // With read-through the store was asked a moment ago; otherwise, behind or
+        // unknown here, the store decides.
+        let view = if fresh || self.read_through {
             view
         } else {
-            // Behind, or unknown here: the store decides.
             self.projector.catch_up(id).await?;
             self.read_model.account(id).await?
         };
