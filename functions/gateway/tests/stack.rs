@@ -20,16 +20,6 @@ fn sibling(name: &str) -> PathBuf {
     path
 }
 
-const FUNCTIONS: &[&str] = &[
-    "open-account",
-    "deposit",
-    "withdraw",
-    "close-account",
-    "get-account",
-    "get-balance",
-    "list-transactions",
-];
-
 struct Stack {
     _functions: Vec<Function>,
     _projector: Function,
@@ -72,7 +62,8 @@ impl Stack {
 
         let mut functions = Vec::new();
         let mut upstreams = Vec::new();
-        for name in FUNCTIONS {
+        // One process per function of the route table.
+        for name in tally_api::ROUTES.iter().map(|r| r.function) {
             let f = Function::server_with(sibling(name).to_str().unwrap(), dir, &env).await;
             upstreams.push(format!("{name}={}", f.base_url().unwrap()));
             functions.push(f);
