@@ -84,3 +84,56 @@ async fn it_logs_json_with_request_ids_follows_its_store_for_readiness_and_stops
     );
     assert!(logs.iter().any(|l| l["message"] == "stopped"), "{logs:#?}");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status_never_by_account_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = tally_testkit::Function::server(BIN, dir.path()).await;
+    let base = gateway.base_url().unwrap().to_string();
+    let client = reqwest::Client::new();
+    let open = |id: &'static str| {
+        client
+            .post(format!("{base}/accounts"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"ID": "{id}"}}"#))
+            .send()
+    };
+    assert_eq!(open("metered-1").await.unwrap().status(), 201);
+    assert_eq!(open("metered-2").await.unwrap().status(), 201);
+    assert_eq!(open("metered-1").await.unwrap().status(), 409);
+    let r = client
+        .get(format!("{base}/accounts/metered-1/balance"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    let count = |labels: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("tally_http_requests_total{")
+                    && labels.split(',').all(|p| l.contains(p))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no counter with {labels} in:\n{text}"))
+            .to_string()
+    };
+    assert_eq!(count(r#"route="/accounts",status="201""#), "2");
+    assert_eq!(count(r#"route="/accounts",status="409""#), "1");
+    assert_eq!(count(r#"route="/accounts/{id}/balance",status="200""#), "1");
+    assert!(
+        text.contains("tally_http_request_duration_seconds_bucket{"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("metered-1"),
+        "account ids never become label values"
+    );
+}

@@ -10,12 +10,15 @@
 //! Both modes get the same layers: `/healthz` (the process is alive), `/readyz` (its
 //! backends answer), an `x-request-id` on every request and response, a tracing span
 //! per request, panics turned into a 500 problem, and problem+json for unknown routes
-//! and methods. Logs are JSON lines on stdout, filtered by `RUST_LOG`.
+//! and methods. Logs are JSON lines on stdout, filtered by `RUST_LOG`. `/metrics`
+//! serves Prometheus text: requests and their latency per function, route, method and
+//! status (`tally_http_requests_total`, `tally_http_request_duration_seconds`).
 //!
 //! Handlers read ids and query parameters from the URI only: Lambda-only request
 //! extensions do not exist in server mode.
 
 mod problem;
+mod telemetry;
 
 pub use problem::{problem, Problem};
 
@@ -73,9 +76,13 @@ pub fn app(function: &'static str, router: Router, readiness: Arc<dyn Readiness>
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(telemetry::render))
         .with_state(readiness);
     router
         .merge(health)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            telemetry::track(function, req, next)
+        }))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
