@@ -102,6 +102,15 @@ impl Projector {
 
     /// Drop the read model and the cache and replay every stream from the store.
     pub async fn rebuild(&self) -> Result<RebuildReport, ProjectionError> {
+        self.rebuild_reporting(|_| {}).await
+    }
+
+    /// [`Projector::rebuild`], calling `progress` with the running totals after each
+    /// stream.
+    pub async fn rebuild_reporting(
+        &self,
+        mut progress: impl FnMut(&RebuildReport),
+    ) -> Result<RebuildReport, ProjectionError> {
         self.read_model.clear().await?;
         self.cache.clear().await;
         let mut report = RebuildReport::default();
@@ -121,6 +130,7 @@ impl Projector {
             if let Some(view) = self.read_model.account(&id).await? {
                 self.cache.put(&id, CachedBalance::from(&view)).await;
             }
+            progress(&report);
         }
         Ok(report)
     }

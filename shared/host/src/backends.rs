@@ -285,6 +285,12 @@ impl Host {
 
     /// Create what the backends need (bucket, topic, schema). Idempotent: the init step.
     pub async fn init(&self) -> Result<(), BoxError> {
+        self.init_storage().await?;
+        self.init_schema().await
+    }
+
+    /// The bucket (and its conditional-write probe) and the topic.
+    pub async fn init_storage(&self) -> Result<(), BoxError> {
         if let Some(s3) = &self.s3 {
             s3.ensure_bucket().await?;
             s3.verify_conditional_writes().await?;
@@ -292,6 +298,11 @@ impl Host {
         if let Some(kafka) = &self.kafka {
             kafka.ensure_topic(4).await?;
         }
+        Ok(())
+    }
+
+    /// The read model's migrations.
+    pub async fn init_schema(&self) -> Result<(), BoxError> {
         if let Some(pg) = &self.pg {
             tally_postgres::migrate(pg.pool()).await?;
         }

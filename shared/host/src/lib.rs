@@ -42,6 +42,16 @@ impl Readiness for HostReadiness {
 
 /// Run function `function` (`deposit`, `get-balance`, `projector`, `relay`, `migrate`).
 pub async fn run_function(function: &'static str) -> Result<(), BoxError> {
+    run_function_with(function, None).await
+}
+
+/// Whether this process may do a singleton's work right now: `None` always may (one
+/// replica, or no election configured); otherwise only while the receiver says `true`
+/// (see `tally-kube`'s Lease election, which the relay binary starts).
+pub type Leader = Option<tokio::sync::watch::Receiver<bool>>;
+
+/// [`run_function`], with the relay's sweeps gated on `leader`.
+pub async fn run_function_with(function: &'static str, leader: Leader) -> Result<(), BoxError> {
     tally_runtime::init_tracing();
     let config = Config::from_env()?;
     let role = Role::of(function);
@@ -73,7 +83,7 @@ pub async fn run_function(function: &'static str) -> Result<(), BoxError> {
                 host.start_projection().await?;
             }
         }
-        Role::Relay => return run_relay(host).await,
+        Role::Relay => return run_relay(host, leader).await,
         _ => {}
     }
     let router = tally_api::router(host.state.clone(), |r| r.function == function);
@@ -108,7 +118,7 @@ pub async fn run_gateway() -> Result<(), BoxError> {
     host.init().await?;
     host.start_projection().await?;
     if let Some(relay) = host.relay() {
-        spawn_relay_loop(relay);
+        spawn_relay_loop(relay, None);
     }
     tracing::info!(
         store = host.kinds.store,
@@ -137,10 +147,19 @@ pub fn gateway_app(host: &Host) -> axum::Router {
 }
 
 /// The init step: bucket, topic, schema. Runs once per deploy, not in every function.
+/// `migrate [all|storage|schema]`: the bucket (with its conditional-write probe) and
+/// the topic (`storage`), the read model's migrations (`schema`), or both (default).
 async fn migrate(config: &Config) -> Result<(), BoxError> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let host = Host::build(config, Role::Tool).await?;
-    host.init().await?;
+    match what.as_str() {
+        "all" => host.init().await?,
+        "storage" => host.init_storage().await?,
+        "schema" => host.init_schema().await?,
+        other => return Err(format!("migrate {other}: expected all, storage or schema").into()),
+    }
     tracing::info!(
+        what,
         store = host.kinds.store,
         stream = host.kinds.stream,
         read_model = host.kinds.read_model,
@@ -149,9 +168,14 @@ async fn migrate(config: &Config) -> Result<(), BoxError> {
     Ok(())
 }
 
-fn spawn_relay_loop(relay: tally_app::Relay) {
+fn spawn_relay_loop(relay: tally_app::Relay, leader: Leader) {
     tokio::spawn(async move {
         loop {
+            if leader.as_ref().is_some_and(|l| !*l.borrow()) {
+                // A follower: the leader sweeps; look again in a moment.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             match relay.sweep().await {
                 Ok(report) if report.published + report.abandoned > 0 => {
                     tracing::info!(
@@ -171,7 +195,7 @@ fn spawn_relay_loop(relay: tally_app::Relay) {
 
 /// The relay: sweeps the outbox every 500 ms; `POST /relay/sweep` sweeps now. Under the
 /// Lambda runtime, every invocation (e.g. a schedule) is one sweep.
-async fn run_relay(host: Host) -> Result<(), BoxError> {
+async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
     let relay = host
         .relay()
         .ok_or("the relay needs the S3 store (outbox) and Kafka (stream)")?;
@@ -189,7 +213,7 @@ async fn run_relay(host: Host) -> Result<(), BoxError> {
         );
         return lambda_runtime::run(handler).await;
     }
-    spawn_relay_loop(relay.clone());
+    spawn_relay_loop(relay.clone(), leader);
     let router = axum::Router::new().route(
         "/relay/sweep",
         axum::routing::post(move || {
