@@ -88,15 +88,25 @@ pub enum Fault {
     CrashAfterAppend,
 }
 
+/// How many streams a handler keeps warm (their state after the last command).
+const WARM_STREAMS: usize = 4096;
+/// A warm stream keeps at most this many decoded commits; older ones are folded into
+/// its remembered keys, as a snapshot does.
+const WARM_COMMITS: usize = 256;
+
 /// The state of one stream as loaded from the store.
+#[derive(Clone)]
 struct Loaded<A: Aggregate> {
     state: A,
     revision: Revision,
-    /// The commits read after the snapshot (all of them without one).
+    /// The commits after `commits_from` (read, or appended by this process).
     commits: Vec<Commit<A::Event>>,
-    /// The snapshot's revision (zero without one).
+    /// The revision before the first of `commits`: the snapshot's, or where the warm
+    /// state was last folded.
+    commits_from: Revision,
+    /// The revision of the stored snapshot this state started from (zero without one).
     snapshot_revision: Revision,
-    /// Idempotency keys of commits before the snapshot.
+    /// Idempotency keys of commits up to `commits_from`.
     remembered: Vec<RememberedKey>,
 }
 
@@ -107,6 +117,34 @@ enum KeyHit<'a, E> {
 }
 
 impl<A: Aggregate> Loaded<A> {
+    /// Apply the stored commits that follow this state.
+    fn extend(&mut self, stored: &[StoredCommit]) -> Result<(), tally_es::DecodeError> {
+        for s in stored {
+            let commit = Commit::<A::Event>::decode(s)?;
+            self.push(commit);
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, commit: Commit<A::Event>) {
+        for e in &commit.events {
+            self.state.apply(e);
+        }
+        self.revision = commit.last_revision();
+        self.commits.push(commit);
+    }
+
+    /// Fold the decoded commits into remembered keys once there are many of them.
+    fn fold(&mut self) {
+        if self.commits.len() <= WARM_COMMITS {
+            return;
+        }
+        let last = self.commits.pop().expect("commits");
+        self.remembered = self.keys_after(&last, REMEMBERED_KEYS);
+        self.commits.clear();
+        self.commits_from = self.revision;
+    }
+
     fn with_key(&self, key: &str) -> Option<KeyHit<'_, A::Event>> {
         if let Some(c) = self
             .commits
@@ -150,6 +188,10 @@ pub struct CommandHandler<A: Aggregate> {
     publish_mode: PublishMode,
     fault: Option<Fault>,
     locks: StreamLocks,
+    /// Streams loaded recently: the next command on one reads only the commits after
+    /// it (one LIST when nothing changed). An optimisation only: the conditional append
+    /// still decides, and a loser reloads.
+    warm: Mutex<lru::LruCache<StreamId, Loaded<A>>>,
     max_attempts: usize,
     clock: fn() -> OffsetDateTime,
     _aggregate: PhantomData<fn() -> A>,
@@ -169,6 +211,9 @@ where
             publish_mode: PublishMode::Inline,
             fault: None,
             locks: StreamLocks::default(),
+            warm: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(WARM_STREAMS).expect("non-zero"),
+            )),
             max_attempts: 20,
             clock: OffsetDateTime::now_utc,
             _aggregate: PhantomData,
@@ -253,7 +298,7 @@ where
         let attempts = attempted.lock().expect("attempt list poisoned").clone();
         for (id, revision) in attempts.iter().rev() {
             let is_ours = |c: &Commit<A::Event>| c.metadata.commit_id.as_deref() == Some(id);
-            if *revision > loaded.snapshot_revision {
+            if *revision > loaded.commits_from {
                 if let Some(c) = loaded.commits.iter().find(|c| c.revision == *revision) {
                     if is_ours(c) {
                         return Ok(Some(c.clone()));
@@ -295,7 +340,36 @@ where
         Some((state, snapshot.revision, snapshot.idempotency))
     }
 
+    /// The stream's state now: the warm state plus what came after it, or a cold load.
     async fn load(&self, stream: &StreamId) -> Result<Loaded<A>, CommandError<A::Error>> {
+        let warm = self
+            .warm
+            .lock()
+            .expect("warm streams poisoned")
+            .get(stream)
+            .cloned();
+        let loaded = match warm {
+            Some(mut loaded) => {
+                let newer = self.store.read(stream, loaded.revision.next()).await?;
+                loaded.extend(&newer)?;
+                loaded
+            }
+            None => self.load_cold(stream).await?,
+        };
+        self.keep_warm(stream, loaded.clone());
+        Ok(loaded)
+    }
+
+    fn keep_warm(&self, stream: &StreamId, mut loaded: Loaded<A>) {
+        loaded.fold();
+        self.warm
+            .lock()
+            .expect("warm streams poisoned")
+            .put(stream.clone(), loaded);
+    }
+
+    /// The newest snapshot and every commit after it.
+    async fn load_cold(&self, stream: &StreamId) -> Result<Loaded<A>, CommandError<A::Error>> {
         let (mut state, mut revision, mut remembered) = self
             .snapshot(stream)
             .await
@@ -324,28 +398,30 @@ where
             state,
             revision,
             commits,
+            commits_from: snapshot_revision,
             snapshot_revision,
             remembered,
         })
     }
 
     /// After an append: keep a snapshot if the commit crossed a multiple of `every`.
-    fn maybe_snapshot(&self, loaded: &Loaded<A>, commit: &Commit<A::Event>) {
+    /// Returns whether it took one.
+    fn maybe_snapshot(&self, loaded: &Loaded<A>, commit: &Commit<A::Event>) -> bool {
         let Some((store, every)) = &self.snapshots else {
-            return;
+            return false;
         };
         let last = commit.last_revision();
         if last.get() / every == loaded.revision.get() / every
             && last.get() - loaded.snapshot_revision.get() < 2 * every
         {
-            return;
+            return false;
         }
         let mut state = loaded.state.clone();
         for e in &commit.events {
             state.apply(e);
         }
         let (Some(schema), Some(value)) = (A::SNAPSHOT_SCHEMA, state.to_snapshot()) else {
-            return;
+            return false;
         };
         let snapshot = Snapshot {
             stream: commit.stream.clone(),
@@ -362,6 +438,7 @@ where
                     "snapshot not saved; loads replay a little more");
             }
         });
+        true
     }
 
     async fn attempt(
@@ -453,7 +530,13 @@ where
                 return Err(Attempt::Conflict);
             }
         }
-        self.maybe_snapshot(&loaded, &commit);
+        let snapshotted = self.maybe_snapshot(&loaded, &commit);
+        let mut after = loaded;
+        after.push(commit.clone());
+        if snapshotted {
+            after.snapshot_revision = after.revision;
+        }
+        self.keep_warm(stream, after);
         self.after_append(stored).await;
         Ok(Executed {
             commit,

@@ -381,9 +381,13 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
         inner: store.clone(),
         commits_read: Default::default(),
     });
-    let handler =
+    // A handler is one process: it keeps the streams it loaded warm; a new one starts
+    // cold and loads from the snapshot.
+    let new_process = || {
         CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
-            .with_snapshots(Arc::new(store.clone()), 10);
+            .with_snapshots(Arc::new(store.clone()), 10)
+    };
+    let handler = new_process();
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("long").unwrap();
     let keyed = |n: u32| CommandContext {
@@ -436,6 +440,7 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
     );
 
     counting.commits_read.store(0, Ordering::SeqCst);
+    let handler = new_process();
     let amount = policy.parse("1").unwrap();
     let executed = handler
         .execute(
@@ -480,6 +485,7 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
         .unwrap()
         .path();
     std::fs::write(&snapshot_file, b"{ not json").unwrap();
+    let handler = new_process();
     let amount = policy.parse("1").unwrap();
     let executed = handler
         .execute(
@@ -588,4 +594,57 @@ async fn an_append_that_landed_despite_an_error_is_recognised_even_behind_a_snap
     assert_eq!(executed.commit.revision, Revision::new(2));
     let all = store.read(id.stream_id(), Revision::new(1)).await.unwrap();
     assert_eq!(all.len(), 2, "the deposit was not made a second time");
+}
+
+#[tokio::test]
+async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let counting = Arc::new(Counting {
+        inner: store.clone(),
+        commits_read: Default::default(),
+    });
+    let process =
+        || CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
+    let (a, b) = (process(), process());
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("warm").unwrap();
+    let open = AccountCommand::Open {
+        id: id.clone(),
+        currency: Currency::USD,
+    };
+    let deposit = |n: &str| AccountCommand::Deposit {
+        amount: policy.parse(n).unwrap(),
+    };
+    let ctx = CommandContext::default();
+    a.execute(id.stream_id(), open, &ctx).await.unwrap();
+    for _ in 0..20 {
+        a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    }
+    assert_eq!(
+        counting.commits_read.load(Ordering::SeqCst),
+        0,
+        "a process that wrote every commit reads none of them back"
+    );
+
+    // Another process appends two commits (reading all 21 first: it is cold).
+    b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+    b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+    counting.commits_read.store(0, Ordering::SeqCst);
+    let executed = a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    assert_eq!(
+        counting.commits_read.load(Ordering::SeqCst),
+        2,
+        "the warm process reads only b's two commits"
+    );
+    assert_eq!(executed.commit.revision, Revision::new(24));
+    assert_eq!(
+        executed.commit.events,
+        vec![AccountEvent::Deposited {
+            amount: 100,
+            balance: 31_00
+        }],
+        "and decides on the state they left"
+    );
 }
