@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (`make test`, and so CI): provision the services the tests need on
 # 127.0.0.1 (PostgreSQL, Redis, an S3 server, a Kafka-protocol broker — see
-# scripts/services.sh), then run the format check, clippy and every test.
+# scripts/services.sh) and the deployment validation tools (scripts/tools.sh), then run
+# the format check, the offline chart/manifest/compose validation, clippy and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,9 @@ eval "$(./scripts/services.sh env)"
 psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
   "select 'drop database if exists ' || datname || ';' from pg_database where datname like 'tally_t_%'" \
   | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null
+
+echo "== deployment, offline: helm lint and template, Kubernetes 1.33 schemas, compose schema, route tables"
+./scripts/validate-deploy.sh
 
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
