@@ -4,7 +4,7 @@ CARGO ?= cargo
 DATA_DIR ?= ./.data
 PORT ?= 8080
 
-.PHONY: dev stack services test lint fmt openapi build release walkthrough clean help
+.PHONY: dev stack services watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,29 @@ stack: ## every function as its own process on the real backends (S3, Kafka, Pos
 
 services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)
 	./scripts/services.sh up
+
+watch: ## every function under `cargo lambda watch` on :9000, against `make backends` (installs cargo-lambda if missing)
+	./scripts/watch.sh
+
+up: ## docker compose: the backends, the init job, every function and the gateway on 127.0.0.1:8080
+	docker compose --profile functions up -d --build --wait
+	@for i in $$(seq 1 60); do c=$$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/accounts/none/balance); [ "$$c" != 000 ] && [ "$$c" != 503 ] && break; sleep 1; done
+	@echo "Tally on http://127.0.0.1:8080 — try: make walkthrough"
+
+backends: ## docker compose, backends only (for make watch): S3 :9002, Kafka :9092, PostgreSQL :5433, Redis :6380
+	docker compose up -d --wait
+
+down: ## stop docker compose and delete its data
+	docker compose --profile functions down --volumes --remove-orphans
+
+kind: ## a kind cluster: image, k8s/ infrastructure, the Helm chart, port-forwards, the walk-through
+	./scripts/kind.sh up
+
+kind-down: ## delete the kind cluster
+	./scripts/kind.sh down
+
+validate: ## offline checks of the chart, k8s/ and docker-compose.yml (part of make test)
+	./scripts/validate-deploy.sh
 
 test: ## provision what the tests need, then fmt check, clippy and every test
 	./scripts/test.sh
