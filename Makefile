@@ -4,7 +4,7 @@ CARGO ?= cargo
 DATA_DIR ?= ./.data
 PORT ?= 8080
 
-.PHONY: dev stack services watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
+.PHONY: dev stack services bench watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ stack: ## every function as its own process on the real backends (S3, Kafka, Pos
 
 services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)
 	./scripts/services.sh up
+
+bench: ## the load driver against make dev and make stack; results in bench/results/ (BENCH_QUICK=1: a harness check)
+	./scripts/bench.sh
 
 watch: ## every function under `cargo lambda watch` on :9000, against `make backends` (installs cargo-lambda if missing)
 	./scripts/watch.sh

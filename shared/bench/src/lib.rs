@@ -1,0 +1,471 @@
+//! `tally-bench`: the load driver behind `make bench`.
+//!
+//! One run drives a fixed, seeded workload over HTTP against one target (`make dev`,
+//! `make stack`, a cluster): it opens `accounts` accounts, then, at each concurrency
+//! level, runs `ops` operations — deposits, withdrawals, balance reads and history
+//! reads in fixed proportions, on accounts drawn from a seeded generator — with
+//! `concurrency` workers. Every latency goes into an HDR histogram per operation;
+//! non-2xx answers are counted by status. Every `lag_every`-th acknowledged command is
+//! followed by a poll of `GET /accounts/{id}` (the read model) until it shows the
+//! command's revision: the projection lag.
+//!
+//! The same seed gives the same sequence of operations; timings are measured, never
+//! asserted.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub accounts: usize,
+    /// Operations per concurrency level.
+    pub ops: usize,
+    pub concurrency: Vec<usize>,
+    pub seed: u64,
+    /// Measure the projection lag after every this-many acknowledged commands.
+    pub lag_every: usize,
+}
+
+impl Plan {
+    /// The default run: 200 accounts, 4,000 operations at 1, 16 and 64.
+    pub fn standard() -> Self {
+        Self {
+            accounts: 200,
+            ops: 4000,
+            concurrency: vec![1, 16, 64],
+            seed: 42,
+            lag_every: 10,
+        }
+    }
+
+    /// `--quick`: only checks the harness works (CI).
+    pub fn quick() -> Self {
+        Self {
+            accounts: 8,
+            ops: 120,
+            concurrency: vec![1, 4],
+            seed: 42,
+            lag_every: 5,
+        }
+    }
+}
+
+/// The operations of the workload, and their share of it (per cent).
+pub const MIX: &[(Op, u32)] = &[
+    (Op::Deposit, 35),
+    (Op::Withdraw, 25),
+    (Op::Balance, 25),
+    (Op::History, 15),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    Open,
+    Deposit,
+    Withdraw,
+    Balance,
+    History,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Open => "open",
+            Op::Deposit => "deposit",
+            Op::Withdraw => "withdraw",
+            Op::Balance => "balance",
+            Op::History => "history",
+        }
+    }
+
+    fn is_command(self) -> bool {
+        matches!(self, Op::Open | Op::Deposit | Op::Withdraw)
+    }
+}
+
+/// Latency figures of one operation (milliseconds).
+#[derive(Clone, Debug, Serialize)]
+pub struct Figures {
+    pub count: u64,
+    /// Answers that were not 2xx, by status (`0`: no answer at all).
+    pub errors: BTreeMap<u16, u64>,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// One concurrency level.
+#[derive(Clone, Debug, Serialize)]
+pub struct Level {
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub ops: BTreeMap<&'static str, Figures>,
+    /// Command acknowledged → its revision visible in `GET /accounts/{id}`.
+    pub projection_lag: Figures,
+    /// Lag probes that never saw the revision (within 10 s).
+    pub lag_timeouts: u64,
+}
+
+/// A whole run against one target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    /// The commit measured (`TALLY_BENCH_COMMIT`, set by `make bench`).
+    pub commit: Option<String>,
+    pub base_url: String,
+    pub started_at: String,
+    pub plan: Plan,
+    pub setup: Figures,
+    pub levels: Vec<Level>,
+}
+
+impl Report {
+    /// Non-2xx answers of every operation of every level (a refused withdrawal, 422,
+    /// is a normal answer, not counted).
+    pub fn errors(&self) -> u64 {
+        self.levels
+            .iter()
+            .flat_map(|l| l.ops.values())
+            .chain(std::iter::once(&self.setup))
+            .flat_map(|f| f.errors.values())
+            .sum()
+    }
+}
+
+struct Recorder {
+    histogram: Histogram<u64>,
+    errors: BTreeMap<u16, u64>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            // 1 µs .. 60 s, three significant figures.
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, elapsed: Duration, status: u16) {
+        let _ = self
+            .histogram
+            .record((elapsed.as_micros() as u64).clamp(1, 60_000_000));
+        if !(200..300).contains(&status) && status != 422 {
+            *self.errors.entry(status).or_default() += 1;
+        }
+    }
+
+    fn figures(&self, seconds: f64) -> Figures {
+        let ms = |v: u64| v as f64 / 1000.0;
+        let h = &self.histogram;
+        Figures {
+            count: h.len(),
+            errors: self.errors.clone(),
+            per_second: if seconds > 0.0 {
+                h.len() as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// The HTTP side: one pooled client against `base`.
+struct Target {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Target {
+    /// Send one operation; the status (0 when no answer came) and the revision the
+    /// answer carries.
+    async fn send(&self, op: Op, id: &str, amount_cents: u32) -> (u16, Option<u64>) {
+        let amount = format!(
+            r#"{{"Amount": "{}.{:02}"}}"#,
+            amount_cents / 100,
+            amount_cents % 100
+        );
+        let request = match op {
+            Op::Open => self
+                .client
+                .post(format!("{}/accounts", self.base))
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"ID": "{id}"}}"#)),
+            Op::Deposit | Op::Withdraw => self
+                .client
+                .post(format!("{}/accounts/{id}/{}", self.base, op.name()))
+                .header("content-type", "application/json")
+                .body(amount),
+            Op::Balance => self
+                .client
+                .get(format!("{}/accounts/{id}/balance", self.base)),
+            Op::History => self
+                .client
+                .get(format!("{}/accounts/{id}/transactions?limit=10", self.base)),
+        };
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let revision = if op.is_command() && status < 300 {
+                    response
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|b| b["revision"].as_u64())
+                } else {
+                    let _ = response.bytes().await;
+                    None
+                };
+                (status, revision)
+            }
+            Err(_) => (0, None),
+        }
+    }
+
+    /// Poll the read model until account `id` shows `revision`; the time it took.
+    async fn lag(&self, id: &str, revision: u64, since: Instant) -> Option<Duration> {
+        let deadline = since + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/accounts/{id}", self.base))
+                .send()
+                .await
+            {
+                if let Ok(body) = r.json::<serde_json::Value>().await {
+                    if body["revision"].as_u64().is_some_and(|r| r >= revision) {
+                        return Some(since.elapsed());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        None
+    }
+}
+
+/// Run `plan` against `base` (e.g. `http://127.0.0.1:8080`), calling `progress` with a
+/// line now and then.
+pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str)) -> Report {
+    let started_at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let http = Arc::new(Target {
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client"),
+        base: base.trim_end_matches('/').to_string(),
+    });
+    // Account ids unique to this run, so runs against one store never collide.
+    let nonce = format!("{:08x}", fastrand::u32(..));
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..plan.accounts)
+            .map(|i| format!("bench-{nonce}-{i}"))
+            .collect(),
+    );
+
+    progress(&format!("{target}: opening {} accounts", plan.accounts));
+    let setup_start = Instant::now();
+    let mut setup = Recorder::new();
+    for chunk in ids.chunks(16) {
+        let answers = futures::future::join_all(chunk.iter().map(|id| {
+            let http = http.clone();
+            async move {
+                let start = Instant::now();
+                let (status, _) = http.send(Op::Open, id, 0).await;
+                let (deposit, _) = http.send(Op::Deposit, id, 1_000_00).await;
+                (start.elapsed(), status.max(deposit))
+            }
+        }))
+        .await;
+        for (elapsed, status) in answers {
+            setup.record(elapsed, status);
+        }
+    }
+    let setup = setup.figures(setup_start.elapsed().as_secs_f64());
+
+    let mut levels = Vec::new();
+    for (n, &concurrency) in plan.concurrency.iter().enumerate() {
+        progress(&format!(
+            "{target}: {} operations at concurrency {concurrency}",
+            plan.ops
+        ));
+        levels.push(level(&http, &ids, plan, concurrency, n as u64, &progress).await);
+    }
+    Report {
+        target: target.into(),
+        commit: std::env::var("TALLY_BENCH_COMMIT").ok(),
+        base_url: base.into(),
+        started_at,
+        plan: plan.clone(),
+        setup,
+        levels,
+    }
+}
+
+async fn level(
+    http: &Arc<Target>,
+    ids: &Arc<Vec<String>>,
+    plan: &Plan,
+    concurrency: usize,
+    level_no: u64,
+    progress: &impl Fn(&str),
+) -> Level {
+    let recorders: Arc<Mutex<BTreeMap<Op, Recorder>>> = Arc::new(Mutex::new(
+        MIX.iter().map(|(op, _)| (*op, Recorder::new())).collect(),
+    ));
+    let lag = Arc::new(Mutex::new((Recorder::new(), 0u64)));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (http, ids, recorders, lag, done) = (
+                http.clone(),
+                ids.clone(),
+                recorders.clone(),
+                lag.clone(),
+                done.clone(),
+            );
+            let share = plan.ops / concurrency + usize::from(w < plan.ops % concurrency);
+            let seed = plan.seed ^ (level_no << 32) ^ w as u64;
+            let lag_every = plan.lag_every.max(1);
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let mut probes = Vec::new();
+                for i in 0..share {
+                    let op = pick(&mut rng);
+                    let id = &ids[rng.usize(..ids.len())];
+                    let cents = rng.u32(1..=5_00);
+                    let sent = Instant::now();
+                    let (status, revision) = http.send(op, id, cents).await;
+                    let elapsed = sent.elapsed();
+                    recorders
+                        .lock()
+                        .expect("recorders")
+                        .get_mut(&op)
+                        .expect("an op of the mix")
+                        .record(elapsed, status);
+                    if let (true, Some(revision)) = (i % lag_every == 0, revision) {
+                        let (http, id, lag) = (http.clone(), id.clone(), lag.clone());
+                        let acked = Instant::now();
+                        probes.push(tokio::spawn(async move {
+                            let took = http.lag(&id, revision, acked).await;
+                            let mut lag = lag.lock().expect("lag");
+                            match took {
+                                Some(t) => lag.0.record(t, 200),
+                                None => lag.1 += 1,
+                            }
+                        }));
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                for p in probes {
+                    let _ = p.await;
+                }
+            })
+        })
+        .collect();
+    let ticker = {
+        let done = done.clone();
+        let total = plan.ops;
+        let report = move |d: usize| {
+            format!(
+                "  {d}/{total} ({:.0}/s)",
+                d as f64 / start.elapsed().as_secs_f64()
+            )
+        };
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                progress(&report(done.load(std::sync::atomic::Ordering::Relaxed)));
+            }
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join_all(workers) => {}
+        _ = ticker => {}
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let ops = recorders
+        .lock()
+        .expect("recorders")
+        .iter()
+        .map(|(op, r)| (op.name(), r.figures(seconds)))
+        .collect();
+    let lag = lag.lock().expect("lag");
+    Level {
+        concurrency,
+        seconds,
+        ops,
+        projection_lag: lag.0.figures(seconds),
+        lag_timeouts: lag.1,
+    }
+}
+
+fn pick(rng: &mut fastrand::Rng) -> Op {
+    let mut roll = rng.u32(0..100);
+    for (op, share) in MIX {
+        if roll < *share {
+            return *op;
+        }
+        roll -= share;
+    }
+    MIX[0].0
+}
+
+/// The report as a Markdown table per level.
+pub fn markdown(report: &Report) -> String {
+    let mut md = format!(
+        "# tally-bench: {} ({})\n\nCommit {}, started {}; {} accounts, {} operations per level, seed {}.\n",
+        report.target,
+        report.base_url,
+        report.commit.as_deref().unwrap_or("unknown"),
+        report.started_at,
+        report.plan.accounts,
+        report.plan.ops,
+        report.plan.seed
+    );
+    for level in &report.levels {
+        md.push_str(&format!(
+            "\n## concurrency {} ({:.1} s)\n\n| operation | count | per s | p50 ms | p90 ms | p99 ms | max ms | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+            level.concurrency, level.seconds
+        ));
+        let rows = level
+            .ops
+            .iter()
+            .map(|(name, f)| (name.to_string(), f))
+            .chain(std::iter::once((
+                format!("projection lag ({} timeouts)", level.lag_timeouts),
+                &level.projection_lag,
+            )));
+        for (name, f) in rows {
+            let errors = if f.errors.is_empty() {
+                "—".to_string()
+            } else {
+                f.errors
+                    .iter()
+                    .map(|(s, n)| format!("{s}×{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            md.push_str(&format!(
+                "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {errors} |\n",
+                f.count, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+            ));
+        }
+    }
+    md
+}
