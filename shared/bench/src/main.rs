@@ -48,14 +48,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .split_once('=')
             .ok_or_else(|| format!("--target {target}: expected NAME=URL"))?;
         let report = run(name, url, &plan, |line| eprintln!("{line}")).await;
+        // 2026-11-26T14:15:45.206Z → 2026-11-26T14-15-45Z (no ':' or '.' in file names).
         let stamp = report.started_at.replace(':', "-");
+        let stamp = match stamp.split_once('.') {
+            Some((seconds, _)) => format!("{seconds}Z"),
+            None => stamp,
+        };
         let base = cli.out.join(format!("{stamp}-{name}"));
-        std::fs::write(
-            base.with_extension("json"),
-            serde_json::to_vec_pretty(&report)?,
-        )?;
+        let file = |ext: &str| PathBuf::from(format!("{}.{ext}", base.display()));
+        std::fs::write(file("json"), serde_json::to_vec_pretty(&report)?)?;
         let md = markdown(&report);
-        std::fs::write(base.with_extension("md"), &md)?;
+        std::fs::write(file("md"), &md)?;
         println!("{md}");
         eprintln!("{name}: results in {}.{{json,md}}", base.display());
         errors += report.errors();

@@ -348,6 +348,18 @@ struct Counting {
     commits_read: std::sync::atomic::AtomicUsize,
 }
 
+impl Counting {
+    /// A directory store under `dir`, and a counting view of it.
+    fn open(dir: &std::path::Path) -> (DirEventStore, Arc<Counting>) {
+        let store = DirEventStore::open(dir).unwrap();
+        let counting = Arc::new(Counting {
+            inner: store.clone(),
+            commits_read: Default::default(),
+        });
+        (store, counting)
+    }
+}
+
 #[async_trait::async_trait]
 impl EventStore for Counting {
     async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
@@ -376,11 +388,7 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
     use std::sync::atomic::Ordering;
     use tally_es::SnapshotStore;
     let dir = tempfile::tempdir().unwrap();
-    let store = DirEventStore::open(dir.path()).unwrap();
-    let counting = Arc::new(Counting {
-        inner: store.clone(),
-        commits_read: Default::default(),
-    });
+    let (store, counting) = Counting::open(dir.path());
     // A handler is one process: it keeps the streams it loaded warm; a new one starts
     // cold and loads from the snapshot.
     let new_process = || {
@@ -600,11 +608,7 @@ async fn an_append_that_landed_despite_an_error_is_recognised_even_behind_a_snap
 async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let store = DirEventStore::open(dir.path()).unwrap();
-    let counting = Arc::new(Counting {
-        inner: store.clone(),
-        commits_read: Default::default(),
-    });
+    let (_, counting) = Counting::open(dir.path());
     let process =
         || CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
     let (a, b) = (process(), process());
