@@ -273,3 +273,76 @@ pub async fn handle_kafka_batch(
         serde_json::json!({"commits": commits.len(), "applied": applied, "duplicates": duplicates, "gaps_repaired": repaired}),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tally_domain::{AccountEvent, AccountId, Currency};
+    use tally_es::{
+        Commit, CommitMetadata, EventPublisher, EventStore, Outbox, PublishError, Revision,
+        StoredCommit,
+    };
+
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl EventPublisher for Counting {
+        async fn publish(&self, _commit: &StoredCommit) -> Result<(), PublishError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_is_not_the_leader_publishes_nothing_until_it_becomes_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(tally_embedded::DirEventStore::open(dir.path()).unwrap());
+        let id = AccountId::parse("left-behind").unwrap();
+        let commit = Commit::new(
+            id.stream_id().clone(),
+            Revision::new(1),
+            time::OffsetDateTime::now_utc(),
+            vec![AccountEvent::Opened {
+                id: id.clone(),
+                currency: Currency::USD,
+            }],
+            CommitMetadata::default(),
+        );
+        // What a command that died after its append leaves: an outbox entry and a commit.
+        store
+            .record(id.stream_id(), Revision::new(1))
+            .await
+            .unwrap();
+        store.append(&commit.encode()).await.unwrap();
+
+        let published = Arc::new(Counting::default());
+        let relay = tally_app::Relay::new(store.clone(), store.clone(), published.clone())
+            .with_grace(Duration::ZERO);
+        let (leading, leader) = tokio::sync::watch::channel(false);
+        spawn_relay_loop(relay, Some(leader));
+
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            published.0.load(Ordering::SeqCst),
+            0,
+            "a follower never sweeps"
+        );
+        assert_eq!(store.pending(10).await.unwrap().len(), 1);
+
+        leading.send_replace(true);
+        for _ in 0..100 {
+            if published.0.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            published.0.load(Ordering::SeqCst),
+            1,
+            "the leader publishes it"
+        );
+        assert!(store.pending(10).await.unwrap().is_empty());
+    }
+}
