@@ -101,4 +101,8 @@ ENV RUST_LOG=info \
     PORT=8080
 EXPOSE 8080
 STOPSIGNAL SIGTERM
+# Every binary checks itself: `<binary> probe` asks 127.0.0.1:$PORT/readyz (no shell or
+# curl in the image). A Deployment uses its own probes instead.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/gateway", "probe"]
 CMD ["/usr/local/bin/gateway"]

@@ -49,6 +49,7 @@ async fn it_logs_json_with_request_ids_follows_its_store_for_readiness_and_stops
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    assert!(probe(port).success(), "`gateway probe` says ready");
 
     // Readiness follows the store: take its directory away, and /readyz says 503.
     std::fs::remove_dir_all(&data).unwrap();
@@ -57,6 +58,13 @@ async fn it_logs_json_with_request_ids_follows_its_store_for_readiness_and_stops
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let r = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200, "alive even when not ready");
+    assert!(!probe(port).success(), "`gateway probe` says not ready");
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert!(!probe(nobody).success(), "nothing listening: not ready");
 
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
@@ -136,4 +144,14 @@ async fn metrics_count_requests_by_route_and_status_never_by_account_id() {
         !text.contains("metered-1"),
         "account ids never become label values"
     );
+}
+
+/// `gateway probe` against 127.0.0.1:`port` (the health check of the container image).
+fn probe(port: u16) -> std::process::ExitStatus {
+    std::process::Command::new(BIN)
+        .arg("probe")
+        .env_clear()
+        .env("PORT", port.to_string())
+        .status()
+        .unwrap()
 }

@@ -52,6 +52,7 @@ pub type Leader = Option<tokio::sync::watch::Receiver<bool>>;
 
 /// [`run_function`], with the relay's sweeps gated on `leader`.
 pub async fn run_function_with(function: &'static str, leader: Leader) -> Result<(), BoxError> {
+    tally_runtime::probe_if_asked().await;
     tally_runtime::init_tracing();
     let config = Config::from_env()?;
     let role = Role::of(function);
@@ -105,6 +106,7 @@ fn tail_store(host: &Host) {
 /// Every public route in one process: on the configured backends with the projector
 /// in-process, or — with `TALLY_UPSTREAMS` — as a reverse proxy to the functions.
 pub async fn run_gateway() -> Result<(), BoxError> {
+    tally_runtime::probe_if_asked().await;
     tally_runtime::init_tracing();
     let config = Config::from_env()?;
     if let Some(upstreams) = &config.upstreams {

@@ -138,6 +138,36 @@ async fn readyz(State(readiness): State<Arc<dyn Readiness>>) -> axum::response::
     }
 }
 
+/// `<function> probe`: ask the server this process's environment describes
+/// (`127.0.0.1:$PORT`) for `/readyz`, and exit 0 when it is ready, 1 otherwise — a
+/// health check for images without a shell or curl (docker compose, `HEALTHCHECK`).
+/// Returns without doing anything when the first argument is not `probe`.
+pub async fn probe_if_asked() {
+    if std::env::args().nth(1).as_deref() != Some("probe") {
+        return;
+    }
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port.parse().ok()?))
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.") && &head[8..12] == b" 200")
+    })
+    .await;
+    std::process::exit(if matches!(ready, Ok(Some(true))) {
+        0
+    } else {
+        1
+    });
+}
+
 /// Run `router` as the function `function` until the runtime or a signal stops it.
 pub async fn serve(
     function: &'static str,
