@@ -384,24 +384,16 @@ where
             (state, revision, remembered) = (A::default(), Revision::ZERO, Vec::new());
             stored = self.store.read(stream, Revision::new(1)).await?;
         }
-        let snapshot_revision = revision;
-        let mut commits = Vec::with_capacity(stored.len());
-        for s in &stored {
-            let commit = Commit::<A::Event>::decode(s)?;
-            for e in &commit.events {
-                state.apply(e);
-            }
-            revision = commit.last_revision();
-            commits.push(commit);
-        }
-        Ok(Loaded {
+        let mut loaded = Loaded {
             state,
             revision,
-            commits,
-            commits_from: snapshot_revision,
-            snapshot_revision,
+            commits: Vec::with_capacity(stored.len()),
+            commits_from: revision,
+            snapshot_revision: revision,
             remembered,
-        })
+        };
+        loaded.extend(&stored)?;
+        Ok(loaded)
     }
 
     /// After an append: keep a snapshot if the commit crossed a multiple of `every`.
