@@ -213,13 +213,7 @@ impl S3EventStore {
             .await
             .map_err(|e| format!("cannot write to bucket {}: {}", self.bucket, unavailable(e)))?;
         let second = put().await;
-        let _ = self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await;
+        let _ = self.delete(&key).await;
         match second {
             Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(()),
             Ok(_) => Err(format!(
@@ -271,6 +265,18 @@ impl S3EventStore {
                 _ => return Ok(keys),
             }
         }
+    }
+
+    /// Delete `key` (S3 answers success for a key that is not there).
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(unavailable(e)))
     }
 
     /// The whole body of object `key`.
@@ -442,14 +448,7 @@ impl Outbox for S3EventStore {
     }
 
     async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(self.outbox_key(stream, revision))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+        self.delete(&self.outbox_key(stream, revision)).await
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -516,13 +515,7 @@ impl SnapshotStore for S3EventStore {
             .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
         for (old, _) in self.list(&prefix, None).await? {
             if old < key {
-                let _ = self
-                    .client
-                    .delete_object()
-                    .bucket(&self.bucket)
-                    .key(&old)
-                    .send()
-                    .await;
+                let _ = self.delete(&old).await;
             }
         }
         Ok(())
