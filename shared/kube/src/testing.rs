@@ -61,11 +61,8 @@ impl FakeApiServer {
     }
 
     /// Store `object` at `path` (e.g. `/apis/apps/v1/namespaces/ns/deployments/name`).
-    pub fn put(&self, path: &str, mut object: Value) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-        state.objects.insert(path.to_string(), object);
+    pub fn put(&self, path: &str, object: Value) {
+        let _ = store(&mut self.state.lock().unwrap(), path.to_string(), object);
     }
 
     /// The object at `path`, if any.
