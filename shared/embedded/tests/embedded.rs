@@ -30,6 +30,21 @@ fn opened(name: &str) -> AccountEvent {
     }
 }
 
+/// Open account `id` (in USD) through `handler`.
+async fn open_account(handler: &CommandHandler<Account>, id: &AccountId) {
+    handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Open {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+}
+
 fn deposited(amount: i64, balance: i64) -> AccountEvent {
     AccountEvent::Deposited { amount, balance }
 }
@@ -178,17 +193,7 @@ async fn a_rebuild_from_the_store_gives_identical_views() {
     for n in 0..5 {
         let id = AccountId::parse(&format!("acc-{n}")).unwrap();
         let ctx = CommandContext::default();
-        handler
-            .execute(
-                id.stream_id(),
-                AccountCommand::Open {
-                    id: id.clone(),
-                    currency: Currency::USD,
-                },
-                &ctx,
-            )
-            .await
-            .unwrap();
+        open_account(&handler, &id).await;
         for k in 1..=n + 2 {
             let amount = policy.parse(&format!("{k}.25")).unwrap();
             handler
@@ -252,17 +257,7 @@ async fn handlers_in_different_processes_never_both_commit_and_retry_to_a_busine
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("shared").unwrap();
     let ctx = CommandContext::default();
-    handlers[0]
-        .execute(
-            id.stream_id(),
-            AccountCommand::Open {
-                id: id.clone(),
-                currency: Currency::USD,
-            },
-            &ctx,
-        )
-        .await
-        .unwrap();
+    open_account(&handlers[0], &id).await;
     handlers[1]
         .execute(
             id.stream_id(),
@@ -314,17 +309,7 @@ async fn a_lagging_subscriber_catches_up_from_the_store() {
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("lag").unwrap();
     let ctx = CommandContext::default();
-    handler
-        .execute(
-            id.stream_id(),
-            AccountCommand::Open {
-                id: id.clone(),
-                currency: Currency::USD,
-            },
-            &ctx,
-        )
-        .await
-        .unwrap();
+    open_account(&handler, &id).await;
     for _ in 0..9 {
         let amount = policy.parse("1").unwrap();
         handler
@@ -402,17 +387,7 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
         idempotency: Some((format!("k{n}"), "deposit 100".into())),
         ..Default::default()
     };
-    handler
-        .execute(
-            id.stream_id(),
-            AccountCommand::Open {
-                id: id.clone(),
-                currency: Currency::USD,
-            },
-            &CommandContext::default(),
-        )
-        .await
-        .unwrap();
+    open_account(&handler, &id).await;
     for n in 1..=34 {
         let amount = policy.parse("1").unwrap();
         handler
@@ -571,17 +546,7 @@ async fn an_append_that_landed_despite_an_error_is_recognised_even_behind_a_snap
     let id = AccountId::parse("ghost").unwrap();
     let plain =
         CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(4)));
-    plain
-        .execute(
-            id.stream_id(),
-            AccountCommand::Open {
-                id: id.clone(),
-                currency: Currency::USD,
-            },
-            &CommandContext::default(),
-        )
-        .await
-        .unwrap();
+    open_account(&plain, &id).await;
     let flaky = Arc::new(AmbiguousOnce {
         inner: store.clone(),
         tripped: Default::default(),
@@ -614,15 +579,11 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
     let (a, b) = (process(), process());
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("warm").unwrap();
-    let open = AccountCommand::Open {
-        id: id.clone(),
-        currency: Currency::USD,
-    };
     let deposit = |n: &str| AccountCommand::Deposit {
         amount: policy.parse(n).unwrap(),
     };
     let ctx = CommandContext::default();
-    a.execute(id.stream_id(), open, &ctx).await.unwrap();
+    open_account(&a, &id).await;
     for _ in 0..20 {
         a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
     }
