@@ -26,7 +26,6 @@ watch: ## every function under `cargo lambda watch` on :9000, against `make back
 
 up: ## docker compose: the backends, the init job, every function and the gateway on 127.0.0.1:8080
 	docker compose --profile functions up -d --build --wait
-	@for i in $$(seq 1 60); do c=$$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/accounts/none/balance); [ "$$c" != 000 ] && [ "$$c" != 503 ] && break; sleep 1; done
 	@echo "Tally on http://127.0.0.1:8080 — try: make walkthrough"
 
 backends: ## docker compose, backends only (for make watch): S3 :9002, Kafka :9092, PostgreSQL :5433, Redis :6380
