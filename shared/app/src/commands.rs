@@ -110,6 +110,14 @@ struct Loaded<A: Aggregate> {
     remembered: Vec<RememberedKey>,
 }
 
+/// What a command comes to before the append.
+enum Decided<A: Aggregate> {
+    /// Answer without appending.
+    Answer(Executed<A>),
+    /// Append this commit.
+    Append(Commit<A::Event>),
+}
+
 /// Where an idempotency key was found.
 enum KeyHit<'a, E> {
     Commit(&'a Commit<E>),
@@ -276,7 +284,7 @@ where
             Ok(executed) => Ok(executed),
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
-                let loaded = self.load(stream).await?;
+                let (loaded, _) = self.load(stream, false).await?;
                 match self.find_ours(stream, &loaded, &attempted).await? {
                     Some(commit) => Ok(self.adopt(commit).await),
                     None => Err(CommandError::Contention),
@@ -284,6 +292,18 @@ where
             }
             Err(Attempt::Failed(e)) => Err(e),
         }
+    }
+
+    /// The state of `stream` read from the store now, as a command finds it with
+    /// nothing warm: the newest usable snapshot and every commit after it, decoded and
+    /// applied. Returns the state and its revision. For tools and benchmarks; commands
+    /// load through their warm streams.
+    pub async fn load_from_store(
+        &self,
+        stream: &StreamId,
+    ) -> Result<(A, Revision), CommandError<A::Error>> {
+        let loaded = self.load_cold(stream).await?;
+        Ok((loaded.state, loaded.revision))
     }
 
     /// The commit one of our earlier attempts wrote, if one landed after all (its
@@ -340,8 +360,16 @@ where
         Some((state, snapshot.revision, snapshot.idempotency))
     }
 
-    /// The stream's state now: the warm state plus what came after it, or a cold load.
-    async fn load(&self, stream: &StreamId) -> Result<Loaded<A>, CommandError<A::Error>> {
+    /// The stream's state: the warm state plus what came after it, or a cold load.
+    /// With `trust_warm`, a warm state is taken as it is, without asking the store
+    /// what came after it; the second value says whether the store was read. A decision
+    /// on an unverified state may only end in an append, which the store's conditional
+    /// create checks (a stale state loses the race and reloads).
+    async fn load(
+        &self,
+        stream: &StreamId,
+        trust_warm: bool,
+    ) -> Result<(Loaded<A>, bool), CommandError<A::Error>> {
         let warm = self
             .warm
             .lock()
@@ -349,6 +377,7 @@ where
             .get(stream)
             .cloned();
         let loaded = match warm {
+            Some(loaded) if trust_warm => return Ok((loaded, false)),
             Some(mut loaded) => {
                 let newer = self.store.read(stream, loaded.revision.next()).await?;
                 loaded.extend(&newer)?;
@@ -357,7 +386,7 @@ where
             None => self.load_cold(stream).await?,
         };
         self.keep_warm(stream, loaded.clone());
-        Ok(loaded)
+        Ok((loaded, true))
     }
 
     fn keep_warm(&self, stream: &StreamId, mut loaded: Loaded<A>) {
@@ -433,6 +462,11 @@ where
         true
     }
 
+    /// One attempt: load, decide, and append if the decision is to append. The first
+    /// attempt trusts a warm state without reading the store (no LIST per command on a
+    /// stream this process wrote last); anything but an append decided on it — a
+    /// refusal, an idempotent replay, a revision mismatch — is decided again on a
+    /// fresh read, since only an append is checked by the store.
     async fn attempt(
         &self,
         stream: &StreamId,
@@ -440,67 +474,19 @@ where
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
-        let loaded = self.load(stream).await.map_err(Attempt::Failed)?;
-        // Did an earlier attempt of ours land after all? Then that commit is our answer.
-        let ours = self
-            .find_ours(stream, &loaded, attempted)
-            .await
-            .map_err(Attempt::Failed)?;
-        if let Some(commit) = ours {
-            return Ok(self.adopt(commit).await);
+        let first = attempted.lock().expect("attempt list poisoned").is_empty();
+        let (mut loaded, verified) = self.load(stream, first).await.map_err(Attempt::Failed)?;
+        let mut decided = self
+            .decide(stream, &loaded, command.clone(), ctx, attempted)
+            .await;
+        if !verified && !matches!(decided, Ok(Decided::Append(_))) {
+            (loaded, _) = self.load(stream, false).await.map_err(Attempt::Failed)?;
+            decided = self.decide(stream, &loaded, command, ctx, attempted).await;
         }
-        if let Some((key, fingerprint)) = &ctx.idempotency {
-            let first = match loaded.with_key(key) {
-                None => None,
-                Some(KeyHit::Commit(c)) => Some((c.metadata.fingerprint.clone(), c.clone())),
-                Some(KeyHit::Remembered(r)) => {
-                    let commit = self
-                        .commit_at(stream, r.revision)
-                        .await
-                        .map_err(Attempt::Failed)?;
-                    Some((r.fingerprint.clone(), commit))
-                }
-            };
-            if let Some((first_fingerprint, commit)) = first {
-                if first_fingerprint.as_deref() != Some(fingerprint.as_str()) {
-                    return Err(Attempt::Failed(CommandError::IdempotencyKeyReused));
-                }
-                return Ok(Executed {
-                    commit,
-                    replayed: true,
-                });
-            }
-        }
-        if let Some(expected) = ctx.expected {
-            if expected != loaded.revision {
-                return Err(Attempt::Failed(CommandError::RevisionMismatch {
-                    expected,
-                    actual: loaded.revision,
-                }));
-            }
-        }
-        let events = loaded
-            .state
-            .handle(command)
-            .map_err(|e| Attempt::Failed(CommandError::Rejected(e)))?;
-        let commit_id = format!("{:032x}", fastrand::u128(..));
-        attempted
-            .lock()
-            .expect("attempt list poisoned")
-            .push((commit_id.clone(), loaded.revision.next()));
-        let metadata = CommitMetadata {
-            idempotency_key: ctx.idempotency.as_ref().map(|(k, _)| k.clone()),
-            fingerprint: ctx.idempotency.as_ref().map(|(_, f)| f.clone()),
-            commit_id: Some(commit_id),
-            request_id: ctx.request_id.clone(),
+        let commit = match decided? {
+            Decided::Answer(executed) => return Ok(executed),
+            Decided::Append(commit) => commit,
         };
-        let commit = Commit::new(
-            stream.clone(),
-            loaded.revision.next(),
-            (self.clock)(),
-            events,
-            metadata,
-        );
         let stored = commit.encode();
         if let Some(outbox) = &self.outbox {
             outbox
@@ -534,6 +520,79 @@ where
             commit,
             replayed: false,
         })
+    }
+
+    /// What `command` comes to against `loaded`: an answer without an append (an
+    /// earlier attempt of ours landed, or the idempotency key was used before), or the
+    /// commit to append.
+    async fn decide(
+        &self,
+        stream: &StreamId,
+        loaded: &Loaded<A>,
+        command: A::Command,
+        ctx: &CommandContext,
+        attempted: &Mutex<Vec<(String, Revision)>>,
+    ) -> Result<Decided<A>, Attempt<A::Error>> {
+        // Did an earlier attempt of ours land after all? Then that commit is our answer.
+        let ours = self
+            .find_ours(stream, loaded, attempted)
+            .await
+            .map_err(Attempt::Failed)?;
+        if let Some(commit) = ours {
+            return Ok(Decided::Answer(self.adopt(commit).await));
+        }
+        if let Some((key, fingerprint)) = &ctx.idempotency {
+            let first = match loaded.with_key(key) {
+                None => None,
+                Some(KeyHit::Commit(c)) => Some((c.metadata.fingerprint.clone(), c.clone())),
+                Some(KeyHit::Remembered(r)) => {
+                    let commit = self
+                        .commit_at(stream, r.revision)
+                        .await
+                        .map_err(Attempt::Failed)?;
+                    Some((r.fingerprint.clone(), commit))
+                }
+            };
+            if let Some((first_fingerprint, commit)) = first {
+                if first_fingerprint.as_deref() != Some(fingerprint.as_str()) {
+                    return Err(Attempt::Failed(CommandError::IdempotencyKeyReused));
+                }
+                return Ok(Decided::Answer(Executed {
+                    commit,
+                    replayed: true,
+                }));
+            }
+        }
+        if let Some(expected) = ctx.expected {
+            if expected != loaded.revision {
+                return Err(Attempt::Failed(CommandError::RevisionMismatch {
+                    expected,
+                    actual: loaded.revision,
+                }));
+            }
+        }
+        let events = loaded
+            .state
+            .handle(command)
+            .map_err(|e| Attempt::Failed(CommandError::Rejected(e)))?;
+        let commit_id = format!("{:032x}", fastrand::u128(..));
+        attempted
+            .lock()
+            .expect("attempt list poisoned")
+            .push((commit_id.clone(), loaded.revision.next()));
+        let metadata = CommitMetadata {
+            idempotency_key: ctx.idempotency.as_ref().map(|(k, _)| k.clone()),
+            fingerprint: ctx.idempotency.as_ref().map(|(_, f)| f.clone()),
+            commit_id: Some(commit_id),
+            request_id: ctx.request_id.clone(),
+        };
+        Ok(Decided::Append(Commit::new(
+            stream.clone(),
+            loaded.revision.next(),
+            (self.clock)(),
+            events,
+            metadata,
+        )))
     }
 
     /// The commit that starts at `revision` (an answer remembered by a snapshot).

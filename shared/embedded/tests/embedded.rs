@@ -331,6 +331,8 @@ async fn a_lagging_subscriber_catches_up_from_the_store() {
 struct Counting {
     inner: DirEventStore,
     commits_read: std::sync::atomic::AtomicUsize,
+    /// Calls of `read` (a LIST on S3).
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Counting {
@@ -340,6 +342,7 @@ impl Counting {
         let counting = Arc::new(Counting {
             inner: store.clone(),
             commits_read: Default::default(),
+            reads: Default::default(),
         });
         (store, counting)
     }
@@ -355,6 +358,7 @@ impl EventStore for Counting {
         stream: &StreamId,
         from: Revision,
     ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let commits = self.inner.read(stream, from).await?;
         self.commits_read
             .fetch_add(commits.len(), std::sync::atomic::Ordering::SeqCst);
@@ -592,6 +596,11 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
         0,
         "a process that wrote every commit reads none of them back"
     );
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "it does not even ask the store what came after: only the open's cold load read"
+    );
 
     // Another process appends two commits (reading all 21 first: it is cold).
     b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
@@ -612,4 +621,80 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
         }],
         "and decides on the state they left"
     );
+}
+
+#[tokio::test]
+async fn a_refusal_decided_on_a_warm_state_is_decided_again_on_a_fresh_read() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counting) = Counting::open(dir.path());
+    let process =
+        || CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
+    let (a, b) = (process(), process());
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("stale-refusal").unwrap();
+    let ctx = CommandContext::default();
+    open_account(&a, &id).await;
+    // b deposits behind a's back: a's warm state still says 0.00.
+    b.execute(
+        id.stream_id(),
+        AccountCommand::Deposit {
+            amount: policy.parse("50").unwrap(),
+        },
+        &ctx,
+    )
+    .await
+    .unwrap();
+    counting.commits_read.store(0, Ordering::SeqCst);
+    let executed = a
+        .execute(
+            id.stream_id(),
+            AccountCommand::Withdraw {
+                amount: policy.parse("30").unwrap(),
+            },
+            &ctx,
+        )
+        .await
+        .expect("the withdrawal is decided on the balance b left, not refused on a stale one");
+    assert_eq!(executed.commit.revision, Revision::new(3));
+    assert_eq!(
+        executed.commit.events,
+        vec![AccountEvent::Withdrawn {
+            amount: 30_00,
+            balance: 20_00
+        }]
+    );
+    assert_eq!(
+        counting.commits_read.load(Ordering::SeqCst),
+        1,
+        "b's deposit"
+    );
+
+    // And an expected revision is checked against the store, not the warm state.
+    let (_, fresh) = Counting::open(dir.path());
+    let c = CommandHandler::<Account>::new(fresh, Arc::new(InProcessStream::new(16)));
+    c.execute(
+        id.stream_id(),
+        AccountCommand::Deposit {
+            amount: policy.parse("1").unwrap(),
+        },
+        &ctx,
+    )
+    .await
+    .unwrap();
+    let expecting_4 = CommandContext {
+        expected: Some(Revision::new(4)),
+        ..CommandContext::default()
+    };
+    let executed = a
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit {
+                amount: policy.parse("1").unwrap(),
+            },
+            &expecting_4,
+        )
+        .await
+        .expect("revision 4 is the stream's revision, though a's warm state is at 3");
+    assert_eq!(executed.commit.revision, Revision::new(5));
 }
