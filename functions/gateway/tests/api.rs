@@ -345,3 +345,10 @@ async fn health_and_readiness_answer_and_every_response_has_a_request_id() {
     assert_eq!(s, 200);
     assert_eq!(h["x-request-id"], "mine-1");
 }
+
+#[tokio::test]
+async fn the_memory_read_model_applies_a_run_of_commits_and_refuses_a_gap() {
+    let read_model = tally_embedded::MemoryReadModel::default();
+    tally_testkit::read_model::a_run_of_commits_applies_what_is_new_and_refuses_a_gap(&read_model)
+        .await;
+}

@@ -591,3 +591,14 @@ async fn a_replayed_command_never_puts_an_old_balance_back_in_the_cache() {
         (Some("3.00"), Some(3))
     );
 }
+
+#[tokio::test]
+async fn postgres_applies_a_run_of_commits_in_one_go_and_refuses_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Projector).await;
+    tally_testkit::read_model::a_run_of_commits_applies_what_is_new_and_refuses_a_gap(
+        &*host.read_model,
+    )
+    .await;
+}

@@ -25,6 +25,6 @@ pub use ports::{
     AccountView, Applied, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind,
     TransactionView,
 };
-pub use projection::{ProjectionError, Projector, RebuildReport};
+pub use projection::{ProjectionError, Projector, RebuildReport, REBUILD_CONCURRENCY};
 pub use queries::{BalanceView, Queries, QueryError};
 pub use relay::{Relay, RelayReport};

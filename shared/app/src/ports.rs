@@ -63,6 +63,24 @@ pub trait ReadModel: Send + Sync + 'static {
     async fn position(&self, id: &AccountId) -> Result<Revision, ReadModelError>;
     /// Apply one commit.
     async fn apply(&self, commit: &Commit<AccountEvent>) -> Result<Applied, ReadModelError>;
+    /// Apply contiguous commits of one stream, in order (as [`tally_es::EventStore::read`]
+    /// returns them), in as few round trips as the read model can: the path of rebuilds
+    /// and catch-ups. Commits the read model already has are skipped. `Applied` if any
+    /// was applied, `Duplicate` if none was new, `Gap` (and nothing changed) if the
+    /// first new one does not follow the read model's position.
+    async fn apply_all(&self, commits: &[Commit<AccountEvent>]) -> Result<Applied, ReadModelError> {
+        let mut outcome = Applied::Duplicate;
+        for commit in commits {
+            match self.apply(commit).await? {
+                Applied::Applied => outcome = Applied::Applied,
+                Applied::Duplicate => {}
+                gap @ Applied::Gap { .. } if outcome == Applied::Duplicate => return Ok(gap),
+                // A gap after applied commits: the caller catches up from the store.
+                Applied::Gap { .. } => return Ok(outcome),
+            }
+        }
+        Ok(outcome)
+    }
     /// One account.
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError>;
     /// Up to `limit` transactions after revision `after`, oldest first.

@@ -1,6 +1,7 @@
 //! The projector: from commits to the read model and the cache, exactly once.
 
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
+use futures::stream::{self, StreamExt};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{Commit, DecodeError, Delivery, EventStore, StoreError, StoredCommit, Subscription};
@@ -15,6 +16,14 @@ pub enum ProjectionError {
     ReadModel(#[from] ReadModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+}
+
+/// How many streams a rebuild replays at once (reads from the store and read-model
+/// transactions in flight together).
+pub const REBUILD_CONCURRENCY: usize = 8;
+
+fn decode_all(stored: &[StoredCommit]) -> Result<Vec<Commit<AccountEvent>>, DecodeError> {
+    stored.iter().map(Commit::decode).collect()
 }
 
 /// What a rebuild did.
@@ -67,20 +76,26 @@ impl Projector {
         Ok(outcome)
     }
 
-    /// Apply every commit of `id` that the store has and the read model lacks.
-    /// Returns the number of commits applied.
+    /// Apply every commit of `id` that the store has and the read model lacks, in one
+    /// [`ReadModel::apply_all`]. Returns the number of commits applied.
     pub async fn catch_up(&self, id: &AccountId) -> Result<usize, ProjectionError> {
         let position = self.read_model.position(id).await?;
-        let commits = self.store.read(id.stream_id(), position.next()).await?;
-        let mut applied = 0;
-        for stored in &commits {
-            let commit = Commit::<AccountEvent>::decode(stored)?;
-            if self.read_model.apply(&commit).await? == Applied::Applied {
-                self.write_through(&commit).await;
-                applied += 1;
+        let stored = self.store.read(id.stream_id(), position.next()).await?;
+        let commits = decode_all(&stored)?;
+        let Some(last) = commits.last() else {
+            return Ok(0);
+        };
+        match self.read_model.apply_all(&commits).await? {
+            Applied::Applied => {
+                self.write_through(last).await;
+                Ok(commits
+                    .iter()
+                    .filter(|c| c.last_revision() > position)
+                    .count())
             }
+            // Another projector got there first, or the read model moved on meanwhile.
+            Applied::Duplicate | Applied::Gap { .. } => Ok(0),
         }
-        Ok(applied)
     }
 
     /// Catch up every stream in the store (at start-up, or after a lagging subscriber).
@@ -106,7 +121,8 @@ impl Projector {
     }
 
     /// [`Projector::rebuild`], calling `progress` with the running totals after each
-    /// stream.
+    /// stream. [`REBUILD_CONCURRENCY`] streams are replayed at once, each read in full
+    /// and applied with one [`ReadModel::apply_all`].
     pub async fn rebuild_reporting(
         &self,
         mut progress: impl FnMut(&RebuildReport),
@@ -114,25 +130,33 @@ impl Projector {
         self.read_model.clear().await?;
         self.cache.clear().await;
         let mut report = RebuildReport::default();
-        for stream in self.store.streams().await? {
+        let streams = self.store.streams().await?;
+        let mut replays = stream::iter(streams)
+            .map(|stream| self.replay(AccountId::from(stream)))
+            .buffer_unordered(REBUILD_CONCURRENCY);
+        while let Some(replayed) = replays.next().await {
+            let (commits, events) = replayed?;
             report.streams += 1;
-            let id = AccountId::from(stream);
-            for stored in self
-                .store
-                .read(id.stream_id(), tally_es::Revision::new(1))
-                .await?
-            {
-                let commit = Commit::<AccountEvent>::decode(&stored)?;
-                self.read_model.apply(&commit).await?;
-                report.commits += 1;
-                report.events += commit.events.len();
-            }
-            if let Some(view) = self.read_model.account(&id).await? {
-                self.cache.put(&id, CachedBalance::from(&view)).await;
-            }
+            report.commits += commits;
+            report.events += events;
             progress(&report);
         }
         Ok(report)
+    }
+
+    /// Replay one stream into the (emptied) read model; returns its commits and events.
+    async fn replay(&self, id: AccountId) -> Result<(usize, usize), ProjectionError> {
+        let stored = self
+            .store
+            .read(id.stream_id(), tally_es::Revision::new(1))
+            .await?;
+        let commits = decode_all(&stored)?;
+        self.read_model.apply_all(&commits).await?;
+        if let Some(view) = self.read_model.account(&id).await? {
+            self.cache.put(&id, CachedBalance::from(&view)).await;
+        }
+        let events = commits.iter().map(|c| c.events.len()).sum();
+        Ok((commits.len(), events))
     }
 
     /// Follow `subscription` until it closes: handle each commit, then acknowledge it;

@@ -3,6 +3,8 @@
 //! [`PgReadModel::apply`] runs one transaction per commit: it locks the account row,
 //! applies the commit only if its first revision is exactly the stored revision + 1,
 //! skips it if it was applied before, and reports a gap otherwise — never skipping one.
+//! `apply_all` does the same for a run of commits of one stream in one transaction
+//! (one row lock, one multi-row INSERT, one UPDATE): rebuilds and catch-ups.
 //! The schema lives in `migrations/` and is embedded: [`migrate`] runs it once per
 //! deploy (the `migrate` function), not at every function's start-up.
 
@@ -81,9 +83,12 @@ fn db_revision(r: Revision) -> i64 {
 
 async fn apply_in(
     tx: &mut Transaction<'_, Postgres>,
-    commit: &Commit<AccountEvent>,
+    commits: &[Commit<AccountEvent>],
 ) -> Result<Applied, ReadModelError> {
-    let id = commit.stream.as_str();
+    let Some(first) = commits.first() else {
+        return Ok(Applied::Duplicate);
+    };
+    let id = first.stream.as_str();
     let row =
         sqlx::query("SELECT revision, balance, closed FROM accounts WHERE id = $1 FOR UPDATE")
             .bind(id)
@@ -98,72 +103,78 @@ async fn apply_in(
         ),
         None => (Revision::ZERO, 0, false),
     };
-    if commit.last_revision() <= position {
+    let new = &commits[commits.partition_point(|c| c.last_revision() <= position)..];
+    let Some(next) = new.first() else {
         return Ok(Applied::Duplicate);
-    }
-    if commit.revision != position.next() {
+    };
+    if next.revision != position.next() {
         return Ok(Applied::Gap {
             expected: position.next(),
         });
     }
-    for (rev, event) in commit.numbered() {
-        match event {
-            AccountEvent::Opened { currency, .. } => {
-                let inserted = sqlx::query(
-                    "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
-                     VALUES ($1, $2, 0, FALSE, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(currency.code())
-                .bind(db_revision(rev))
-                .bind(commit.recorded_at)
-                .execute(&mut **tx)
-                .await
-                .map_err(unavailable)?;
-                if inserted.rows_affected() == 0 {
-                    // Another transaction applied this very commit first.
-                    return Ok(Applied::Duplicate);
+    // The transactions of every new commit go in with one INSERT (arrays unnested).
+    let mut rows = TransactionRows::default();
+    for commit in new {
+        for (rev, event) in commit.numbered() {
+            match event {
+                AccountEvent::Opened { currency, .. } => {
+                    let inserted = sqlx::query(
+                        "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
+                         VALUES ($1, $2, 0, FALSE, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(currency.code())
+                    .bind(db_revision(rev))
+                    .bind(commit.recorded_at)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(unavailable)?;
+                    if inserted.rows_affected() == 0 {
+                        return Ok(Applied::Duplicate);
+                    }
                 }
+                AccountEvent::Deposited {
+                    amount,
+                    balance: after,
+                } => {
+                    balance = *after;
+                    rows.push(rev, "deposit", *amount, *after, commit.recorded_at);
+                }
+                AccountEvent::Withdrawn {
+                    amount,
+                    balance: after,
+                } => {
+                    balance = *after;
+                    rows.push(rev, "withdrawal", *amount, *after, commit.recorded_at);
+                }
+                AccountEvent::Closed => closed = true,
             }
-            AccountEvent::Deposited {
-                amount,
-                balance: after,
-            }
-            | AccountEvent::Withdrawn {
-                amount,
-                balance: after,
-            } => {
-                let kind = if matches!(event, AccountEvent::Deposited { .. }) {
-                    "deposit"
-                } else {
-                    "withdrawal"
-                };
-                balance = *after;
-                sqlx::query(
-                    "INSERT INTO transactions (account_id, revision, kind, amount, balance, recorded_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(id)
-                .bind(db_revision(rev))
-                .bind(kind)
-                .bind(amount)
-                .bind(after)
-                .bind(commit.recorded_at)
-                .execute(&mut **tx)
-                .await
-                .map_err(unavailable)?;
-            }
-            AccountEvent::Closed => closed = true,
         }
     }
+    if !rows.revision.is_empty() {
+        sqlx::query(
+            "INSERT INTO transactions (account_id, revision, kind, amount, balance, recorded_at)
+             SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[])",
+        )
+        .bind(id)
+        .bind(&rows.revision)
+        .bind(&rows.kind)
+        .bind(&rows.amount)
+        .bind(&rows.balance)
+        .bind(&rows.recorded_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    let last = new.last().expect("not empty");
     let updated = sqlx::query(
         "UPDATE accounts SET balance = $2, closed = $3, revision = $4, updated_at = $5 WHERE id = $1",
     )
     .bind(id)
     .bind(balance)
     .bind(closed)
-    .bind(db_revision(commit.last_revision()))
-    .bind(commit.recorded_at)
+    .bind(db_revision(last.last_revision()))
+    .bind(last.recorded_at)
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
@@ -173,6 +184,33 @@ async fn apply_in(
         )));
     }
     Ok(Applied::Applied)
+}
+
+/// Rows of the `transactions` table, column by column (bound as arrays).
+#[derive(Default)]
+struct TransactionRows {
+    revision: Vec<i64>,
+    kind: Vec<&'static str>,
+    amount: Vec<i64>,
+    balance: Vec<i64>,
+    recorded_at: Vec<time::OffsetDateTime>,
+}
+
+impl TransactionRows {
+    fn push(
+        &mut self,
+        revision: Revision,
+        kind: &'static str,
+        amount: i64,
+        balance: i64,
+        at: time::OffsetDateTime,
+    ) {
+        self.revision.push(db_revision(revision));
+        self.kind.push(kind);
+        self.amount.push(amount);
+        self.balance.push(balance);
+        self.recorded_at.push(at);
+    }
 }
 
 #[async_trait]
@@ -187,8 +225,14 @@ impl ReadModel for PgReadModel {
     }
 
     async fn apply(&self, commit: &Commit<AccountEvent>) -> Result<Applied, ReadModelError> {
+        self.apply_all(std::slice::from_ref(commit)).await
+    }
+
+    /// One transaction for the whole run of commits: one row lock, one INSERT of every
+    /// transaction row, one UPDATE of the account.
+    async fn apply_all(&self, commits: &[Commit<AccountEvent>]) -> Result<Applied, ReadModelError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let outcome = apply_in(&mut tx, commit).await?;
+        let outcome = apply_in(&mut tx, commits).await?;
         if outcome == Applied::Applied {
             tx.commit().await.map_err(unavailable)?;
         } else {

@@ -12,6 +12,7 @@
 
 pub mod cases;
 mod lambda;
+pub mod read_model;
 pub mod services;
 
 pub use lambda::{apigw_v2_event, FakeLambdaRuntime};

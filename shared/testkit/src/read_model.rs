@@ -1,0 +1,102 @@
+//! The read-model contract of `apply_all` (a run of commits of one stream at once),
+//! written once and checked against every read model: the in-memory one (embedded.rs)
+//! and PostgreSQL (real_backends.rs).
+
+use tally_app::{Applied, ReadModel, TransactionKind};
+use tally_domain::{AccountEvent, AccountId, Currency};
+use tally_es::{Commit, CommitMetadata, Revision};
+
+fn commit(id: &AccountId, revision: u64, event: AccountEvent) -> Commit<AccountEvent> {
+    Commit::new(
+        id.stream_id().clone(),
+        Revision::new(revision),
+        time::OffsetDateTime::now_utc(),
+        vec![event],
+        CommitMetadata::default(),
+    )
+}
+
+/// A run applies what is new and skips what is there; a run that does not follow the
+/// read model's position changes nothing and names the revision expected.
+pub async fn a_run_of_commits_applies_what_is_new_and_refuses_a_gap(read_model: &dyn ReadModel) {
+    let id = AccountId::parse(&format!("run-{:08x}", fastrand::u32(..))).unwrap();
+    let c = [
+        commit(
+            &id,
+            1,
+            AccountEvent::Opened {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+        ),
+        commit(
+            &id,
+            2,
+            AccountEvent::Deposited {
+                amount: 500,
+                balance: 500,
+            },
+        ),
+        commit(
+            &id,
+            3,
+            AccountEvent::Deposited {
+                amount: 700,
+                balance: 1200,
+            },
+        ),
+        commit(
+            &id,
+            4,
+            AccountEvent::Withdrawn {
+                amount: 200,
+                balance: 1000,
+            },
+        ),
+        commit(&id, 5, AccountEvent::Closed),
+    ];
+    let rm = read_model;
+    assert_eq!(rm.apply_all(&[]).await.unwrap(), Applied::Duplicate);
+    assert_eq!(rm.apply_all(&c[..2]).await.unwrap(), Applied::Applied);
+    assert_eq!(rm.position(&id).await.unwrap(), Revision::new(2));
+    assert_eq!(
+        rm.apply_all(&c[..3]).await.unwrap(),
+        Applied::Applied,
+        "the known prefix is skipped, the new commit applied"
+    );
+    assert_eq!(rm.apply_all(&c[..3]).await.unwrap(), Applied::Duplicate);
+    assert_eq!(
+        rm.apply_all(&c[4..]).await.unwrap(),
+        Applied::Gap {
+            expected: Revision::new(4)
+        }
+    );
+    let view = rm.account(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (view.revision, view.balance, view.closed),
+        (Revision::new(3), 1200, false),
+        "a gap changed nothing"
+    );
+    assert_eq!(rm.apply_all(&c[2..]).await.unwrap(), Applied::Applied);
+    let view = rm.account(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (view.revision, view.balance, view.closed),
+        (Revision::new(5), 1000, true)
+    );
+    let movements: Vec<_> = rm
+        .transactions(&id, Revision::ZERO, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.revision.get(), t.kind, t.amount, t.balance))
+        .collect();
+    assert_eq!(
+        movements,
+        vec![
+            (2, TransactionKind::Deposit, 500, 500),
+            (3, TransactionKind::Deposit, 700, 1200),
+            (4, TransactionKind::Withdrawal, 200, 1000),
+        ],
+        "every movement once, in order"
+    );
+}
