@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# `make bench`: the load driver (tally-bench) against `make dev` (the gateway on the
-# embedded backends) and against `make stack` (every function as its own process on
-# S3, Kafka, PostgreSQL and Redis), provisioning the services as the tests do.
-# Results: bench/results/<time>-<target>.{json,md}, and a summary on stdout.
+# `make bench`: every measurement of Tally, provisioning the services as the tests do.
 #
-#   make bench                   200 accounts, 4,000 operations at concurrency 1, 16, 64
+#   1. the load driver (tally-bench load) against `make dev` (the gateway on the
+#      embedded backends) and against `make stack` (one process per function on S3,
+#      Kafka, PostgreSQL and Redis), with the bare backends' ceiling measured first;
+#   2. rebuilds: `admin rebuild` replaying what each load wrote into an empty
+#      PostgreSQL read model (directory store → PostgreSQL, S3 → PostgreSQL);
+#   3. criterion micro-benchmarks (fold, commit encode/decode, 10k-event stream load
+#      with and without a snapshot from the directory store and from S3);
+#   4. serverless figures per function (cold start, binary size, RSS after 1k requests).
+#
+# Results: bench/results/<time>-<what>.{json,md}, and a summary on stdout.
+#
+#   make bench                   the figures (`perf` profile: release without LTO)
 #   BENCH_QUICK=1 make bench     a handful of operations, debug build: checks the harness
-#   BENCH_ARGS="--ops 10000"     more tally-bench flags (tally-bench --help)
+#   BENCH_ARGS="--ops 10000"     more `tally-bench load` flags (tally-bench load --help)
+#   BENCH_PROFILE=release        measure the LTO release build (≈30 min to build here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=${BENCH_QUICK:-}
-PROFILE=${BENCH_PROFILE:-$([ -n "$QUICK" ] && echo debug || echo release)}
+PROFILE=${BENCH_PROFILE:-$([ -n "$QUICK" ] && echo debug || echo perf)}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=$TARGET_DIR/$PROFILE
 DEV_PORT=${BENCH_DEV_PORT:-18080}
 STACK_PORT=${BENCH_STACK_PORT:-18090}
+OUT=${BENCH_OUT:-bench/results}
 args=(${BENCH_ARGS:-})
 [ -n "$QUICK" ] && args+=(--quick)
+started=$(date +%s)
 
 TALLY_BENCH_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)
 export TALLY_BENCH_COMMIT
+stamp=$(date -u +%Y-%m-%dT%H-%M-%SZ)
+mkdir -p "$OUT"
 
 ./scripts/services.sh up
 eval "$(./scripts/services.sh env)"
+export TALLY_BENCH_S3_SERVER=$TALLY_TEST_S3_SERVER TALLY_BENCH_BROKER=$TALLY_TEST_BROKER
 
 echo "bench: building ($PROFILE)" >&2
 if [ "$PROFILE" = debug ]; then cargo build --workspace --bins; else cargo build --profile "$PROFILE" --workspace --bins; fi
+[ -n "$QUICK" ] || cargo bench --profile "$PROFILE" -p tally-bench --no-run >&2
 
 wait_healthy() {
   for _ in $(seq 1 300); do
@@ -53,23 +68,61 @@ wait_routes() {
   return 1
 }
 
+# `admin rebuild` of what a load wrote: its one-line JSON summary, kept in $OUT.
+rebuild() {
+  local name=$1; shift
+  echo "bench: rebuild ($name)" >&2
+  env "$@" RUST_LOG=warn "$BIN/migrate" schema >/dev/null
+  env "$@" RUST_LOG=warn "$BIN/admin" rebuild | tail -n 1 | tee "$OUT/$stamp-rebuild-$name.json"
+}
+
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-# make dev: every route in one process, embedded backends in a fresh directory.
+# 1a. make dev: every route in one process, embedded backends in a fresh directory.
 data=$(mktemp -d)
 HOST=127.0.0.1 PORT=$DEV_PORT TALLY_DATA_DIR=$data RUST_LOG=warn "$BIN/gateway" >/dev/null 2>&1 &
 pids+=($!)
 wait_healthy "http://127.0.0.1:$DEV_PORT"
 wait_routes "http://127.0.0.1:$DEV_PORT"
-"$BIN/tally-bench" --target "dev=http://127.0.0.1:$DEV_PORT" "${args[@]}"
+"$BIN/tally-bench" --out "$OUT" load --target "dev=http://127.0.0.1:$DEV_PORT" "${args[@]}"
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
+
+# 2a. Rebuild: the dev load's directory store → an empty PostgreSQL read model.
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_rebuild" -c "create database tally_bench_rebuild"
+rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
 rm -rf "$data"
 
-# make stack: one process per function on the real backends.
+# 1b. make stack: one process per function on the real backends; the ceiling first.
 PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs ./scripts/stack.sh &
 pids+=($!)
 wait_healthy "http://127.0.0.1:$STACK_PORT"
 wait_routes "http://127.0.0.1:$STACK_PORT"
-"$BIN/tally-bench" --target "stack=http://127.0.0.1:$STACK_PORT" "${args[@]}"
+ceiling=(--ceiling)
+[ -n "$QUICK" ] && ceiling+=(--ceiling-ops 20)
+(
+  . scripts/stack-env.sh
+  "$BIN/tally-bench" --out "$OUT" load --target "stack=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${args[@]}"
+)
+cleanup; pids=()
+
+# 2b. Rebuild: the stack's S3 bucket → its PostgreSQL read model (emptied first).
+( . scripts/stack-env.sh; rebuild stack )
+
+# 3. Micro-benchmarks (skipped in quick mode: criterion's minimum runs take minutes).
+if [ -z "$QUICK" ]; then
+  (
+    . scripts/stack-env.sh
+    cargo bench --profile "$PROFILE" -p tally-bench -- --noplot 2>&1 \
+      | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|load)/|time:|thrpt:' >&2
+  )
+fi
+
+# 4. Serverless figures.
+runs=5 requests=1000
+[ -n "$QUICK" ] && runs=1 requests=20
+( . scripts/stack-env.sh
+  "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
+
+echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2

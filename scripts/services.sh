@@ -117,6 +117,8 @@ export TALLY_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export TALLY_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export TALLY_TANSU_BIN=$(tansu_bin)
 export TALLY_REDIS_SERVER_BIN=$(command -v redis-server)
+export TALLY_TEST_S3_SERVER='moto $MOTO_VERSION'
+export TALLY_TEST_BROKER='tansu $TANSU_VERSION (memory storage)'
 ENV
 }
 

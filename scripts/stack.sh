@@ -3,7 +3,7 @@
 # backends on 127.0.0.1 — the Kubernetes topology without a cluster — with the public
 # routes on :8080 through the gateway in proxy mode. Ctrl-C stops everything.
 #
-#   PROFILE=debug make stack    use a debug build (default: release)
+#   PROFILE=debug make stack    use a debug build (default: release; `make bench` uses perf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,20 +15,10 @@ mkdir -p "$LOGS"
 eval "$(./scripts/services.sh env)"
 
 echo "stack: building ($PROFILE)" >&2
-if [ "$PROFILE" = release ]; then cargo build --release --bins --workspace; else cargo build --bins --workspace; fi
+if [ "$PROFILE" = debug ]; then cargo build --bins --workspace; else cargo build --profile "$PROFILE" --bins --workspace; fi
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
 
-psql -h 127.0.0.1 -U postgres -d postgres -Atqc "select 1 from pg_database where datname = 'tally'" | grep -q 1 \
-  || psql -h 127.0.0.1 -U postgres -d postgres -qc "create database tally"
-
-export TALLY_S3_BUCKET=${TALLY_S3_BUCKET:-tally}
-export TALLY_S3_ENDPOINT=${TALLY_S3_ENDPOINT:-$TALLY_TEST_S3_ENDPOINT}
-export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-tally} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-tally-secret}
-export AWS_REGION=${AWS_REGION:-us-east-1}
-export TALLY_KAFKA_BROKERS=${TALLY_KAFKA_BROKERS:-$TALLY_TEST_KAFKA_BROKERS}
-export TALLY_KAFKA_TOPIC=${TALLY_KAFKA_TOPIC:-tally.commits}
-export TALLY_DATABASE_URL=${TALLY_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/tally}
-export TALLY_REDIS_URL=${TALLY_REDIS_URL:-$TALLY_TEST_REDIS_URL}
+. scripts/stack-env.sh
 export HOST=127.0.0.1
 export RUST_LOG=${RUST_LOG:-info}
 

@@ -12,6 +12,10 @@
 //! The same seed gives the same sequence of operations; timings are measured, never
 //! asserted.
 
+pub mod ceiling;
+pub mod fixtures;
+pub mod serverless;
+
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -124,9 +128,23 @@ pub struct Report {
     pub plan: Plan,
     pub setup: Figures,
     pub levels: Vec<Level>,
+    /// The bare backends at the same concurrency levels (`--ceiling`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<ceiling::Ceiling>,
 }
 
 impl Report {
+    /// Commands (deposits and withdrawals) per second at each level, in the mixed
+    /// workload.
+    pub fn commands_per_second(&self, level: &Level) -> f64 {
+        let commands: u64 = ["deposit", "withdraw"]
+            .iter()
+            .filter_map(|op| level.ops.get(op))
+            .map(|f| f.count)
+            .sum();
+        commands as f64 / level.seconds.max(1e-9)
+    }
+
     /// Non-2xx answers of every operation of every level (a refused withdrawal, 422,
     /// is a normal answer, not counted).
     pub fn errors(&self) -> u64 {
@@ -313,6 +331,7 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
         plan: plan.clone(),
         setup,
         levels,
+        ceiling: None,
     }
 }
 
@@ -464,6 +483,39 @@ pub fn markdown(report: &Report) -> String {
             md.push_str(&format!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {errors} |\n",
                 f.count, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+            ));
+        }
+    }
+    if let Some(ceiling) = &report.ceiling {
+        md.push_str(&format!(
+            "\n## ceiling: the bare backends ({} calls each; S3: {}, broker: {}, PostgreSQL)\n\n\
+             | concurrency | S3 conditional PUT/s (p99 ms) | produce acks/s (p99 ms) | upserts/s (p99 ms) | slowest | Tally commands/s | fraction |\n\
+             | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
+            ceiling.ops, ceiling.s3_server, ceiling.broker
+        ));
+        for c in &ceiling.levels {
+            let (slowest, per_second) = c.slowest();
+            let tally = report
+                .levels
+                .iter()
+                .find(|l| l.concurrency == c.concurrency)
+                .map(|l| report.commands_per_second(l));
+            let (tally, fraction) = match tally {
+                Some(t) => (
+                    format!("{t:.0}"),
+                    format!("{:.0} %", 100.0 * t / per_second.max(1e-9)),
+                ),
+                None => ("—".into(), "—".into()),
+            };
+            md.push_str(&format!(
+                "| {} | {:.0} ({:.1}) | {:.0} ({:.1}) | {:.0} ({:.1}) | {slowest} | {tally} | {fraction} |\n",
+                c.concurrency,
+                c.s3_conditional_put.per_second,
+                c.s3_conditional_put.p99_ms,
+                c.broker_produce.per_second,
+                c.broker_produce.p99_ms,
+                c.postgres_upsert.per_second,
+                c.postgres_upsert.p99_ms,
             ));
         }
     }

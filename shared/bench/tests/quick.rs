@@ -45,3 +45,111 @@ async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["levels"][1]["concurrency"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_the_slowest() {
+    use tally_bench::ceiling::{measure, Backends};
+    use tally_testkit::services::{fresh_database, required_env, unique};
+    let backends = Backends {
+        s3: tally_s3::S3Config {
+            endpoint: Some(required_env("TALLY_TEST_S3_ENDPOINT")),
+            bucket: unique("ceiling"),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: "test".into(),
+            secret_access_key: "test".into(),
+            session_token: None,
+        },
+        kafka_brokers: required_env("TALLY_TEST_KAFKA_BROKERS"),
+        database_url: fresh_database().await,
+        s3_server: "the test S3 server".into(),
+        broker: "the test broker".into(),
+    };
+    let ceiling = measure(&backends, &[1, 4], 12, |_| {}).await.unwrap();
+    assert_eq!(ceiling.levels.len(), 2);
+    for level in &ceiling.levels {
+        for (name, f) in [
+            ("S3", &level.s3_conditional_put),
+            ("broker", &level.broker_produce),
+            ("PostgreSQL", &level.postgres_upsert),
+        ] {
+            assert_eq!(f.count, 12, "{name} at {}", level.concurrency);
+            assert!(f.errors.is_empty(), "{name}: {:?}", f.errors);
+            assert!(f.per_second > 0.0);
+        }
+        let (_, slowest) = level.slowest();
+        assert!(slowest <= level.s3_conditional_put.per_second);
+        assert!(slowest <= level.broker_produce.per_second);
+        assert!(slowest <= level.postgres_upsert.per_second);
+    }
+
+    // In a report, the stack's commands/s is divided by the slowest backend.
+    let dir = tempfile::tempdir().unwrap();
+    let host = tally_host::Host::embedded(dir.path()).await.unwrap();
+    let app = tally_host::gateway_app(&host);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut report = run("dev", &base, &Plan::quick(), |_| {}).await;
+    report.ceiling = Some(ceiling);
+    let md = markdown(&report);
+    assert!(md.contains("## ceiling"), "{md}");
+    assert!(md.contains(" % |"), "a fraction per level: {md}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serverless_figures_cover_every_function_binary() {
+    // The function binaries sit beside this test's directory (target/<profile>/);
+    // `make test` builds them before the tests.
+    let bin_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .to_path_buf();
+    use tally_testkit::services::{required_env, unique};
+    let relay_env: Vec<(String, String)> = [
+        ("TALLY_S3_BUCKET", unique("serverless")),
+        ("TALLY_S3_ENDPOINT", required_env("TALLY_TEST_S3_ENDPOINT")),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        (
+            "TALLY_KAFKA_BROKERS",
+            required_env("TALLY_TEST_KAFKA_BROKERS"),
+        ),
+        ("TALLY_KAFKA_TOPIC", unique("serverless")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let report =
+        tally_bench::serverless::measure(&bin_dir, "debug", 1, 10, Some(&relay_env), |_| {})
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{e} (build the binaries first: cargo build --workspace --bins)")
+            });
+    let names: Vec<_> = report
+        .functions
+        .iter()
+        .map(|f| f.function.as_str())
+        .collect();
+    for f in tally_bench::serverless::FUNCTIONS {
+        assert!(names.contains(f), "{f} measured");
+    }
+    for f in &report.functions {
+        assert!(f.binary_bytes > 0, "{}", f.function);
+        if tally_bench::serverless::JOBS.contains(&f.function.as_str()) {
+            assert_eq!(f.cold_start_ms, None);
+            continue;
+        }
+        assert!(f.cold_start_ms.is_some_and(|ms| ms > 0.0), "{}", f.function);
+        assert!(
+            f.rss_after_requests_kb.is_some_and(|kb| kb > 0),
+            "{}",
+            f.function
+        );
+        assert_eq!((f.requests, f.failed_requests), (10, 0), "{}", f.function);
+    }
+    let md = tally_bench::serverless::markdown(&report);
+    assert!(md.contains("| deposit |"), "{md}");
+}

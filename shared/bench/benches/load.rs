@@ -1,0 +1,116 @@
+//! Loading a 10,000-event stream (one event per commit, as commands write them) the
+//! way a command handler does with nothing warm, with and without a snapshot:
+//!
+//! * `dir/...` — the directory store of `make dev` (a fresh temporary directory);
+//! * `s3/...` — the S3 server named by `TALLY_S3_*` / `AWS_*` (`make bench` starts
+//!   one and sets them; `eval "$(scripts/services.sh env)"` does the same by hand).
+//!   The stream is seeded once per server and reused.
+//!
+//! "With a snapshot" starts from a snapshot 50 revisions before the end, the average
+//! tail with `TALLY_SNAPSHOT_EVERY=100`. The S3 load without a snapshot is timed once,
+//! outside criterion: it is 10,000 GETs, about a minute on moto.
+//!
+//! `cargo bench --profile perf -p tally-bench --bench load`
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_app::CommandHandler;
+use tally_bench::fixtures::{seed_stream, STREAM_EVENTS};
+use tally_domain::Account;
+use tally_embedded::{DirEventStore, InProcessStream};
+use tally_es::{EventStore, Revision, SnapshotStore, StreamId};
+
+const SNAPSHOT_TAIL: u64 = 50;
+
+/// How a load is measured.
+#[derive(Clone, Copy, PartialEq)]
+enum Sampling {
+    /// Criterion's statistics (at least 10 samples).
+    Criterion,
+    /// `n` timed loads, printed as they come: for a load so slow on the test server
+    /// (10,000 GETs on moto: about a minute) that criterion's minimum of ten samples
+    /// would take most of `make bench`'s budget.
+    Timed(usize),
+}
+
+fn bench_store<S>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    store: Arc<S>,
+    without_snapshot: Sampling,
+) where
+    S: EventStore + SnapshotStore,
+{
+    let stream = StreamId::parse("bench-load-10k").expect("valid id");
+    let seeding = Instant::now();
+    rt.block_on(seed_stream(
+        &*store,
+        &*store,
+        &stream,
+        STREAM_EVENTS,
+        STREAM_EVENTS - SNAPSHOT_TAIL,
+    ))
+    .unwrap_or_else(|e| panic!("seeding the {name} store failed: {e}"));
+    eprintln!(
+        "load/{name}: stream of {STREAM_EVENTS} events ready in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    let publisher = Arc::new(InProcessStream::new(16));
+    let plain: CommandHandler<Account> = CommandHandler::new(store.clone(), publisher.clone());
+    let snapshotted: CommandHandler<Account> =
+        CommandHandler::new(store.clone(), publisher).with_snapshots(store, 100);
+    let load = |handler: &CommandHandler<Account>| {
+        let (_, revision) = rt
+            .block_on(handler.load_from_store(&stream))
+            .expect("loads");
+        assert_eq!(revision, Revision::new(STREAM_EVENTS));
+    };
+    let mut group = c.benchmark_group(format!("load/{name}"));
+    group.throughput(Throughput::Elements(STREAM_EVENTS));
+    match without_snapshot {
+        Sampling::Criterion => {
+            group
+                .sample_size(10)
+                .measurement_time(Duration::from_secs(20));
+            group.bench_function("10k events, no snapshot", |b| b.iter(|| load(&plain)));
+        }
+        Sampling::Timed(n) => {
+            for run in 1..=n {
+                let start = Instant::now();
+                load(&plain);
+                println!(
+                    "load/{name}/10k events, no snapshot\n                        time:   [one load: {:.3} s] (run {run} of {n}, timed without criterion)",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    group
+        .sample_size(50)
+        .measurement_time(Duration::from_secs(5));
+    group.bench_function("10k events, snapshot", |b| b.iter(|| load(&snapshotted)));
+    group.finish();
+}
+
+fn load(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(DirEventStore::open(dir.path()).expect("directory store"));
+    bench_store(c, &rt, "dir", store, Sampling::Criterion);
+
+    let config = tally_s3::S3Config::from_env().unwrap_or_else(|e| {
+        panic!(
+            "the S3 load benchmark needs an S3 server: {e}. `make bench` starts one; by hand: \
+             ./scripts/services.sh up && eval \"$(./scripts/services.sh env)\""
+        )
+    });
+    let s3 = Arc::new(tally_s3::S3EventStore::new(&config));
+    rt.block_on(s3.ensure_bucket())
+        .unwrap_or_else(|e| panic!("S3 server at {:?}: {e}", config.endpoint));
+    bench_store(c, &rt, "s3", s3, Sampling::Timed(1));
+}
+
+criterion_group!(benches, load);
+criterion_main!(benches);
