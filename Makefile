@@ -18,7 +18,7 @@ stack: ## every function as its own process on the real backends (S3, Kafka, Pos
 services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)
 	./scripts/services.sh up
 
-bench: ## the load driver against make dev and make stack; results in bench/results/ (BENCH_QUICK=1: a harness check)
+bench: ## load (dev, stack, ceiling), rebuild, micro-benchmarks, serverless figures; results in bench/results/ (BENCH_QUICK=1: a harness check)
 	./scripts/bench.sh
 
 watch: ## every function under `cargo lambda watch` on :9000, against `make backends` (installs cargo-lambda if missing)

@@ -602,3 +602,28 @@ async fn postgres_applies_a_run_of_commits_in_one_go_and_refuses_a_gap() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits_for_its_own() {
+    use tally_es::Outbox;
+    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &unique("outbox"));
+    store.ensure_bucket().await.unwrap();
+    let stream = StreamId::parse("batched").unwrap();
+    for n in 1..=200 {
+        store.record(&stream, Revision::new(n)).await.unwrap();
+    }
+    assert_eq!(store.pending(1000).await.unwrap().len(), 200);
+    let done = futures::future::join_all((1..=200).map(|n| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move { store.done(&stream, Revision::new(n)).await }
+    }))
+    .await;
+    assert!(done.iter().all(Result::is_ok), "{done:?}");
+    assert!(
+        store.pending(1000).await.unwrap().is_empty(),
+        "each done() returned after its entry was gone"
+    );
+    // Forgetting an entry that is not there is not an error (a relay and a command may
+    // both be done with one commit).
+    store.done(&stream, Revision::new(7)).await.unwrap();
+}

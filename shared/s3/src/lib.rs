@@ -24,12 +24,14 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tally_es::{
     check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, Snapshot,
     SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
 /// How many commit objects a read fetches at once.
 const READ_CONCURRENCY: usize = 16;
@@ -73,7 +75,17 @@ pub struct S3EventStore {
     client: Client,
     bucket: String,
     prefix: String,
+    /// Outbox entries to delete, gathered into multi-object deletes (started on first
+    /// use, inside the runtime).
+    outbox_deletes: Arc<OnceLock<DeleteQueue>>,
 }
+
+/// A key to delete and where its outcome goes.
+type DeleteRequest = (String, oneshot::Sender<Result<(), StoreError>>);
+type DeleteQueue = mpsc::UnboundedSender<DeleteRequest>;
+
+/// The most keys one DeleteObjects request may carry.
+const MAX_DELETE_BATCH: usize = 1000;
 
 type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
 
@@ -129,6 +141,7 @@ impl S3EventStore {
             client: Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
+            outbox_deletes: Arc::default(),
         }
     }
 
@@ -277,6 +290,54 @@ impl S3EventStore {
             .await
             .map(|_| ())
             .map_err(|e| StoreError::Unavailable(unavailable(e)))
+    }
+
+    /// This store without its delete queue (what the queue's own task holds, so that
+    /// the task ends when the last store is dropped).
+    fn clone_without_queue(&self) -> Self {
+        Self {
+            outbox_deletes: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Delete `keys` with one DeleteObjects request; the keys that failed, with why.
+    async fn delete_many(
+        &self,
+        keys: impl Iterator<Item = &str>,
+    ) -> Result<Vec<(String, String)>, String> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let objects = keys
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let answer = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(answer
+            .errors()
+            .iter()
+            .map(|e| {
+                (
+                    e.key().unwrap_or_default().to_owned(),
+                    format!(
+                        "{}: {}",
+                        e.code().unwrap_or("error"),
+                        e.message().unwrap_or("")
+                    ),
+                )
+            })
+            .collect())
     }
 
     /// The whole body of object `key`.
@@ -447,8 +508,21 @@ impl Outbox for S3EventStore {
             .map_err(|e| StoreError::Unavailable(unavailable(e)))
     }
 
+    /// Deletes are gathered: while one delete request is in flight, the entries done
+    /// meanwhile wait and go in the next one, a single DeleteObjects (one S3 request
+    /// for up to 1,000 entries instead of one each). Returns once the entry is gone.
     async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
-        self.delete(&self.outbox_key(stream, revision)).await
+        let queue = self.outbox_deletes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(delete_in_batches(self.clone_without_queue(), rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send((self.outbox_key(stream, revision), tx))
+            .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -485,6 +559,38 @@ impl Outbox for S3EventStore {
             });
         }
         Ok(entries)
+    }
+}
+
+/// Delete what arrives on `queue`: whatever is waiting, up to [`MAX_DELETE_BATCH`]
+/// keys, in one request, then the next batch. Ends when every store is dropped.
+async fn delete_in_batches(store: S3EventStore, mut queue: mpsc::UnboundedReceiver<DeleteRequest>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_DELETE_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == 1 {
+            let (key, reply) = batch.pop().expect("one");
+            let _ = reply.send(store.delete(&key).await);
+            continue;
+        }
+        let outcome = store
+            .delete_many(batch.iter().map(|(k, _)| k.as_str()))
+            .await;
+        for (key, reply) in batch {
+            let result = match &outcome {
+                Ok(failed) => match failed.iter().find(|(k, _)| *k == key) {
+                    Some((_, why)) => Err(StoreError::Unavailable(why.clone())),
+                    None => Ok(()),
+                },
+                Err(e) => Err(StoreError::Unavailable(e.clone())),
+            };
+            let _ = reply.send(result);
+        }
     }
 }
 
