@@ -41,7 +41,7 @@ export TALLY_BENCH_S3_SERVER=$TALLY_TEST_S3_SERVER TALLY_BENCH_BROKER=$TALLY_TES
 
 echo "bench: building ($PROFILE)" >&2
 if [ "$PROFILE" = debug ]; then cargo build --workspace --bins; else cargo build --profile "$PROFILE" --workspace --bins; fi
-[ -n "$QUICK" ] || cargo bench --profile "$PROFILE" -p tally-bench --no-run >&2
+[ -n "$QUICK" ] || cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load --no-run >&2
 
 wait_healthy() {
   for _ in $(seq 1 300); do
@@ -114,7 +114,7 @@ cleanup; pids=()
 if [ -z "$QUICK" ]; then
   (
     . scripts/stack-env.sh
-    cargo bench --profile "$PROFILE" -p tally-bench -- --noplot 2>&1 \
+    cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load 2>&1 \
       | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|load)/|time:|thrpt:' >&2
   )
 fi
