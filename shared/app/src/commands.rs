@@ -108,6 +108,10 @@ struct Loaded<A: Aggregate> {
     snapshot_revision: Revision,
     /// Idempotency keys of commits up to `commits_from`.
     remembered: Vec<RememberedKey>,
+    /// Another process wrote this stream lately: ask the store what came after this
+    /// state before the next command instead of trusting it (cleared once a read finds
+    /// nothing new).
+    shared: bool,
 }
 
 /// What a command comes to before the append.
@@ -377,9 +381,10 @@ where
             .get(stream)
             .cloned();
         let loaded = match warm {
-            Some(loaded) if trust_warm => return Ok((loaded, false)),
+            Some(loaded) if trust_warm && !loaded.shared => return Ok((loaded, false)),
             Some(mut loaded) => {
                 let newer = self.store.read(stream, loaded.revision.next()).await?;
+                loaded.shared = !newer.is_empty();
                 loaded.extend(&newer)?;
                 loaded
             }
@@ -420,6 +425,7 @@ where
             commits_from: revision,
             snapshot_revision: revision,
             remembered,
+            shared: false,
         };
         loaded.extend(&stored)?;
         Ok(loaded)
@@ -498,6 +504,19 @@ where
             Ok(()) => {}
             Err(AppendError::Conflict { .. }) => {
                 tracing::debug!(%stream, revision = %commit.revision, "append conflict; reloading");
+                if !verified {
+                    // Another process writes this stream too: read before deciding
+                    // until a read finds nothing new (a failed append costs more than
+                    // a read).
+                    if let Some(warm) = self
+                        .warm
+                        .lock()
+                        .expect("warm streams poisoned")
+                        .get_mut(stream)
+                    {
+                        warm.shared = true;
+                    }
+                }
                 return Err(Attempt::Conflict);
             }
             Err(AppendError::Unavailable(e)) => {

@@ -621,6 +621,22 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
         }],
         "and decides on the state they left"
     );
+
+    // The stream is shared now: a reads before its next command (the read finds
+    // nothing new), and trusts its warm state again after that.
+    counting.reads.store(0, Ordering::SeqCst);
+    a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "one read: nothing new"
+    );
+    a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "no read: the stream is this process's alone again"
+    );
 }
 
 #[tokio::test]
