@@ -95,6 +95,13 @@ rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=postgres://postgres@127.0.
 rm -rf "$data"
 
 # 1b. make stack: one process per function on the real backends; the ceiling first.
+# A bucket, topic and database of this run's own, so every run starts from nothing
+# (an earlier run's leftovers would be measured too) and the rebuild replays exactly
+# what this run wrote.
+run_id=bench-$(date -u +%Y%m%d%H%M%S)
+export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
+export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
+psql -h 127.0.0.1 -U postgres -d postgres -qc "create database ${run_id//-/_}"
 PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs ./scripts/stack.sh &
 pids+=($!)
 wait_healthy "http://127.0.0.1:$STACK_PORT"
@@ -114,7 +121,8 @@ cleanup; pids=()
 if [ -z "$QUICK" ]; then
   (
     . scripts/stack-env.sh
-    cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load 2>&1 \
+    # One bucket for the 10k-event stream, seeded once per S3 server and reused.
+    TALLY_S3_BUCKET=tally-bench-load cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load 2>&1 \
       | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|load)/|time:|thrpt:' >&2
   )
 fi
@@ -125,4 +133,5 @@ runs=5 requests=1000
 ( . scripts/stack-env.sh
   "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
 
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${run_id//-/_}" || true
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2

@@ -210,6 +210,26 @@ async fn the_s3_store_reads_from_any_revision_and_lists_its_streams() {
         .await
         .unwrap()
         .is_empty());
+    // One commit by its key (the relay's read): there, not there, unknown stream.
+    let third = store
+        .read_commit(&stream("beta"), Revision::new(3))
+        .await
+        .unwrap()
+        .expect("beta@3 exists");
+    assert_eq!(
+        (third.stream, third.revision),
+        (stream("beta"), Revision::new(3))
+    );
+    for (id, revision) in [("beta", 5), ("nobody", 1)] {
+        assert_eq!(
+            store
+                .read_commit(&stream(id), Revision::new(revision))
+                .await
+                .unwrap(),
+            None,
+            "{id}@{revision}"
+        );
+    }
 }
 
 #[tokio::test]

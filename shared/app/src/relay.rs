@@ -9,10 +9,14 @@
 //! past any append that could still be in flight. Several relays may run at once: a
 //! commit published twice is applied once by the projections.
 
+use futures::stream::{self, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tally_es::{EventPublisher, EventStore, Outbox, PublishError, StoreError};
 use time::OffsetDateTime;
+
+/// How many outbox entries a sweep handles at once.
+pub const RELAY_CONCURRENCY: usize = 16;
 
 /// What one sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,15 +79,22 @@ impl Relay {
         let now = OffsetDateTime::now_utc();
         let mut entries = self.outbox.pending(self.batch).await?;
         entries.sort_by_key(|e| e.recorded_at);
-        for entry in entries {
-            let age = now - entry.recorded_at;
-            if age < self.grace {
-                report.waiting += 1;
-                continue;
-            }
-            // One entry that fails (an unreadable stream, a broker hiccup) must not
-            // hold up the others: log it, leave it for the next sweep, go on.
-            match self.relay_one(&entry, age).await {
+        let (due, young): (Vec<_>, Vec<_>) = entries
+            .into_iter()
+            .partition(|e| now - e.recorded_at >= self.grace);
+        report.waiting += young.len();
+        // Several entries at once (order does not matter: the projector applies each
+        // stream in order and repairs gaps). One entry that fails (an unreadable
+        // stream, a broker hiccup) must not hold up the others: log it, leave it for
+        // the next sweep, go on.
+        let mut outcomes = stream::iter(due)
+            .map(|entry| async move {
+                let outcome = self.relay_one(&entry, now - entry.recorded_at).await;
+                (entry, outcome)
+            })
+            .buffer_unordered(RELAY_CONCURRENCY);
+        while let Some((entry, outcome)) = outcomes.next().await {
+            match outcome {
                 Ok(Some(true)) => report.published += 1,
                 Ok(Some(false)) => report.abandoned += 1,
                 Ok(None) => report.waiting += 1,

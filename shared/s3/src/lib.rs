@@ -444,6 +444,42 @@ impl EventStore for S3EventStore {
             .collect())
     }
 
+    /// One GET of the commit's own key (not a listing): the relay's path.
+    async fn read_commit(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+    ) -> Result<Option<StoredCommit>, StoreError> {
+        let key = self.commit_key(stream, revision);
+        let object = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
+        };
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .into_bytes();
+        let commit = StoredCommit::from_bytes(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+        if &commit.stream != stream || commit.revision != revision || commit.events.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "{key} holds {}@{}",
+                commit.stream, commit.revision
+            )));
+        }
+        Ok(Some(commit))
+    }
+
     async fn streams(&self) -> Result<Vec<StreamId>, StoreError> {
         let prefix = format!("{}streams/", self.prefix);
         let mut streams = Vec::new();
