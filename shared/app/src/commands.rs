@@ -205,6 +205,9 @@ pub struct CommandHandler<A: Aggregate> {
     /// still decides, and a loser reloads.
     warm: Mutex<lru::LruCache<StreamId, Loaded<A>>>,
     max_attempts: usize,
+    /// Whether a first attempt may decide on a warm state without reading the store
+    /// (see [`CommandHandler::with_trusted_warm_streams`]).
+    trust_warm: bool,
     clock: fn() -> OffsetDateTime,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -227,6 +230,7 @@ where
                 std::num::NonZeroUsize::new(WARM_STREAMS).expect("non-zero"),
             )),
             max_attempts: 20,
+            trust_warm: false,
             clock: OffsetDateTime::now_utc,
             _aggregate: PhantomData,
         }
@@ -252,6 +256,18 @@ where
     /// How commits are published after the append.
     pub fn with_publish_mode(mut self, mode: PublishMode) -> Self {
         self.publish_mode = mode;
+        self
+    }
+
+    /// Let a command's first attempt decide on a warm stream without asking the store
+    /// what came after it (no LIST per command), for a process that is the only writer
+    /// of its streams — `make dev`'s gateway. Only an append may be decided on such a
+    /// state (the conditional create checks it); a conflict marks the stream shared and
+    /// it is read first until a read finds nothing new. Where other processes write the
+    /// same streams (one function per command), a failed append costs more than the
+    /// read it saves: leave it off there.
+    pub fn with_trusted_warm_streams(mut self, trust: bool) -> Self {
+        self.trust_warm = trust;
         self
     }
 
@@ -480,7 +496,7 @@ where
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
-        let first = attempted.lock().expect("attempt list poisoned").is_empty();
+        let first = self.trust_warm && attempted.lock().expect("attempt list poisoned").is_empty();
         let (mut loaded, verified) = self.load(stream, first).await.map_err(Attempt::Failed)?;
         let mut decided = self
             .decide(stream, &loaded, command.clone(), ctx, attempted)

@@ -578,8 +578,10 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (_, counting) = Counting::open(dir.path());
-    let process =
-        || CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
+    let process = || {
+        CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
+            .with_trusted_warm_streams(true)
+    };
     let (a, b) = (process(), process());
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("warm").unwrap();
@@ -644,8 +646,10 @@ async fn a_refusal_decided_on_a_warm_state_is_decided_again_on_a_fresh_read() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (_, counting) = Counting::open(dir.path());
-    let process =
-        || CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
+    let process = || {
+        CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
+            .with_trusted_warm_streams(true)
+    };
     let (a, b) = (process(), process());
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("stale-refusal").unwrap();

@@ -181,6 +181,7 @@ impl Host {
                     let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
                         .with_snapshots(snapshots.clone(), config.snapshot_every)
                         .with_publish_mode(PublishMode::Background)
+                        .with_trusted_warm_streams(role == Role::Gateway)
                         .with_fault(fault);
                     if let Some(outbox) = &outbox {
                         commands = commands.with_outbox(outbox.clone());
@@ -195,6 +196,7 @@ impl Host {
                     });
                     let commands = CommandHandler::new(store.clone(), publisher)
                         .with_snapshots(snapshots.clone(), config.snapshot_every)
+                        .with_trusted_warm_streams(role == Role::Gateway)
                         .with_fault(fault);
                     (Arc::new(in_process), None, commands, "in-process")
                 }
