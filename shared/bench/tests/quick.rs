@@ -3,14 +3,20 @@
 
 use tally_bench::{markdown, run, Plan};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
+/// `make dev`'s gateway in-process on a free port: its data directory and base URL.
+async fn dev_gateway() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let host = tally_host::Host::embedded(dir.path()).await.unwrap();
     let app = tally_host::gateway_app(&host);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (dir, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
+    let (_dir, base) = dev_gateway().await;
 
     let plan = Plan::quick();
     let report = run("dev", &base, &plan, |_| {}).await;
@@ -84,12 +90,7 @@ async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_th
     }
 
     // In a report, the stack's commands/s is divided by the slowest backend.
-    let dir = tempfile::tempdir().unwrap();
-    let host = tally_host::Host::embedded(dir.path()).await.unwrap();
-    let app = tally_host::gateway_app(&host);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (_dir, base) = dev_gateway().await;
     let mut report = run("dev", &base, &Plan::quick(), |_| {}).await;
     report.ceiling = Some(ceiling);
     let md = markdown(&report);

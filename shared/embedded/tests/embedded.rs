@@ -573,16 +573,29 @@ async fn an_append_that_landed_despite_an_error_is_recognised_even_behind_a_snap
     assert_eq!(all.len(), 2, "the deposit was not made a second time");
 }
 
-#[tokio::test]
-async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
-    use std::sync::atomic::Ordering;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, counting) = Counting::open(dir.path());
+/// Two processes (command handlers that trust their warm streams) on one counted
+/// directory store.
+fn two_trusting_processes(
+    dir: &std::path::Path,
+) -> (
+    Arc<Counting>,
+    CommandHandler<Account>,
+    CommandHandler<Account>,
+) {
+    let (_, counting) = Counting::open(dir);
     let process = || {
         CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
             .with_trusted_warm_streams(true)
     };
     let (a, b) = (process(), process());
+    (counting, a, b)
+}
+
+#[tokio::test]
+async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (counting, a, b) = two_trusting_processes(dir.path());
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("warm").unwrap();
     let deposit = |n: &str| AccountCommand::Deposit {
@@ -645,12 +658,7 @@ async fn a_warm_stream_reads_only_what_other_processes_appended_since() {
 async fn a_refusal_decided_on_a_warm_state_is_decided_again_on_a_fresh_read() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let (_, counting) = Counting::open(dir.path());
-    let process = || {
-        CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)))
-            .with_trusted_warm_streams(true)
-    };
-    let (a, b) = (process(), process());
+    let (counting, a, b) = two_trusting_processes(dir.path());
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("stale-refusal").unwrap();
     let ctx = CommandContext::default();

@@ -345,21 +345,35 @@ impl S3EventStore {
         &self,
         key: &str,
     ) -> Result<impl std::ops::Deref<Target = [u8]>, StoreError> {
-        let object = self
+        self.get_bytes_if_any(key)
+            .await?
+            .ok_or_else(|| StoreError::Unavailable(format!("{key}: no such key")))
+    }
+
+    /// The whole body of object `key`, or `None` if there is no such key.
+    async fn get_bytes_if_any(
+        &self,
+        key: &str,
+    ) -> Result<Option<impl std::ops::Deref<Target = [u8]>>, StoreError> {
+        let object = match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
             .send()
             .await
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+        {
+            Ok(object) => object,
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
+        };
         let bytes = object
             .body
             .collect()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .into_bytes();
-        Ok(bytes)
+        Ok(Some(bytes))
     }
 
     async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
@@ -451,24 +465,9 @@ impl EventStore for S3EventStore {
         revision: Revision,
     ) -> Result<Option<StoredCommit>, StoreError> {
         let key = self.commit_key(stream, revision);
-        let object = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(object) => object,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
+        let Some(bytes) = self.get_bytes_if_any(&key).await? else {
+            return Ok(None);
         };
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .into_bytes();
         let commit = StoredCommit::from_bytes(&bytes)
             .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
         if &commit.stream != stream || commit.revision != revision || commit.events.is_empty() {
