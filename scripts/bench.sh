@@ -73,7 +73,9 @@ rebuild() {
   local name=$1; shift
   echo "bench: rebuild ($name)" >&2
   env "$@" RUST_LOG=warn "$BIN/migrate" schema >/dev/null
-  env "$@" RUST_LOG=warn "$BIN/admin" rebuild | tail -n 1 | tee "$OUT/$stamp-rebuild-$name.json"
+  env "$@" RUST_LOG=warn "$BIN/admin" rebuild | tail -n 1 \
+    | python3 -c 'import json, os, sys; r = json.loads(sys.stdin.read()); r["commit"] = os.environ["TALLY_BENCH_COMMIT"]; print(json.dumps(r))' \
+    | tee "$OUT/$stamp-rebuild-$name.json"
 }
 
 pids=()
