@@ -378,7 +378,7 @@ impl S3EventStore {
 
     async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
         let bytes = self.get_bytes(&key).await?;
-        StoredCommit::from_bytes(&bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+        parse_commit(&key, &bytes)
     }
 
     fn revision_of(&self, stream: &StreamId, key: &str) -> Result<Revision, StoreError> {
@@ -468,14 +468,8 @@ impl EventStore for S3EventStore {
         let Some(bytes) = self.get_bytes_if_any(&key).await? else {
             return Ok(None);
         };
-        let commit = StoredCommit::from_bytes(&bytes)
-            .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
-        if &commit.stream != stream || commit.revision != revision || commit.events.is_empty() {
-            return Err(StoreError::Corrupt(format!(
-                "{key} holds {}@{}",
-                commit.stream, commit.revision
-            )));
-        }
+        let commit = parse_commit(&key, &bytes)?;
+        check_contiguous(stream, revision, std::slice::from_ref(&commit))?;
         Ok(Some(commit))
     }
 
@@ -595,6 +589,11 @@ impl Outbox for S3EventStore {
         }
         Ok(entries)
     }
+}
+
+/// The commit stored under `key`; unreadable bytes are corruption.
+fn parse_commit(key: &str, bytes: &[u8]) -> Result<StoredCommit, StoreError> {
+    StoredCommit::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
 }
 
 /// Delete what arrives on `queue`: whatever is waiting, up to [`MAX_DELETE_BATCH`]
