@@ -130,22 +130,25 @@ async fn apply_in(
                     .await
                     .map_err(unavailable)?;
                     if inserted.rows_affected() == 0 {
+                        // Another transaction applied this very commit first.
                         return Ok(Applied::Duplicate);
                     }
                 }
                 AccountEvent::Deposited {
                     amount,
                     balance: after,
-                } => {
-                    balance = *after;
-                    rows.push(rev, "deposit", *amount, *after, commit.recorded_at);
                 }
-                AccountEvent::Withdrawn {
+                | AccountEvent::Withdrawn {
                     amount,
                     balance: after,
                 } => {
+                    let kind = if matches!(event, AccountEvent::Deposited { .. }) {
+                        "deposit"
+                    } else {
+                        "withdrawal"
+                    };
                     balance = *after;
-                    rows.push(rev, "withdrawal", *amount, *after, commit.recorded_at);
+                    rows.push(rev, kind, *amount, *after, commit.recorded_at);
                 }
                 AccountEvent::Closed => closed = true,
             }
