@@ -400,6 +400,10 @@ where
             Some(loaded) if trust_warm && !loaded.shared => return Ok((loaded, false)),
             Some(mut loaded) => {
                 let newer = self.store.read(stream, loaded.revision.next()).await?;
+                if newer.is_empty() && !loaded.shared {
+                    // The warm copy is this very state: nothing to put back.
+                    return Ok((loaded, true));
+                }
                 loaded.shared = !newer.is_empty();
                 loaded.extend(&newer)?;
                 loaded
@@ -484,11 +488,11 @@ where
         true
     }
 
-    /// One attempt: load, decide, and append if the decision is to append. The first
-    /// attempt trusts a warm state without reading the store (no LIST per command on a
-    /// stream this process wrote last); anything but an append decided on it — a
-    /// refusal, an idempotent replay, a revision mismatch — is decided again on a
-    /// fresh read, since only an append is checked by the store.
+    /// One attempt: load, decide, and append if the decision is to append. With
+    /// trusted warm streams, the first attempt decides on a warm state without reading
+    /// the store; anything but an append decided on it — a refusal, an idempotent
+    /// replay, a revision mismatch — is decided again on a fresh read, since only an
+    /// append is checked by the store.
     async fn attempt(
         &self,
         stream: &StreamId,
