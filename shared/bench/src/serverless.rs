@@ -202,7 +202,7 @@ pub async fn measure(
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let data = tempfile_dir()?;
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
     // A fresh connection per probe: a cold start includes the first accept.
     let probe = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -238,14 +238,13 @@ pub async fn measure(
         // Cold starts on an empty data directory: what the function itself costs, not
         // the embedded read model's catch-up of what earlier functions wrote.
         for _ in 0..runs.max(1) {
-            let empty = tempfile_dir()?;
-            let (child, _, took) = cold_start(&probe, &binary, &empty, &env).await?;
+            let empty = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let (child, _, took) = cold_start(&probe, &binary, empty.path(), &env).await?;
             starts.push(took.as_secs_f64() * 1000.0);
             stop(child);
-            let _ = std::fs::remove_dir_all(&empty);
         }
         // The requests go to a process on the shared directory (the accounts exist).
-        let (child, port, _) = cold_start(&probe, &binary, &data, &env).await?;
+        let (child, port, _) = cold_start(&probe, &binary, data.path(), &env).await?;
         let mut failed = 0;
         for i in 0..requests {
             let (method, path, body) = request(f, i);
@@ -286,7 +285,6 @@ pub async fn measure(
             .len();
         functions.push(size_only(job, binary_bytes, "(a job: runs and exits)"));
     }
-    let _ = std::fs::remove_dir_all(&data);
     Ok(ServerlessReport {
         commit: std::env::var("TALLY_BENCH_COMMIT").ok(),
         started_at,
@@ -306,12 +304,6 @@ fn size_only(function: &str, binary_bytes: u64, why: &str) -> FunctionFigures {
         failed_requests: 0,
         route: why.into(),
     }
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("tally-serverless-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    Ok(dir)
 }
 
 /// The report as a Markdown table.
