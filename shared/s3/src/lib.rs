@@ -23,6 +23,7 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
+use aws_smithy_http_client::tls;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -121,8 +122,15 @@ impl S3EventStore {
             None,
             "tally-environment",
         );
+        // HTTPS through rustls on ring (plain HTTP for a local endpoint such as MinIO's).
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
         let mut builder = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
+            .http_client(http)
             .region(Region::new(config.region.clone()))
             .credentials_provider(credentials)
             .force_path_style(true)
