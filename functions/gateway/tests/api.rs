@@ -352,3 +352,10 @@ async fn the_memory_read_model_applies_a_run_of_commits_and_refuses_a_gap() {
     tally_testkit::read_model::a_run_of_commits_applies_what_is_new_and_refuses_a_gap(&read_model)
         .await;
 }
+
+#[tokio::test]
+async fn the_memory_read_model_applies_runs_of_several_streams_each_as_alone() {
+    let read_model = tally_embedded::MemoryReadModel::default();
+    tally_testkit::read_model::runs_of_several_streams_apply_together_each_as_alone(&read_model)
+        .await;
+}

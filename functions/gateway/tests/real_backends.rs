@@ -494,6 +494,80 @@ async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identica
     assert_eq!(dump(fresh.pg.as_ref().unwrap().pool()).await, live);
 }
 
+/// More streams than one rebuild batch (`REBUILD_BATCH`), commits of one and of two
+/// events: the batched rebuild gives exactly the rows the projector gave commit by
+/// commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit() {
+    use tally_domain::{AccountEvent, Currency};
+    use tally_es::{Commit, CommitMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Tool).await;
+    let streams = tally_app::REBUILD_BATCH * 2 + 7;
+    let at = time::OffsetDateTime::now_utc();
+    let commits = (0..streams).flat_map(|n| {
+        let id = AccountId::parse(&format!("batch-{n:03}")).unwrap();
+        let commit = |revision: u64, events: Vec<AccountEvent>| {
+            Commit::new(
+                id.stream_id().clone(),
+                Revision::new(revision),
+                at,
+                events,
+                CommitMetadata::default(),
+            )
+        };
+        let amount = 100 + n as i64;
+        let mut commits = vec![
+            commit(
+                1,
+                vec![AccountEvent::Opened {
+                    id: id.clone(),
+                    currency: Currency::USD,
+                }],
+            ),
+            commit(
+                2,
+                vec![
+                    AccountEvent::Deposited {
+                        amount,
+                        balance: amount,
+                    },
+                    AccountEvent::Withdrawn {
+                        amount: 1,
+                        balance: amount - 1,
+                    },
+                ],
+            ),
+        ];
+        if n % 3 == 0 {
+            commits.push(commit(4, vec![AccountEvent::Closed]));
+        }
+        commits
+    });
+    for commit in commits {
+        let stored = commit.encode();
+        host.store.append(&stored).await.unwrap();
+        host.state.projector.handle(&stored).await.unwrap();
+    }
+    let pool = host.pg.as_ref().unwrap().pool().clone();
+    let live = dump(&pool).await;
+    assert_eq!(
+        live.len(),
+        streams * 3,
+        "an account row and two movements each"
+    );
+
+    let report = host.state.projector.rebuild().await.unwrap();
+    assert_eq!(report.streams, streams);
+    assert_eq!(report.events, streams * 3 + streams.div_ceil(3));
+    assert_eq!(
+        dump(&pool).await,
+        live,
+        "a batched rebuild gives the same rows"
+    );
+}
+
 async fn host_no_init(config: &Config) -> Host {
     Host::build(config, Role::Tool).await.unwrap()
 }
@@ -618,6 +692,17 @@ async fn postgres_applies_a_run_of_commits_in_one_go_and_refuses_a_gap() {
     let backends = Backends::fresh().await;
     let host = host(&backends.config(dir.path()), Role::Projector).await;
     tally_testkit::read_model::a_run_of_commits_applies_what_is_new_and_refuses_a_gap(
+        &*host.read_model,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_applies_runs_of_several_streams_in_one_transaction_each_as_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Projector).await;
+    tally_testkit::read_model::runs_of_several_streams_apply_together_each_as_alone(
         &*host.read_model,
     )
     .await;

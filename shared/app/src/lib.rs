@@ -25,6 +25,8 @@ pub use ports::{
     AccountView, Applied, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind,
     TransactionView,
 };
-pub use projection::{ProjectionError, Projector, RebuildReport, REBUILD_CONCURRENCY};
+pub use projection::{
+    ProjectionError, Projector, RebuildReport, REBUILD_BATCH, REBUILD_CONCURRENCY,
+};
 pub use queries::{BalanceView, Queries, QueryError};
 pub use relay::{Relay, RelayReport};

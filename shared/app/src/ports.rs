@@ -81,6 +81,21 @@ pub trait ReadModel: Send + Sync + 'static {
         }
         Ok(outcome)
     }
+    /// Apply runs of commits of distinct streams, each as [`ReadModel::apply_all`] takes
+    /// it, in as few round trips as the read model can: rebuilds and catch-ups of many
+    /// streams at once. One outcome per run, in order, each what `apply_all` of that run
+    /// alone would give. (PostgreSQL applies them in one transaction: an error applies
+    /// nothing.)
+    async fn apply_runs(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError> {
+        let mut outcomes = Vec::with_capacity(runs.len());
+        for run in runs {
+            outcomes.push(self.apply_all(run).await?);
+        }
+        Ok(outcomes)
+    }
     /// One account.
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError>;
     /// Up to `limit` transactions after revision `after`, oldest first.

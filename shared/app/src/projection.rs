@@ -4,7 +4,10 @@ use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
 use futures::stream::{self, StreamExt};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
-use tally_es::{Commit, DecodeError, Delivery, EventStore, StoreError, StoredCommit, Subscription};
+use tally_es::{
+    Commit, DecodeError, Delivery, EventStore, Revision, StoreError, StoredCommit, StreamId,
+    Subscription,
+};
 
 /// Why a commit could not be projected. Handling rule: leave the commit
 /// unacknowledged and retry it later; never skip it.
@@ -18,9 +21,12 @@ pub enum ProjectionError {
     Decode(#[from] DecodeError),
 }
 
-/// How many streams a rebuild replays at once (reads from the store and read-model
-/// transactions in flight together).
+/// How many streams a rebuild or catch-up reads from the store at once.
 pub const REBUILD_CONCURRENCY: usize = 8;
+
+/// How many streams a rebuild applies to the read model together (one
+/// [`ReadModel::apply_runs`]: one transaction on PostgreSQL).
+pub const REBUILD_BATCH: usize = 64;
 
 fn decode_all(stored: &[StoredCommit]) -> Result<Vec<Commit<AccountEvent>>, DecodeError> {
     stored.iter().map(Commit::decode).collect()
@@ -98,13 +104,20 @@ impl Projector {
         }
     }
 
-    /// Catch up every stream in the store (at start-up, or after a lagging subscriber).
-    /// A stream that fails is logged and counted in `failed`; the others go on.
+    /// Catch up every stream in the store (at start-up, or after a lagging subscriber),
+    /// [`REBUILD_CONCURRENCY`] streams at once. A stream that fails is logged and
+    /// counted in `failed`; the others go on.
     pub async fn catch_up_all(&self) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
-        for stream in self.store.streams().await? {
+        let mut catch_ups = stream::iter(self.store.streams().await?)
+            .map(|stream| async move {
+                let caught_up = self.catch_up(&AccountId::from(stream.clone())).await;
+                (stream, caught_up)
+            })
+            .buffer_unordered(REBUILD_CONCURRENCY);
+        while let Some((stream, caught_up)) = catch_ups.next().await {
             report.streams += 1;
-            match self.catch_up(&AccountId::from(stream.clone())).await {
+            match caught_up {
                 Ok(applied) => report.commits += applied,
                 Err(e) => {
                     report.failed += 1;
@@ -121,8 +134,10 @@ impl Projector {
     }
 
     /// [`Projector::rebuild`], calling `progress` with the running totals after each
-    /// stream. [`REBUILD_CONCURRENCY`] streams are replayed at once, each read in full
-    /// and applied with one [`ReadModel::apply_all`].
+    /// batch. Streams are read [`REBUILD_CONCURRENCY`] at once, in full, and applied
+    /// [`REBUILD_BATCH`] at a time with one [`ReadModel::apply_runs`]; the next batch is
+    /// read while one is applied. The cache is left empty: queries fill it from the
+    /// read model as they miss.
     pub async fn rebuild_reporting(
         &self,
         mut progress: impl FnMut(&RebuildReport),
@@ -131,32 +146,45 @@ impl Projector {
         self.cache.clear().await;
         let mut report = RebuildReport::default();
         let streams = self.store.streams().await?;
-        let mut replays = stream::iter(streams)
-            .map(|stream| self.replay(AccountId::from(stream)))
-            .buffer_unordered(REBUILD_CONCURRENCY);
-        while let Some(replayed) = replays.next().await {
-            let (commits, events) = replayed?;
-            report.streams += 1;
-            report.commits += commits;
-            report.events += events;
+        let mut batches = stream::iter(streams)
+            .map(|stream| self.read_all(stream))
+            .buffer_unordered(REBUILD_CONCURRENCY)
+            .chunks(REBUILD_BATCH)
+            .map(|read| self.replay(read))
+            .buffered(2);
+        while let Some(replayed) = batches.next().await {
+            let batch = replayed?;
+            report.streams += batch.streams;
+            report.commits += batch.commits;
+            report.events += batch.events;
             progress(&report);
         }
         Ok(report)
     }
 
-    /// Replay one stream into the (emptied) read model; returns its commits and events.
-    async fn replay(&self, id: AccountId) -> Result<(usize, usize), ProjectionError> {
-        let stored = self
-            .store
-            .read(id.stream_id(), tally_es::Revision::new(1))
-            .await?;
-        let commits = decode_all(&stored)?;
-        self.read_model.apply_all(&commits).await?;
-        if let Some(view) = self.read_model.account(&id).await? {
-            self.cache.put(&id, CachedBalance::from(&view)).await;
-        }
-        let events = commits.iter().map(|c| c.events.len()).sum();
-        Ok((commits.len(), events))
+    /// Every commit of `stream`, decoded.
+    async fn read_all(
+        &self,
+        stream: StreamId,
+    ) -> Result<Vec<Commit<AccountEvent>>, ProjectionError> {
+        let stored = self.store.read(&stream, Revision::new(1)).await?;
+        Ok(decode_all(&stored)?)
+    }
+
+    /// Replay a batch of streams read in full into the (emptied) read model.
+    async fn replay(
+        &self,
+        read: Vec<Result<Vec<Commit<AccountEvent>>, ProjectionError>>,
+    ) -> Result<RebuildReport, ProjectionError> {
+        let runs = read.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let slices: Vec<&[Commit<AccountEvent>]> = runs.iter().map(Vec::as_slice).collect();
+        self.read_model.apply_runs(&slices).await?;
+        Ok(RebuildReport {
+            streams: runs.len(),
+            commits: runs.iter().map(Vec::len).sum(),
+            events: runs.iter().flatten().map(|c| c.events.len()).sum(),
+            failed: 0,
+        })
     }
 
     /// Follow `subscription` until it closes: handle each commit, then acknowledge it;

@@ -3,14 +3,16 @@
 //! [`PgReadModel::apply`] runs one transaction per commit: it locks the account row,
 //! applies the commit only if its first revision is exactly the stored revision + 1,
 //! skips it if it was applied before, and reports a gap otherwise — never skipping one.
-//! `apply_all` does the same for a run of commits of one stream in one transaction
-//! (one row lock, one multi-row INSERT, one UPDATE): rebuilds and catch-ups.
+//! `apply_runs` does the same for runs of commits of many streams in one transaction
+//! (one query locking the rows, one multi-row INSERT per table, one UPDATE of every
+//! account): rebuilds and catch-ups; `apply` and `apply_all` are runs of one.
 //! The schema lives in `migrations/` and is embedded: [`migrate`] runs it once per
 //! deploy (the `migrate` function), not at every function's start-up.
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 use tally_app::{
@@ -81,85 +83,156 @@ fn db_revision(r: Revision) -> i64 {
     i64::try_from(r.get()).unwrap_or(i64::MAX)
 }
 
+/// What one run of commits does to its account, planned from the locked row.
+struct Planned<'a> {
+    id: &'a str,
+    /// The `Opened` event's currency, revision and time, when the run opens the account.
+    opens: Option<(&'a str, Revision, time::OffsetDateTime)>,
+    balance: i64,
+    closed: bool,
+    last: &'a Commit<AccountEvent>,
+}
+
+/// Apply runs of commits of distinct streams in `tx`: one row lock query for all of
+/// them, one INSERT of the accounts they open, one INSERT of every transaction row, one
+/// UPDATE of every account. Each run's outcome is what applying it alone would give.
 async fn apply_in(
     tx: &mut Transaction<'_, Postgres>,
-    commits: &[Commit<AccountEvent>],
-) -> Result<Applied, ReadModelError> {
-    let Some(first) = commits.first() else {
-        return Ok(Applied::Duplicate);
-    };
-    let id = first.stream.as_str();
-    let row =
-        sqlx::query("SELECT revision, balance, closed FROM accounts WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(unavailable)?;
-    let (position, mut balance, mut closed) = match &row {
-        Some(r) => (
-            revision(r.get::<i64, _>("revision")),
-            r.get::<i64, _>("balance"),
-            r.get::<bool, _>("closed"),
-        ),
-        None => (Revision::ZERO, 0, false),
-    };
-    let new = &commits[commits.partition_point(|c| c.last_revision() <= position)..];
-    let Some(next) = new.first() else {
-        return Ok(Applied::Duplicate);
-    };
-    if next.revision != position.next() {
-        return Ok(Applied::Gap {
-            expected: position.next(),
-        });
+    runs: &[&[Commit<AccountEvent>]],
+) -> Result<Vec<Applied>, ReadModelError> {
+    let mut outcomes = vec![Applied::Duplicate; runs.len()];
+    let ids: Vec<&str> = runs
+        .iter()
+        .filter_map(|run| run.first().map(|c| c.stream.as_str()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(outcomes);
     }
-    // The transactions of every new commit go in with one INSERT (arrays unnested).
+    if ids.len() != ids.iter().collect::<HashSet<_>>().len() {
+        return Err(ReadModelError(
+            "a batch holds two runs of one stream".into(),
+        ));
+    }
+    // Locked in id order, so two batches over the same accounts cannot deadlock.
+    let rows = sqlx::query(
+        "SELECT id, revision, balance, closed FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let mut current: HashMap<String, (Revision, i64, bool)> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        current.insert(
+            r.get("id"),
+            (
+                revision(r.get::<i64, _>("revision")),
+                r.get::<i64, _>("balance"),
+                r.get::<bool, _>("closed"),
+            ),
+        );
+    }
+
+    let mut plans: Vec<(usize, Planned)> = Vec::new();
     let mut rows = TransactionRows::default();
-    for commit in new {
-        for (rev, event) in commit.numbered() {
-            match event {
-                AccountEvent::Opened { currency, .. } => {
-                    let inserted = sqlx::query(
-                        "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
-                         VALUES ($1, $2, 0, FALSE, $3, $4, $4) ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(id)
-                    .bind(currency.code())
-                    .bind(db_revision(rev))
-                    .bind(commit.recorded_at)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(unavailable)?;
-                    if inserted.rows_affected() == 0 {
-                        // Another transaction applied this very commit first.
-                        return Ok(Applied::Duplicate);
+    for (i, run) in runs.iter().enumerate() {
+        let Some(first) = run.first() else { continue };
+        let id = first.stream.as_str();
+        let (position, mut balance, mut closed) =
+            current
+                .get(id)
+                .copied()
+                .unwrap_or((Revision::ZERO, 0, false));
+        let new = &run[run.partition_point(|c| c.last_revision() <= position)..];
+        let Some(next) = new.first() else { continue };
+        if next.revision != position.next() {
+            outcomes[i] = Applied::Gap {
+                expected: position.next(),
+            };
+            continue;
+        }
+        let mut opens = None;
+        for commit in new {
+            for (rev, event) in commit.numbered() {
+                match event {
+                    AccountEvent::Opened { currency, .. } => {
+                        opens = Some((currency.code(), rev, commit.recorded_at));
                     }
+                    AccountEvent::Deposited {
+                        amount,
+                        balance: after,
+                    }
+                    | AccountEvent::Withdrawn {
+                        amount,
+                        balance: after,
+                    } => {
+                        let kind = if matches!(event, AccountEvent::Deposited { .. }) {
+                            "deposit"
+                        } else {
+                            "withdrawal"
+                        };
+                        balance = *after;
+                        rows.push(id, rev, kind, *amount, *after, commit.recorded_at);
+                    }
+                    AccountEvent::Closed => closed = true,
                 }
-                AccountEvent::Deposited {
-                    amount,
-                    balance: after,
-                }
-                | AccountEvent::Withdrawn {
-                    amount,
-                    balance: after,
-                } => {
-                    let kind = if matches!(event, AccountEvent::Deposited { .. }) {
-                        "deposit"
-                    } else {
-                        "withdrawal"
-                    };
-                    balance = *after;
-                    rows.push(rev, kind, *amount, *after, commit.recorded_at);
-                }
-                AccountEvent::Closed => closed = true,
             }
         }
+        let last = new.last().expect("not empty");
+        plans.push((
+            i,
+            Planned {
+                id,
+                opens,
+                balance,
+                closed,
+                last,
+            },
+        ));
+    }
+
+    // Open the new accounts. One that is already there was opened by a concurrent
+    // transaction applying this very commit: that run is a duplicate.
+    let opening: Vec<&Planned> = plans
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.opens.is_some())
+        .collect();
+    if !opening.is_empty() {
+        let opens = || opening.iter().filter_map(|p| p.opens);
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
+             SELECT id, currency, 0, FALSE, revision, at, at
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[]) AS o(id, currency, revision, at)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+        )
+        .bind(opening.iter().map(|p| p.id).collect::<Vec<_>>())
+        .bind(opens().map(|o| o.0).collect::<Vec<_>>())
+        .bind(opens().map(|o| db_revision(o.1)).collect::<Vec<_>>())
+        .bind(opens().map(|o| o.2).collect::<Vec<_>>())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        if inserted.len() != opening.len() {
+            let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+            let lost: HashSet<&str> = opening
+                .iter()
+                .map(|p| p.id)
+                .filter(|id| !inserted.contains(id))
+                .collect();
+            plans.retain(|(_, p)| !lost.contains(p.id));
+            rows.drop_accounts(&lost);
+        }
+    }
+    if plans.is_empty() {
+        return Ok(outcomes);
     }
     if !rows.revision.is_empty() {
         sqlx::query(
             "INSERT INTO transactions (account_id, revision, kind, amount, balance, recorded_at)
-             SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[])",
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[])",
         )
-        .bind(id)
+        .bind(&rows.account_id)
         .bind(&rows.revision)
         .bind(&rows.kind)
         .bind(&rows.amount)
@@ -169,29 +242,38 @@ async fn apply_in(
         .await
         .map_err(unavailable)?;
     }
-    let last = new.last().expect("not empty");
+    let planned = || plans.iter().map(|(_, p)| p);
     let updated = sqlx::query(
-        "UPDATE accounts SET balance = $2, closed = $3, revision = $4, updated_at = $5 WHERE id = $1",
+        "UPDATE accounts AS a SET balance = u.balance, closed = u.closed, revision = u.revision, updated_at = u.at
+         FROM UNNEST($1::text[], $2::bigint[], $3::bool[], $4::bigint[], $5::timestamptz[]) AS u(id, balance, closed, revision, at)
+         WHERE a.id = u.id",
     )
-    .bind(id)
-    .bind(balance)
-    .bind(closed)
-    .bind(db_revision(last.last_revision()))
-    .bind(last.recorded_at)
+    .bind(planned().map(|p| p.id).collect::<Vec<_>>())
+    .bind(planned().map(|p| p.balance).collect::<Vec<_>>())
+    .bind(planned().map(|p| p.closed).collect::<Vec<_>>())
+    .bind(planned().map(|p| db_revision(p.last.last_revision())).collect::<Vec<_>>())
+    .bind(planned().map(|p| p.last.recorded_at).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
-    if updated.rows_affected() != 1 {
+    if updated.rows_affected() != plans.len() as u64 {
+        let missing = planned()
+            .find(|p| p.opens.is_none() && !current.contains_key(p.id))
+            .map_or("a stream", |p| p.id);
         return Err(ReadModelError(format!(
-            "stream {id} does not start with AccountOpened"
+            "stream {missing} does not start with AccountOpened"
         )));
     }
-    Ok(Applied::Applied)
+    for (i, _) in &plans {
+        outcomes[*i] = Applied::Applied;
+    }
+    Ok(outcomes)
 }
 
 /// Rows of the `transactions` table, column by column (bound as arrays).
 #[derive(Default)]
-struct TransactionRows {
+struct TransactionRows<'a> {
+    account_id: Vec<&'a str>,
     revision: Vec<i64>,
     kind: Vec<&'static str>,
     amount: Vec<i64>,
@@ -199,20 +281,44 @@ struct TransactionRows {
     recorded_at: Vec<time::OffsetDateTime>,
 }
 
-impl TransactionRows {
+impl<'a> TransactionRows<'a> {
     fn push(
         &mut self,
+        account_id: &'a str,
         revision: Revision,
         kind: &'static str,
         amount: i64,
         balance: i64,
         at: time::OffsetDateTime,
     ) {
+        self.account_id.push(account_id);
         self.revision.push(db_revision(revision));
         self.kind.push(kind);
         self.amount.push(amount);
         self.balance.push(balance);
         self.recorded_at.push(at);
+    }
+
+    /// Drop the rows of the accounts in `dropped`.
+    fn drop_accounts(&mut self, dropped: &HashSet<&str>) {
+        let keep: Vec<bool> = self
+            .account_id
+            .iter()
+            .map(|id| !dropped.contains(id))
+            .collect();
+        fn filter<T>(column: &mut Vec<T>, keep: &[bool]) {
+            let mut i = 0;
+            column.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        filter(&mut self.account_id, &keep);
+        filter(&mut self.revision, &keep);
+        filter(&mut self.kind, &keep);
+        filter(&mut self.amount, &keep);
+        filter(&mut self.balance, &keep);
+        filter(&mut self.recorded_at, &keep);
     }
 }
 
@@ -231,17 +337,25 @@ impl ReadModel for PgReadModel {
         self.apply_all(std::slice::from_ref(commit)).await
     }
 
-    /// One transaction for the whole run of commits: one row lock, one INSERT of every
-    /// transaction row, one UPDATE of the account.
     async fn apply_all(&self, commits: &[Commit<AccountEvent>]) -> Result<Applied, ReadModelError> {
+        let outcomes = self.apply_runs(&[commits]).await?;
+        Ok(outcomes[0])
+    }
+
+    /// One transaction for every run: one query locking the accounts, one INSERT of the
+    /// accounts opened, one INSERT of every transaction row, one UPDATE of the accounts.
+    async fn apply_runs(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let outcome = apply_in(&mut tx, commits).await?;
-        if outcome == Applied::Applied {
+        let outcomes = apply_in(&mut tx, runs).await?;
+        if outcomes.contains(&Applied::Applied) {
             tx.commit().await.map_err(unavailable)?;
         } else {
             tx.rollback().await.map_err(unavailable)?;
         }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError> {

@@ -1,5 +1,6 @@
-//! The read-model contract of `apply_all` (a run of commits of one stream at once),
-//! written once and checked against every read model: the in-memory one (embedded.rs)
+//! The read-model contract of `apply_all` (a run of commits of one stream at once) and
+//! `apply_runs` (runs of several streams at once),
+//! written once and checked against every read model: the in-memory one (api.rs)
 //! and PostgreSQL (real_backends.rs).
 
 use tally_app::{Applied, ReadModel, TransactionKind};
@@ -99,4 +100,99 @@ pub async fn a_run_of_commits_applies_what_is_new_and_refuses_a_gap(read_model: 
         ],
         "every movement once, in order"
     );
+}
+
+fn opened(id: &AccountId) -> Commit<AccountEvent> {
+    commit(
+        id,
+        1,
+        AccountEvent::Opened {
+            id: id.clone(),
+            currency: Currency::USD,
+        },
+    )
+}
+
+fn deposited(id: &AccountId, revision: u64, amount: i64, balance: i64) -> Commit<AccountEvent> {
+    commit(id, revision, AccountEvent::Deposited { amount, balance })
+}
+
+/// Runs of several streams applied together (`apply_runs`, the rebuild's path): each
+/// run's outcome is what it would be alone — new, partly known, known, or a gap that
+/// changes nothing — and a run that cannot apply at all fails the call.
+pub async fn runs_of_several_streams_apply_together_each_as_alone(read_model: &dyn ReadModel) {
+    let rm = read_model;
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let id = |name: &str| AccountId::parse(&format!("{name}-{tag}")).unwrap();
+    let (fresh, partly, known, gapped) = (id("fresh"), id("partly"), id("known"), id("gapped"));
+    assert_eq!(
+        rm.apply_all(&[opened(&partly), deposited(&partly, 2, 500, 500)])
+            .await
+            .unwrap(),
+        Applied::Applied
+    );
+    assert_eq!(
+        rm.apply_all(&[opened(&known)]).await.unwrap(),
+        Applied::Applied
+    );
+    assert_eq!(
+        rm.apply_all(&[opened(&gapped)]).await.unwrap(),
+        Applied::Applied
+    );
+
+    let fresh_run = [opened(&fresh), deposited(&fresh, 2, 300, 300)];
+    let partly_run = [
+        opened(&partly),
+        deposited(&partly, 2, 500, 500),
+        deposited(&partly, 3, 700, 1200),
+    ];
+    let known_run = [opened(&known)];
+    let gapped_run = [deposited(&gapped, 3, 100, 100)];
+    let outcomes = rm
+        .apply_runs(&[&fresh_run, &[], &partly_run, &known_run, &gapped_run])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            Applied::Applied,
+            Applied::Duplicate,
+            Applied::Applied,
+            Applied::Duplicate,
+            Applied::Gap {
+                expected: Revision::new(2)
+            },
+        ]
+    );
+    let state = |id: AccountId| async move {
+        let view = rm.account(&id).await.unwrap().unwrap();
+        let movements: Vec<_> = rm
+            .transactions(&id, Revision::ZERO, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.revision.get(), t.amount, t.balance))
+            .collect();
+        (view.revision.get(), view.balance, movements)
+    };
+    assert_eq!(state(fresh.clone()).await, (2, 300, vec![(2, 300, 300)]));
+    assert_eq!(
+        state(partly.clone()).await,
+        (3, 1200, vec![(2, 500, 500), (3, 700, 1200)]),
+        "the known prefix is skipped, not applied twice"
+    );
+    assert_eq!(state(known.clone()).await, (1, 0, vec![]));
+    assert_eq!(
+        state(gapped.clone()).await,
+        (1, 0, vec![]),
+        "a gap changes nothing"
+    );
+
+    // A stream the read model has never seen must start with its opening.
+    let orphan = id("orphan");
+    assert!(rm
+        .apply_runs(&[&[deposited(&orphan, 1, 100, 100)]])
+        .await
+        .is_err());
+    assert!(rm.account(&orphan).await.unwrap().is_none());
 }
