@@ -29,8 +29,7 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 #    configure script (mklove, bash) and GNU make: gcc, g++ (configure requires a C++
 #    compiler), make, perl, pkg-config; python3 only for an optional linker script.
 #    No cmake: the crate's `cmake-build` feature is off.
-#  - aws-lc-sys (rustls' crypto, through aws-sdk-s3 and kube): a C compiler only on
-#    x86_64/aarch64 Linux (pregenerated bindings, its cc builder).
+#  - ring (rustls' crypto for the S3 client and kube): a C compiler (its cc builder).
 #  - zlib: built from source and linked statically by libz-sys (LIBZ_SYS_STATIC=1
 #    below), because the distroless runtime has no libz.so.1.
 RUN apt-get update \
@@ -77,7 +76,7 @@ RUN --mount=type=cache,id=tally-cargo-registry,target=/usr/local/cargo/registry,
 # ---------------------------------------------------------------------------- runtime
 # distroless/cc: glibc, libgcc_s, libstdc++, libssl3, CA certificates, tzdata and a
 # nonroot user (65532) — no shell, no package manager. The binaries need glibc and
-# libgcc_s only (TLS is rustls on aws-lc; zlib and librdkafka are static).
+# libgcc_s only (TLS is rustls on ring; zlib and librdkafka are static).
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 
 ARG VERSION=0.1.0
