@@ -52,5 +52,14 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fold, codec);
+// Shorter than criterion's default (3 s warm-up, 5 s measuring): these run in
+// microseconds, their confidence intervals stay within 0.5 %, and `make bench` keeps
+// to its ten minutes.
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = fold, codec
+}
 criterion_main!(benches);
