@@ -73,6 +73,7 @@ pub fn lambda_mode() -> bool {
 
 /// Wrap a function's router with the health routes and the common layers.
 pub fn app(function: &'static str, router: Router, readiness: Arc<dyn Readiness>) -> Router {
+    telemetry::start_recorder();
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
