@@ -85,12 +85,22 @@ fn db_revision(r: Revision) -> i64 {
 
 /// What one run of commits does to its account, planned from the locked row.
 struct Planned<'a> {
+    /// The run's place in the batch (its outcome's index).
+    index: usize,
     id: &'a str,
+    /// The commits the read model lacks, starting right after its position.
+    new: &'a [Commit<AccountEvent>],
     /// The `Opened` event's currency, revision and time, when the run opens the account.
     opens: Option<(&'a str, Revision, time::OffsetDateTime)>,
+    /// The account after the run (before it: as the locked row has it).
     balance: i64,
     closed: bool,
-    last: &'a Commit<AccountEvent>,
+}
+
+impl Planned<'_> {
+    fn last(&self) -> &Commit<AccountEvent> {
+        self.new.last().expect("a plan has new commits")
+    }
 }
 
 /// Apply runs of commits of distinct streams in `tx`: one row lock query for all of
@@ -133,12 +143,11 @@ async fn apply_in(
         );
     }
 
-    let mut plans: Vec<(usize, Planned)> = Vec::new();
-    let mut rows = TransactionRows::default();
-    for (i, run) in runs.iter().enumerate() {
+    let mut plans: Vec<Planned> = Vec::new();
+    for (index, run) in runs.iter().enumerate() {
         let Some(first) = run.first() else { continue };
         let id = first.stream.as_str();
-        let (position, mut balance, mut closed) =
+        let (position, balance, closed) =
             current
                 .get(id)
                 .copied()
@@ -146,58 +155,35 @@ async fn apply_in(
         let new = &run[run.partition_point(|c| c.last_revision() <= position)..];
         let Some(next) = new.first() else { continue };
         if next.revision != position.next() {
-            outcomes[i] = Applied::Gap {
+            outcomes[index] = Applied::Gap {
                 expected: position.next(),
             };
             continue;
         }
-        let mut opens = None;
-        for commit in new {
-            for (rev, event) in commit.numbered() {
-                match event {
-                    AccountEvent::Opened { currency, .. } => {
-                        opens = Some((currency.code(), rev, commit.recorded_at));
-                    }
-                    AccountEvent::Deposited {
-                        amount,
-                        balance: after,
-                    }
-                    | AccountEvent::Withdrawn {
-                        amount,
-                        balance: after,
-                    } => {
-                        let kind = if matches!(event, AccountEvent::Deposited { .. }) {
-                            "deposit"
-                        } else {
-                            "withdrawal"
-                        };
-                        balance = *after;
-                        rows.push(id, rev, kind, *amount, *after, commit.recorded_at);
-                    }
-                    AccountEvent::Closed => closed = true,
-                }
+        let opens = match (position, next.events.first()) {
+            (Revision::ZERO, Some(AccountEvent::Opened { currency, .. })) => {
+                Some((currency.code(), next.revision, next.recorded_at))
             }
-        }
-        let last = new.last().expect("not empty");
-        plans.push((
-            i,
-            Planned {
-                id,
-                opens,
-                balance,
-                closed,
-                last,
-            },
-        ));
+            (Revision::ZERO, _) => {
+                return Err(ReadModelError(format!(
+                    "stream {id} does not start with AccountOpened"
+                )))
+            }
+            _ => None,
+        };
+        plans.push(Planned {
+            index,
+            id,
+            new,
+            opens,
+            balance,
+            closed,
+        });
     }
 
     // Open the new accounts. One that is already there was opened by a concurrent
     // transaction applying this very commit: that run is a duplicate.
-    let opening: Vec<&Planned> = plans
-        .iter()
-        .map(|(_, p)| p)
-        .filter(|p| p.opens.is_some())
-        .collect();
+    let opening: Vec<&Planned> = plans.iter().filter(|p| p.opens.is_some()).collect();
     if !opening.is_empty() {
         let opens = || opening.iter().filter_map(|p| p.opens);
         let inserted: Vec<String> = sqlx::query_scalar(
@@ -215,17 +201,40 @@ async fn apply_in(
         .map_err(unavailable)?;
         if inserted.len() != opening.len() {
             let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
-            let lost: HashSet<&str> = opening
-                .iter()
-                .map(|p| p.id)
-                .filter(|id| !inserted.contains(id))
-                .collect();
-            plans.retain(|(_, p)| !lost.contains(p.id));
-            rows.drop_accounts(&lost);
+            plans.retain(|p| p.opens.is_none() || inserted.contains(p.id));
         }
     }
     if plans.is_empty() {
         return Ok(outcomes);
+    }
+
+    // The transactions of every run that goes in, with one INSERT (arrays unnested).
+    let mut rows = TransactionRows::default();
+    for plan in &mut plans {
+        for commit in plan.new {
+            for (rev, event) in commit.numbered() {
+                match event {
+                    AccountEvent::Opened { .. } => {}
+                    AccountEvent::Deposited {
+                        amount,
+                        balance: after,
+                    }
+                    | AccountEvent::Withdrawn {
+                        amount,
+                        balance: after,
+                    } => {
+                        let kind = if matches!(event, AccountEvent::Deposited { .. }) {
+                            "deposit"
+                        } else {
+                            "withdrawal"
+                        };
+                        plan.balance = *after;
+                        rows.push(plan.id, rev, kind, *amount, *after, commit.recorded_at);
+                    }
+                    AccountEvent::Closed => plan.closed = true,
+                }
+            }
+        }
     }
     if !rows.revision.is_empty() {
         sqlx::query(
@@ -242,30 +251,29 @@ async fn apply_in(
         .await
         .map_err(unavailable)?;
     }
-    let planned = || plans.iter().map(|(_, p)| p);
     let updated = sqlx::query(
         "UPDATE accounts AS a SET balance = u.balance, closed = u.closed, revision = u.revision, updated_at = u.at
          FROM UNNEST($1::text[], $2::bigint[], $3::bool[], $4::bigint[], $5::timestamptz[]) AS u(id, balance, closed, revision, at)
          WHERE a.id = u.id",
     )
-    .bind(planned().map(|p| p.id).collect::<Vec<_>>())
-    .bind(planned().map(|p| p.balance).collect::<Vec<_>>())
-    .bind(planned().map(|p| p.closed).collect::<Vec<_>>())
-    .bind(planned().map(|p| db_revision(p.last.last_revision())).collect::<Vec<_>>())
-    .bind(planned().map(|p| p.last.recorded_at).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.id).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.balance).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.closed).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| db_revision(p.last().last_revision())).collect::<Vec<_>>())
+    .bind(plans.iter().map(|p| p.last().recorded_at).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
     if updated.rows_affected() != plans.len() as u64 {
-        let missing = planned()
-            .find(|p| p.opens.is_none() && !current.contains_key(p.id))
-            .map_or("a stream", |p| p.id);
+        // Every row was locked or inserted above: this would be a bug, not a race.
         return Err(ReadModelError(format!(
-            "stream {missing} does not start with AccountOpened"
+            "updated {} of {} accounts",
+            updated.rows_affected(),
+            plans.len()
         )));
     }
-    for (i, _) in &plans {
-        outcomes[*i] = Applied::Applied;
+    for plan in &plans {
+        outcomes[plan.index] = Applied::Applied;
     }
     Ok(outcomes)
 }
@@ -297,28 +305,6 @@ impl<'a> TransactionRows<'a> {
         self.amount.push(amount);
         self.balance.push(balance);
         self.recorded_at.push(at);
-    }
-
-    /// Drop the rows of the accounts in `dropped`.
-    fn drop_accounts(&mut self, dropped: &HashSet<&str>) {
-        let keep: Vec<bool> = self
-            .account_id
-            .iter()
-            .map(|id| !dropped.contains(id))
-            .collect();
-        fn filter<T>(column: &mut Vec<T>, keep: &[bool]) {
-            let mut i = 0;
-            column.retain(|_| {
-                i += 1;
-                keep[i - 1]
-            });
-        }
-        filter(&mut self.account_id, &keep);
-        filter(&mut self.revision, &keep);
-        filter(&mut self.kind, &keep);
-        filter(&mut self.amount, &keep);
-        filter(&mut self.balance, &keep);
-        filter(&mut self.recorded_at, &keep);
     }
 }
 
