@@ -68,8 +68,8 @@ fn record(m: Measured) {
 
 /// Count the request and time it, labelled by the matched route (never the raw path,
 /// which would carry account ids into label values).
+/// (`app()` has started building the recorder.)
 pub(crate) async fn track(function: &'static str, request: Request, next: Next) -> Response {
-    start_recorder();
     let start = Instant::now();
     let method = request.method().as_str().to_owned();
     let route = request
