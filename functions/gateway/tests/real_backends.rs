@@ -78,6 +78,7 @@ fn s3_store(endpoint: &str, bucket: &str) -> S3EventStore {
         secret_access_key: "test".into(),
         session_token: None,
     })
+    .unwrap()
 }
 
 /// A gateway over `host` on a free loopback port.
@@ -637,15 +638,8 @@ async fn the_s3_store_keeps_the_newest_snapshot_and_commands_load_from_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(latest.map(|s| s.revision.get()), Some(10));
-    let keys = s3
-        .client()
-        .list_objects_v2()
-        .bucket(s3.bucket())
-        .prefix("snapshots/snap/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(keys.contents().len(), 1, "older snapshots are deleted");
+    let keys = s3.keys("snapshots/snap/").await.unwrap();
+    assert_eq!(keys.len(), 1, "older snapshots are deleted: {keys:?}");
     let (s, b) = api
         .post("/accounts/snap/withdraw", r#"{"Amount": 7.50}"#)
         .await;

@@ -98,30 +98,9 @@ impl Stack {
             access_key_id: "test".into(),
             secret_access_key: "test".into(),
             session_token: None,
-        });
-        let mut keys = Vec::new();
-        let mut token = None;
-        loop {
-            let mut req = store
-                .client()
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix("streams/");
-            if let Some(t) = token {
-                req = req.continuation_token(t);
-            }
-            let page = req.send().await.unwrap();
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_owned)),
-            );
-            match page.next_continuation_token() {
-                Some(t) => token = Some(t.to_owned()),
-                None => break,
-            }
-        }
-        keys
+        })
+        .unwrap();
+        store.keys("streams/").await.unwrap()
     }
 }
 

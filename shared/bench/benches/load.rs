@@ -106,7 +106,7 @@ fn load(c: &mut Criterion) {
              ./scripts/services.sh up && eval \"$(./scripts/services.sh env)\""
         )
     });
-    let s3 = Arc::new(tally_s3::S3EventStore::new(&config));
+    let s3 = Arc::new(tally_s3::S3EventStore::new(&config).unwrap_or_else(|e| panic!("{e}")));
     rt.block_on(s3.ensure_bucket())
         .unwrap_or_else(|e| panic!("S3 server at {:?}: {e}", config.endpoint));
     bench_store(c, &rt, "s3", s3, Sampling::Timed(1));

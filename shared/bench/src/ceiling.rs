@@ -108,7 +108,7 @@ pub async fn measure(
     ops: usize,
     progress: impl Fn(&str),
 ) -> Result<Ceiling, String> {
-    let s3 = tally_s3::S3EventStore::new(&backends.s3);
+    let s3 = tally_s3::S3EventStore::new(&backends.s3)?;
     s3.ensure_bucket().await.map_err(|e| e.to_string())?;
     let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
         brokers: backends.kafka_brokers.clone(),
@@ -146,15 +146,9 @@ pub async fn measure(
     for &c in concurrency {
         progress(&format!("ceiling: S3 conditional PUTs at concurrency {c}"));
         let s3_conditional_put = drive(ops, c, |i| {
-            let request = s3
-                .client()
-                .put_object()
-                .bucket(s3.bucket())
-                .key(format!("bench-ceiling/{run}/{c}/{i:08}.json"))
-                .if_none_match("*")
-                .content_type("application/json")
-                .body(body.clone().into());
-            async move { request.send().await.is_ok() }
+            let (s3, body) = (&s3, body.clone());
+            let key = format!("bench-ceiling/{run}/{c}/{i:08}.json");
+            async move { matches!(s3.create(&key, body, "application/json").await, Ok(true)) }
         })
         .await;
         progress(&format!("ceiling: broker produce acks at concurrency {c}"));

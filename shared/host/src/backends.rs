@@ -117,7 +117,7 @@ impl Host {
             kind: store_kind,
         } = match config.s3()? {
             Some(s3_config) => {
-                let s3 = tally_s3::S3EventStore::new(&s3_config);
+                let s3 = tally_s3::S3EventStore::new(&s3_config)?;
                 StoreParts {
                     store: Arc::new(s3.clone()),
                     outbox: Some(Arc::new(s3.clone())),

@@ -10,21 +10,20 @@
 //! * `outbox/{stream}/{revision:020}` — the outbox (see `tally_es::Outbox`).
 //!
 //! Reads list a stream's keys from a start-after cursor and fetch the commits
-//! concurrently. The SDK retries transient errors (standard mode: bounded attempts,
-//! exponential backoff with jitter) and every call has connect, attempt and operation
-//! timeouts. [`S3EventStore::verify_conditional_writes`] proves at start-up that the
+//! concurrently. Requests are built and signed (SigV4) by `rusty-s3` and sent by one
+//! pooled `reqwest` client (HTTP/1.1 keep-alive; HTTPS through rustls on ring). A
+//! transient failure (no connection, a timeout, a 5xx or 429) is retried twice with
+//! exponential backoff and jitter (`backon`); every call has connect, attempt and
+//! operation timeouts. [`S3EventStore::verify_conditional_writes`] proves at start-up that the
 //! server refuses a second conditional create of one key; a store that ignores the
 //! header would silently lose updates, so Tally refuses to start on it.
 
 use async_trait::async_trait;
-use aws_sdk_s3::config::retry::RetryConfig;
-use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::Client;
-use aws_smithy_http_client::tls;
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use rusty_s3::actions::{ListObjectsV2, ObjectIdentifier};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tally_es::{
@@ -36,6 +35,15 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How many commit objects a read fetches at once.
 const READ_CONCURRENCY: usize = 16;
+/// Connecting to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// One attempt of a request, its body included.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A whole call, retries included.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a signed request stays valid (it is sent at once; this covers clock skew
+/// and the retries).
+const SIGNATURE_VALIDITY: Duration = Duration::from_secs(300);
 
 /// Where the store is.
 #[derive(Clone, Debug)]
@@ -73,8 +81,9 @@ impl S3Config {
 /// The S3 event store.
 #[derive(Clone, Debug)]
 pub struct S3EventStore {
-    client: Client,
-    bucket: String,
+    http: reqwest::Client,
+    bucket: Arc<Bucket>,
+    credentials: Arc<Credentials>,
     prefix: String,
     /// Outbox entries to delete, gathered into multi-object deletes (started on first
     /// use, inside the runtime).
@@ -88,79 +97,124 @@ type DeleteQueue = mpsc::UnboundedSender<DeleteRequest>;
 /// The most keys one DeleteObjects request may carry.
 const MAX_DELETE_BATCH: usize = 1000;
 
-type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
+/// A signed request, ready to send (again, on a retry).
+struct Call {
+    method: reqwest::Method,
+    url: url::Url,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+}
 
-fn unavailable<E>(e: SdkError<E, HttpResponse>) -> String
-where
-    E: std::error::Error + ProvideErrorMetadata + 'static,
-{
-    match &e {
-        SdkError::ServiceError(se) => format!(
-            "{}: {}",
-            se.err().code().unwrap_or("error"),
-            se.err().message().unwrap_or("")
-        ),
-        other => aws_sdk_s3::error::DisplayErrorContext(other)
-            .to_string()
-            .chars()
-            .take(300)
-            .collect(),
+/// What the server answered (any status it did not ask us to retry).
+struct Answer {
+    status: u16,
+    body: Bytes,
+}
+
+impl Answer {
+    fn success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The S3 error code (`NoSuchBucket`, `BucketAlreadyOwnedByYou`, ...), if the body
+    /// is an S3 error document.
+    fn code(&self) -> Option<&str> {
+        xml_text(&self.body, "Code")
+    }
+
+    /// Why the request failed, for an error message.
+    fn error(&self) -> String {
+        match (self.code(), xml_text(&self.body, "Message")) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => format!("HTTP {}", self.status),
+        }
     }
 }
 
-fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
-    e.raw_response().map(|r| r.status().as_u16())
+/// A request that failed in a way worth trying again: no answer, or a server error.
+#[derive(Debug)]
+enum Transient {
+    Transport(String),
+    Server(u16, String),
+}
+
+impl std::fmt::Display for Transient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transient::Transport(why) => f.write_str(why),
+            Transient::Server(status, why) => write!(f, "HTTP {status}: {why}"),
+        }
+    }
+}
+
+/// The text of the first `<tag>` element of an S3 XML document (error documents hold
+/// a flat `Code` and `Message`).
+fn xml_text<'a>(body: &'a [u8], tag: &str) -> Option<&'a str> {
+    let body = std::str::from_utf8(body).ok()?;
+    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let len = body[start..].find(&format!("</{tag}>"))?;
+    Some(&body[start..start + len])
+}
+
+/// `e` and its sources, `: `-separated (reqwest's own message names only the URL).
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn unavailable(why: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(why.to_string())
 }
 
 impl S3EventStore {
-    /// A store over `config`. Does not touch the network.
-    pub fn new(config: &S3Config) -> Self {
-        let credentials = Credentials::new(
-            &config.access_key_id,
-            &config.secret_access_key,
-            config.session_token.clone(),
-            None,
-            "tally-environment",
-        );
-        // HTTPS through rustls on ring (plain HTTP for a local endpoint such as MinIO's).
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut builder = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .http_client(http)
-            .region(Region::new(config.region.clone()))
-            .credentials_provider(credentials)
-            .force_path_style(true)
-            .retry_config(RetryConfig::standard().with_max_attempts(3))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(1))
-                    .operation_attempt_timeout(Duration::from_secs(3))
-                    .operation_timeout(Duration::from_secs(10))
-                    .build(),
-            );
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.endpoint_url(endpoint);
-        }
-        Self {
-            client: Client::from_conf(builder.build()),
-            bucket: config.bucket.clone(),
+    /// A store over `config`. Does not touch the network; fails only on an endpoint
+    /// that is not an `http(s)://` URL.
+    pub fn new(config: &S3Config) -> Result<Self, String> {
+        let endpoint = match &config.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => format!("https://s3.{}.amazonaws.com", config.region),
+        };
+        let url = endpoint
+            .parse()
+            .map_err(|e| format!("TALLY_S3_ENDPOINT {endpoint:?}: {e}"))?;
+        let bucket = Bucket::new(
+            url,
+            UrlStyle::Path,
+            config.bucket.clone(),
+            config.region.clone(),
+        )
+        .map_err(|e| format!("S3 bucket {:?} at {endpoint}: {e}", config.bucket))?;
+        let credentials = match &config.session_token {
+            Some(token) => {
+                Credentials::new_with_token(&config.access_key_id, &config.secret_access_key, token)
+            }
+            None => Credentials::new(&config.access_key_id, &config.secret_access_key),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(ATTEMPT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("S3 HTTP client: {}", describe(&e)))?;
+        Ok(Self {
+            http,
+            bucket: Arc::new(bucket),
+            credentials: Arc::new(credentials),
             prefix: config.prefix.clone(),
             outbox_deletes: Arc::default(),
-        }
-    }
-
-    /// The SDK client (for tools and tests).
-    pub fn client(&self) -> &Client {
-        &self.client
+        })
     }
 
     /// The bucket.
     pub fn bucket(&self) -> &str {
-        &self.bucket
+        self.bucket.name()
     }
 
     fn stream_prefix(&self, stream: &StreamId) -> String {
@@ -184,35 +238,124 @@ impl S3EventStore {
         )
     }
 
+    /// Sign `action` with `headers` (sent as they are signed) for a request with `body`.
+    fn call<'a, A: S3Action<'a>>(
+        mut action: A,
+        headers: &[(&'static str, &'a str)],
+        body: Bytes,
+    ) -> Call {
+        for (name, value) in headers {
+            action.headers_mut().insert(*name, *value);
+        }
+        let method = match A::METHOD {
+            rusty_s3::Method::Head => reqwest::Method::HEAD,
+            rusty_s3::Method::Get => reqwest::Method::GET,
+            rusty_s3::Method::Post => reqwest::Method::POST,
+            rusty_s3::Method::Put => reqwest::Method::PUT,
+            rusty_s3::Method::Delete => reqwest::Method::DELETE,
+        };
+        Call {
+            method,
+            url: action.sign(SIGNATURE_VALIDITY),
+            headers: headers.iter().map(|(n, v)| (*n, (*v).to_owned())).collect(),
+            body,
+        }
+    }
+
+    /// Send `call`, retrying what is transient, within the operation timeout.
+    async fn send(&self, call: Call) -> Result<Answer, StoreError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_secs(1))
+            .with_max_times(2)
+            .with_jitter();
+        let attempts = (|| self.attempt(&call)).retry(backoff).notify(|e, after| {
+            tracing::debug!(url = %call.url.path(), error = %e, ?after, "S3 request retried");
+        });
+        match tokio::time::timeout(OPERATION_TIMEOUT, attempts).await {
+            Ok(answer) => answer.map_err(unavailable),
+            Err(_) => Err(unavailable(format!(
+                "S3 {} {}: no answer within {OPERATION_TIMEOUT:?}",
+                call.method,
+                call.url.path()
+            ))),
+        }
+    }
+
+    async fn attempt(&self, call: &Call) -> Result<Answer, Transient> {
+        let mut request = self.http.request(call.method.clone(), call.url.clone());
+        for (name, value) in &call.headers {
+            request = request.header(*name, value);
+        }
+        if call.method == reqwest::Method::PUT || call.method == reqwest::Method::POST {
+            // Always a body, if empty: S3 wants a Content-Length on every upload (411).
+            request = request
+                .header(reqwest::header::CONTENT_LENGTH, call.body.len())
+                .body(call.body.clone());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Transient::Transport(describe(&e)))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Transient::Transport(describe(&e)))?;
+        let answer = Answer { status, body };
+        if status >= 500 || status == 429 {
+            return Err(Transient::Server(status, answer.error()));
+        }
+        Ok(answer)
+    }
+
     /// Create the bucket if it does not exist (the init step; idempotent).
     pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
-        if self
-            .client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .is_ok()
-        {
+        if self.ready().await.is_ok() {
             return Ok(());
         }
-        match self
-            .client
-            .create_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(StoreError::Unavailable(unavailable(e))),
+        let create = self.bucket.create_bucket(&self.credentials);
+        let body = Bytes::from(create.body());
+        let answer = self.send(Self::call(create, &[], body)).await?;
+        match answer.code() {
+            _ if answer.success() => Ok(()),
+            Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists") => Ok(()),
+            _ => Err(unavailable(format!(
+                "cannot create bucket {}: {}",
+                self.bucket(),
+                answer.error()
+            ))),
+        }
+    }
+
+    /// Create object `key` holding `body` only if no object has that key
+    /// (`If-None-Match: *`): `Ok(true)` if this call created it, `Ok(false)` if the key
+    /// was taken (412) or another conditional write of it was in flight (409).
+    pub async fn create(
+        &self,
+        key: &str,
+        body: impl Into<Bytes>,
+        content_type: &str,
+    ) -> Result<bool, StoreError> {
+        let put = self.bucket.put_object(Some(&self.credentials), key);
+        let headers = [("if-none-match", "*"), ("content-type", content_type)];
+        let answer = self.send(Self::call(put, &headers, body.into())).await?;
+        match answer.status {
+            _ if answer.success() => Ok(true),
+            412 | 409 => Ok(false),
+            _ => Err(unavailable(format!("PUT {key}: {}", answer.error()))),
+        }
+    }
+
+    /// Write object `key` unconditionally.
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError> {
+        let put = self.bucket.put_object(Some(&self.credentials), key);
+        let headers = [("content-type", content_type)];
+        let answer = self.send(Self::call(put, &headers, body)).await?;
+        if answer.success() {
+            Ok(())
+        } else {
+            Err(unavailable(format!("PUT {key}: {}", answer.error())))
         }
     }
 
@@ -221,36 +364,49 @@ impl S3EventStore {
     pub async fn verify_conditional_writes(&self) -> Result<(), String> {
         let key = format!("{}_probe/{:032x}", self.prefix, fastrand::u128(..));
         let put = || {
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .if_none_match("*")
-                .content_type("application/octet-stream")
-                .body(ByteStream::from_static(b"probe"))
-                .send()
+            self.create(
+                &key,
+                Bytes::from_static(b"probe"),
+                "application/octet-stream",
+            )
         };
         put()
             .await
-            .map_err(|e| format!("cannot write to bucket {}: {}", self.bucket, unavailable(e)))?;
+            .map_err(|e| format!("cannot write to bucket {}: {e}", self.bucket()))?;
         let second = put().await;
         let _ = self.delete(&key).await;
         match second {
-            Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(()),
-            Ok(_) => Err(format!(
+            Ok(false) => Ok(()),
+            Ok(true) => Err(format!(
                 "the S3 server at bucket {} ignores If-None-Match: a second conditional \
                  create of one key succeeded. Tally needs conditional writes to prevent lost \
                  updates; use AWS S3, MinIO or another server that implements them",
-                self.bucket
+                self.bucket()
             )),
-            Err(e) => Err(format!(
-                "conditional-write probe failed: {}",
-                unavailable(e)
-            )),
+            Err(e) => Err(format!("conditional-write probe failed: {e}")),
         }
     }
 
-    /// Every key under `prefix` after `start_after`, in order.
+    /// One page of a listing under `prefix`.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        configure: impl FnOnce(&mut ListObjectsV2<'_>),
+    ) -> Result<rusty_s3::actions::ListObjectsV2Response, StoreError> {
+        let mut list = self.bucket.list_objects_v2(Some(&self.credentials));
+        list.with_prefix(prefix);
+        configure(&mut list);
+        let answer = self.send(Self::call(list, &[], Bytes::new())).await?;
+        if !answer.success() {
+            return Err(unavailable(format!("LIST {prefix}: {}", answer.error())));
+        }
+        let text = std::str::from_utf8(&answer.body)
+            .map_err(|e| unavailable(format!("LIST {prefix}: {e}")))?;
+        ListObjectsV2::parse_response(text)
+            .map_err(|e| unavailable(format!("LIST {prefix}: unreadable answer: {e}")))
+    }
+
+    /// Every key under `prefix` after `start_after`, in order, with when it was written.
     async fn list(
         &self,
         prefix: &str,
@@ -259,45 +415,47 @@ impl S3EventStore {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut req = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix);
-            if let Some(t) = &token {
-                req = req.continuation_token(t);
-            } else if let Some(s) = &start_after {
-                req = req.start_after(s);
-            }
-            let page = req
-                .send()
-                .await
-                .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
-            for object in page.contents() {
-                if let Some(key) = object.key() {
-                    let modified = object
-                        .last_modified()
-                        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.secs()).ok());
-                    keys.push((key.to_owned(), modified));
-                }
-            }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok(keys),
+            let page = self
+                .list_page(prefix, |list| {
+                    if let Some(t) = &token {
+                        list.with_continuation_token(t.clone());
+                    } else if let Some(s) = &start_after {
+                        list.with_start_after(s.clone());
+                    }
+                })
+                .await?;
+            keys.extend(
+                page.contents
+                    .into_iter()
+                    .map(|o| (o.key, o.last_modified.as_deref().and_then(parse_time))),
+            );
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => return Ok(keys),
             }
         }
     }
 
+    /// Every key in the bucket that starts with `prefix` (the store's own key prefix is
+    /// not added), in order: for tools and tests.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list(prefix, None)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
     /// Delete `key` (S3 answers success for a key that is not there).
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+        let delete = self.bucket.delete_object(Some(&self.credentials), key);
+        let answer = self.send(Self::call(delete, &[], Bytes::new())).await?;
+        if answer.success() {
+            Ok(())
+        } else {
+            Err(unavailable(format!("DELETE {key}: {}", answer.error())))
+        }
     }
 
     /// This store without its delete queue (what the queue's own task holds, so that
@@ -314,74 +472,51 @@ impl S3EventStore {
         &self,
         keys: impl Iterator<Item = &str>,
     ) -> Result<Vec<(String, String)>, String> {
-        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
-        let objects = keys
-            .map(|k| ObjectIdentifier::builder().key(k).build())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let delete = Delete::builder()
-            .set_objects(Some(objects))
-            .quiet(true)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let answer = self
-            .client
-            .delete_objects()
-            .bucket(&self.bucket)
-            .delete(delete)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(answer
-            .errors()
-            .iter()
-            .map(|e| {
-                (
-                    e.key().unwrap_or_default().to_owned(),
-                    format!(
-                        "{}: {}",
-                        e.code().unwrap_or("error"),
-                        e.message().unwrap_or("")
-                    ),
-                )
-            })
+        let objects: Vec<ObjectIdentifier> =
+            keys.map(|k| ObjectIdentifier::new(k.to_owned())).collect();
+        let mut delete = self
+            .bucket
+            .delete_objects(Some(&self.credentials), objects.iter());
+        delete.set_quiet(true);
+        // The body is made from the action, so it is signed first, with its digest.
+        let url = delete.sign(SIGNATURE_VALIDITY);
+        let (body, md5) = delete.body_with_md5();
+        let call = Call {
+            method: reqwest::Method::POST,
+            url,
+            headers: vec![("content-md5", md5)],
+            body: Bytes::from(body),
+        };
+        let answer = self.send(call).await.map_err(|e| e.to_string())?;
+        if !answer.success() {
+            return Err(format!("DeleteObjects: {}", answer.error()));
+        }
+        let text = std::str::from_utf8(&answer.body).map_err(|e| e.to_string())?;
+        let result = rusty_s3::actions::DeleteObjectsResponse::parse(text)
+            .map_err(|e| format!("DeleteObjects: unreadable answer: {e}"))?;
+        Ok(result
+            .errors
+            .into_iter()
+            .map(|e| (e.key, format!("{}: {}", e.code, e.message)))
             .collect())
     }
 
     /// The whole body of object `key`.
-    async fn get_bytes(
-        &self,
-        key: &str,
-    ) -> Result<impl std::ops::Deref<Target = [u8]>, StoreError> {
+    async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
         self.get_bytes_if_any(key)
             .await?
-            .ok_or_else(|| StoreError::Unavailable(format!("{key}: no such key")))
+            .ok_or_else(|| unavailable(format!("{key}: no such key")))
     }
 
     /// The whole body of object `key`, or `None` if there is no such key.
-    async fn get_bytes_if_any(
-        &self,
-        key: &str,
-    ) -> Result<Option<impl std::ops::Deref<Target = [u8]>>, StoreError> {
-        let object = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(object) => object,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(StoreError::Unavailable(unavailable(e))),
-        };
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
-            .into_bytes();
-        Ok(Some(bytes))
+    async fn get_bytes_if_any(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let get = self.bucket.get_object(Some(&self.credentials), key);
+        let answer = self.send(Self::call(get, &[], Bytes::new())).await?;
+        match answer.status {
+            _ if answer.success() => Ok(Some(answer.body)),
+            404 => Ok(None),
+            _ => Err(unavailable(format!("GET {key}: {}", answer.error()))),
+        }
     }
 
     async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
@@ -397,27 +532,28 @@ impl S3EventStore {
     }
 }
 
+/// A listing's `LastModified` (RFC 3339).
+fn parse_time(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
 #[async_trait]
 impl EventStore for S3EventStore {
     async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
-        let result = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.commit_key(&commit.stream, commit.revision))
-            .if_none_match("*")
-            .content_type("application/json")
-            .body(ByteStream::from(commit.to_bytes()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
+        let key = self.commit_key(&commit.stream, commit.revision);
+        match self
+            .create(&key, commit.to_bytes(), "application/json")
+            .await
+        {
+            Ok(true) => Ok(()),
             // 412: the key exists. 409: a conditional write of this key is in flight.
-            Err(e) if matches!(status(&e), Some(412 | 409)) => Err(AppendError::Conflict {
+            Ok(false) => Err(AppendError::Conflict {
                 stream: commit.stream.clone(),
                 revision: commit.revision,
             }),
-            Err(e) => Err(AppendError::Unavailable(unavailable(e))),
+            Err(StoreError::Unavailable(why) | StoreError::Corrupt(why)) => {
+                Err(AppendError::Unavailable(why))
+            }
         }
     }
 
@@ -486,23 +622,18 @@ impl EventStore for S3EventStore {
         let mut streams = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut req = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&prefix)
-                .delimiter("/");
-            if let Some(t) = &token {
-                req = req.continuation_token(t);
-            }
-            let page = req
-                .send()
-                .await
-                .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
-            for p in page.common_prefixes() {
+            let page = self
+                .list_page(&prefix, |list| {
+                    list.with_delimiter("/");
+                    if let Some(t) = &token {
+                        list.with_continuation_token(t.clone());
+                    }
+                })
+                .await?;
+            for p in &page.common_prefixes {
                 let name = p
-                    .prefix()
-                    .and_then(|p| p.strip_prefix(&prefix))
+                    .prefix
+                    .strip_prefix(&prefix)
                     .and_then(|p| p.strip_suffix('/'))
                     .unwrap_or_default();
                 streams
@@ -510,9 +641,9 @@ impl EventStore for S3EventStore {
                         StoreError::Corrupt(format!("stream prefix {name:?}: {e}"))
                     })?);
             }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => break,
+            match page.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
             }
         }
         streams.sort();
@@ -520,29 +651,32 @@ impl EventStore for S3EventStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        self.client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+        let head = self.bucket.head_bucket(Some(&self.credentials));
+        let answer = self.send(Self::call(head, &[], Bytes::new())).await?;
+        match answer.status {
+            _ if answer.success() => Ok(()),
+            404 => Err(unavailable(format!(
+                "bucket {} does not exist (run the init step: migrate)",
+                self.bucket()
+            ))),
+            _ => Err(unavailable(format!(
+                "bucket {}: {}",
+                self.bucket(),
+                answer.error()
+            ))),
+        }
     }
 }
 
 #[async_trait]
 impl Outbox for S3EventStore {
     async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.outbox_key(stream, revision))
-            .content_type("application/octet-stream")
-            .body(ByteStream::from_static(b""))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))
+        self.put(
+            &self.outbox_key(stream, revision),
+            Bytes::new(),
+            "application/octet-stream",
+        )
+        .await
     }
 
     /// Deletes are gathered: while one delete request is in flight, the entries done
@@ -565,22 +699,14 @@ impl Outbox for S3EventStore {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let prefix = format!("{}outbox/", self.prefix);
         let page = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&prefix)
-            .max_keys(i32::try_from(limit.min(1000)).unwrap_or(1000))
-            .send()
-            .await
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
-        let keys = page.contents().iter().filter_map(|o| {
-            let modified = o
-                .last_modified()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.secs()).ok());
-            o.key().map(|k| (k.to_owned(), modified))
-        });
+            .list_page(&prefix, |list| list.with_max_keys(limit.clamp(1, 1000)))
+            .await?;
         let mut entries = Vec::new();
-        for (key, modified) in keys {
+        for object in page.contents {
+            let (key, modified) = (
+                object.key,
+                object.last_modified.as_deref().and_then(parse_time),
+            );
             let rest = key.strip_prefix(&prefix).unwrap_or_default();
             let Some((stream, revision)) = rest.split_once('/') else {
                 continue;
@@ -652,15 +778,8 @@ impl SnapshotStore for S3EventStore {
     async fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let prefix = self.snapshot_prefix(&snapshot.stream);
         let key = format!("{prefix}{:020}.json", snapshot.revision.get());
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .content_type("application/json")
-            .body(ByteStream::from(snapshot.to_bytes()))
-            .send()
-            .await
-            .map_err(|e| StoreError::Unavailable(unavailable(e)))?;
+        self.put(&key, snapshot.to_bytes().into(), "application/json")
+            .await?;
         for (old, _) in self.list(&prefix, None).await? {
             if old < key {
                 let _ = self.delete(&old).await;

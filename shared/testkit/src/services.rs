@@ -113,7 +113,8 @@ impl PrivateService {
             access_key_id: "test".into(),
             secret_access_key: "test".into(),
             session_token: None,
-        });
+        })
+        .expect("an S3 endpoint URL");
         store
             .ensure_bucket()
             .await
