@@ -211,6 +211,27 @@ async fn the_s3_store_reads_from_any_revision_and_lists_its_streams() {
         .await
         .unwrap()
         .is_empty());
+    // What came after a commit boundary (a warm stream's refresh): nothing new, a few
+    // commits fetched by key, more than that (listed), everything, an unknown stream.
+    let revisions = |commits: Vec<tally_es::StoredCommit>| {
+        commits.iter().map(|c| c.revision.get()).collect::<Vec<_>>()
+    };
+    for _ in 0..4 {
+        api.post("/accounts/beta/deposit", r#"{"Amount": 1}"#).await;
+    }
+    for (id, after, expected) in [
+        ("alpha", 4, vec![]),
+        ("alpha", 2, vec![3, 4]),
+        ("beta", 1, vec![2, 3, 4, 5, 6, 7, 8]),
+        ("beta", 0, vec![1, 2, 3, 4, 5, 6, 7, 8]),
+        ("nobody", 3, vec![]),
+    ] {
+        let read = store
+            .read_after(&stream(id), Revision::new(after))
+            .await
+            .unwrap();
+        assert_eq!(revisions(read), expected, "{id} after {after}");
+    }
     // One commit by its key (the relay's read): there, not there, unknown stream.
     let third = store
         .read_commit(&stream("beta"), Revision::new(3))
@@ -221,7 +242,7 @@ async fn the_s3_store_reads_from_any_revision_and_lists_its_streams() {
         (third.stream, third.revision),
         (stream("beta"), Revision::new(3))
     );
-    for (id, revision) in [("beta", 5), ("nobody", 1)] {
+    for (id, revision) in [("beta", 9), ("nobody", 1)] {
         assert_eq!(
             store
                 .read_commit(&stream(id), Revision::new(revision))

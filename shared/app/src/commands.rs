@@ -399,7 +399,7 @@ where
         let loaded = match warm {
             Some(loaded) if trust_warm && !loaded.shared => return Ok((loaded, false)),
             Some(mut loaded) => {
-                let newer = self.store.read(stream, loaded.revision.next()).await?;
+                let newer = self.store.read_after(stream, loaded.revision).await?;
                 if newer.is_empty() && !loaded.shared {
                     // The warm copy is this very state: nothing to put back.
                     return Ok((loaded, true));

@@ -52,6 +52,18 @@ pub trait EventStore: Send + Sync + 'static {
         from: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError>;
 
+    /// Every commit after `after`, which is the last revision of a commit the caller
+    /// already holds (a commit boundary, or [`Revision::ZERO`] for the whole stream):
+    /// what `read(stream, after + 1)` returns, and what this does by default. A store
+    /// may answer the usual case of a warm stream, nothing new, more cheaply.
+    async fn read_after(
+        &self,
+        stream: &StreamId,
+        after: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        self.read(stream, after.next()).await
+    }
+
     /// The commit that starts at `revision`, if there is one.
     async fn read_commit(
         &self,

@@ -224,6 +224,27 @@ async fn a_missing_object_is_none_and_a_listing_follows_continuation_tokens() {
 }
 
 #[tokio::test]
+async fn a_warm_stream_with_nothing_new_costs_one_get_of_the_next_key() {
+    let (store, fake) =
+        store_answering(&[(404, error("NoSuchKey", "The specified key does not exist."))]).await;
+    let stream = StreamId::parse("acc-1").unwrap();
+    assert!(store
+        .read_after(&stream, Revision::new(7))
+        .await
+        .unwrap()
+        .is_empty());
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, "GET");
+    assert!(
+        seen[0]
+            .path_and_query
+            .starts_with("/tally/streams/acc-1/00000000000000000008.json?"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
 async fn nothing_listening_is_unavailable_within_the_operation_timeout() {
     // A port that was free a moment ago: connections are refused.
     let port = {
