@@ -290,3 +290,21 @@ async fn with_the_api_server_down_a_rebuild_touches_nothing() {
     api.set_down(false);
     assert_eq!(api.get(PROJECTOR).unwrap()["spec"]["replicas"], json!(2));
 }
+
+#[test]
+fn outside_a_pod_the_relays_election_refuses_to_start_and_says_why() {
+    // These tests run outside Kubernetes: no service host, no mounted service account.
+    assert!(
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_none(),
+        "this test expects to run outside a Kubernetes pod"
+    );
+    let why = match tally_kube::in_cluster_client() {
+        Err(tally_kube::Error::Config(why)) => why,
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a client without a cluster"),
+    };
+    assert!(
+        why.contains("TALLY_LEASE_NAME") && why.contains("inside a Kubernetes pod"),
+        "{why}"
+    );
+}
