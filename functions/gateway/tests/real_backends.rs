@@ -476,6 +476,20 @@ async fn dump(pool: &sqlx::PgPool) -> Vec<String> {
     rows
 }
 
+/// The movements' foreign key as PostgreSQL describes it, if it is there.
+async fn movements_foreign_key(pool: &sqlx::PgPool) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+          WHERE conrelid = 'transactions'::regclass AND contype = 'f'",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+const MOVEMENTS_FOREIGN_KEY: &str =
+    "FOREIGN KEY (account_id) REFERENCES accounts(id) ON DELETE CASCADE";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identical_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -504,9 +518,19 @@ async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identica
     let live = dump(&pool).await;
     assert_eq!(live.len(), 3 + 16, "three accounts, sixteen movements");
 
+    assert_eq!(
+        movements_foreign_key(&pool).await.as_deref(),
+        Some(MOVEMENTS_FOREIGN_KEY)
+    );
+
     let report = host.state.projector.rebuild().await.unwrap();
     assert_eq!((report.streams, report.events), (3, 20));
     assert_eq!(dump(&pool).await, live, "a rebuild gives the same rows");
+    assert_eq!(
+        movements_foreign_key(&pool).await.as_deref(),
+        Some(MOVEMENTS_FOREIGN_KEY),
+        "the foreign key the rebuild set aside is back, as the migration made it"
+    );
 
     // And into a brand-new database, from the store alone.
     let mut other = backends.config(dir.path());
@@ -587,6 +611,49 @@ async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit
         dump(&pool).await,
         live,
         "a batched rebuild gives the same rows"
+    );
+}
+
+/// A rebuild that fails half-way (a stream that does not start with its opening)
+/// still gives the read model its foreign key back, and a movement without an account
+/// is refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_that_fails_still_restores_the_foreign_key() {
+    use tally_domain::AccountEvent;
+    use tally_es::{Commit, CommitMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Tool).await;
+    let api = Api::start(&host).await;
+    api.post("/accounts", r#"{"ID": "fine"}"#).await;
+    let orphan = Commit::new(
+        stream("orphan"),
+        Revision::new(1),
+        time::OffsetDateTime::now_utc(),
+        vec![AccountEvent::Deposited {
+            amount: 5,
+            balance: 5,
+        }],
+        CommitMetadata::default(),
+    );
+    host.store.append(&orphan.encode()).await.unwrap();
+    let pool = host.pg.as_ref().unwrap().pool().clone();
+
+    let failed = host.state.projector.rebuild().await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        movements_foreign_key(&pool).await.as_deref(),
+        Some(MOVEMENTS_FOREIGN_KEY)
+    );
+    let refused = sqlx::query(
+        "INSERT INTO transactions (account_id, revision, kind, amount, balance, recorded_at)
+         VALUES ('nobody', 1, 'deposit', 1, 1, now())",
+    )
+    .execute(&pool)
+    .await;
+    assert!(
+        refused.is_err(),
+        "a movement without its account is refused"
     );
 }
 

@@ -105,8 +105,15 @@ pub trait ReadModel: Send + Sync + 'static {
         after: Revision,
         limit: usize,
     ) -> Result<Vec<TransactionView>, ReadModelError>;
-    /// Drop everything (before a rebuild).
+    /// Drop everything (before a rebuild). A read model may also set aside checks that
+    /// a rebuild's loads cannot fail (every account is inserted before its movements),
+    /// until [`ReadModel::rebuilt`].
     async fn clear(&self) -> Result<(), ReadModelError>;
+    /// The rebuild that started with [`ReadModel::clear`] ended (whether or not it
+    /// succeeded): restore and check what `clear` set aside.
+    async fn rebuilt(&self) -> Result<(), ReadModelError> {
+        Ok(())
+    }
     /// Whether queries can be served now.
     async fn ready(&self) -> Result<(), ReadModelError>;
 }

@@ -144,6 +144,19 @@ impl Projector {
     ) -> Result<RebuildReport, ProjectionError> {
         self.read_model.clear().await?;
         self.cache.clear().await;
+        let replayed = self.replay_every_stream(&mut progress).await;
+        // Whatever the replay came to, the read model gets its checks back.
+        let restored = self.read_model.rebuilt().await;
+        let report = replayed?;
+        restored?;
+        Ok(report)
+    }
+
+    /// The rebuild's replay: every stream of the store into the emptied read model.
+    async fn replay_every_stream(
+        &self,
+        progress: &mut impl FnMut(&RebuildReport),
+    ) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
         let streams = self.store.streams().await?;
         let mut batches = stream::iter(streams)

@@ -21,6 +21,10 @@ use tally_app::{
 use tally_domain::{AccountEvent, AccountId, Currency};
 use tally_es::{Commit, Revision};
 
+/// The movements' foreign key to their account, as the first migration names it
+/// (`transactions.account_id REFERENCES accounts (id) ON DELETE CASCADE`).
+const MOVEMENTS_FOREIGN_KEY: &str = "transactions_account_id_fkey";
+
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -400,12 +404,44 @@ impl ReadModel for PgReadModel {
             .collect())
     }
 
+    /// Empties both tables and drops the movements' foreign key for the rebuild: checked
+    /// row by row it took more than half of a rebuild's INSERT time (50 of the ≈ 90 ms
+    /// for 7,368 rows), and a rebuild inserts every account before its movements.
+    /// [`ReadModel::rebuilt`] adds it back, validated in one pass.
     async fn clear(&self) -> Result<(), ReadModelError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query("TRUNCATE accounts, transactions")
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        Ok(())
+        sqlx::query(&format!(
+            "ALTER TABLE transactions DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY}"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    /// The foreign key as the schema's migration declares it, validated against every
+    /// row at once; idempotent (a rebuild cut short is finished by running it again).
+    async fn rebuilt(&self) -> Result<(), ReadModelError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // Validation reads every movement: not bound by the 5 s statement timeout.
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(&format!(
+            "ALTER TABLE transactions
+                 DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY},
+                 ADD CONSTRAINT {MOVEMENTS_FOREIGN_KEY} FOREIGN KEY (account_id)
+                     REFERENCES accounts (id) ON DELETE CASCADE"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn ready(&self) -> Result<(), ReadModelError> {
