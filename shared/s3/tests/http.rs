@@ -144,13 +144,13 @@ async fn a_server_that_keeps_failing_is_unavailable_after_three_attempts() {
     let internal = error("InternalError", "We encountered an internal error.");
     let (store, fake) = store_answering(&[(500, internal)]).await;
     let outcome = store.append(&commit()).await;
-    match outcome {
-        Err(AppendError::Unavailable(why)) => assert!(
-            why.contains("HTTP 500") && why.contains("InternalError"),
-            "says why: {why}"
-        ),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let Err(AppendError::Unavailable(why)) = outcome else {
+        panic!("expected Unavailable, got {outcome:?}");
+    };
+    assert!(
+        why.contains("HTTP 500") && why.contains("InternalError"),
+        "says why: {why}"
+    );
     assert_eq!(fake.seen.lock().unwrap().len(), 3);
 }
 
@@ -161,13 +161,13 @@ async fn a_refusal_is_not_retried_and_names_the_code_and_the_key() {
     let outcome = store
         .read(&StreamId::parse("acc-1").unwrap(), Revision::new(1))
         .await;
-    match outcome {
-        Err(StoreError::Unavailable(why)) => assert!(
-            why.contains("AccessDenied: Access Denied") && why.contains("streams/acc-1/"),
-            "says why: {why}"
-        ),
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
+    let Err(StoreError::Unavailable(why)) = outcome else {
+        panic!("expected Unavailable, got {outcome:?}");
+    };
+    assert!(
+        why.contains("AccessDenied: Access Denied") && why.contains("streams/acc-1/"),
+        "says why: {why}"
+    );
     assert_eq!(fake.seen.lock().unwrap().len(), 1);
 }
 
