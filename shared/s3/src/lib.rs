@@ -135,19 +135,14 @@ impl Answer {
     }
 }
 
-/// A request that failed in a way worth trying again: no answer, or a server error.
+/// A request that failed in a way worth trying again (no answer, or a 5xx or 429),
+/// and why.
 #[derive(Debug)]
-enum Transient {
-    Transport(String),
-    Server(u16, String),
-}
+struct Transient(String);
 
 impl std::fmt::Display for Transient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Transient::Transport(why) => f.write_str(why),
-            Transient::Server(status, why) => write!(f, "HTTP {status}: {why}"),
-        }
+        f.write_str(&self.0)
     }
 }
 
@@ -296,18 +291,18 @@ impl S3EventStore {
                 .header(reqwest::header::CONTENT_LENGTH, call.body.len())
                 .body(call.body.clone());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Transient::Transport(describe(&e)))?;
+        let response = request.send().await.map_err(|e| Transient(describe(&e)))?;
         let status = response.status().as_u16();
         let body = response
             .bytes()
             .await
-            .map_err(|e| Transient::Transport(describe(&e)))?;
+            .map_err(|e| Transient(describe(&e)))?;
         let answer = Answer { status, body };
         if status >= 500 || status == 429 {
-            return Err(Transient::Server(status, answer.error()));
+            return Err(Transient(match answer.code() {
+                Some(_) => format!("HTTP {status}: {}", answer.error()),
+                None => answer.error(),
+            }));
         }
         Ok(answer)
     }
