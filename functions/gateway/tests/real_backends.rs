@@ -8,8 +8,8 @@ use std::time::Duration;
 use tally_domain::AccountId;
 use tally_es::{Revision, StreamId};
 use tally_host::{Config, Host, Role};
-use tally_s3::{S3Config, S3EventStore};
-use tally_testkit::services::{fresh_database, required_env, unique, PrivateService};
+
+use tally_testkit::services::{fresh_database, required_env, s3_store, unique, PrivateService};
 
 struct Backends {
     s3_endpoint: String,
@@ -66,19 +66,6 @@ impl Backends {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
     }
-}
-
-fn s3_store(endpoint: &str, bucket: &str) -> S3EventStore {
-    S3EventStore::new(&S3Config {
-        endpoint: Some(endpoint.to_owned()),
-        bucket: bucket.to_owned(),
-        prefix: String::new(),
-        region: "us-east-1".into(),
-        access_key_id: "test".into(),
-        secret_access_key: "test".into(),
-        session_token: None,
-    })
-    .unwrap()
 }
 
 /// A gateway over `host` on a free loopback port.

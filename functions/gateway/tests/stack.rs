@@ -90,17 +90,10 @@ impl Stack {
 
     /// Every commit key in the bucket (the outbox aside: it drains by itself).
     async fn commit_keys(&self) -> Vec<String> {
-        let store = tally_s3::S3EventStore::new(&tally_s3::S3Config {
-            endpoint: Some(self.s3_endpoint.clone()),
-            bucket: self.bucket.clone(),
-            prefix: String::new(),
-            region: "us-east-1".into(),
-            access_key_id: "test".into(),
-            secret_access_key: "test".into(),
-            session_token: None,
-        })
-        .unwrap();
-        store.keys("streams/").await.unwrap()
+        tally_testkit::services::s3_store(&self.s3_endpoint, &self.bucket)
+            .keys("streams/")
+            .await
+            .unwrap()
     }
 }
 

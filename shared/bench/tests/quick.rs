@@ -55,17 +55,9 @@ async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_the_slowest() {
     use tally_bench::ceiling::{measure, Backends};
-    use tally_testkit::services::{fresh_database, required_env, unique};
+    use tally_testkit::services::{fresh_database, required_env, s3_config, unique};
     let backends = Backends {
-        s3: tally_s3::S3Config {
-            endpoint: Some(required_env("TALLY_TEST_S3_ENDPOINT")),
-            bucket: unique("ceiling"),
-            prefix: String::new(),
-            region: "us-east-1".into(),
-            access_key_id: "test".into(),
-            secret_access_key: "test".into(),
-            session_token: None,
-        },
+        s3: s3_config(&required_env("TALLY_TEST_S3_ENDPOINT"), &unique("ceiling")),
         kafka_brokers: required_env("TALLY_TEST_KAFKA_BROKERS"),
         database_url: fresh_database().await,
         s3_server: "the test S3 server".into(),

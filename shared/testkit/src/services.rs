@@ -105,16 +105,7 @@ impl PrivateService {
     pub async fn persistent_broker() -> Self {
         let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
         let bucket = unique("broker");
-        let store = tally_s3::S3EventStore::new(&tally_s3::S3Config {
-            endpoint: Some(endpoint.clone()),
-            bucket: bucket.clone(),
-            prefix: String::new(),
-            region: "us-east-1".into(),
-            access_key_id: "test".into(),
-            secret_access_key: "test".into(),
-            session_token: None,
-        })
-        .expect("an S3 endpoint URL");
+        let store = s3_store(&endpoint, &bucket);
         store
             .ensure_bucket()
             .await
@@ -206,4 +197,23 @@ impl PrivateService {
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+}
+
+/// Bucket `bucket` of the test S3 server at `endpoint` (no key prefix, the test
+/// server's credentials).
+pub fn s3_config(endpoint: &str, bucket: &str) -> tally_s3::S3Config {
+    tally_s3::S3Config {
+        endpoint: Some(endpoint.to_owned()),
+        bucket: bucket.to_owned(),
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        access_key_id: "test".into(),
+        secret_access_key: "test".into(),
+        session_token: None,
+    }
+}
+
+/// The event store in bucket `bucket` of the test S3 server at `endpoint`.
+pub fn s3_store(endpoint: &str, bucket: &str) -> tally_s3::S3EventStore {
+    tally_s3::S3EventStore::new(&s3_config(endpoint, bucket)).expect("an S3 endpoint URL")
 }
