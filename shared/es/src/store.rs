@@ -35,6 +35,19 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// `e` and its sources, `: `-separated: the message an adapter keeps from a client
+/// library's error (whose own message often names only the request, e.g. reqwest's).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The source of truth: append-only streams of commits.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
@@ -167,4 +180,25 @@ pub fn check_contiguous(
         expected = c.last_revision().next();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_names_every_cause_in_order() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("request to http://127.0.0.1:9/ failed")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            error_chain(&Outer(inner)),
+            "request to http://127.0.0.1:9/ failed: refused"
+        );
+        assert_eq!(
+            error_chain(&PublishError("alone".into())),
+            "publish failed: alone"
+        );
+    }
 }

@@ -125,21 +125,9 @@ async fn forward(
             "Service unavailable",
             format!(
                 "the function behind this route is unreachable: {}",
-                error_chain(&e)
+                tally_es::error_chain(&e)
             ),
         )
         .into_response(),
     }
-}
-
-/// `e` and its sources, `: `-separated (reqwest's own message names only the URL).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -27,8 +27,8 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tally_es::{
-    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, Snapshot,
-    SnapshotStore, StoreError, StoredCommit, StreamId,
+    check_contiguous, error_chain, AppendError, EventStore, Outbox, OutboxEntry, Revision,
+    Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -155,18 +155,6 @@ fn xml_text<'a>(body: &'a [u8], tag: &str) -> Option<&'a str> {
     Some(&body[start..start + len])
 }
 
-/// `e` and its sources, `: `-separated (reqwest's own message names only the URL).
-fn describe(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn unavailable(why: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(why.to_string())
 }
@@ -200,7 +188,7 @@ impl S3EventStore {
             .timeout(ATTEMPT_TIMEOUT)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| format!("S3 HTTP client: {}", describe(&e)))?;
+            .map_err(|e| format!("S3 HTTP client: {}", error_chain(&e)))?;
         Ok(Self {
             http,
             bucket: Arc::new(bucket),
@@ -291,12 +279,15 @@ impl S3EventStore {
                 .header(reqwest::header::CONTENT_LENGTH, call.body.len())
                 .body(call.body.clone());
         }
-        let response = request.send().await.map_err(|e| Transient(describe(&e)))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Transient(error_chain(&e)))?;
         let status = response.status().as_u16();
         let body = response
             .bytes()
             .await
-            .map_err(|e| Transient(describe(&e)))?;
+            .map_err(|e| Transient(error_chain(&e)))?;
         let answer = Answer { status, body };
         if status >= 500 || status == 429 {
             return Err(Transient(match answer.code() {
