@@ -22,30 +22,9 @@ fn commit(id: &AccountId, revision: u64, event: AccountEvent) -> Commit<AccountE
 pub async fn a_run_of_commits_applies_what_is_new_and_refuses_a_gap(read_model: &dyn ReadModel) {
     let id = AccountId::parse(&format!("run-{:08x}", fastrand::u32(..))).unwrap();
     let c = [
-        commit(
-            &id,
-            1,
-            AccountEvent::Opened {
-                id: id.clone(),
-                currency: Currency::USD,
-            },
-        ),
-        commit(
-            &id,
-            2,
-            AccountEvent::Deposited {
-                amount: 500,
-                balance: 500,
-            },
-        ),
-        commit(
-            &id,
-            3,
-            AccountEvent::Deposited {
-                amount: 700,
-                balance: 1200,
-            },
-        ),
+        opened(&id),
+        deposited(&id, 2, 500, 500),
+        deposited(&id, 3, 700, 1200),
         commit(
             &id,
             4,
