@@ -125,6 +125,15 @@ impl Answer {
         xml_text(&self.body, "Code")
     }
 
+    /// This answer if it is a success; otherwise why `what` (`PUT key`) failed.
+    fn success_or(self, what: std::fmt::Arguments<'_>) -> Result<Self, StoreError> {
+        if self.success() {
+            Ok(self)
+        } else {
+            Err(unavailable(format!("{what}: {}", self.error())))
+        }
+    }
+
     /// Why the request failed, for an error message.
     fn error(&self) -> String {
         match (self.code(), xml_text(&self.body, "Message")) {
@@ -340,12 +349,10 @@ impl S3EventStore {
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError> {
         let put = self.bucket.put_object(Some(&self.credentials), key);
         let headers = [("content-type", content_type)];
-        let answer = self.send(Self::call(put, &headers, body)).await?;
-        if answer.success() {
-            Ok(())
-        } else {
-            Err(unavailable(format!("PUT {key}: {}", answer.error())))
-        }
+        self.send(Self::call(put, &headers, body))
+            .await?
+            .success_or(format_args!("PUT {key}"))?;
+        Ok(())
     }
 
     /// Prove the server enforces `If-None-Match: *`: create a probe key twice; the second
@@ -385,10 +392,10 @@ impl S3EventStore {
         let mut list = self.bucket.list_objects_v2(Some(&self.credentials));
         list.with_prefix(prefix);
         configure(&mut list);
-        let answer = self.send(Self::call(list, &[], Bytes::new())).await?;
-        if !answer.success() {
-            return Err(unavailable(format!("LIST {prefix}: {}", answer.error())));
-        }
+        let answer = self
+            .send(Self::call(list, &[], Bytes::new()))
+            .await?
+            .success_or(format_args!("LIST {prefix}"))?;
         let text = std::str::from_utf8(&answer.body)
             .map_err(|e| unavailable(format!("LIST {prefix}: {e}")))?;
         ListObjectsV2::parse_response(text)
@@ -439,12 +446,10 @@ impl S3EventStore {
     /// Delete `key` (S3 answers success for a key that is not there).
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let delete = self.bucket.delete_object(Some(&self.credentials), key);
-        let answer = self.send(Self::call(delete, &[], Bytes::new())).await?;
-        if answer.success() {
-            Ok(())
-        } else {
-            Err(unavailable(format!("DELETE {key}: {}", answer.error())))
-        }
+        self.send(Self::call(delete, &[], Bytes::new()))
+            .await?
+            .success_or(format_args!("DELETE {key}"))?;
+        Ok(())
     }
 
     /// This store without its delete queue (what the queue's own task holds, so that
