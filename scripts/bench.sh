@@ -110,8 +110,8 @@ wait_healthy "http://127.0.0.1:$STACK_PORT"
 wait_routes "http://127.0.0.1:$STACK_PORT"
 ceiling=(--ceiling)
 [ -n "$QUICK" ] && ceiling+=(--ceiling-ops 20)
-# The stack runs 2,000 operations per level, not 4,000: moto holds it near 40
-# commands/s, and 4,000 would take the stack alone to 3.5 min (BENCH_ARGS="--ops N"
+# The stack runs 2,000 operations per level, not 4,000: moto holds it near 50–70
+# commands/s, and 4,000 would take the stack alone past 2.5 min (BENCH_ARGS="--ops N"
 # sets both).
 stack_ops=()
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --ops "* ]] && stack_ops=(--ops 2000)
