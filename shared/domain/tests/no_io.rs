@@ -42,7 +42,6 @@ fn the_domain_crate_depends_on_no_io_crate() {
         "lambda_http",
         "lambda_runtime",
         "aws-sdk-s3",
-        "rusty-s3",
         "aws-config",
         "aws-smithy-runtime",
         "rdkafka",

@@ -10,20 +10,29 @@
 //! * `outbox/{stream}/{revision:020}` — the outbox (see `tally_es::Outbox`).
 //!
 //! Reads list a stream's keys from a start-after cursor and fetch the commits
-//! concurrently. Requests are built and signed (SigV4) by `rusty-s3` and sent by one
-//! pooled `reqwest` client (HTTP/1.1 keep-alive; HTTPS through rustls on ring). A
-//! transient failure (no connection, a timeout, a 5xx or 429) is retried twice with
-//! exponential backoff and jitter (`backon`); every call has connect, attempt and
-//! operation timeouts. [`S3EventStore::verify_conditional_writes`] proves at start-up that the
-//! server refuses a second conditional create of one key; a store that ignores the
-//! header would silently lose updates, so Tally refuses to start on it.
+//! concurrently. Requests go through `aws-sdk-s3`, which sends them with the pooled
+//! `reqwest` client the gateway's proxy also uses (HTTP/1.1 keep-alive; HTTPS through
+//! rustls on ring), so every binary carries one HTTP stack. The SDK retries what is
+//! transient (no answer, a 5xx, a throttling code; and a 429) twice, with exponential
+//! backoff and jitter; every call has connect, attempt and operation timeouts.
+//! [`S3EventStore::verify_conditional_writes`] proves at start-up that the server refuses
+//! a second conditional create of one key; a store that ignores the header would
+//! silently lose updates, so Tally refuses to start on it.
 
 use async_trait::async_trait;
-use backon::{ExponentialBuilder, Retryable};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::InterceptorContext;
+use aws_sdk_s3::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use rusty_s3::actions::{ListObjectsV2, ObjectIdentifier};
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tally_es::{
@@ -32,6 +41,8 @@ use tally_es::{
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
+
+mod http;
 
 /// How many commit objects a read fetches at once.
 const READ_CONCURRENCY: usize = 16;
@@ -44,9 +55,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A whole call, retries included.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a signed request stays valid (it is sent at once; this covers clock skew
-/// and the retries).
-const SIGNATURE_VALIDITY: Duration = Duration::from_secs(300);
 
 /// Where the store is.
 #[derive(Clone, Debug)]
@@ -84,9 +92,8 @@ impl S3Config {
 /// The S3 event store.
 #[derive(Clone, Debug)]
 pub struct S3EventStore {
-    http: reqwest::Client,
-    bucket: Arc<Bucket>,
-    credentials: Arc<Credentials>,
+    client: Client,
+    bucket: String,
     prefix: String,
     /// Outbox entries to delete, gathered into multi-object deletes (started on first
     /// use, inside the runtime).
@@ -100,108 +107,97 @@ type DeleteQueue = mpsc::UnboundedSender<DeleteRequest>;
 /// The most keys one DeleteObjects request may carry.
 const MAX_DELETE_BATCH: usize = 1000;
 
-/// A signed request, ready to send (again, on a retry).
-struct Call {
-    method: reqwest::Method,
-    url: url::Url,
-    headers: Vec<(&'static str, String)>,
-    body: Bytes,
+/// The HTTP status of a failed call, if the server answered.
+fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
 }
 
-/// What the server answered (any status it did not ask us to retry).
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
-
-impl Answer {
-    fn success(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-
-    /// The S3 error code (`NoSuchBucket`, `BucketAlreadyOwnedByYou`, ...), if the body
-    /// is an S3 error document.
-    fn code(&self) -> Option<&str> {
-        xml_text(&self.body, "Code")
-    }
-
-    /// This answer if it is a success; otherwise why `what` (`PUT key`) failed.
-    fn success_or(self, what: std::fmt::Arguments<'_>) -> Result<Self, StoreError> {
-        if self.success() {
-            Ok(self)
-        } else {
-            Err(unavailable(format!("{what}: {}", self.error())))
+/// Why `what` (`PUT key`) failed: the status and S3's error code and message if the
+/// server answered, else why there was no answer.
+fn failed<E>(what: std::fmt::Arguments<'_>, e: &SdkError<E, HttpResponse>) -> StoreError
+where
+    E: std::error::Error + ProvideErrorMetadata + 'static,
+{
+    let why = match (status(e), e.code(), e.message()) {
+        (Some(status), Some(code), Some(message)) => {
+            format!("HTTP {status}: {code}: {message}")
         }
-    }
-
-    /// Why the request failed, for an error message.
-    fn error(&self) -> String {
-        match (self.code(), xml_text(&self.body, "Message")) {
-            (Some(code), Some(message)) => format!("{code}: {message}"),
-            (Some(code), None) => code.to_owned(),
-            _ => format!("HTTP {}", self.status),
-        }
-    }
+        (Some(status), Some(code), None) => format!("HTTP {status}: {code}"),
+        (Some(status), None, _) => format!("HTTP {status}"),
+        (None, ..) => error_chain(e),
+    };
+    StoreError::Unavailable(format!("{what}: {why}"))
 }
 
-/// A request that failed in a way worth trying again (no answer, or a 5xx or 429),
-/// and why.
+/// S3 itself throttles with 503 SlowDown, which the SDK retries; a 429 from a proxy or
+/// another S3 server is retried too.
 #[derive(Debug)]
-struct Transient(String);
+struct TooManyRequests;
 
-impl std::fmt::Display for Transient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl ClassifyRetry for TooManyRequests {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        match ctx.response().map(|r| r.status().as_u16()) {
+            Some(429) => RetryAction::throttling_error(),
+            _ => RetryAction::NoActionIndicated,
+        }
     }
-}
 
-/// The text of the first `<tag>` element of an S3 XML document (error documents hold
-/// a flat `Code` and `Message`).
-fn xml_text<'a>(body: &'a [u8], tag: &str) -> Option<&'a str> {
-    let body = std::str::from_utf8(body).ok()?;
-    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
-    let len = body[start..].find(&format!("</{tag}>"))?;
-    Some(&body[start..start + len])
-}
-
-fn unavailable(why: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(why.to_string())
+    fn name(&self) -> &'static str {
+        "429 Too Many Requests"
+    }
 }
 
 impl S3EventStore {
     /// A store over `config`. Does not touch the network; fails only on an endpoint
     /// that is not an `http(s)://` URL.
     pub fn new(config: &S3Config) -> Result<Self, String> {
-        let endpoint = match &config.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => format!("https://s3.{}.amazonaws.com", config.region),
-        };
-        let url = endpoint
-            .parse()
-            .map_err(|e| format!("TALLY_S3_ENDPOINT {endpoint:?}: {e}"))?;
-        let bucket = Bucket::new(
-            url,
-            UrlStyle::Path,
-            config.bucket.clone(),
-            config.region.clone(),
-        )
-        .map_err(|e| format!("S3 bucket {:?} at {endpoint}: {e}", config.bucket))?;
-        let credentials = match &config.session_token {
-            Some(token) => {
-                Credentials::new_with_token(&config.access_key_id, &config.secret_access_key, token)
+        let credentials = Credentials::new(
+            &config.access_key_id,
+            &config.secret_access_key,
+            config.session_token.clone(),
+            None,
+            "tally-environment",
+        );
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .http_client(http::client(CONNECT_TIMEOUT)?)
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(true)
+            // Checksums only where S3 requires one (DeleteObjects): a commit is a few
+            // hundred bytes sent once over TCP, and its key, not its checksum, is what
+            // makes the write safe.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // Bodies are small and whole; the attempt timeout bounds a slow answer.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(3)
+                    .with_initial_backoff(Duration::from_millis(20))
+                    .with_max_backoff(Duration::from_secs(1)),
+            )
+            .retry_classifier(TooManyRequests)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            let url = url::Url::parse(endpoint)
+                .map_err(|e| format!("TALLY_S3_ENDPOINT {endpoint:?}: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+                return Err(format!(
+                    "TALLY_S3_ENDPOINT {endpoint:?}: not an http:// or https:// URL"
+                ));
             }
-            None => Credentials::new(&config.access_key_id, &config.secret_access_key),
-        };
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(ATTEMPT_TIMEOUT)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("S3 HTTP client: {}", error_chain(&e)))?;
+            builder = builder.endpoint_url(endpoint);
+        }
         Ok(Self {
-            http,
-            bucket: Arc::new(bucket),
-            credentials: Arc::new(credentials),
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
             outbox_deletes: Arc::default(),
         })
@@ -209,7 +205,7 @@ impl S3EventStore {
 
     /// The bucket.
     pub fn bucket(&self) -> &str {
-        self.bucket.name()
+        &self.bucket
     }
 
     fn stream_prefix(&self, stream: &StreamId) -> String {
@@ -233,96 +229,31 @@ impl S3EventStore {
         )
     }
 
-    /// Sign `action` with `headers` (sent as they are signed) for a request with `body`.
-    fn call<'a, A: S3Action<'a>>(
-        mut action: A,
-        headers: &[(&'static str, &'a str)],
-        body: Bytes,
-    ) -> Call {
-        for (name, value) in headers {
-            action.headers_mut().insert(*name, *value);
-        }
-        let method = match A::METHOD {
-            rusty_s3::Method::Head => reqwest::Method::HEAD,
-            rusty_s3::Method::Get => reqwest::Method::GET,
-            rusty_s3::Method::Post => reqwest::Method::POST,
-            rusty_s3::Method::Put => reqwest::Method::PUT,
-            rusty_s3::Method::Delete => reqwest::Method::DELETE,
-        };
-        Call {
-            method,
-            url: action.sign(SIGNATURE_VALIDITY),
-            headers: headers.iter().map(|(n, v)| (*n, (*v).to_owned())).collect(),
-            body,
-        }
-    }
-
-    /// Send `call`, retrying what is transient, within the operation timeout.
-    async fn send(&self, call: Call) -> Result<Answer, StoreError> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(20))
-            .with_max_delay(Duration::from_secs(1))
-            .with_max_times(2)
-            .with_jitter();
-        let attempts = (|| self.attempt(&call)).retry(backoff).notify(|e, after| {
-            tracing::debug!(url = %call.url.path(), error = %e, ?after, "S3 request retried");
-        });
-        match tokio::time::timeout(OPERATION_TIMEOUT, attempts).await {
-            Ok(answer) => answer.map_err(unavailable),
-            Err(_) => Err(unavailable(format!(
-                "S3 {} {}: no answer within {OPERATION_TIMEOUT:?}",
-                call.method,
-                call.url.path()
-            ))),
-        }
-    }
-
-    async fn attempt(&self, call: &Call) -> Result<Answer, Transient> {
-        let mut request = self.http.request(call.method.clone(), call.url.clone());
-        for (name, value) in &call.headers {
-            request = request.header(*name, value);
-        }
-        if call.method == reqwest::Method::PUT || call.method == reqwest::Method::POST {
-            // Always a body, if empty: S3 wants a Content-Length on every upload (411).
-            request = request
-                .header(reqwest::header::CONTENT_LENGTH, call.body.len())
-                .body(call.body.clone());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Transient(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Transient(error_chain(&e)))?;
-        let answer = Answer { status, body };
-        if status >= 500 || status == 429 {
-            return Err(Transient(match answer.code() {
-                Some(_) => format!("HTTP {status}: {}", answer.error()),
-                None => answer.error(),
-            }));
-        }
-        Ok(answer)
-    }
-
     /// Create the bucket if it does not exist (the init step; idempotent).
     pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
         if self.ready().await.is_ok() {
             return Ok(());
         }
-        let create = self.bucket.create_bucket(&self.credentials);
-        let body = Bytes::from(create.body());
-        let answer = self.send(Self::call(create, &[], body)).await?;
-        match answer.code() {
-            _ if answer.success() => Ok(()),
-            Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists") => Ok(()),
-            _ => Err(unavailable(format!(
-                "cannot create bucket {}: {}",
-                self.bucket(),
-                answer.error()
-            ))),
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(failed(
+                format_args!("cannot create bucket {}", self.bucket),
+                &e,
+            )),
         }
     }
 
@@ -335,23 +266,34 @@ impl S3EventStore {
         body: impl Into<Bytes>,
         content_type: &str,
     ) -> Result<bool, StoreError> {
-        let put = self.bucket.put_object(Some(&self.credentials), key);
-        let headers = [("if-none-match", "*"), ("content-type", content_type)];
-        let answer = self.send(Self::call(put, &headers, body.into())).await?;
-        match answer.status {
-            _ if answer.success() => Ok(true),
-            412 | 409 => Ok(false),
-            _ => Err(unavailable(format!("PUT {key}: {}", answer.error()))),
+        let outcome = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_none_match("*")
+            .content_type(content_type)
+            .body(ByteStream::from(body.into()))
+            .send()
+            .await;
+        match outcome {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(false),
+            Err(e) => Err(failed(format_args!("PUT {key}"), &e)),
         }
     }
 
     /// Write object `key` unconditionally.
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError> {
-        let put = self.bucket.put_object(Some(&self.credentials), key);
-        let headers = [("content-type", content_type)];
-        self.send(Self::call(put, &headers, body))
-            .await?
-            .success_or(format_args!("PUT {key}"))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| failed(format_args!("PUT {key}"), &e))?;
         Ok(())
     }
 
@@ -383,25 +325,6 @@ impl S3EventStore {
         }
     }
 
-    /// One page of a listing under `prefix`.
-    async fn list_page(
-        &self,
-        prefix: &str,
-        configure: impl FnOnce(&mut ListObjectsV2<'_>),
-    ) -> Result<rusty_s3::actions::ListObjectsV2Response, StoreError> {
-        let mut list = self.bucket.list_objects_v2(Some(&self.credentials));
-        list.with_prefix(prefix);
-        configure(&mut list);
-        let answer = self
-            .send(Self::call(list, &[], Bytes::new()))
-            .await?
-            .success_or(format_args!("LIST {prefix}"))?;
-        let text = std::str::from_utf8(&answer.body)
-            .map_err(|e| unavailable(format!("LIST {prefix}: {e}")))?;
-        ListObjectsV2::parse_response(text)
-            .map_err(|e| unavailable(format!("LIST {prefix}: unreadable answer: {e}")))
-    }
-
     /// Every key under `prefix` after `start_after`, in order, with when it was written.
     async fn list(
         &self,
@@ -411,23 +334,28 @@ impl S3EventStore {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self
-                .list_page(prefix, |list| {
-                    if let Some(t) = &token {
-                        list.with_continuation_token(t.clone());
-                    } else if let Some(s) = &start_after {
-                        list.with_start_after(s.clone());
-                    }
-                })
-                .await?;
-            keys.extend(
-                page.contents
-                    .into_iter()
-                    .map(|o| (o.key, o.last_modified.as_deref().and_then(parse_time))),
-            );
-            match page.next_continuation_token {
-                Some(t) => token = Some(t),
-                None => return Ok(keys),
+            let mut request = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix);
+            if let Some(t) = &token {
+                request = request.continuation_token(t);
+            } else if let Some(s) = &start_after {
+                request = request.start_after(s);
+            }
+            let page = request
+                .send()
+                .await
+                .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    keys.push((key.to_owned(), object.last_modified().and_then(to_time)));
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(keys),
             }
         }
     }
@@ -445,10 +373,13 @@ impl S3EventStore {
 
     /// Delete `key` (S3 answers success for a key that is not there).
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let delete = self.bucket.delete_object(Some(&self.credentials), key);
-        self.send(Self::call(delete, &[], Bytes::new()))
-            .await?
-            .success_or(format_args!("DELETE {key}"))?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| failed(format_args!("DELETE {key}"), &e))?;
         Ok(())
     }
 
@@ -466,32 +397,37 @@ impl S3EventStore {
         &self,
         keys: impl Iterator<Item = &str>,
     ) -> Result<Vec<(String, String)>, String> {
-        let objects: Vec<ObjectIdentifier> =
-            keys.map(|k| ObjectIdentifier::new(k.to_owned())).collect();
-        let mut delete = self
-            .bucket
-            .delete_objects(Some(&self.credentials), objects.iter());
-        delete.set_quiet(true);
-        // The body is made from the action, so it is signed first, with its digest.
-        let url = delete.sign(SIGNATURE_VALIDITY);
-        let (body, md5) = delete.body_with_md5();
-        let call = Call {
-            method: reqwest::Method::POST,
-            url,
-            headers: vec![("content-md5", md5)],
-            body: Bytes::from(body),
-        };
-        let answer = self.send(call).await.map_err(|e| e.to_string())?;
-        if !answer.success() {
-            return Err(format!("DeleteObjects: {}", answer.error()));
-        }
-        let text = std::str::from_utf8(&answer.body).map_err(|e| e.to_string())?;
-        let result = rusty_s3::actions::DeleteObjectsResponse::parse(text)
-            .map_err(|e| format!("DeleteObjects: unreadable answer: {e}"))?;
-        Ok(result
-            .errors
-            .into_iter()
-            .map(|e| (e.key, format!("{}: {}", e.code, e.message)))
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let objects = keys
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let answer = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| failed(format_args!("DeleteObjects"), &e).to_string())?;
+        Ok(answer
+            .errors()
+            .iter()
+            .map(|e| {
+                (
+                    e.key().unwrap_or_default().to_owned(),
+                    format!(
+                        "{}: {}",
+                        e.code().unwrap_or("error"),
+                        e.message().unwrap_or("")
+                    ),
+                )
+            })
             .collect())
     }
 
@@ -499,18 +435,30 @@ impl S3EventStore {
     async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
         self.get_bytes_if_any(key)
             .await?
-            .ok_or_else(|| unavailable(format!("{key}: no such key")))
+            .ok_or_else(|| StoreError::Unavailable(format!("GET {key}: no such key")))
     }
 
     /// The whole body of object `key`, or `None` if there is no such key.
     async fn get_bytes_if_any(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let get = self.bucket.get_object(Some(&self.credentials), key);
-        let answer = self.send(Self::call(get, &[], Bytes::new())).await?;
-        match answer.status {
-            _ if answer.success() => Ok(Some(answer.body)),
-            404 => Ok(None),
-            _ => Err(unavailable(format!("GET {key}: {}", answer.error()))),
-        }
+        let object = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(failed(format_args!("GET {key}"), &e)),
+        };
+        let body = object.body.collect().await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "GET {key}: the body broke off: {}",
+                error_chain(&e)
+            ))
+        })?;
+        Ok(Some(body.into_bytes()))
     }
 
     async fn get(&self, key: String) -> Result<StoredCommit, StoreError> {
@@ -526,9 +474,9 @@ impl S3EventStore {
     }
 }
 
-/// A listing's `LastModified` (RFC 3339).
-fn parse_time(text: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+/// A listing's `LastModified`.
+fn to_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp(t.secs()).ok()
 }
 
 #[async_trait]
@@ -645,18 +593,23 @@ impl EventStore for S3EventStore {
         let mut streams = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self
-                .list_page(&prefix, |list| {
-                    list.with_delimiter("/");
-                    if let Some(t) = &token {
-                        list.with_continuation_token(t.clone());
-                    }
-                })
-                .await?;
-            for p in &page.common_prefixes {
+            let mut request = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .delimiter("/");
+            if let Some(t) = &token {
+                request = request.continuation_token(t);
+            }
+            let page = request
+                .send()
+                .await
+                .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+            for p in page.common_prefixes() {
                 let name = p
-                    .prefix
-                    .strip_prefix(&prefix)
+                    .prefix()
+                    .and_then(|p| p.strip_prefix(&prefix))
                     .and_then(|p| p.strip_suffix('/'))
                     .unwrap_or_default();
                 streams
@@ -664,9 +617,9 @@ impl EventStore for S3EventStore {
                         StoreError::Corrupt(format!("stream prefix {name:?}: {e}"))
                     })?);
             }
-            match page.next_continuation_token {
-                Some(t) => token = Some(t),
-                None => break,
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
             }
         }
         streams.sort();
@@ -674,19 +627,13 @@ impl EventStore for S3EventStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let head = self.bucket.head_bucket(Some(&self.credentials));
-        let answer = self.send(Self::call(head, &[], Bytes::new())).await?;
-        match answer.status {
-            _ if answer.success() => Ok(()),
-            404 => Err(unavailable(format!(
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Err(StoreError::Unavailable(format!(
                 "bucket {} does not exist (run the init step: migrate)",
-                self.bucket()
+                self.bucket
             ))),
-            _ => Err(unavailable(format!(
-                "bucket {}: {}",
-                self.bucket(),
-                answer.error()
-            ))),
+            Err(e) => Err(failed(format_args!("bucket {}", self.bucket), &e)),
         }
     }
 }
@@ -722,15 +669,19 @@ impl Outbox for S3EventStore {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let prefix = format!("{}outbox/", self.prefix);
         let page = self
-            .list_page(&prefix, |list| list.with_max_keys(limit.clamp(1, 1000)))
-            .await?;
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .max_keys(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
+            .send()
+            .await
+            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
         let mut entries = Vec::new();
-        for object in page.contents {
-            let (key, modified) = (
-                object.key,
-                object.last_modified.as_deref().and_then(parse_time),
-            );
-            let rest = key.strip_prefix(&prefix).unwrap_or_default();
+        for object in page.contents() {
+            let Some(rest) = object.key().and_then(|k| k.strip_prefix(&prefix)) else {
+                continue;
+            };
             let Some((stream, revision)) = rest.split_once('/') else {
                 continue;
             };
@@ -741,7 +692,10 @@ impl Outbox for S3EventStore {
             entries.push(OutboxEntry {
                 stream,
                 revision,
-                recorded_at: modified.unwrap_or_else(OffsetDateTime::now_utc),
+                recorded_at: object
+                    .last_modified()
+                    .and_then(to_time)
+                    .unwrap_or_else(OffsetDateTime::now_utc),
             });
         }
         Ok(entries)

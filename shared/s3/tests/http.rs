@@ -18,6 +18,7 @@ struct Seen {
     path_and_query: String,
     if_none_match: Option<String>,
     content_length: Option<String>,
+    authorization: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -39,6 +40,7 @@ async fn answer(State(fake): State<Fake>, request: Request) -> impl IntoResponse
         path_and_query: request.uri().to_string(),
         if_none_match: header("if-none-match"),
         content_length: header("content-length"),
+        authorization: header("authorization"),
     });
     let mut script = fake.script.lock().unwrap();
     let (status, body) = if script.len() > 1 {
@@ -101,16 +103,17 @@ async fn an_append_is_a_signed_conditional_put_of_the_commit_key() {
     assert_eq!(put.method, "PUT");
     assert!(
         put.path_and_query
-            .starts_with("/tally/streams/acc-1/00000000000000000003.json?"),
+            .starts_with("/tally/streams/acc-1/00000000000000000003.json"),
         "path-style key: {}",
         put.path_and_query
     );
     assert_eq!(put.if_none_match.as_deref(), Some("*"));
+    let authorization = put.authorization.as_deref().unwrap_or_default();
     assert!(
-        put.path_and_query.contains("X-Amz-Signature=")
-            && put.path_and_query.contains("if-none-match"),
-        "signed, with If-None-Match among the signed headers: {}",
-        put.path_and_query
+        authorization.starts_with("AWS4-HMAC-SHA256 Credential=test/")
+            && authorization.contains("if-none-match")
+            && authorization.contains("Signature="),
+        "signed (SigV4), with If-None-Match among the signed headers: {authorization}"
     );
     assert_eq!(
         put.content_length.as_deref(),
@@ -137,6 +140,13 @@ async fn a_server_error_is_retried_and_the_write_lands() {
     let (store, fake) = store_answering(&[(503, slow_down), (500, ""), (200, "")]).await;
     store.append(&commit()).await.unwrap();
     assert_eq!(fake.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn too_many_requests_is_retried() {
+    let (store, fake) = store_answering(&[(429, ""), (200, "")]).await;
+    store.append(&commit()).await.unwrap();
+    assert_eq!(fake.seen.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -239,7 +249,7 @@ async fn a_warm_stream_with_nothing_new_costs_one_get_of_the_next_key() {
     assert!(
         seen[0]
             .path_and_query
-            .starts_with("/tally/streams/acc-1/00000000000000000008.json?"),
+            .starts_with("/tally/streams/acc-1/00000000000000000008.json"),
         "{seen:?}"
     );
 }
