@@ -331,33 +331,24 @@ impl S3EventStore {
         prefix: &str,
         start_after: Option<String>,
     ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_start_after(start_after)
+            .into_paginator()
+            .send();
         let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut request = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix);
-            if let Some(t) = &token {
-                request = request.continuation_token(t);
-            } else if let Some(s) = &start_after {
-                request = request.start_after(s);
-            }
-            let page = request
-                .send()
-                .await
-                .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
             for object in page.contents() {
                 if let Some(key) = object.key() {
                     keys.push((key.to_owned(), object.last_modified().and_then(to_time)));
                 }
             }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok(keys),
-            }
         }
+        Ok(keys)
     }
 
     /// Every key in the bucket that starts with `prefix` (the store's own key prefix is
@@ -590,22 +581,17 @@ impl EventStore for S3EventStore {
 
     async fn streams(&self) -> Result<Vec<StreamId>, StoreError> {
         let prefix = format!("{}streams/", self.prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
         let mut streams = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut request = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&prefix)
-                .delimiter("/");
-            if let Some(t) = &token {
-                request = request.continuation_token(t);
-            }
-            let page = request
-                .send()
-                .await
-                .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
             for p in page.common_prefixes() {
                 let name = p
                     .prefix()
@@ -616,10 +602,6 @@ impl EventStore for S3EventStore {
                     .push(StreamId::parse(name).map_err(|e| {
                         StoreError::Corrupt(format!("stream prefix {name:?}: {e}"))
                     })?);
-            }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => break,
             }
         }
         streams.sort();
