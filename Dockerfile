@@ -55,7 +55,7 @@ COPY functions ./functions
 # The binaries every deployment expects; the build fails if one is missing.
 ARG BINARIES="open-account deposit withdraw close-account get-account get-balance list-transactions projector relay migrate gateway admin"
 
-# Build every binary of the workspace (release profile: stripped, thin LTO), then copy
+# Build every binary of the workspace (release profile: stripped, full LTO), then copy
 # each executable cargo reports out of the cache-mounted target directory. The list
 # comes from cargo's own artifact messages, so a new function is picked up without
 # editing this file and stale binaries in the cache are never copied.

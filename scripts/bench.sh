@@ -15,7 +15,7 @@
 #   make bench                   the figures (`perf` profile: release without LTO)
 #   BENCH_QUICK=1 make bench     a handful of operations, debug build: checks the harness
 #   BENCH_ARGS="--ops 10000"     more `tally-bench load` flags (tally-bench load --help)
-#   BENCH_PROFILE=release        measure the LTO release build (≈30 min to build here)
+#   BENCH_PROFILE=release        measure the shipped build (full LTO: ≈ 11 min more to build here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
