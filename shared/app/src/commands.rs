@@ -11,6 +11,7 @@ use tally_es::{
     Outbox, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 /// What a command carries besides its payload.
 #[derive(Clone, Debug, Default)]
@@ -288,7 +289,11 @@ where
         command: A::Command,
         ctx: &CommandContext,
     ) -> Result<Executed<A>, CommandError<A::Error>> {
-        let _turn = self.locks.lock(stream).await;
+        let _turn = self
+            .locks
+            .lock(stream)
+            .instrument(tracing::debug_span!("command.turn"))
+            .await;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(2))
             .with_max_delay(Duration::from_millis(100))
@@ -501,7 +506,11 @@ where
         attempted: &Mutex<Vec<(String, Revision)>>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
         let first = self.trust_warm && attempted.lock().expect("attempt list poisoned").is_empty();
-        let (mut loaded, verified) = self.load(stream, first).await.map_err(Attempt::Failed)?;
+        let (mut loaded, verified) = self
+            .load(stream, first)
+            .instrument(tracing::debug_span!("command.load"))
+            .await
+            .map_err(Attempt::Failed)?;
         let mut decided = self
             .decide(stream, &loaded, command.clone(), ctx, attempted)
             .await;
@@ -517,10 +526,16 @@ where
         if let Some(outbox) = &self.outbox {
             outbox
                 .record(stream, commit.revision)
+                .instrument(tracing::debug_span!("command.outbox_record"))
                 .await
                 .map_err(|e| Attempt::Failed(CommandError::Store(e)))?;
         }
-        match self.store.append(&stored).await {
+        match self
+            .store
+            .append(&stored)
+            .instrument(tracing::debug_span!("command.append"))
+            .await
+        {
             Ok(()) => {}
             Err(AppendError::Conflict { .. }) => {
                 tracing::debug!(%stream, revision = %commit.revision, "append conflict; reloading");
@@ -661,10 +676,18 @@ where
         let publisher = self.publisher.clone();
         let outbox = self.outbox.clone();
         let publish = async move {
-            match publisher.publish(&stored).await {
+            let published = publisher
+                .publish(&stored)
+                .instrument(tracing::debug_span!("command.publish"))
+                .await;
+            match published {
                 Ok(()) => {
                     if let Some(outbox) = outbox {
-                        if let Err(e) = outbox.done(&stored.stream, stored.revision).await {
+                        let done = outbox
+                            .done(&stored.stream, stored.revision)
+                            .instrument(tracing::debug_span!("command.outbox_done"))
+                            .await;
+                        if let Err(e) = done {
                             tracing::warn!(stream = %stored.stream, error = %e,
                                 "outbox entry not removed; the relay will publish the commit again");
                         }

@@ -52,11 +52,19 @@ impl Readiness for AlwaysReady {
 }
 
 /// Set up JSON logs on stdout, filtered by `RUST_LOG` (default `info`). Safe to call
-/// more than once.
+/// more than once. With `TALLY_LOG_SPANS=1`, every enabled span logs when it closes,
+/// with `time.busy` and `time.idle`: the stages of a command (`command.load`,
+/// `command.append`, ... at `debug`, so `RUST_LOG=info,tally_app=debug`) and the S3
+/// SDK's calls (`RUST_LOG=aws_smithy_runtime=debug`), for finding where time goes.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spans = match std::env::var("TALLY_LOG_SPANS").as_deref() {
+        Ok("1" | "true") => tracing_subscriber::fmt::format::FmtSpan::CLOSE,
+        _ => tracing_subscriber::fmt::format::FmtSpan::NONE,
+    };
     let _ = tracing_subscriber::fmt()
+        .with_span_events(spans)
         .json()
         .flatten_event(true)
         .with_current_span(true)
