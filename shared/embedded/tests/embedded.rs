@@ -726,3 +726,42 @@ async fn a_refusal_decided_on_a_warm_state_is_decided_again_on_a_fresh_read() {
         .expect("revision 4 is the stream's revision, though a's warm state is at 3");
     assert_eq!(executed.commit.revision, Revision::new(5));
 }
+
+/// Records the name of every span opened.
+struct SpanNames(std::sync::Mutex<Vec<&'static str>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for &'static SpanNames {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.lock().unwrap().push(attrs.metadata().name());
+    }
+}
+
+/// A command's stages are spans, so `TALLY_LOG_SPANS=1` with `RUST_LOG=tally_app=debug`
+/// shows where its time goes (bench/README.md, where the stack's time goes).
+#[tokio::test]
+async fn a_command_opens_a_span_for_each_of_its_stages() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let names: &'static SpanNames = Box::leak(Box::new(SpanNames(Default::default())));
+    let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry().with(names));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(DirEventStore::open(dir.path()).unwrap());
+    let handler = CommandHandler::<Account>::new(store.clone(), Arc::new(InProcessStream::new(16)))
+        .with_outbox(store);
+    open_account(&handler, &AccountId::parse("spans").unwrap()).await;
+    let names = names.0.lock().unwrap().clone();
+    for stage in [
+        "command.turn",
+        "command.load",
+        "command.outbox_record",
+        "command.append",
+        "command.publish",
+        "command.outbox_done",
+    ] {
+        assert!(names.contains(&stage), "{stage} missing from {names:?}");
+    }
+}
