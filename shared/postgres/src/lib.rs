@@ -73,6 +73,18 @@ impl PgReadModel {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Run `statements` in order in one transaction: all of them take effect or none.
+    async fn in_one_transaction(&self, statements: &[&str]) -> Result<(), ReadModelError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for statement in statements {
+            sqlx::query(statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
 }
 
 fn unavailable(e: sqlx::Error) -> ReadModelError {
@@ -409,39 +421,27 @@ impl ReadModel for PgReadModel {
     /// for 7,368 rows), and a rebuild inserts every account before its movements.
     /// [`ReadModel::rebuilt`] adds it back, validated in one pass.
     async fn clear(&self) -> Result<(), ReadModelError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("TRUNCATE accounts, transactions")
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        sqlx::query(&format!(
-            "ALTER TABLE transactions DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY}"
-        ))
-        .execute(&mut *tx)
+        self.in_one_transaction(&[
+            "TRUNCATE accounts, transactions",
+            &format!("ALTER TABLE transactions DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY}"),
+        ])
         .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
     }
 
     /// The foreign key as the schema's migration declares it, validated against every
     /// row at once; idempotent (a rebuild cut short is finished by running it again).
     async fn rebuilt(&self) -> Result<(), ReadModelError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // Validation reads every movement: not bound by the 5 s statement timeout.
-        sqlx::query("SET LOCAL statement_timeout = 0")
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        sqlx::query(&format!(
-            "ALTER TABLE transactions
-                 DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY},
-                 ADD CONSTRAINT {MOVEMENTS_FOREIGN_KEY} FOREIGN KEY (account_id)
-                     REFERENCES accounts (id) ON DELETE CASCADE"
-        ))
-        .execute(&mut *tx)
+        self.in_one_transaction(&[
+            // Validation reads every movement: not bound by the 5 s statement timeout.
+            "SET LOCAL statement_timeout = 0",
+            &format!(
+                "ALTER TABLE transactions
+                     DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY},
+                     ADD CONSTRAINT {MOVEMENTS_FOREIGN_KEY} FOREIGN KEY (account_id)
+                         REFERENCES accounts (id) ON DELETE CASCADE"
+            ),
+        ])
         .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
     }
 
     async fn ready(&self) -> Result<(), ReadModelError> {
