@@ -8,7 +8,6 @@ use std::time::Duration;
 use tally_domain::AccountId;
 use tally_es::{Revision, StreamId};
 use tally_host::{Config, Host, Role};
-
 use tally_testkit::services::{fresh_database, required_env, s3_store, unique, PrivateService};
 
 struct Backends {

@@ -55,7 +55,8 @@ impl Readiness for AlwaysReady {
 /// more than once. With `TALLY_LOG_SPANS=1`, every enabled span logs when it closes,
 /// with `time.busy` and `time.idle`: the stages of a command (`command.load`,
 /// `command.append`, ... at `debug`, so `RUST_LOG=info,tally_app=debug`) and the S3
-/// SDK's calls (`RUST_LOG=aws_smithy_runtime=debug`), for finding where time goes.
+/// SDK's calls (`RUST_LOG=aws_sdk_s3=debug`, one span per call named after its
+/// operation), for finding where time goes.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -178,9 +178,10 @@ impl S3EventStore {
                     .with_max_backoff(Duration::from_secs(1)),
             )
             .retry_classifier(TooManyRequests)
+            // The connect timeout is the reqwest client's (`http::client`): the SDK's
+            // would only reach a connector that reads it from its settings.
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
                     .operation_attempt_timeout(ATTEMPT_TIMEOUT)
                     .operation_timeout(OPERATION_TIMEOUT)
                     .build(),
