@@ -4,7 +4,7 @@ CARGO ?= cargo
 DATA_DIR ?= ./.data
 PORT ?= 8080
 
-.PHONY: dev stack services bench watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
+.PHONY: dev stack services bench torture watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Re
 
 bench: ## load (dev, stack, ceiling), rebuild, micro-benchmarks, serverless figures; results in bench/results/ (BENCH_QUICK=1: a harness check)
 	./scripts/bench.sh
+
+torture: ## the fault harness: seeded load and faults, then a checker of every invariant (TORTURE_SEED, TORTURE_SECONDS, TORTURE_TOPOLOGY)
+	./scripts/torture.sh
 
 watch: ## every function under `cargo lambda watch` on :9000, against `make backends` (installs cargo-lambda if missing)
 	./scripts/watch.sh

@@ -515,7 +515,7 @@ async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identica
     assert_eq!(
         movements_foreign_key(&pool).await.as_deref(),
         Some(MOVEMENTS_FOREIGN_KEY),
-        "the foreign key the rebuild set aside is back, as the migration made it"
+        "the new generation has the foreign key as the migration made it"
     );
 
     // And into a brand-new database, from the store alone.
@@ -601,10 +601,10 @@ async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit
 }
 
 /// A rebuild that fails half-way (a stream that does not start with its opening)
-/// still gives the read model its foreign key back, and a movement without an account
-/// is refused again.
+/// leaves the live read model as it was — its rows, its foreign key — and drops the
+/// generation it had half filled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rebuild_that_fails_still_restores_the_foreign_key() {
+async fn a_rebuild_that_fails_leaves_the_live_read_model_as_it_was() {
     use tally_domain::AccountEvent;
     use tally_es::{Commit, CommitMetadata};
     let dir = tempfile::tempdir().unwrap();
@@ -624,9 +624,16 @@ async fn a_rebuild_that_fails_still_restores_the_foreign_key() {
     );
     host.store.append(&orphan.encode()).await.unwrap();
     let pool = host.pg.as_ref().unwrap().pool().clone();
+    let before = dump(&pool).await;
 
     let failed = host.state.projector.rebuild().await;
     assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(dump(&pool).await, before, "the live rows are untouched");
+    let leftover: Option<String> = sqlx::query_scalar("SELECT to_regclass('accounts_next')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(leftover, None, "the half-built generation is gone");
     assert_eq!(
         movements_foreign_key(&pool).await.as_deref(),
         Some(MOVEMENTS_FOREIGN_KEY)
@@ -776,6 +783,17 @@ async fn postgres_applies_runs_of_several_streams_in_one_transaction_each_as_alo
     .await;
 }
 
+#[tokio::test]
+async fn postgres_rebuilds_a_new_generation_beside_the_live_one_and_switches_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Projector).await;
+    tally_testkit::read_model::a_rebuild_fills_a_new_generation_beside_the_live_one_and_switches_at_once(
+        &*host.read_model,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits_for_its_own() {
     use tally_es::Outbox;
@@ -783,12 +801,12 @@ async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits
     store.ensure_bucket().await.unwrap();
     let stream = StreamId::parse("batched").unwrap();
     for n in 1..=200 {
-        store.record(&stream, Revision::new(n)).await.unwrap();
+        store.record(&stream, Revision::new(n), "a1").await.unwrap();
     }
     assert_eq!(store.pending(1000).await.unwrap().len(), 200);
     let done = futures::future::join_all((1..=200).map(|n| {
         let (store, stream) = (store.clone(), stream.clone());
-        async move { store.done(&stream, Revision::new(n)).await }
+        async move { store.done(&stream, Revision::new(n), "a1").await }
     }))
     .await;
     assert!(done.iter().all(Result::is_ok), "{done:?}");
@@ -798,5 +816,74 @@ async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits
     );
     // Forgetting an entry that is not there is not an error (a relay and a command may
     // both be done with one commit).
-    store.done(&stream, Revision::new(7)).await.unwrap();
+    store.done(&stream, Revision::new(7), "a1").await.unwrap();
+}
+
+/// Hole 2 of issue 13: when another transaction inserted a new account's row after this
+/// one's row lock found none (a query's catch-up racing the projector, a rebuild beside
+/// the live projector), the whole run was taken for a duplicate — the commits after the
+/// opening included — and the projector acknowledged a commit it never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_opening_another_transaction_inserted_first_still_applies_the_rest() {
+    use tally_app::Applied;
+    use tally_domain::{AccountEvent, Currency};
+    use tally_es::{Commit, CommitMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    let backends = Backends::fresh().await;
+    let host = host(&backends.config(dir.path()), Role::Projector).await;
+    let pg = host.pg.clone().unwrap();
+    let id = AccountId::parse("raced").unwrap();
+    let at = time::OffsetDateTime::now_utc();
+    let commit = |revision: u64, event: AccountEvent| {
+        Commit::new(
+            id.stream_id().clone(),
+            Revision::new(revision),
+            at,
+            vec![event],
+            CommitMetadata::default(),
+        )
+    };
+    let run = vec![
+        commit(
+            1,
+            AccountEvent::Opened {
+                id: id.clone(),
+                currency: Currency::USD,
+            },
+        ),
+        commit(
+            2,
+            AccountEvent::Deposited {
+                amount: 700,
+                balance: 700,
+            },
+        ),
+    ];
+
+    // The other transaction opens the account and holds its row, uncommitted.
+    let mut other = pg.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
+         VALUES ('raced', 'USD', 0, FALSE, 1, now(), now())",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let read_model = host.read_model.clone();
+    let applying = tokio::spawn({
+        let run = run.clone();
+        async move { read_model.apply_all(&run).await }
+    });
+    // The apply has found no row to lock and now waits on the other's INSERT.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other.commit().await.unwrap();
+
+    assert_eq!(applying.await.unwrap().unwrap(), Applied::Applied);
+    assert_eq!(
+        host.read_model.position(&id).await.unwrap(),
+        Revision::new(2),
+        "the deposit after the opening was applied"
+    );
+    let view = host.read_model.account(&id).await.unwrap().unwrap();
+    assert_eq!(view.balance, 700);
 }

@@ -48,6 +48,10 @@ pub enum ApiError {
     RevisionNotReached(String),
     /// 503 `unavailable`, with `Retry-After`
     Unavailable(String),
+    /// 503 `outcome-unknown`, with `Retry-After`: an append was sent and its answer
+    /// never came; the command may have taken effect. Retry with the same
+    /// `Idempotency-Key`.
+    OutcomeUnknown(String),
     /// 500 `internal`
     Internal(String),
 }
@@ -76,6 +80,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("revision-not-reached", 422, "Revision not reached"),
     ("internal", 500, "Internal Server Error"),
     ("unavailable", 503, "Service unavailable"),
+    ("outcome-unknown", 503, "Outcome unknown"),
     ("not-ready", 503, "Not Ready"),
 ];
 
@@ -102,6 +107,7 @@ impl ApiError {
             Self::IdempotencyKeyReused => "idempotency-key-reused",
             Self::RevisionNotReached(_) => "revision-not-reached",
             Self::Unavailable(_) => "unavailable",
+            Self::OutcomeUnknown(_) => "outcome-unknown",
             Self::Internal(_) => "internal",
         }
     }
@@ -134,6 +140,13 @@ impl ApiError {
                 "this Idempotency-Key was already used with a different request".into()
             }
             Self::Unavailable(_) => "a backend is unavailable; retry shortly".into(),
+            Self::OutcomeUnknown(_) => {
+                "the event store stopped answering while the command was being written: \
+                 it may or may not have taken effect. Retry with the same Idempotency-Key \
+                 (the retry answers with the first outcome and never applies it twice), \
+                 or read the account before sending it again without one"
+                    .into()
+            }
             Self::Internal(_) => "the request failed unexpectedly".into(),
         }
     }
@@ -149,12 +162,14 @@ impl IntoResponse for ApiError {
             .unwrap_or(("internal", 500, "Internal Server Error"));
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         match &self {
-            Self::Unavailable(e) => tracing::warn!(error = %e, "backend unavailable"),
+            Self::Unavailable(e) | Self::OutcomeUnknown(e) => {
+                tracing::warn!(kind, error = %e, "backend unavailable")
+            }
             Self::Internal(e) => tracing::error!(error = %e, "internal error"),
             _ => tracing::debug!(kind, "request refused"),
         }
         let mut response = problem(status, kind, title, self.detail()).into_response();
-        if matches!(self, Self::Unavailable(_)) {
+        if matches!(self, Self::Unavailable(_) | Self::OutcomeUnknown(_)) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -194,6 +209,7 @@ impl From<CommandError<AccountError>> for ApiError {
             CommandError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             CommandError::Contention => Self::Unavailable(e.to_string()),
             CommandError::Store(e) => e.into(),
+            CommandError::OutcomeUnknown(e) => Self::OutcomeUnknown(e),
             CommandError::Decode(e) => Self::Internal(e.to_string()),
         }
     }

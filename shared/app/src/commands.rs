@@ -1,8 +1,10 @@
 //! Command handling: load, decide, append at the expected revision.
 
+use crate::faults::{Fault, Faults};
 use crate::locks::StreamLocks;
 use backon::{ExponentialBuilder, Retryable};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -35,7 +37,8 @@ pub struct Executed<A: Aggregate> {
     pub replayed: bool,
 }
 
-/// Why a command did not take effect. Nothing was written in any of these cases.
+/// Why a command did not take effect. Nothing was written in any of these cases but
+/// [`CommandError::OutcomeUnknown`].
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError<E: std::error::Error> {
     /// The domain refused the command. Handling rule: a 4xx chosen per domain error.
@@ -56,6 +59,12 @@ pub enum CommandError<E: std::error::Error> {
     /// The store is down. Handling rule: 503 + Retry-After.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An append was sent but its outcome could not be learned (the store stopped
+    /// answering): the command may have taken effect, or may still. Handling rule: 503
+    /// with Retry-After, telling the client to retry with the same `Idempotency-Key`
+    /// (which answers with the commit if it landed) or to read before retrying.
+    #[error("the store stopped answering during the append: the command may or may not have taken effect ({0})")]
+    OutcomeUnknown(String),
     /// A stored event could not be read. Handling rule: 500, alert.
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -82,11 +91,9 @@ pub enum PublishMode {
     Background,
 }
 
-/// A deliberate crash, for the fault tests of the no-lost-event guarantee.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// Abort the process right after a successful append, before publishing.
-    CrashAfterAppend,
+/// The name of the outbox entry of an append attempt: its commit id.
+fn attempt_of(metadata: &CommitMetadata) -> &str {
+    metadata.commit_id.as_deref().unwrap_or_default()
 }
 
 /// How many streams a handler keeps warm (their state after the last command).
@@ -199,7 +206,7 @@ pub struct CommandHandler<A: Aggregate> {
     outbox: Option<Arc<dyn Outbox>>,
     snapshots: Option<(Arc<dyn SnapshotStore>, u64)>,
     publish_mode: PublishMode,
-    fault: Option<Fault>,
+    faults: Faults,
     locks: StreamLocks,
     /// Streams loaded recently: the next command on one reads only the commits after
     /// it (one LIST when nothing changed). An optimisation only: the conditional append
@@ -225,7 +232,7 @@ where
             outbox: None,
             snapshots: None,
             publish_mode: PublishMode::Inline,
-            fault: None,
+            faults: Faults::NONE,
             locks: StreamLocks::default(),
             warm: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(WARM_STREAMS).expect("non-zero"),
@@ -272,9 +279,9 @@ where
         self
     }
 
-    /// Inject `fault` (tests only).
-    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
-        self.fault = fault;
+    /// Inject `faults` (tests only; see [`crate::faults`]).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
         self
     }
 
@@ -300,8 +307,9 @@ where
             .with_max_times(self.max_attempts)
             .with_jitter();
         let attempted = Mutex::new(Vec::new());
-        let attempt = || self.attempt(stream, command.clone(), ctx, &attempted);
-        match attempt
+        let unknown = AtomicBool::new(false);
+        let attempt = || self.attempt(stream, command.clone(), ctx, &attempted, &unknown);
+        let outcome = match attempt
             .retry(backoff)
             .when(|e| matches!(e, Attempt::Conflict))
             .await
@@ -309,13 +317,24 @@ where
             Ok(executed) => Ok(executed),
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
-                let (loaded, _) = self.load(stream, false).await?;
-                match self.find_ours(stream, &loaded, &attempted).await? {
-                    Some(commit) => Ok(self.adopt(commit).await),
-                    None => Err(CommandError::Contention),
+                match self.load(stream, false).await {
+                    Ok((loaded, _)) => match self.find_ours(stream, &loaded, &attempted).await {
+                        Ok(Some(commit)) => Ok(self.adopt(commit).await),
+                        Ok(None) => Err(CommandError::Contention),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
                 }
             }
             Err(Attempt::Failed(e)) => Err(e),
+        };
+        match outcome {
+            // An append whose answer never came may still land: "nothing was written"
+            // would be a lie, and a retry without the key would apply it twice.
+            Err(
+                e @ (CommandError::Store(StoreError::Unavailable(_)) | CommandError::Contention),
+            ) if unknown.load(Ordering::SeqCst) => Err(CommandError::OutcomeUnknown(e.to_string())),
+            other => other,
         }
     }
 
@@ -504,6 +523,7 @@ where
         command: A::Command,
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
+        unknown: &AtomicBool,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
         let first = self.trust_warm && attempted.lock().expect("attempt list poisoned").is_empty();
         let (mut loaded, verified) = self
@@ -525,7 +545,7 @@ where
         let stored = commit.encode();
         if let Some(outbox) = &self.outbox {
             outbox
-                .record(stream, commit.revision)
+                .record(stream, commit.revision, attempt_of(&commit.metadata))
                 .instrument(tracing::debug_span!("command.outbox_record"))
                 .await
                 .map_err(|e| Attempt::Failed(CommandError::Store(e)))?;
@@ -559,6 +579,7 @@ where
                 // 503 if the store is really down).
                 tracing::warn!(%stream, revision = %commit.revision, error = %e,
                     "append failed; reloading to see whether it landed");
+                unknown.store(true, Ordering::SeqCst);
                 return Err(Attempt::Conflict);
             }
         }
@@ -595,7 +616,8 @@ where
         if let Some(commit) = ours {
             return Ok(Decided::Answer(self.adopt(commit).await));
         }
-        if let Some((key, fingerprint)) = &ctx.idempotency {
+        let honour_keys = !self.faults.has(Fault::ApplyRetriesTwice);
+        if let Some((key, fingerprint)) = ctx.idempotency.as_ref().filter(|_| honour_keys) {
             let first = match loaded.with_key(key) {
                 None => None,
                 Some(KeyHit::Commit(c)) => Some((c.metadata.fingerprint.clone(), c.clone())),
@@ -668,14 +690,27 @@ where
     /// The fast path to projections. A failure never fails the command: the commit is
     /// durable, its outbox entry stays, and the relay publishes it later.
     async fn after_append(&self, stored: StoredCommit) {
-        if self.fault == Some(Fault::CrashAfterAppend) {
+        if self.faults.has(Fault::CrashAfterAppend) {
             tracing::error!(stream = %stored.stream, revision = %stored.revision,
                 "fault injection: crashing after the append, before the publish");
             std::process::abort();
         }
         let publisher = self.publisher.clone();
         let outbox = self.outbox.clone();
+        let attempt = attempt_of(&stored.metadata).to_owned();
+        let faults = self.faults;
         let publish = async move {
+            if faults.has(Fault::DelayPublish) {
+                tokio::time::sleep(crate::faults::PUBLISH_DELAY).await;
+            }
+            if faults.has(Fault::SkipPublish) {
+                tracing::error!(stream = %stored.stream, revision = %stored.revision,
+                    "fault injection: this commit is not published");
+                if let Some(outbox) = outbox {
+                    let _ = outbox.done(&stored.stream, stored.revision, &attempt).await;
+                }
+                return;
+            }
             let published = publisher
                 .publish(&stored)
                 .instrument(tracing::debug_span!("command.publish"))
@@ -684,7 +719,7 @@ where
                 Ok(()) => {
                     if let Some(outbox) = outbox {
                         let done = outbox
-                            .done(&stored.stream, stored.revision)
+                            .done(&stored.stream, stored.revision, &attempt)
                             .instrument(tracing::debug_span!("command.outbox_done"))
                             .await;
                         if let Err(e) = done {

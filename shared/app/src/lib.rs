@@ -14,13 +14,15 @@
 //! No HTTP here and no concrete backend: adapters come in through the ports.
 
 pub mod commands;
+pub mod faults;
 mod locks;
 pub mod ports;
 pub mod projection;
 pub mod queries;
 pub mod relay;
 
-pub use commands::{CommandContext, CommandError, CommandHandler, Executed, Fault, PublishMode};
+pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
+pub use faults::{Fault, Faults};
 pub use ports::{
     AccountView, Applied, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind,
     TransactionView,

@@ -105,15 +105,28 @@ pub trait ReadModel: Send + Sync + 'static {
         after: Revision,
         limit: usize,
     ) -> Result<Vec<TransactionView>, ReadModelError>;
-    /// Drop everything (before a rebuild). A read model may also set aside checks that
-    /// a rebuild's loads cannot fail (every account is inserted before its movements),
-    /// until [`ReadModel::rebuilt`].
+    /// Drop everything, at once (tests and tools; a rebuild does not: see
+    /// [`ReadModel::begin_rebuild`]).
     async fn clear(&self) -> Result<(), ReadModelError>;
-    /// The rebuild that started with [`ReadModel::clear`] ended (whether or not it
-    /// succeeded): restore and check what `clear` set aside.
-    async fn rebuilt(&self) -> Result<(), ReadModelError> {
-        Ok(())
-    }
+    /// Start a rebuild: a new, empty generation beside the live one. Readers, `apply`
+    /// and the live projector keep using the live generation until
+    /// [`ReadModel::finish_rebuild`]; an earlier rebuild left unfinished is dropped. A
+    /// read model may set aside, in the new generation, checks that a rebuild's loads
+    /// cannot fail (every account is inserted before its movements) and restore them
+    /// when it finishes.
+    async fn begin_rebuild(&self) -> Result<(), ReadModelError>;
+    /// [`ReadModel::apply_runs`], into the generation being rebuilt.
+    async fn apply_runs_rebuilding(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError>;
+    /// Make the rebuilt generation the live one, atomically for readers: first every
+    /// account the live generation holds past it (the live projector went on during the
+    /// rebuild) takes the newer rows from the live one, so no reader sees an account go
+    /// back; then the old generation is dropped.
+    async fn finish_rebuild(&self) -> Result<(), ReadModelError>;
+    /// Drop the generation being rebuilt (the replay failed); the live one is untouched.
+    async fn abandon_rebuild(&self) -> Result<(), ReadModelError>;
     /// Whether queries can be served now.
     async fn ready(&self) -> Result<(), ReadModelError>;
 }

@@ -1,7 +1,9 @@
 //! The projector: from commits to the read model and the cache, exactly once.
 
+use crate::faults::{Fault, Faults};
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
 use futures::stream::{self, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{
@@ -19,7 +21,21 @@ pub enum ProjectionError {
     ReadModel(#[from] ReadModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The read model is still behind a commit after catching up from the store (it
+    /// kept moving underneath: emptied, or rows dropped). Handling rule: do not
+    /// acknowledge the commit; retry.
+    #[error("the read model of {stream} is at revision {at}, behind revision {wanted}")]
+    Behind {
+        stream: StreamId,
+        at: Revision,
+        wanted: Revision,
+    },
 }
+
+/// How many times a catch-up reads the store again when the read model moved
+/// underneath it between reading its position and applying (a gap where there was
+/// none a moment before).
+const CATCH_UP_ROUNDS: usize = 3;
 
 /// How many streams a rebuild or catch-up reads from the store at once.
 pub const REBUILD_CONCURRENCY: usize = 8;
@@ -48,6 +64,9 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     read_model: Arc<dyn ReadModel>,
     cache: Arc<dyn Cache>,
+    faults: Faults,
+    /// Deliveries handled, for `drop-projection`.
+    handled: Arc<AtomicU64>,
 }
 
 impl Projector {
@@ -61,47 +80,99 @@ impl Projector {
             store,
             read_model,
             cache,
+            faults: Faults::NONE,
+            handled: Arc::default(),
         }
+    }
+
+    /// Inject `faults` (tests only; see [`crate::faults`]).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Handle one delivered commit (at-least-once, possibly out of order). A duplicate
     /// is skipped; a gap is repaired from the store before anything newer is applied.
+    /// Returns only once the read model holds the commit: the caller may then
+    /// acknowledge it. Anything else — the read model moved underneath, lost the rows
+    /// it said it had — is an error, and the commit is not to be acknowledged.
     pub async fn handle(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
         let commit = Commit::<AccountEvent>::decode(stored)?;
+        let id = AccountId::from(stored.stream.clone());
+        if self.faults.has(Fault::DropProjection)
+            && self
+                .handled
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(3)
+        {
+            tracing::error!(stream = %stored.stream, revision = %stored.revision,
+                "fault injection: this delivery is acknowledged without being applied");
+            return Ok(Applied::Duplicate);
+        }
         let outcome = self.read_model.apply(&commit).await?;
         match outcome {
-            Applied::Applied => self.write_through(&commit).await,
+            Applied::Applied => {
+                self.write_through(&commit).await;
+                return Ok(outcome);
+            }
             Applied::Duplicate => {}
             Applied::Gap { expected } => {
                 tracing::info!(stream = %stored.stream, %expected, got = %stored.revision,
                     "gap in delivery; repairing from the store");
-                self.catch_up(&AccountId::from(stored.stream.clone()))
-                    .await?;
+                self.catch_up(&id).await?;
             }
+        }
+        // Not applied by this call: make sure it is there before it is acknowledged.
+        let wanted = commit.last_revision();
+        let mut at = self.read_model.position(&id).await?;
+        if at < wanted {
+            self.catch_up(&id).await?;
+            at = self.read_model.position(&id).await?;
+        }
+        if at < wanted {
+            return Err(ProjectionError::Behind {
+                stream: stored.stream.clone(),
+                at,
+                wanted,
+            });
         }
         Ok(outcome)
     }
 
     /// Apply every commit of `id` that the store has and the read model lacks, in one
-    /// [`ReadModel::apply_all`]. Returns the number of commits applied.
+    /// [`ReadModel::apply_all`]. Returns the number of commits applied. On a gap — the
+    /// read model lost rows between reading its position and the apply (emptied by a
+    /// rebuild, say) — it reads its position and the store again, a few times.
     pub async fn catch_up(&self, id: &AccountId) -> Result<usize, ProjectionError> {
-        let position = self.read_model.position(id).await?;
-        let stored = self.store.read(id.stream_id(), position.next()).await?;
-        let commits = decode_all(&stored)?;
-        let Some(last) = commits.last() else {
-            return Ok(0);
-        };
-        match self.read_model.apply_all(&commits).await? {
-            Applied::Applied => {
-                self.write_through(last).await;
-                Ok(commits
-                    .iter()
-                    .filter(|c| c.last_revision() > position)
-                    .count())
+        for _ in 0..CATCH_UP_ROUNDS {
+            let position = self.read_model.position(id).await?;
+            let stored = self.store.read_after(id.stream_id(), position).await?;
+            let commits = decode_all(&stored)?;
+            let Some(last) = commits.last() else {
+                return Ok(0);
+            };
+            match self.read_model.apply_all(&commits).await? {
+                Applied::Applied => {
+                    self.write_through(last).await;
+                    return Ok(commits
+                        .iter()
+                        .filter(|c| c.last_revision() > position)
+                        .count());
+                }
+                // Another projector got there first.
+                Applied::Duplicate => return Ok(0),
+                Applied::Gap { expected } => {
+                    tracing::info!(stream = %id, %position, %expected,
+                        "the read model moved underneath a catch-up; reading again");
+                }
             }
-            // Another projector got there first, or the read model moved on meanwhile.
-            Applied::Duplicate | Applied::Gap { .. } => Ok(0),
         }
+        let at = self.read_model.position(id).await?;
+        Err(ProjectionError::Behind {
+            stream: id.stream_id().clone(),
+            at,
+            wanted: at.next(),
+        })
     }
 
     /// Catch up every stream in the store (at start-up, or after a lagging subscriber),
@@ -128,31 +199,40 @@ impl Projector {
         Ok(report)
     }
 
-    /// Drop the read model and the cache and replay every stream from the store.
+    /// Rebuild the read model from the store, without downtime: every stream is
+    /// replayed into a new generation while queries and the live projector go on with
+    /// the current one, then readers switch over at once (see
+    /// [`ReadModel::finish_rebuild`]) and the cache is emptied.
     pub async fn rebuild(&self) -> Result<RebuildReport, ProjectionError> {
         self.rebuild_reporting(|_| {}).await
     }
 
     /// [`Projector::rebuild`], calling `progress` with the running totals after each
     /// batch. Streams are read [`REBUILD_CONCURRENCY`] at once, in full, and applied
-    /// [`REBUILD_BATCH`] at a time with one [`ReadModel::apply_runs`]; the next batch is
-    /// read while one is applied. The cache is left empty: queries fill it from the
-    /// read model as they miss.
+    /// [`REBUILD_BATCH`] at a time with one [`ReadModel::apply_runs_rebuilding`]; the
+    /// next batch is read while one is applied. A failed replay drops the new
+    /// generation and leaves the live one as it was. The cache is emptied after the
+    /// switch: queries fill it again as they miss (each miss catches up from the store).
     pub async fn rebuild_reporting(
         &self,
         mut progress: impl FnMut(&RebuildReport),
     ) -> Result<RebuildReport, ProjectionError> {
-        self.read_model.clear().await?;
+        self.read_model.begin_rebuild().await?;
+        let report = match self.replay_every_stream(&mut progress).await {
+            Ok(report) => report,
+            Err(e) => {
+                if let Err(dropped) = self.read_model.abandon_rebuild().await {
+                    tracing::warn!(error = %dropped, "the failed rebuild's generation was not dropped");
+                }
+                return Err(e);
+            }
+        };
+        self.read_model.finish_rebuild().await?;
         self.cache.clear().await;
-        let replayed = self.replay_every_stream(&mut progress).await;
-        // Whatever the replay came to, the read model gets its checks back.
-        let restored = self.read_model.rebuilt().await;
-        let report = replayed?;
-        restored?;
         Ok(report)
     }
 
-    /// The rebuild's replay: every stream of the store into the emptied read model.
+    /// The rebuild's replay: every stream of the store into the new generation.
     async fn replay_every_stream(
         &self,
         progress: &mut impl FnMut(&RebuildReport),
@@ -184,14 +264,14 @@ impl Projector {
         Ok(decode_all(&stored)?)
     }
 
-    /// Replay a batch of streams read in full into the (emptied) read model.
+    /// Replay a batch of streams read in full into the generation being rebuilt.
     async fn replay(
         &self,
         read: Vec<Result<Vec<Commit<AccountEvent>>, ProjectionError>>,
     ) -> Result<RebuildReport, ProjectionError> {
         let runs = read.into_iter().collect::<Result<Vec<_>, _>>()?;
         let slices: Vec<&[Commit<AccountEvent>]> = runs.iter().map(Vec::as_slice).collect();
-        self.read_model.apply_runs(&slices).await?;
+        self.read_model.apply_runs_rebuilding(&slices).await?;
         Ok(RebuildReport {
             streams: runs.len(),
             commits: runs.iter().map(Vec::len).sum(),

@@ -1,5 +1,6 @@
 //! Queries: cache → read model → store.
 
+use crate::faults::{Fault, Faults};
 use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
 use crate::projection::{ProjectionError, Projector};
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub struct Queries {
     cache: Arc<dyn Cache>,
     projector: Projector,
     read_through: bool,
+    faults: Faults,
 }
 
 impl Queries {
@@ -67,7 +69,14 @@ impl Queries {
             cache,
             projector,
             read_through,
+            faults: Faults::NONE,
         }
+    }
+
+    /// Inject `faults` (tests only; see [`crate::faults`]).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// The account, at least at revision `min` (read-your-writes).
@@ -105,23 +114,56 @@ impl Queries {
         Ok(view)
     }
 
-    /// The balance: from the cache when it is fresh enough, else from the read model.
+    /// The balance: from the cache when it is fresh enough, else from the read model
+    /// once it has caught up with the store.
+    ///
+    /// A cache entry is never older than what a command acknowledged (commands write
+    /// their balance through; newer revisions win). Without one — it expired, Redis
+    /// restarted empty or is down — nothing here knows what was acknowledged, and the
+    /// read model may be behind it (the projector stopped, Kafka down): the store is
+    /// asked what came after the read model's position (on S3, one GET of the next
+    /// key) and that is applied before answering. So a balance older than one already
+    /// acknowledged is never served; with the store unreachable too, a miss is a 503.
     pub async fn balance(
         &self,
         id: &AccountId,
         min: Option<Revision>,
     ) -> Result<BalanceView, QueryError> {
+        if self.faults.has(Fault::StaleBalance) {
+            return self.stale_balance(id).await;
+        }
         if !self.read_through {
             if let Some(hit) = self.cache.get(id).await {
                 if min.is_none_or(|m| hit.revision >= m) {
                     return Ok(hit.into());
                 }
             }
+            self.projector.catch_up(id).await?;
         }
         let view = self.account(id, min).await?;
         let balance = CachedBalance::from(&view);
         self.cache.put(id, balance).await;
         Ok(balance.into())
+    }
+
+    /// `stale-balance`: the account as it was before its last movement.
+    async fn stale_balance(&self, id: &AccountId) -> Result<BalanceView, QueryError> {
+        let view = self.account(id, None).await?;
+        let movements = self
+            .read_model
+            .transactions(id, Revision::ZERO, usize::MAX)
+            .await?;
+        let (balance, revision) = match movements.len() {
+            0 => (view.balance, view.revision),
+            1 => (0, Revision::new(1)),
+            n => (movements[n - 2].balance, movements[n - 2].revision),
+        };
+        tracing::error!(stream = %id, %revision, "fault injection: serving an old balance");
+        Ok(BalanceView {
+            balance,
+            currency: view.currency,
+            revision,
+        })
     }
 
     /// A command just committed `balance`: cache it, so a balance query reads the write

@@ -73,6 +73,13 @@ impl Relay {
         self
     }
 
+    /// Entries whose commit is not in the store are removed once older than `after`
+    /// (default 10 minutes: long past any append that could still land).
+    pub fn with_abandon_after(mut self, after: Duration) -> Self {
+        self.abandon_after = after;
+        self
+    }
+
     /// One pass over the outbox.
     pub async fn sweep(&self) -> Result<RelayReport, RelayError> {
         let mut report = RelayReport::default();
@@ -121,13 +128,19 @@ impl Relay {
         {
             Some(commit) => {
                 self.publisher.publish(&commit).await?;
-                self.outbox.done(&entry.stream, entry.revision).await?;
+                self.outbox
+                    .done(&entry.stream, entry.revision, &entry.attempt)
+                    .await?;
                 tracing::info!(stream = %entry.stream, revision = %entry.revision,
                     "relayed a commit the fast path did not publish");
                 Ok(Some(true))
             }
+            // Only this attempt's entry goes: a newer attempt at the same revision has
+            // an entry of its own, which stays until its own commit is published.
             None if age > self.abandon_after => {
-                self.outbox.done(&entry.stream, entry.revision).await?;
+                self.outbox
+                    .done(&entry.stream, entry.revision, &entry.attempt)
+                    .await?;
                 Ok(Some(false))
             }
             None => Ok(None),

@@ -158,10 +158,22 @@ impl DirEventStore {
 }
 
 impl DirEventStore {
-    fn outbox_path(&self, stream: &StreamId, revision: Revision) -> PathBuf {
-        self.root
-            .join("outbox")
-            .join(format!("{}.{:020}", stream.as_str(), revision.get()))
+    fn outbox_path(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<PathBuf, StoreError> {
+        if !tally_es::valid_attempt(attempt) {
+            return Err(StoreError::Corrupt(format!(
+                "{attempt:?} cannot name an outbox entry"
+            )));
+        }
+        let mut name = format!("{}.{:020}", stream.as_str(), revision.get());
+        if !attempt.is_empty() {
+            name = format!("{name}.{attempt}");
+        }
+        Ok(self.root.join("outbox").join(name))
     }
 
     fn outbox_pending_blocking(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -170,9 +182,13 @@ impl DirEventStore {
         for entry in fs::read_dir(self.root.join("outbox")).map_err(unavailable)? {
             let entry = entry.map_err(unavailable)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((stream, revision)) = name.rsplit_once('.') else {
+            // STREAM.REVISION.ATTEMPT (STREAM.REVISION before attempts were named);
+            // neither a stream id nor an attempt holds a dot.
+            let mut parts = name.splitn(3, '.');
+            let (Some(stream), Some(revision)) = (parts.next(), parts.next()) else {
                 continue;
             };
+            let attempt = parts.next().unwrap_or_default().to_owned();
             let (Ok(stream), Ok(revision)) = (StreamId::parse(stream), Revision::parse(revision))
             else {
                 continue;
@@ -184,6 +200,7 @@ impl DirEventStore {
             entries.push(OutboxEntry {
                 stream,
                 revision,
+                attempt,
                 recorded_at: modified.into(),
             });
         }
@@ -193,11 +210,17 @@ impl DirEventStore {
     }
 }
 
-/// The outbox as files `ROOT/outbox/STREAM.REVISION`, synced before `record` returns.
+/// The outbox as files `ROOT/outbox/STREAM.REVISION.ATTEMPT`, synced before `record`
+/// returns.
 #[async_trait]
 impl Outbox for DirEventStore {
-    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
-        let path = self.outbox_path(stream, revision);
+    async fn record(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError> {
+        let path = self.outbox_path(stream, revision, attempt)?;
         blocking(
             move || {
                 let file = File::create(&path)?;
@@ -210,8 +233,13 @@ impl Outbox for DirEventStore {
         .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
-    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.outbox_path(stream, revision)).await {
+    async fn done(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.outbox_path(stream, revision, attempt)?).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::Unavailable(e.to_string())),

@@ -9,15 +9,21 @@ use tally_app::{
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{Commit, Revision};
 
+#[derive(Clone)]
 struct Entry {
     view: AccountView,
     transactions: Vec<TransactionView>,
 }
 
-/// Accounts and their transactions, applied commit by commit under one lock.
+type Accounts = HashMap<AccountId, Entry>;
+
+/// Accounts and their transactions, applied commit by commit under one lock. A rebuild
+/// fills a second generation (`next`) while readers and the live projector go on with
+/// the first; [`ReadModel::finish_rebuild`] swaps them under the lock.
 #[derive(Default)]
 pub struct MemoryReadModel {
-    accounts: Mutex<HashMap<AccountId, Entry>>,
+    accounts: Mutex<Accounts>,
+    next: Mutex<Option<Accounts>>,
 }
 
 fn poisoned<T>(_: T) -> ReadModelError {
@@ -32,82 +38,8 @@ impl ReadModel for MemoryReadModel {
     }
 
     async fn apply(&self, commit: &Commit<AccountEvent>) -> Result<Applied, ReadModelError> {
-        let id = AccountId::from(commit.stream.clone());
         let mut accounts = self.accounts.lock().map_err(poisoned)?;
-        let position = accounts
-            .get(&id)
-            .map_or(Revision::ZERO, |e| e.view.revision);
-        if commit.last_revision() <= position {
-            return Ok(Applied::Duplicate);
-        }
-        if commit.revision != position.next() {
-            return Ok(Applied::Gap {
-                expected: position.next(),
-            });
-        }
-        // Build the new entry aside, then swap it in: all of the commit or none of it.
-        let mut entry = match accounts.get(&id) {
-            Some(e) => Entry {
-                view: e.view.clone(),
-                transactions: Vec::new(),
-            },
-            None => match commit.events.first() {
-                Some(AccountEvent::Opened { currency, .. }) => Entry {
-                    view: AccountView {
-                        id: id.clone(),
-                        currency: *currency,
-                        balance: 0,
-                        closed: false,
-                        revision: Revision::ZERO,
-                        opened_at: commit.recorded_at,
-                        updated_at: commit.recorded_at,
-                    },
-                    transactions: Vec::new(),
-                },
-                other => {
-                    return Err(ReadModelError(format!(
-                        "stream {id} does not start with AccountOpened: {other:?}"
-                    )))
-                }
-            },
-        };
-        for (revision, event) in commit.numbered() {
-            let kind = match event {
-                AccountEvent::Opened { .. } => None,
-                AccountEvent::Deposited { amount, balance } => {
-                    Some((TransactionKind::Deposit, amount, balance))
-                }
-                AccountEvent::Withdrawn { amount, balance } => {
-                    Some((TransactionKind::Withdrawal, amount, balance))
-                }
-                AccountEvent::Closed => {
-                    entry.view.closed = true;
-                    None
-                }
-            };
-            if let Some((kind, amount, balance)) = kind {
-                entry.view.balance = *balance;
-                entry.transactions.push(TransactionView {
-                    revision,
-                    kind,
-                    amount: *amount,
-                    balance: *balance,
-                    recorded_at: commit.recorded_at,
-                });
-            }
-            entry.view.revision = revision;
-        }
-        entry.view.updated_at = commit.recorded_at;
-        match accounts.get_mut(&id) {
-            Some(existing) => {
-                existing.view = entry.view;
-                existing.transactions.append(&mut entry.transactions);
-            }
-            None => {
-                accounts.insert(id, entry);
-            }
-        }
-        Ok(Applied::Applied)
+        apply_to(&mut accounts, commit)
     }
 
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError> {
@@ -138,7 +70,161 @@ impl ReadModel for MemoryReadModel {
         Ok(())
     }
 
+    async fn begin_rebuild(&self) -> Result<(), ReadModelError> {
+        *self.next.lock().map_err(poisoned)? = Some(Accounts::new());
+        Ok(())
+    }
+
+    async fn apply_runs_rebuilding(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError> {
+        let mut next = self.next.lock().map_err(poisoned)?;
+        let next = next
+            .as_mut()
+            .ok_or_else(|| ReadModelError("no rebuild in progress".into()))?;
+        let mut outcomes = Vec::with_capacity(runs.len());
+        for run in runs {
+            let mut outcome = Applied::Duplicate;
+            for commit in run.iter() {
+                match apply_to(next, commit)? {
+                    Applied::Applied => outcome = Applied::Applied,
+                    Applied::Duplicate => {}
+                    gap @ Applied::Gap { .. } => {
+                        if outcome == Applied::Duplicate {
+                            outcome = gap;
+                        }
+                        break;
+                    }
+                }
+            }
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// Under the live lock: every account the live generation holds past the rebuilt one
+    /// (the live projector went on during the rebuild) takes its newer rows from it;
+    /// then the rebuilt generation is the live one.
+    async fn finish_rebuild(&self) -> Result<(), ReadModelError> {
+        let mut live = self.accounts.lock().map_err(poisoned)?;
+        let mut next = self
+            .next
+            .lock()
+            .map_err(poisoned)?
+            .take()
+            .ok_or_else(|| ReadModelError("no rebuild in progress".into()))?;
+        for (id, current) in live.iter() {
+            match next.get_mut(id) {
+                None => {
+                    next.insert(id.clone(), current.clone());
+                }
+                Some(rebuilt) if rebuilt.view.revision < current.view.revision => {
+                    let after = rebuilt.view.revision;
+                    rebuilt.view = current.view.clone();
+                    rebuilt.transactions.extend(
+                        current
+                            .transactions
+                            .iter()
+                            .filter(|t| t.revision > after)
+                            .cloned(),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        *live = next;
+        Ok(())
+    }
+
+    async fn abandon_rebuild(&self) -> Result<(), ReadModelError> {
+        *self.next.lock().map_err(poisoned)? = None;
+        Ok(())
+    }
+
     async fn ready(&self) -> Result<(), ReadModelError> {
         self.accounts.lock().map_err(poisoned).map(|_| ())
     }
+}
+
+/// Apply one commit to `accounts` if it is the next of its stream.
+fn apply_to(
+    accounts: &mut Accounts,
+    commit: &Commit<AccountEvent>,
+) -> Result<Applied, ReadModelError> {
+    let id = AccountId::from(commit.stream.clone());
+    let position = accounts
+        .get(&id)
+        .map_or(Revision::ZERO, |e| e.view.revision);
+    if commit.last_revision() <= position {
+        return Ok(Applied::Duplicate);
+    }
+    if commit.revision != position.next() {
+        return Ok(Applied::Gap {
+            expected: position.next(),
+        });
+    }
+    // Build the new entry aside, then swap it in: all of the commit or none of it.
+    let mut entry = match accounts.get(&id) {
+        Some(e) => Entry {
+            view: e.view.clone(),
+            transactions: Vec::new(),
+        },
+        None => match commit.events.first() {
+            Some(AccountEvent::Opened { currency, .. }) => Entry {
+                view: AccountView {
+                    id: id.clone(),
+                    currency: *currency,
+                    balance: 0,
+                    closed: false,
+                    revision: Revision::ZERO,
+                    opened_at: commit.recorded_at,
+                    updated_at: commit.recorded_at,
+                },
+                transactions: Vec::new(),
+            },
+            other => {
+                return Err(ReadModelError(format!(
+                    "stream {id} does not start with AccountOpened: {other:?}"
+                )))
+            }
+        },
+    };
+    for (revision, event) in commit.numbered() {
+        let kind = match event {
+            AccountEvent::Opened { .. } => None,
+            AccountEvent::Deposited { amount, balance } => {
+                Some((TransactionKind::Deposit, amount, balance))
+            }
+            AccountEvent::Withdrawn { amount, balance } => {
+                Some((TransactionKind::Withdrawal, amount, balance))
+            }
+            AccountEvent::Closed => {
+                entry.view.closed = true;
+                None
+            }
+        };
+        if let Some((kind, amount, balance)) = kind {
+            entry.view.balance = *balance;
+            entry.transactions.push(TransactionView {
+                revision,
+                kind,
+                amount: *amount,
+                balance: *balance,
+                recorded_at: commit.recorded_at,
+            });
+        }
+        entry.view.revision = revision;
+    }
+    entry.view.updated_at = commit.recorded_at;
+    match accounts.get_mut(&id) {
+        Some(existing) => {
+            existing.view = entry.view;
+            existing.transactions.append(&mut entry.transactions);
+        }
+        None => {
+            accounts.insert(id, entry);
+        }
+    }
+    Ok(Applied::Applied)
 }

@@ -765,3 +765,285 @@ async fn a_command_opens_a_span_for_each_of_its_stages() {
         assert!(names.contains(&stage), "{stage} missing from {names:?}");
     }
 }
+
+/// A store that lets an append land, then stops answering anything (reads included)
+/// until it is brought back: the S3 server paused mid-request.
+struct GoesAwayAfterAppend {
+    inner: DirEventStore,
+    away: std::sync::atomic::AtomicBool,
+}
+
+impl GoesAwayAfterAppend {
+    fn check(&self) -> Result<(), tally_es::StoreError> {
+        if self.away.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tally_es::StoreError::Unavailable("no answer".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for GoesAwayAfterAppend {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        self.check()
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        self.inner.append(commit).await?;
+        self.away.store(true, std::sync::atomic::Ordering::SeqCst);
+        Err(AppendError::Unavailable("timed out (but it landed)".into()))
+    }
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
+        self.check()?;
+        self.inner.read(stream, from).await
+    }
+    async fn streams(&self) -> Result<Vec<StreamId>, tally_es::StoreError> {
+        self.check()?;
+        self.inner.streams().await
+    }
+    async fn ready(&self) -> Result<(), tally_es::StoreError> {
+        self.check()
+    }
+}
+
+/// Hole 6 of issue 13: an append whose answer never came was answered like "the store
+/// is down, nothing was written", and a client retrying without a key applied it twice.
+#[tokio::test]
+async fn an_append_whose_answer_never_came_says_its_outcome_is_unknown_and_a_keyed_retry_answers_it_once(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let id = AccountId::parse("unanswered").unwrap();
+    let plain =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(4)));
+    open_account(&plain, &id).await;
+    let flaky = Arc::new(GoesAwayAfterAppend {
+        inner: store.clone(),
+        away: Default::default(),
+    });
+    let handler = CommandHandler::<Account>::new(flaky.clone(), Arc::new(InProcessStream::new(4)));
+    let amount = AmountPolicy::new(Currency::USD, 1_000_000_00)
+        .parse("7")
+        .unwrap();
+    let ctx = CommandContext {
+        idempotency: Some(("retry-me".into(), "deposit 700".into())),
+        ..CommandContext::default()
+    };
+    let deposit = AccountCommand::Deposit { amount };
+    let outcome = handler.execute(id.stream_id(), deposit.clone(), &ctx).await;
+    assert!(
+        matches!(outcome, Err(tally_app::CommandError::OutcomeUnknown(_))),
+        "{outcome:?}"
+    );
+
+    flaky.away.store(false, std::sync::atomic::Ordering::SeqCst);
+    let retried = plain.execute(id.stream_id(), deposit, &ctx).await.unwrap();
+    assert!(retried.replayed, "the retry finds the commit that landed");
+    assert_eq!(retried.commit.revision, Revision::new(2));
+    let all = store.read(id.stream_id(), Revision::new(1)).await.unwrap();
+    assert_eq!(all.len(), 2, "the deposit is in the store once");
+}
+
+/// A memory read model that is emptied (as a rebuild's TRUNCATE did) right after the
+/// first time someone reads a position from it.
+struct EmptiedAfterFirstPosition {
+    inner: MemoryReadModel,
+    emptied: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ReadModel for EmptiedAfterFirstPosition {
+    async fn position(&self, id: &AccountId) -> Result<Revision, tally_app::ReadModelError> {
+        let position = self.inner.position(id).await?;
+        if !self.emptied.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.inner.clear().await?;
+        }
+        Ok(position)
+    }
+    async fn apply(
+        &self,
+        commit: &Commit<AccountEvent>,
+    ) -> Result<Applied, tally_app::ReadModelError> {
+        self.inner.apply(commit).await
+    }
+    async fn account(
+        &self,
+        id: &AccountId,
+    ) -> Result<Option<tally_app::AccountView>, tally_app::ReadModelError> {
+        self.inner.account(id).await
+    }
+    async fn transactions(
+        &self,
+        id: &AccountId,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<tally_app::TransactionView>, tally_app::ReadModelError> {
+        self.inner.transactions(id, after, limit).await
+    }
+    async fn clear(&self) -> Result<(), tally_app::ReadModelError> {
+        self.inner.clear().await
+    }
+    async fn begin_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
+        self.inner.begin_rebuild().await
+    }
+    async fn apply_runs_rebuilding(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, tally_app::ReadModelError> {
+        self.inner.apply_runs_rebuilding(runs).await
+    }
+    async fn finish_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
+        self.inner.finish_rebuild().await
+    }
+    async fn abandon_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
+        self.inner.abandon_rebuild().await
+    }
+    async fn ready(&self) -> Result<(), tally_app::ReadModelError> {
+        Ok(())
+    }
+}
+
+/// Hole 2 of issue 13 (its TRUNCATE variant): the read model emptied between a
+/// catch-up's position and its apply made the apply a gap, which the catch-up took for
+/// "someone else got there first"; the projector then acknowledged a commit the read
+/// model did not hold.
+#[tokio::test]
+async fn a_delivery_is_handled_only_once_the_read_model_holds_it_even_if_emptied_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let c1 = commit("moved", 1, vec![opened("moved")]);
+    let c2 = commit("moved", 2, vec![deposited(500, 500)]);
+    let c3 = commit("moved", 3, vec![deposited(250, 750)]);
+    for c in [&c1, &c2, &c3] {
+        store.append(c).await.unwrap();
+    }
+    let inner = MemoryReadModel::default();
+    inner.apply(&Commit::decode(&c1).unwrap()).await.unwrap();
+    let read_model = Arc::new(EmptiedAfterFirstPosition {
+        inner,
+        emptied: Default::default(),
+    });
+    let projector = Projector::new(
+        Arc::new(store.clone()),
+        read_model.clone(),
+        Arc::new(MemoryCache::default()),
+    );
+    // Commit 2 never arrived: a gap, repaired from the store while the rows vanish.
+    projector.handle(&c3).await.unwrap();
+    let id = AccountId::parse("moved").unwrap();
+    assert_eq!(
+        read_model.position(&id).await.unwrap(),
+        Revision::new(3),
+        "handled means held"
+    );
+}
+
+/// Hole 3 of issue 13: with the cache entry gone and the projection behind (Kafka down,
+/// the projector stopped), a balance query served the read model's older balance.
+#[tokio::test]
+async fn a_balance_without_a_cache_entry_is_never_older_than_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let c1 = commit("behind", 1, vec![opened("behind")]);
+    let c2 = commit("behind", 2, vec![deposited(1000, 1000)]);
+    let c3 = commit("behind", 3, vec![deposited(500, 1500)]);
+    for c in [&c1, &c2, &c3] {
+        store.append(c).await.unwrap();
+    }
+    let (projector, read_model, cache) = projector(&store);
+    projector.handle(&c1).await.unwrap();
+    projector.handle(&c2).await.unwrap();
+    cache.clear().await; // expired
+    let queries = tally_app::Queries::new(read_model, cache, projector, false);
+    let id = AccountId::parse("behind").unwrap();
+    let balance = queries.balance(&id, None).await.unwrap();
+    assert_eq!(
+        (balance.revision, balance.balance),
+        (Revision::new(3), 1500),
+        "the acknowledged deposit at revision 3 is not hidden"
+    );
+}
+
+/// An outbox that, while the relay forgets an entry, lets a new command record the
+/// same revision again and append it — the relay's abandon racing a new attempt.
+struct RecordedAgainDuringDone {
+    inner: DirEventStore,
+    again: tokio::sync::Mutex<Option<StoredCommit>>,
+}
+
+#[async_trait::async_trait]
+impl tally_es::Outbox for RecordedAgainDuringDone {
+    async fn record(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), tally_es::StoreError> {
+        self.inner.record(stream, revision, attempt).await
+    }
+    async fn done(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), tally_es::StoreError> {
+        if let Some(commit) = self.again.lock().await.take() {
+            // The new command: its outbox entry, then its commit; then it dies.
+            self.inner
+                .record(&commit.stream, commit.revision, "new-attempt")
+                .await?;
+            self.inner.append(&commit).await.unwrap();
+        }
+        self.inner.done(stream, revision, attempt).await
+    }
+    async fn pending(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<tally_es::OutboxEntry>, tally_es::StoreError> {
+        self.inner.pending(limit).await
+    }
+}
+
+/// Hole 4 of issue 13: the relay's abandon of an old entry deleted whatever was at that
+/// key, also the entry a new command had just recorded again; had that command died
+/// before publishing, its commit would never have been published.
+#[tokio::test]
+async fn abandoning_an_old_outbox_entry_never_forgets_a_newer_attempt_at_the_same_revision() {
+    use tally_es::Outbox;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    store
+        .append(&commit("reused", 1, vec![opened("reused")]))
+        .await
+        .unwrap();
+    // An old attempt at revision 2 that never landed.
+    let stream = StreamId::parse("reused").unwrap();
+    store
+        .record(&stream, Revision::new(2), "old-attempt")
+        .await
+        .unwrap();
+    let outbox = Arc::new(RecordedAgainDuringDone {
+        inner: store.clone(),
+        again: tokio::sync::Mutex::new(Some(commit("reused", 2, vec![deposited(5, 5)]))),
+    });
+    let published = InProcessStream::new(16);
+    let relay = tally_app::Relay::new(Arc::new(store.clone()), outbox, Arc::new(published))
+        .with_grace(std::time::Duration::ZERO)
+        .with_abandon_after(std::time::Duration::ZERO);
+    let report = relay.sweep().await.unwrap();
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    let left: Vec<_> = store
+        .pending(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.revision.get(), e.attempt))
+        .collect();
+    assert_eq!(
+        left,
+        vec![(2, "new-attempt".to_owned())],
+        "the new attempt's entry stays, so its commit is still published"
+    );
+}

@@ -112,6 +112,10 @@ pub trait EventPublisher: Send + Sync + 'static {
 pub struct OutboxEntry {
     pub stream: StreamId,
     pub revision: Revision,
+    /// Which append attempt recorded it (the commit id it was about to append): two
+    /// attempts at one revision are two entries, so forgetting one never forgets the
+    /// other. Empty for entries recorded before attempts were named.
+    pub attempt: String,
     /// When the entry was recorded (just before the append was attempted).
     pub recorded_at: OffsetDateTime,
 }
@@ -120,12 +124,28 @@ pub struct OutboxEntry {
 /// at `(stream, revision)` must reach the event stream. It is removed once the commit
 /// is published. A relay publishes whatever is left behind by a crash or a broker
 /// outage (see `tally_app::relay`).
+///
+/// Each entry is named by its append attempt (`attempt`: the commit id, `[0-9a-zA-Z_-]`,
+/// at most 64 characters), so an entry is only ever removed by whoever knows that
+/// attempt: a relay abandoning an old attempt that never landed cannot remove the
+/// entry of a newer attempt at the same revision.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
-    /// Record that a commit at `(stream, revision)` is about to be appended.
-    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError>;
-    /// The commit was published (or never made it into the store): forget it.
-    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError>;
+    /// Record that attempt `attempt` is about to append a commit at `(stream, revision)`.
+    async fn record(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError>;
+    /// That attempt's commit was published (or never made it into the store): forget
+    /// its entry. Forgetting an entry that is not there is not an error.
+    async fn done(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError>;
     /// Up to `limit` entries still pending.
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
 }
@@ -156,6 +176,15 @@ pub trait EventStream: EventPublisher {
     /// Subscribe as a member of consumer group `group`: each commit goes to one member
     /// of each group.
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, PublishError>;
+}
+
+/// Whether `attempt` can name an outbox entry: `[0-9a-zA-Z_-]`, at most 64 characters
+/// (it becomes part of a file name or an object key).
+pub fn valid_attempt(attempt: &str) -> bool {
+    attempt.len() <= 64
+        && attempt
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Check that `commits` continue a stream at `expected` without gap or overlap.

@@ -4,7 +4,7 @@ use crate::config::Config;
 use async_trait::async_trait;
 use std::sync::Arc;
 use tally_api::AppState;
-use tally_app::{Cache, CommandHandler, Fault, Projector, PublishMode, Queries, ReadModel, Relay};
+use tally_app::{Cache, CommandHandler, Faults, Projector, PublishMode, Queries, ReadModel, Relay};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
 use tally_es::{
     EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore, StoredCommit,
@@ -161,14 +161,13 @@ impl Host {
             None => (Arc::new(MemoryCache::default()), "memory"),
         };
 
-        let projector = Projector::new(store.clone(), read_model.clone(), cache.clone());
-        let fault = match config.fault_injection.as_deref() {
-            None | Some("") => None,
-            Some("crash-after-append") => Some(Fault::CrashAfterAppend),
-            Some(other) => {
-                return Err(format!("TALLY_FAULT_INJECTION={other:?} is not a fault").into())
-            }
-        };
+        let faults = Faults::parse(config.fault_injection.as_deref().unwrap_or_default())
+            .map_err(|e| format!("TALLY_FAULT_INJECTION: {e}"))?;
+        if faults != Faults::NONE {
+            tracing::warn!(%faults, "fault injection is on: this process breaks guarantees on purpose");
+        }
+        let projector =
+            Projector::new(store.clone(), read_model.clone(), cache.clone()).with_faults(faults);
 
         let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) =
             match &config.kafka_brokers {
@@ -182,7 +181,7 @@ impl Host {
                         .with_snapshots(snapshots.clone(), config.snapshot_every)
                         .with_publish_mode(PublishMode::Background)
                         .with_trusted_warm_streams(role == Role::Gateway)
-                        .with_fault(fault);
+                        .with_faults(faults);
                     if let Some(outbox) = &outbox {
                         commands = commands.with_outbox(outbox.clone());
                     }
@@ -197,7 +196,7 @@ impl Host {
                     let commands = CommandHandler::new(store.clone(), publisher)
                         .with_snapshots(snapshots.clone(), config.snapshot_every)
                         .with_trusted_warm_streams(role == Role::Gateway)
-                        .with_fault(fault);
+                        .with_faults(faults);
                     (Arc::new(in_process), None, commands, "in-process")
                 }
             };
@@ -212,7 +211,8 @@ impl Host {
                 cache.clone(),
                 projector.clone(),
                 read_through,
-            ),
+            )
+            .with_faults(faults),
             projector,
             policy,
         };

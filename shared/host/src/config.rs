@@ -41,7 +41,8 @@ pub struct Config {
     #[serde(default = "default_snapshot_every")]
     pub snapshot_every: u64,
 
-    /// `crash-after-append`: abort right after a successful append (fault tests only).
+    /// Deliberate faults, comma-separated (tests only; `tally_app::faults`), e.g.
+    /// `crash-after-append`: abort right after a successful append.
     pub fault_injection: Option<String>,
     /// Catch every stream up from the store when a projector starts (default: with the
     /// in-memory read model or the in-process stream, where nothing else would).

@@ -314,7 +314,7 @@ mod tests {
         );
         // What a command that died after its append leaves: an outbox entry and a commit.
         store
-            .record(id.stream_id(), Revision::new(1))
+            .record(id.stream_id(), Revision::new(1), "left-behind")
             .await
             .unwrap();
         store.append(&commit.encode()).await.unwrap();

@@ -74,6 +74,30 @@ impl PgReadModel {
         &self.pool
     }
 
+    /// Apply runs to the generation `tables` (see `apply_runs`).
+    async fn apply_runs_to(
+        &self,
+        tables: Tables,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError> {
+        for _ in 0..REPLANS {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let Some(outcomes) = apply_in(&mut tx, tables, runs).await? else {
+                tx.rollback().await.map_err(unavailable)?;
+                continue;
+            };
+            if outcomes.contains(&Applied::Applied) {
+                tx.commit().await.map_err(unavailable)?;
+            } else {
+                tx.rollback().await.map_err(unavailable)?;
+            }
+            return Ok(outcomes);
+        }
+        Err(ReadModelError(format!(
+            "accounts kept being opened by concurrent transactions; gave up after {REPLANS} plans"
+        )))
+    }
+
     /// Run `statements` in order in one transaction: all of them take effect or none.
     async fn in_one_transaction(&self, statements: &[&str]) -> Result<(), ReadModelError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
@@ -122,17 +146,27 @@ impl Planned<'_> {
 /// Apply runs of commits of distinct streams in `tx`: one row lock query for all of
 /// them, one INSERT of the accounts they open, one INSERT of every transaction row, one
 /// UPDATE of every account. Each run's outcome is what applying it alone would give.
+///
+/// `Ok(None)`: another transaction inserted an account this one was opening after the
+/// row lock found none; the plan rests on a position that no longer holds, so nothing
+/// may be applied (nor reported a duplicate: the commits after the opening may well be
+/// new). The caller rolls back and plans again on the rows as they are now.
 async fn apply_in(
     tx: &mut Transaction<'_, Postgres>,
+    tables: Tables,
     runs: &[&[Commit<AccountEvent>]],
-) -> Result<Vec<Applied>, ReadModelError> {
+) -> Result<Option<Vec<Applied>>, ReadModelError> {
+    let Tables {
+        accounts,
+        transactions,
+    } = tables;
     let mut outcomes = vec![Applied::Duplicate; runs.len()];
     let ids: Vec<&str> = runs
         .iter()
         .filter_map(|run| run.first().map(|c| c.stream.as_str()))
         .collect();
     if ids.is_empty() {
-        return Ok(outcomes);
+        return Ok(Some(outcomes));
     }
     if ids.len() != ids.iter().collect::<HashSet<_>>().len() {
         return Err(ReadModelError(
@@ -140,9 +174,9 @@ async fn apply_in(
         ));
     }
     // Locked in id order, so two batches over the same accounts cannot deadlock.
-    let rows = sqlx::query(
-        "SELECT id, revision, balance, closed FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
+    let rows = sqlx::query(&format!(
+        "SELECT id, revision, balance, closed FROM {accounts} WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    ))
     .bind(&ids)
     .fetch_all(&mut **tx)
     .await
@@ -198,16 +232,16 @@ async fn apply_in(
     }
 
     // Open the new accounts. One that is already there was opened by a concurrent
-    // transaction applying this very commit: that run is a duplicate.
+    // transaction since the row lock above (ON CONFLICT waited for it to commit).
     let opening: Vec<&Planned> = plans.iter().filter(|p| p.opens.is_some()).collect();
     if !opening.is_empty() {
         let opens = || opening.iter().filter_map(|p| p.opens);
-        let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO accounts (id, currency, balance, closed, revision, opened_at, updated_at)
+        let inserted: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {accounts} (id, currency, balance, closed, revision, opened_at, updated_at)
              SELECT id, currency, 0, FALSE, revision, at, at
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[]) AS o(id, currency, revision, at)
              ON CONFLICT (id) DO NOTHING RETURNING id",
-        )
+        ))
         .bind(opening.iter().map(|p| p.id).collect::<Vec<_>>())
         .bind(opens().map(|o| o.0).collect::<Vec<_>>())
         .bind(opens().map(|o| db_revision(o.1)).collect::<Vec<_>>())
@@ -216,12 +250,11 @@ async fn apply_in(
         .await
         .map_err(unavailable)?;
         if inserted.len() != opening.len() {
-            let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
-            plans.retain(|p| p.opens.is_none() || inserted.contains(p.id));
+            return Ok(None);
         }
     }
     if plans.is_empty() {
-        return Ok(outcomes);
+        return Ok(Some(outcomes));
     }
 
     // The transactions of every run that goes in, with one INSERT (arrays unnested).
@@ -253,10 +286,10 @@ async fn apply_in(
         }
     }
     if !rows.revision.is_empty() {
-        sqlx::query(
-            "INSERT INTO transactions (account_id, revision, kind, amount, balance, recorded_at)
+        sqlx::query(&format!(
+            "INSERT INTO {transactions} (account_id, revision, kind, amount, balance, recorded_at)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[])",
-        )
+        ))
         .bind(&rows.account_id)
         .bind(&rows.revision)
         .bind(&rows.kind)
@@ -267,11 +300,11 @@ async fn apply_in(
         .await
         .map_err(unavailable)?;
     }
-    let updated = sqlx::query(
-        "UPDATE accounts AS a SET balance = u.balance, closed = u.closed, revision = u.revision, updated_at = u.at
+    let updated = sqlx::query(&format!(
+        "UPDATE {accounts} AS a SET balance = u.balance, closed = u.closed, revision = u.revision, updated_at = u.at
          FROM UNNEST($1::text[], $2::bigint[], $3::bool[], $4::bigint[], $5::timestamptz[]) AS u(id, balance, closed, revision, at)
          WHERE a.id = u.id",
-    )
+    ))
     .bind(plans.iter().map(|p| p.id).collect::<Vec<_>>())
     .bind(plans.iter().map(|p| p.balance).collect::<Vec<_>>())
     .bind(plans.iter().map(|p| p.closed).collect::<Vec<_>>())
@@ -291,8 +324,33 @@ async fn apply_in(
     for plan in &plans {
         outcomes[plan.index] = Applied::Applied;
     }
-    Ok(outcomes)
+    Ok(Some(outcomes))
 }
+
+/// The tables of one generation of the read model.
+#[derive(Clone, Copy)]
+struct Tables {
+    accounts: &'static str,
+    transactions: &'static str,
+}
+
+/// The generation readers use.
+const LIVE: Tables = Tables {
+    accounts: "accounts",
+    transactions: "transactions",
+};
+
+/// The generation a rebuild fills beside the live one.
+const NEXT: Tables = Tables {
+    accounts: "accounts_next",
+    transactions: "transactions_next",
+};
+
+/// How many times `apply_runs` plans again after losing an account's opening to a
+/// concurrent transaction. Each loss means another transaction inserted that row, so
+/// the next plan finds it and locks it: one more round is enough unless the rows keep
+/// being dropped underneath (a concurrent `clear`).
+const REPLANS: usize = 5;
 
 /// Rows of the `transactions` table, column by column (bound as arrays).
 #[derive(Default)]
@@ -350,14 +408,71 @@ impl ReadModel for PgReadModel {
         &self,
         runs: &[&[Commit<AccountEvent>]],
     ) -> Result<Vec<Applied>, ReadModelError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let outcomes = apply_in(&mut tx, runs).await?;
-        if outcomes.contains(&Applied::Applied) {
-            tx.commit().await.map_err(unavailable)?;
-        } else {
-            tx.rollback().await.map_err(unavailable)?;
-        }
-        Ok(outcomes)
+        self.apply_runs_to(LIVE, runs).await
+    }
+
+    async fn apply_runs_rebuilding(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, ReadModelError> {
+        self.apply_runs_to(NEXT, runs).await
+    }
+
+    /// The new generation's tables: the live ones' columns, checks and indexes, but no
+    /// foreign key from the movements to their account while it is filled — checked row
+    /// by row it took more than half of a rebuild's INSERT time (50 of the ≈ 90 ms for
+    /// 7,368 rows), and a rebuild inserts every account before its movements.
+    /// `finish_rebuild` adds it, validated in one pass.
+    async fn begin_rebuild(&self) -> Result<(), ReadModelError> {
+        self.in_one_transaction(&[
+            "DROP TABLE IF EXISTS transactions_next, accounts_next",
+            "CREATE TABLE accounts_next (LIKE accounts INCLUDING ALL)",
+            "CREATE TABLE transactions_next (LIKE transactions INCLUDING ALL)",
+        ])
+        .await
+    }
+
+    /// One transaction. The live tables are locked against writers (readers go on);
+    /// every account the live projector moved past the rebuild takes its newer rows from
+    /// the live tables (an account the rebuild never saw, all of them); the foreign key
+    /// is added and validated; then the live tables are dropped and the new ones take
+    /// their names — readers wait only for that last step, and never see a partial or
+    /// empty read model.
+    async fn finish_rebuild(&self) -> Result<(), ReadModelError> {
+        self.in_one_transaction(&[
+            "SET LOCAL statement_timeout = 0",
+            "LOCK TABLE accounts, transactions, accounts_next, transactions_next IN EXCLUSIVE MODE",
+            // Movements past the rebuilt position of accounts both generations hold.
+            "INSERT INTO transactions_next
+                 SELECT t.* FROM transactions t JOIN accounts_next n ON n.id = t.account_id
+                 WHERE t.revision > n.revision",
+            "UPDATE accounts_next n
+                 SET balance = l.balance, closed = l.closed, revision = l.revision, updated_at = l.updated_at
+                 FROM accounts l WHERE l.id = n.id AND l.revision > n.revision",
+            // Accounts only the live generation holds (opened during the rebuild).
+            "INSERT INTO transactions_next
+                 SELECT t.* FROM transactions t
+                 WHERE NOT EXISTS (SELECT 1 FROM accounts_next n WHERE n.id = t.account_id)",
+            "INSERT INTO accounts_next
+                 SELECT l.* FROM accounts l
+                 WHERE NOT EXISTS (SELECT 1 FROM accounts_next n WHERE n.id = l.id)",
+            "ALTER TABLE transactions_next ADD CONSTRAINT transactions_next_account_id_fkey
+                 FOREIGN KEY (account_id) REFERENCES accounts_next (id) ON DELETE CASCADE",
+            "DROP TABLE transactions, accounts",
+            "ALTER TABLE accounts_next RENAME TO accounts",
+            "ALTER TABLE transactions_next RENAME TO transactions",
+            "ALTER INDEX accounts_next_pkey RENAME TO accounts_pkey",
+            "ALTER INDEX transactions_next_pkey RENAME TO transactions_pkey",
+            &format!(
+                "ALTER TABLE transactions RENAME CONSTRAINT transactions_next_account_id_fkey TO {MOVEMENTS_FOREIGN_KEY}"
+            ),
+        ])
+        .await
+    }
+
+    async fn abandon_rebuild(&self) -> Result<(), ReadModelError> {
+        self.in_one_transaction(&["DROP TABLE IF EXISTS transactions_next, accounts_next"])
+            .await
     }
 
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError> {
@@ -416,32 +531,11 @@ impl ReadModel for PgReadModel {
             .collect())
     }
 
-    /// Empties both tables and drops the movements' foreign key for the rebuild: checked
-    /// row by row it took more than half of a rebuild's INSERT time (50 of the ≈ 90 ms
-    /// for 7,368 rows), and a rebuild inserts every account before its movements.
-    /// [`ReadModel::rebuilt`] adds it back, validated in one pass.
+    /// Empties both tables at once (tests and tools; a rebuild fills a new generation
+    /// instead).
     async fn clear(&self) -> Result<(), ReadModelError> {
-        self.in_one_transaction(&[
-            "TRUNCATE accounts, transactions",
-            &format!("ALTER TABLE transactions DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY}"),
-        ])
-        .await
-    }
-
-    /// The foreign key as the schema's migration declares it, validated against every
-    /// row at once; idempotent (a rebuild cut short is finished by running it again).
-    async fn rebuilt(&self) -> Result<(), ReadModelError> {
-        self.in_one_transaction(&[
-            // Validation reads every movement: not bound by the 5 s statement timeout.
-            "SET LOCAL statement_timeout = 0",
-            &format!(
-                "ALTER TABLE transactions
-                     DROP CONSTRAINT IF EXISTS {MOVEMENTS_FOREIGN_KEY},
-                     ADD CONSTRAINT {MOVEMENTS_FOREIGN_KEY} FOREIGN KEY (account_id)
-                         REFERENCES accounts (id) ON DELETE CASCADE"
-            ),
-        ])
-        .await
+        self.in_one_transaction(&["TRUNCATE accounts, transactions"])
+            .await
     }
 
     async fn ready(&self) -> Result<(), ReadModelError> {

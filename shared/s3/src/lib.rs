@@ -221,13 +221,30 @@ impl S3EventStore {
         format!("{}snapshots/{}/", self.prefix, stream.as_str())
     }
 
-    fn outbox_key(&self, stream: &StreamId, revision: Revision) -> String {
-        format!(
+    /// `outbox/{stream}/{revision:020}.{attempt}` (without `.{attempt}` when empty: the
+    /// entries recorded before attempts were named).
+    fn outbox_key(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<String, StoreError> {
+        if !tally_es::valid_attempt(attempt) {
+            return Err(StoreError::Corrupt(format!(
+                "{attempt:?} cannot name an outbox entry"
+            )));
+        }
+        let mut key = format!(
             "{}outbox/{}/{:020}",
             self.prefix,
             stream.as_str(),
             revision.get()
-        )
+        );
+        if !attempt.is_empty() {
+            key.push('.');
+            key.push_str(attempt);
+        }
+        Ok(key)
     }
 
     /// Create the bucket if it does not exist (the init step; idempotent).
@@ -623,9 +640,14 @@ impl EventStore for S3EventStore {
 
 #[async_trait]
 impl Outbox for S3EventStore {
-    async fn record(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+    async fn record(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError> {
         self.put(
-            &self.outbox_key(stream, revision),
+            &self.outbox_key(stream, revision, attempt)?,
             Bytes::new(),
             "application/octet-stream",
         )
@@ -635,7 +657,13 @@ impl Outbox for S3EventStore {
     /// Deletes are gathered: while one delete request is in flight, the entries done
     /// meanwhile wait and go in the next one, a single DeleteObjects (one S3 request
     /// for up to 1,000 entries instead of one each). Returns once the entry is gone.
-    async fn done(&self, stream: &StreamId, revision: Revision) -> Result<(), StoreError> {
+    async fn done(
+        &self,
+        stream: &StreamId,
+        revision: Revision,
+        attempt: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.outbox_key(stream, revision, attempt)?;
         let queue = self.outbox_deletes.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(delete_in_batches(self.clone_without_queue(), rx));
@@ -643,7 +671,7 @@ impl Outbox for S3EventStore {
         });
         let (tx, rx) = oneshot::channel();
         queue
-            .send((self.outbox_key(stream, revision), tx))
+            .send((key, tx))
             .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?
@@ -668,6 +696,7 @@ impl Outbox for S3EventStore {
             let Some((stream, revision)) = rest.split_once('/') else {
                 continue;
             };
+            let (revision, attempt) = revision.split_once('.').unwrap_or((revision, ""));
             let (Ok(stream), Ok(revision)) = (StreamId::parse(stream), Revision::parse(revision))
             else {
                 continue;
@@ -675,6 +704,7 @@ impl Outbox for S3EventStore {
             entries.push(OutboxEntry {
                 stream,
                 revision,
+                attempt: attempt.to_owned(),
                 recorded_at: object
                     .last_modified()
                     .and_then(to_time)

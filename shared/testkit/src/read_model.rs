@@ -175,3 +175,62 @@ pub async fn runs_of_several_streams_apply_together_each_as_alone(read_model: &d
         .is_err());
     assert!(rm.account(&orphan).await.unwrap().is_none());
 }
+
+/// A rebuild fills a new generation while the live one serves and keeps taking the live
+/// projector's commits; finishing it switches readers over at once, with every account
+/// at least where the live generation had it — also accounts the rebuild never saw and
+/// movements the live projector applied meanwhile. An abandoned rebuild changes nothing.
+pub async fn a_rebuild_fills_a_new_generation_beside_the_live_one_and_switches_at_once(
+    read_model: &dyn ReadModel,
+) {
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let old = AccountId::parse(&format!("gen-old-{tag}")).unwrap();
+    let late = AccountId::parse(&format!("gen-late-{tag}")).unwrap();
+    let rm = read_model;
+    let o = [
+        opened(&old),
+        deposited(&old, 2, 500, 500),
+        deposited(&old, 3, 100, 600),
+    ];
+    assert_eq!(rm.apply_all(&o[..2]).await.unwrap(), Applied::Applied);
+
+    rm.begin_rebuild().await.unwrap();
+    // The rebuild replays what the store held when it read the stream.
+    let replayed = rm.apply_runs_rebuilding(&[&o[..2]]).await.unwrap();
+    assert_eq!(replayed, vec![Applied::Applied]);
+    // Meanwhile the live projector goes on, and readers see the live generation whole.
+    assert_eq!(rm.apply_all(&o[2..]).await.unwrap(), Applied::Applied);
+    let l = [opened(&late), deposited(&late, 2, 42, 42)];
+    assert_eq!(rm.apply_all(&l).await.unwrap(), Applied::Applied);
+    assert_eq!(rm.position(&old).await.unwrap(), Revision::new(3));
+
+    rm.finish_rebuild().await.unwrap();
+    let view = rm.account(&old).await.unwrap().unwrap();
+    assert_eq!((view.revision, view.balance), (Revision::new(3), 600));
+    let rows = rm.transactions(&old, Revision::ZERO, 10).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|t| t.revision.get()).collect::<Vec<_>>(),
+        vec![2, 3],
+        "the live projector's movement is in the new generation"
+    );
+    let view = rm.account(&late).await.unwrap().unwrap();
+    assert_eq!((view.revision, view.balance), (Revision::new(2), 42));
+    assert_eq!(
+        rm.transactions(&late, Revision::ZERO, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // The new generation is the live one: it takes commits as before.
+    assert_eq!(
+        rm.apply_all(&[deposited(&old, 4, 1, 601)]).await.unwrap(),
+        Applied::Applied
+    );
+
+    // An abandoned rebuild leaves the live generation as it was.
+    rm.begin_rebuild().await.unwrap();
+    rm.abandon_rebuild().await.unwrap();
+    assert_eq!(rm.position(&old).await.unwrap(), Revision::new(4));
+    assert_eq!(rm.position(&late).await.unwrap(), Revision::new(2));
+}

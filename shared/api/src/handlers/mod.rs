@@ -34,20 +34,34 @@ pub(crate) async fn run_command(
         expected: headers.expected,
         request_id: headers.request_id,
     };
-    let executed = state
-        .commands
-        .execute(id.stream_id(), command, &ctx)
-        .await?;
-    let summary = Summary::of(&executed.commit);
-    // A replayed answer is history: caching its balance could put an old one back.
-    if !executed.replayed {
-        let balance = CachedBalance {
-            balance: summary.balance,
-            currency: state.policy.currency,
-            revision: executed.commit.last_revision(),
-        };
-        state.queries.note_write(id, balance).await;
-    }
+    // The command runs in a task of its own: a client that hangs up drops this
+    // handler's future, and a command cut off between its append and its publish (or
+    // its cache write) would leave a commit that no projection in this process sees.
+    // The task finishes whatever happens to the request.
+    let work = {
+        let state = state.clone();
+        let id = id.clone();
+        async move {
+            let executed = state
+                .commands
+                .execute(id.stream_id(), command, &ctx)
+                .await?;
+            let summary = Summary::of(&executed.commit);
+            // A replayed answer is history: caching its balance could put an old one back.
+            if !executed.replayed {
+                let balance = CachedBalance {
+                    balance: summary.balance,
+                    currency: state.policy.currency,
+                    revision: executed.commit.last_revision(),
+                };
+                state.queries.note_write(&id, balance).await;
+            }
+            Ok::<_, ApiError>((executed, summary))
+        }
+    };
+    let (executed, summary) = tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the command's task failed: {e}")))??;
     Ok(respond(state, id, &executed, &summary, success))
 }
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make torture`: the fault harness. Builds the functions and tally-torture, then runs
+# each topology under seeded load and faults for TORTURE_SECONDS (default 300) and
+# checks the whole history against the event store and the read model. Reports go to
+# bench/results/<time>-torture-<topology>.{json,md}; a violation fails the run and
+# prints the seed to replay it.
+#
+#   TORTURE_SEED=42 TORTURE_SECONDS=60 make torture
+#   TORTURE_TOPOLOGY=dev make torture        only one topology
+#   TORTURE_PROFILE=perf make torture        an optimised build (default: debug)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROFILE=${TORTURE_PROFILE:-debug}
+TOPOLOGIES=${TORTURE_TOPOLOGY:-dev}
+export TORTURE_SEED=${TORTURE_SEED:-$(date +%s)}
+
+echo "torture: building ($PROFILE)" >&2
+if [ "$PROFILE" = debug ]; then
+  cargo build --bins --workspace
+else
+  cargo build --profile "$PROFILE" --bins --workspace
+fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+
+status=0
+for topology in $TOPOLOGIES; do
+  "$BIN/tally-torture" --topology "$topology" --out bench/results || status=1
+done
+exit $status

@@ -1,0 +1,617 @@
+//! The checker: the history against the event store and the read model.
+//!
+//! Every invariant has a name (the report counts violations by it):
+//!
+//! | invariant | what is checked |
+//! | --- | --- |
+//! | `acknowledged-in-store` | every acknowledged command is in the store at the revision it was answered with (by its key, or by its event), with the balance it was answered with |
+//! | `exactly-once` | no idempotency key is in two commits; no command is in the store more times than it was sent (acknowledged or unknown); a refused command is not there at all |
+//! | `no-gap-no-overlap` | every stream's revisions run 1, 2, 3, … without a gap or an overlap |
+//! | `no-negative-balance` | no balance at any revision is negative, and each is the one before plus or minus the movement |
+//! | `read-model-equals-store` | after the quiet period, every account's revision, balance, status and every transaction row equal a fold of the store; an account the store lacks is a 404 |
+//! | `conservation` | the sum of balances equals what the store's deposits brought in minus what its withdrawals took out, and lies between the acknowledged movements and the acknowledged plus the unknown ones |
+//! | `min-revision` | a read that asked for `min_revision` got at least that revision |
+//! | `monotonic-reads` | no balance read is older than a revision already acknowledged to the same client |
+//! | `read-consistent` | a read's balance is the store's balance at the revision it names |
+//! | `acknowledged-account-missing` | no read of an account whose opening was acknowledged before it started is a 404 |
+//! | `no-5xx` | no 5xx answer other than a 503 with `Retry-After` |
+
+use crate::client::{minor, Kind, Op, Outcome};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tally_domain::{AccountEvent, AccountId};
+use tally_es::{Commit, EventStore, Revision, StreamId};
+
+/// Every invariant the checker knows, in report order.
+pub const INVARIANTS: &[&str] = &[
+    "acknowledged-in-store",
+    "exactly-once",
+    "no-gap-no-overlap",
+    "no-negative-balance",
+    "read-model-equals-store",
+    "conservation",
+    "min-revision",
+    "monotonic-reads",
+    "read-consistent",
+    "acknowledged-account-missing",
+    "no-5xx",
+];
+
+/// One broken invariant.
+#[derive(Clone, Debug, Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+/// What the checker found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Verdict {
+    pub violations: Vec<Violation>,
+    /// Figures of what was checked.
+    pub streams: usize,
+    pub commits: usize,
+    pub events: usize,
+    pub acknowledged_commands: usize,
+    pub unknown_commands: usize,
+    pub reads_checked: usize,
+    /// Sum of all balances in the store (minor units).
+    pub total_balance: i64,
+}
+
+impl Verdict {
+    fn violate(&mut self, invariant: &'static str, detail: String) {
+        debug_assert!(INVARIANTS.contains(&invariant));
+        self.violations.push(Violation { invariant, detail });
+    }
+
+    /// Violations by invariant (every invariant listed, zero included).
+    pub fn by_invariant(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts: BTreeMap<&'static str, usize> =
+            INVARIANTS.iter().map(|i| (*i, 0)).collect();
+        for v in &self.violations {
+            *counts.entry(v.invariant).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// An account as the read model shows it through the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shown {
+    pub revision: u64,
+    pub balance: i64,
+    pub closed: bool,
+    /// (revision, kind, amount, balance after)
+    pub transactions: Vec<(u64, String, i64, i64)>,
+}
+
+/// The read model after the quiet period, account by account (`None`: a 404).
+#[derive(Clone, Debug, Default)]
+pub struct Observed(pub BTreeMap<String, Option<Shown>>);
+
+impl Observed {
+    /// Read every account in `accounts` through the API at `base`.
+    pub async fn from_api(base: &str, accounts: &[String]) -> Result<Self, String> {
+        let http = reqwest::Client::new();
+        let get = |path: String| {
+            let http = http.clone();
+            let url = format!("{base}{path}");
+            async move {
+                for _ in 0..50 {
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status().as_u16() != 503 => {
+                            let status = r.status().as_u16();
+                            let body: Value = r.json().await.unwrap_or(Value::Null);
+                            return Ok((status, body));
+                        }
+                        _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                    }
+                }
+                Err(format!("GET {url} kept failing"))
+            }
+        };
+        let mut observed = BTreeMap::new();
+        for account in accounts {
+            let (status, body) = get(format!("/accounts/{account}")).await?;
+            if status == 404 {
+                observed.insert(account.clone(), None);
+                continue;
+            }
+            if status != 200 {
+                return Err(format!("GET /accounts/{account}: {status} {body}"));
+            }
+            let mut shown = Shown {
+                revision: body["revision"].as_u64().unwrap_or(0),
+                balance: body["balance"].as_str().and_then(minor).unwrap_or(-1),
+                closed: body["status"].as_str() == Some("closed"),
+                transactions: Vec::new(),
+            };
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = format!("/accounts/{account}/transactions?limit=100");
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                let (status, page) = get(path).await?;
+                if status != 200 {
+                    return Err(format!("transactions of {account}: {status} {page}"));
+                }
+                for item in page["items"].as_array().into_iter().flatten() {
+                    shown.transactions.push((
+                        item["revision"].as_u64().unwrap_or(0),
+                        item["type"].as_str().unwrap_or_default().to_owned(),
+                        item["amount"].as_str().and_then(minor).unwrap_or(-1),
+                        item["balance"].as_str().and_then(minor).unwrap_or(-1),
+                    ));
+                }
+                cursor = page["next_cursor"].as_str().map(str::to_owned);
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            observed.insert(account.clone(), Some(shown));
+        }
+        Ok(Self(observed))
+    }
+}
+
+/// The faults the clients themselves injected, counted from the history.
+pub fn client_faults(ops: &[Op]) -> Vec<(&'static str, u64)> {
+    vec![
+        (
+            "client-hang-up",
+            ops.iter().filter(|o| o.hung_up).count() as u64,
+        ),
+        (
+            "client-retry-same-key",
+            ops.iter().filter(|o| o.retry).count() as u64,
+        ),
+    ]
+}
+
+/// One stream folded from the store.
+#[derive(Default)]
+struct Folded {
+    revision: u64,
+    balance: i64,
+    closed: bool,
+    /// Balance after each revision.
+    balance_at: HashMap<u64, i64>,
+    /// Revision → (event kind, amount, key of its commit).
+    events: HashMap<u64, (Kind, Option<i64>, Option<String>)>,
+    transactions: Vec<(u64, String, i64, i64)>,
+    deposits: i64,
+    withdrawals: i64,
+}
+
+/// Check `ops` against `store` and the read model `observed`.
+pub async fn check(
+    ops: &[Op],
+    store: &dyn EventStore,
+    observed: &Observed,
+) -> Result<Verdict, String> {
+    let mut v = Verdict::default();
+    let mut folded: BTreeMap<String, Folded> = BTreeMap::new();
+    let mut keys: HashMap<(String, String), Vec<u64>> = HashMap::new();
+
+    // The store: every stream folded, checked for gaps, overlaps and negative balances.
+    let streams = store.streams().await.map_err(|e| e.to_string())?;
+    for stream in &streams {
+        let name = stream.as_str().to_owned();
+        let commits = match store.read(stream, Revision::new(1)).await {
+            Ok(c) => c,
+            Err(e) => {
+                v.violate("no-gap-no-overlap", format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let mut f = Folded::default();
+        for stored in &commits {
+            v.commits += 1;
+            if stored.revision.get() != f.revision + 1 {
+                v.violate(
+                    "no-gap-no-overlap",
+                    format!(
+                        "{name}: a commit at {} follows revision {}",
+                        stored.revision, f.revision
+                    ),
+                );
+            }
+            let commit = Commit::<AccountEvent>::decode(stored).map_err(|e| e.to_string())?;
+            let key = commit.metadata.idempotency_key.clone();
+            if let Some(k) = &key {
+                keys.entry((name.clone(), k.clone()))
+                    .or_default()
+                    .push(stored.revision.get());
+            }
+            for (revision, event) in commit.numbered() {
+                v.events += 1;
+                let r = revision.get();
+                let (kind, amount) = match event {
+                    AccountEvent::Opened { .. } => (Kind::Open, None),
+                    AccountEvent::Deposited { amount, balance } => {
+                        f.deposits += amount;
+                        check_step(&mut v, &name, r, f.balance + amount, *balance);
+                        f.balance = *balance;
+                        f.transactions
+                            .push((r, "deposit".into(), *amount, *balance));
+                        (Kind::Deposit, Some(*amount))
+                    }
+                    AccountEvent::Withdrawn { amount, balance } => {
+                        f.withdrawals += amount;
+                        check_step(&mut v, &name, r, f.balance - amount, *balance);
+                        f.balance = *balance;
+                        f.transactions
+                            .push((r, "withdrawal".into(), *amount, *balance));
+                        (Kind::Withdraw, Some(*amount))
+                    }
+                    AccountEvent::Closed => {
+                        f.closed = true;
+                        (Kind::Close, None)
+                    }
+                };
+                f.revision = r;
+                f.balance_at.insert(r, f.balance);
+                f.events.insert(r, (kind, amount, key.clone()));
+            }
+        }
+        folded.insert(name, f);
+    }
+    v.streams = folded.len();
+
+    for ((account, key), revisions) in &keys {
+        if revisions.len() > 1 {
+            v.violate(
+                "exactly-once",
+                format!("{account}: Idempotency-Key {key} is in the commits at {revisions:?}"),
+            );
+        }
+    }
+
+    check_commands(&mut v, ops, &folded);
+    check_reads(&mut v, ops, &folded);
+    check_read_model(&mut v, observed, &folded);
+
+    // Conservation.
+    let total: i64 = folded.values().map(|f| f.balance).sum();
+    let net: i64 = folded.values().map(|f| f.deposits - f.withdrawals).sum();
+    v.total_balance = total;
+    if total != net {
+        v.violate(
+            "conservation",
+            format!("balances sum to {total}, deposits minus withdrawals to {net}"),
+        );
+    }
+    let (acked, unknown_in, unknown_out) = acknowledged_net(ops);
+    if net < acked - unknown_out || net > acked + unknown_in {
+        v.violate(
+            "conservation",
+            format!(
+                "the store's net {net} is outside [{}, {}]: acknowledged {acked}, unknown deposits {unknown_in}, unknown withdrawals {unknown_out}",
+                acked - unknown_out,
+                acked + unknown_in
+            ),
+        );
+    }
+    Ok(v)
+}
+
+fn check_step(v: &mut Verdict, account: &str, revision: u64, expected: i64, balance: i64) {
+    if balance < 0 {
+        v.violate(
+            "no-negative-balance",
+            format!("{account}: balance {balance} at revision {revision}"),
+        );
+    }
+    if balance != expected {
+        v.violate(
+            "no-negative-balance",
+            format!("{account}: balance {balance} at revision {revision}, expected {expected}"),
+        );
+    }
+}
+
+/// The distinct commands of `ops` (a keyed command and its retries are one), with the
+/// outcome that counts: ok if any attempt was acknowledged, else unknown if any was,
+/// else refused.
+fn distinct_commands(ops: &[Op]) -> Vec<(Op, Outcome)> {
+    let mut keyed: HashMap<(&str, &str), (Op, Outcome)> = HashMap::new();
+    let mut out = Vec::new();
+    for op in ops.iter().filter(|o| o.kind.is_command()) {
+        match &op.key {
+            None => out.push((op.clone(), op.outcome)),
+            Some(key) => {
+                let entry = keyed
+                    .entry((op.account.as_str(), key.as_str()))
+                    .or_insert_with(|| (op.clone(), op.outcome));
+                let better = match (entry.1, op.outcome) {
+                    (Outcome::Ok, _) => false,
+                    (_, Outcome::Ok) => true,
+                    (Outcome::Fail, Outcome::Info) => true,
+                    _ => false,
+                };
+                if better {
+                    *entry = (op.clone(), op.outcome);
+                }
+            }
+        }
+    }
+    out.extend(keyed.into_values());
+    out
+}
+
+/// Acknowledged deposits minus withdrawals, and the unknown deposits and withdrawals.
+fn acknowledged_net(ops: &[Op]) -> (i64, i64, i64) {
+    let (mut acked, mut unknown_in, mut unknown_out) = (0, 0, 0);
+    for (op, outcome) in distinct_commands(ops) {
+        let amount = op.amount.unwrap_or(0);
+        match (op.kind, outcome) {
+            (Kind::Deposit, Outcome::Ok) => acked += amount,
+            (Kind::Withdraw, Outcome::Ok) => acked -= amount,
+            (Kind::Deposit, Outcome::Info) => unknown_in += amount,
+            (Kind::Withdraw, Outcome::Info) => unknown_out += amount,
+            _ => {}
+        }
+    }
+    (acked, unknown_in, unknown_out)
+}
+
+fn check_commands(v: &mut Verdict, ops: &[Op], folded: &BTreeMap<String, Folded>) {
+    // Acknowledged commands are in the store, at their revision.
+    for op in ops
+        .iter()
+        .filter(|o| o.kind.is_command() && o.outcome == Outcome::Ok)
+    {
+        v.acknowledged_commands += 1;
+        let Some(revision) = op.revision else {
+            v.violate(
+                "acknowledged-in-store",
+                format!(
+                    "{} {}: acknowledged without a revision",
+                    op.kind.name(),
+                    op.account
+                ),
+            );
+            continue;
+        };
+        let found = folded
+            .get(&op.account)
+            .and_then(|f| f.events.get(&revision).map(|e| (f, e)));
+        let Some((f, (kind, amount, key))) = found else {
+            v.violate(
+                "acknowledged-in-store",
+                format!(
+                    "{} {} acknowledged at revision {revision}, which the store lacks",
+                    op.kind.name(),
+                    op.account
+                ),
+            );
+            continue;
+        };
+        let same = match &op.key {
+            Some(k) => key.as_deref() == Some(k.as_str()),
+            None => *kind == op.kind && *amount == op.amount,
+        };
+        if !same {
+            v.violate(
+                "acknowledged-in-store",
+                format!(
+                    "{} {} (key {:?}) acknowledged at revision {revision}, which holds another command",
+                    op.kind.name(),
+                    op.account,
+                    op.key
+                ),
+            );
+        }
+        if let Some(balance) = op.balance {
+            if f.balance_at.get(&revision) != Some(&balance) {
+                v.violate(
+                    "acknowledged-in-store",
+                    format!(
+                        "{} {} answered balance {balance} at revision {revision}; the store has {:?}",
+                        op.kind.name(),
+                        op.account,
+                        f.balance_at.get(&revision)
+                    ),
+                );
+            }
+        }
+    }
+
+    // Nothing is in the store more often than it was sent; nothing refused is there.
+    let commands = distinct_commands(ops);
+    v.unknown_commands = commands.iter().filter(|(_, o)| *o == Outcome::Info).count();
+    let mut sent_keys: HashMap<(&str, &str), Outcome> = HashMap::new();
+    let mut allowance: HashMap<(&str, Kind, Option<i64>), i64> = HashMap::new();
+    for (op, outcome) in &commands {
+        match &op.key {
+            Some(k) => {
+                sent_keys.insert((op.account.as_str(), k.as_str()), *outcome);
+            }
+            None if *outcome != Outcome::Fail => {
+                *allowance
+                    .entry((op.account.as_str(), op.kind, op.amount))
+                    .or_default() += 1;
+            }
+            None => {}
+        }
+    }
+    for (account, f) in folded {
+        let mut revisions: Vec<_> = f.events.keys().copied().collect();
+        revisions.sort_unstable();
+        for r in revisions {
+            let (kind, amount, key) = &f.events[&r];
+            match key {
+                Some(k) => match sent_keys.get(&(account.as_str(), k.as_str())) {
+                    Some(Outcome::Fail) => v.violate(
+                        "exactly-once",
+                        format!(
+                            "{account}: the refused command with key {k} is in the store at {r}"
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => v.violate(
+                        "exactly-once",
+                        format!("{account}: revision {r} carries key {k}, which no client sent"),
+                    ),
+                },
+                None => {
+                    let left = allowance
+                        .entry((account.as_str(), *kind, *amount))
+                        .or_default();
+                    *left -= 1;
+                    if *left < 0 {
+                        v.violate(
+                            "exactly-once",
+                            format!(
+                                "{account}: {} {amount:?} at revision {r} is in the store more often than it was sent",
+                                kind.name()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_reads(v: &mut Verdict, ops: &[Op], folded: &BTreeMap<String, Folded>) {
+    // When each account's opening was first acknowledged.
+    let mut opened_at: HashMap<&str, u64> = HashMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.kind == Kind::Open && o.outcome == Outcome::Ok)
+    {
+        let at = opened_at.entry(op.account.as_str()).or_insert(op.ended_ms);
+        *at = (*at).min(op.ended_ms);
+    }
+    for op in ops {
+        if let Some(status) = op.status {
+            if status >= 500 && !(status == 503 && op.retry_after.is_some()) {
+                v.violate(
+                    "no-5xx",
+                    format!(
+                        "{} {}: {status} {:?}",
+                        op.kind.name(),
+                        op.account,
+                        op.problem
+                    ),
+                );
+            }
+        }
+        if op.kind.is_command() {
+            continue;
+        }
+        if op.status == Some(404)
+            && opened_at
+                .get(op.account.as_str())
+                .is_some_and(|at| *at < op.started_ms)
+        {
+            v.violate(
+                "acknowledged-account-missing",
+                format!(
+                    "{} {} answered 404 at {} ms; its opening was acknowledged at {} ms",
+                    op.kind.name(),
+                    op.account,
+                    op.started_ms,
+                    opened_at[op.account.as_str()]
+                ),
+            );
+        }
+        if op.outcome != Outcome::Ok {
+            continue;
+        }
+        v.reads_checked += 1;
+        let revision = op.revision.unwrap_or(0);
+        if let Some(min) = op.min_revision {
+            if revision < min {
+                v.violate(
+                    "min-revision",
+                    format!(
+                        "{} {}: asked for {min}, got {revision}",
+                        op.kind.name(),
+                        op.account
+                    ),
+                );
+            }
+        }
+        if op.kind == Kind::Balance && revision < op.floor {
+            v.violate(
+                "monotonic-reads",
+                format!(
+                    "balance {}: revision {revision} after client {} was acknowledged revision {}",
+                    op.account, op.client, op.floor
+                ),
+            );
+        }
+        let real = folded
+            .get(&op.account)
+            .and_then(|f| f.balance_at.get(&revision));
+        if op.balance.is_some() && real != op.balance.as_ref() {
+            v.violate(
+                "read-consistent",
+                format!(
+                    "{} {}: balance {:?} at revision {revision}; the store has {real:?}",
+                    op.kind.name(),
+                    op.account,
+                    op.balance
+                ),
+            );
+        }
+    }
+}
+
+fn check_read_model(v: &mut Verdict, observed: &Observed, folded: &BTreeMap<String, Folded>) {
+    let mut names: HashSet<&String> = observed.0.keys().collect();
+    names.extend(folded.keys());
+    for name in names {
+        let expected = folded.get(name).map(|f| Shown {
+            revision: f.revision,
+            balance: f.balance,
+            closed: f.closed,
+            transactions: f.transactions.clone(),
+        });
+        let Some(shown) = observed.0.get(name) else {
+            // Not read through the API (not one of the run's accounts).
+            continue;
+        };
+        if *shown != expected {
+            let brief = |s: &Option<Shown>| {
+                s.as_ref().map(|s| {
+                    format!(
+                        "revision {}, balance {}, closed {}, {} rows",
+                        s.revision,
+                        s.balance,
+                        s.closed,
+                        s.transactions.len()
+                    )
+                })
+            };
+            let first_row_apart = match (shown, &expected) {
+                (Some(a), Some(b)) => a
+                    .transactions
+                    .iter()
+                    .zip(&b.transactions)
+                    .find(|(x, y)| x != y)
+                    .map(|(x, y)| format!("; first row apart: {x:?} against {y:?}")),
+                _ => None,
+            };
+            v.violate(
+                "read-model-equals-store",
+                format!(
+                    "{name}: the read model shows {:?}, the store folds to {:?}{}",
+                    brief(shown),
+                    brief(&expected),
+                    first_row_apart.unwrap_or_default()
+                ),
+            );
+        }
+    }
+}
+
+/// An account id for the store (the harness's names are valid ids).
+pub fn stream(name: &str) -> Option<StreamId> {
+    AccountId::parse(name).ok().map(|id| id.stream_id().clone())
+}

@@ -1,0 +1,188 @@
+//! The report of a run: JSON (stable, machine-readable) and Markdown.
+
+use crate::check::Verdict;
+use crate::client::{Kind, Op, Outcome};
+use crate::{FaultCounts, Plan};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// How many examples of each violated invariant the report keeps.
+const EXAMPLES: usize = 5;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub topology: &'static str,
+    pub plan: Plan,
+    /// Replays this run: `TORTURE_SEED=… make torture`.
+    pub replay: String,
+    pub load_seconds: f64,
+    /// Operations by kind, then by outcome (`ok`, `fail`, `info`).
+    pub operations: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Answers by status (`0`: none).
+    pub statuses: BTreeMap<u16, u64>,
+    pub faults: FaultCounts,
+    /// Violations by invariant (every invariant, zero included).
+    pub violations: BTreeMap<&'static str, usize>,
+    /// Up to five examples per violated invariant.
+    pub examples: BTreeMap<&'static str, Vec<String>>,
+    pub checked: Checked,
+}
+
+/// What the checker looked at.
+#[derive(Clone, Debug, Serialize)]
+pub struct Checked {
+    pub streams: usize,
+    pub commits: usize,
+    pub events: usize,
+    pub acknowledged_commands: usize,
+    pub unknown_commands: usize,
+    pub reads: usize,
+    pub total_balance_minor: i64,
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Ok => "ok",
+        Outcome::Fail => "fail",
+        Outcome::Info => "info",
+    }
+}
+
+impl Report {
+    pub fn new(
+        topology: &'static str,
+        plan: &Plan,
+        load_seconds: f64,
+        ops: &[Op],
+        faults: FaultCounts,
+        verdict: Verdict,
+    ) -> Self {
+        let mut operations: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for op in ops {
+            *operations
+                .entry(op.kind.name())
+                .or_default()
+                .entry(outcome_name(op.outcome))
+                .or_default() += 1;
+            *statuses.entry(op.status.unwrap_or(0)).or_default() += 1;
+        }
+        for kind in [
+            Kind::Open,
+            Kind::Deposit,
+            Kind::Withdraw,
+            Kind::Close,
+            Kind::Balance,
+            Kind::Account,
+        ] {
+            operations.entry(kind.name()).or_default();
+        }
+        let mut examples: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        for v in &verdict.violations {
+            let list = examples.entry(v.invariant).or_default();
+            if list.len() < EXAMPLES {
+                list.push(v.detail.clone());
+            }
+        }
+        Self {
+            topology,
+            plan: plan.clone(),
+            replay: format!(
+                "TORTURE_SEED={} TORTURE_SECONDS={} TORTURE_TOPOLOGY={} make torture",
+                plan.seed, plan.seconds, topology
+            ),
+            load_seconds,
+            operations,
+            statuses,
+            faults,
+            violations: verdict.by_invariant(),
+            examples,
+            checked: Checked {
+                streams: verdict.streams,
+                commits: verdict.commits,
+                events: verdict.events,
+                acknowledged_commands: verdict.acknowledged_commands,
+                unknown_commands: verdict.unknown_commands,
+                reads: verdict.reads_checked,
+                total_balance_minor: verdict.total_balance,
+            },
+        }
+    }
+
+    /// Violations in all.
+    pub fn total_violations(&self) -> usize {
+        self.violations.values().sum()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "# make torture: {} topology, seed {}\n",
+            self.topology, self.plan.seed
+        );
+        let _ = writeln!(
+            md,
+            "{} s of load, {} clients, {} accounts ({} hot){}. Replay: `{}`\n",
+            self.load_seconds.round(),
+            self.plan.clients,
+            self.plan.accounts,
+            self.plan.hot,
+            if self.plan.inject.is_empty() {
+                String::new()
+            } else {
+                format!(", **deliberately broken: `{}`**", self.plan.inject)
+            },
+            self.replay
+        );
+        let _ = writeln!(
+            md,
+            "**{} violations.**\n\n| invariant | violations |\n| --- | ---: |",
+            self.total_violations()
+        );
+        for (invariant, n) in &self.violations {
+            let _ = writeln!(md, "| `{invariant}` | {n} |");
+        }
+        let _ = writeln!(
+            md,
+            "\n| operation | ok | fail | info |\n| --- | ---: | ---: | ---: |"
+        );
+        for (kind, outcomes) in &self.operations {
+            let n = |o| outcomes.get(o).copied().unwrap_or(0);
+            let _ = writeln!(
+                md,
+                "| {kind} | {} | {} | {} |",
+                n("ok"),
+                n("fail"),
+                n("info")
+            );
+        }
+        let _ = writeln!(md, "\n| fault injected | times |\n| --- | ---: |");
+        for (kind, n) in &self.faults {
+            let _ = writeln!(md, "| {kind} | {n} |");
+        }
+        let c = &self.checked;
+        let _ = writeln!(
+            md,
+            "\nChecked: {} streams, {} commits, {} events; {} acknowledged and {} unknown commands; {} reads; total balance {}.{:02}.",
+            c.streams,
+            c.commits,
+            c.events,
+            c.acknowledged_commands,
+            c.unknown_commands,
+            c.reads,
+            c.total_balance_minor / 100,
+            c.total_balance_minor % 100
+        );
+        if !self.examples.is_empty() {
+            let _ = writeln!(md, "\n## Violations (up to {EXAMPLES} examples each)\n");
+            for (invariant, list) in &self.examples {
+                for e in list {
+                    let _ = writeln!(md, "- `{invariant}`: {e}");
+                }
+            }
+        }
+        md
+    }
+}
