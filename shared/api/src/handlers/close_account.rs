@@ -24,7 +24,7 @@ use tally_domain::AccountCommand;
         (status = 409, description = "Already closed, or the balance is not zero", body = ProblemBody, content_type = "application/problem+json"),
         (status = 412, body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: a backend is down or the account too contended, and nothing was written; `outcome-unknown`: the event store stopped answering during the append, so the command may have taken effect — retry with the same `Idempotency-Key`. Either way, retry after `Retry-After`", body = ProblemBody, content_type = "application/problem+json"),
     )
 )]
 pub async fn handle(
