@@ -66,6 +66,10 @@ redis_up() {
 }
 
 moto_bin() { echo "$CACHE/venv/bin/moto_server"; }
+# moto's own server lets two conditional creates of one key both succeed when they
+# arrive together; scripts/moto-server serializes its writes (see moto_server.py).
+MOTO_KIND=serialized-writes-1
+moto_launcher() { echo "$(cd "$(dirname "$0")" && pwd)/moto-server"; }
 
 moto_install() {
   if [ -x "$(moto_bin)" ]; then return; fi
@@ -90,9 +94,15 @@ start_bg() { # name, pidfile, command...
 
 moto_up() {
   moto_install
+  if port_open "$S3_PORT" && [ "$(cat "$RUN/moto.kind" 2>/dev/null)" != "$MOTO_KIND" ] && [ -f "$RUN/moto.pid" ]; then
+    log "restarting the S3 server on :$S3_PORT with serialized writes"
+    kill "$(cat "$RUN/moto.pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do port_open "$S3_PORT" || break; sleep 0.1; done
+  fi
   if ! port_open "$S3_PORT"; then
     log "starting moto on 127.0.0.1:$S3_PORT"
-    start_bg moto "$RUN/moto.pid" "$(moto_bin)" -H 127.0.0.1 -p "$S3_PORT"
+    TALLY_CACHE=$CACHE start_bg moto "$RUN/moto.pid" "$(moto_launcher)" -H 127.0.0.1 -p "$S3_PORT"
+    echo "$MOTO_KIND" >"$RUN/moto.kind"
     wait_for moto port_open "$S3_PORT"
   fi
 }
@@ -117,6 +127,7 @@ export TALLY_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export TALLY_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export TALLY_TANSU_BIN=$(tansu_bin)
 export TALLY_REDIS_SERVER_BIN=$(command -v redis-server)
+export TALLY_MOTO_BIN=$(moto_launcher)
 export TALLY_TEST_S3_SERVER='moto $MOTO_VERSION'
 export TALLY_TEST_BROKER='tansu $TANSU_VERSION (memory storage)'
 ENV

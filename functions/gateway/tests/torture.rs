@@ -4,7 +4,7 @@
 //! nothing.
 
 use std::path::PathBuf;
-use tally_torture::{dev, Binaries, Plan};
+use tally_torture::{dev, stack, Binaries, Plan};
 
 fn binaries() -> Binaries {
     let gateway = PathBuf::from(env!("CARGO_BIN_EXE_gateway"));
@@ -40,12 +40,35 @@ async fn a_short_seeded_run_with_faults_finds_no_violation() {
     );
 }
 
+/// Every function of `make stack` as its own process on S3, Kafka, PostgreSQL and
+/// Redis, under every fault kind the stack nemesis has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_seeded_run_of_the_stack_topology_finds_no_violation() {
+    let mut plan = Plan::short(20261202);
+    plan.seconds = 25;
+    plan.fault_every_ms = 600;
+    let work = tempfile::tempdir().unwrap();
+    let report = stack::run(&plan, &binaries(), work.path(), |line| eprintln!("{line}"))
+        .await
+        .unwrap();
+    eprintln!("{}", report.markdown());
+    assert_eq!(report.total_violations(), 0, "{}", report.markdown());
+    let injected: u64 = report.faults.values().sum();
+    assert!(injected >= 10, "{:?}", report.faults);
+    assert!(
+        report.checked.acknowledged_commands > 30,
+        "{:?}",
+        report.checked
+    );
+}
+
 /// A short run of a build broken by `inject`, without restarts (a restart catches the
 /// read model up from the store and would hide some breakages).
 async fn broken(inject: &str) -> tally_torture::report::Report {
     let mut plan = Plan::short(7);
     plan.seconds = 6;
     plan.fault_every_ms = 10_000_000;
+    plan.settle_seconds = 2;
     plan.inject = inject.into();
     run(plan).await
 }

@@ -265,6 +265,29 @@ impl Host {
                 "read model caught up from the store"
             );
         }
+        let every = self.config.catch_up_every;
+        if every > 0 && self.kinds.stream != "in-process" {
+            // The stream is the fast path; the store is the truth. A broker that lost
+            // messages, or a consumer left without partitions after a rebalance that
+            // never completed, would otherwise keep commits from the read model until
+            // the next write on their account.
+            let sweeper = projector.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(every));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match sweeper.catch_up_all().await {
+                        Ok(report) if report.commits > 0 => tracing::warn!(
+                            commits = report.commits,
+                            "the periodic catch-up applied commits the stream had not delivered"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "periodic catch-up failed"),
+                    }
+                }
+            });
+        }
         Ok(tokio::spawn(
             async move { projector.run(subscription).await },
         ))

@@ -47,6 +47,11 @@ pub struct Config {
     /// Catch every stream up from the store when a projector starts (default: with the
     /// in-memory read model or the in-process stream, where nothing else would).
     pub catch_up_on_start: Option<bool>,
+    /// A projector following a broker also catches every stream up from the store this
+    /// often (seconds; 0: never): whatever the stream lost or a stalled consumer missed
+    /// reaches the read model within this long.
+    #[serde(default = "default_catch_up_every")]
+    pub catch_up_every: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,
 }
@@ -62,6 +67,9 @@ fn default_max_amount() -> String {
 }
 fn default_snapshot_every() -> u64 {
     100
+}
+fn default_catch_up_every() -> u64 {
+    30
 }
 fn default_topic() -> String {
     "tally.commits".into()

@@ -106,6 +106,18 @@ async fn forward(
             outgoing = outgoing.header(name, value);
         }
     }
+    // A command whose upstream stopped answering after it was sent may have taken
+    // effect: the client is told so (and to retry with its Idempotency-Key), not that
+    // nothing happened. A query may simply be retried.
+    let command = parts.method != axum::http::Method::GET;
+    let lost = |what: &str, e: &reqwest::Error| {
+        let detail = format!("{what}: {}", tally_es::error_chain(e));
+        if command {
+            tally_api::ApiError::OutcomeUnknown(detail).into_response()
+        } else {
+            tally_api::ApiError::Unavailable(detail).into_response()
+        }
+    };
     match outgoing.send().await {
         Ok(response) => {
             let mut builder = Response::builder().status(response.status());
@@ -114,20 +126,19 @@ async fn forward(
                     builder = builder.header(HeaderName::from(name), value);
                 }
             }
-            let bytes = response.bytes().await.unwrap_or_default();
-            builder
-                .body(Body::from(bytes))
-                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+            match response.bytes().await {
+                Ok(bytes) => builder
+                    .body(Body::from(bytes))
+                    .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()),
+                Err(e) => lost("the function's answer was cut off", &e),
+            }
         }
-        Err(e) => tally_runtime::problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-            format!(
-                "the function behind this route is unreachable: {}",
-                tally_es::error_chain(&e)
-            ),
-        )
+        // Nothing was sent: nothing can have happened.
+        Err(e) if e.is_connect() => tally_api::ApiError::Unavailable(format!(
+            "the function behind this route is unreachable: {}",
+            tally_es::error_chain(&e)
+        ))
         .into_response(),
+        Err(e) => lost("the function behind this route stopped answering", &e),
     }
 }

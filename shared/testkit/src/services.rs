@@ -103,6 +103,12 @@ impl PrivateService {
     /// offsets in a fresh bucket of the test S3 server, so they survive a restart like a
     /// real broker's.
     pub async fn persistent_broker() -> Self {
+        Self::persistent_broker_advertising(None).await
+    }
+
+    /// [`PrivateService::persistent_broker`], telling its clients to connect to
+    /// `127.0.0.1:advertised` (a relay in front of it) instead of its own port.
+    pub async fn persistent_broker_advertising(advertised: Option<u16>) -> Self {
         let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
         let bucket = unique("broker");
         let store = s3_store(&endpoint, &bucket);
@@ -120,7 +126,7 @@ impl PrivateService {
                 "--listener-url".into(),
                 url.clone(),
                 "--advertised-listener-url".into(),
-                url,
+                advertised.map_or(url, |p| format!("tcp://127.0.0.1:{p}")),
                 "--storage-engine".into(),
                 format!("s3://{bucket}/"),
             ],
@@ -135,6 +141,26 @@ impl PrivateService {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            port,
+        )
+        .await
+    }
+
+    /// An S3 server of its own (moto, `TALLY_MOTO_BIN`) on a free port: one a test may
+    /// pause. It keeps its objects in memory, so it must not be stopped while they
+    /// matter.
+    pub async fn s3() -> Self {
+        let port = free_port();
+        Self::start_new(
+            "s3",
+            required_env("TALLY_MOTO_BIN"),
+            vec![
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ],
+            Vec::new(),
             port,
         )
         .await
@@ -190,6 +216,38 @@ impl PrivateService {
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
+        }
+    }
+
+    /// Stop it the way an orchestrator does (SIGTERM), and wait until it is gone.
+    pub async fn terminate(&mut self) {
+        self.signal("-TERM");
+        if let Some(mut child) = self.child.take() {
+            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+
+    /// Freeze it (SIGSTOP): it holds its connections and answers nothing until
+    /// [`PrivateService::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused service go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+            let _ = std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status();
         }
     }
 

@@ -15,6 +15,8 @@
 //! | `read-consistent` | a read's balance is the store's balance at the revision it names |
 //! | `acknowledged-account-missing` | no read of an account whose opening was acknowledged before it started is a 404 |
 //! | `no-5xx` | no 5xx answer other than a 503 with `Retry-After` |
+//! | `every-commit-on-the-topic` | (stack) every commit of the store is on the topic, read from the start by a consumer of the checker's own |
+//! | `no-crash` | (stack) no function process exited by itself |
 
 use crate::client::{minor, Kind, Op, Outcome};
 use serde::Serialize;
@@ -36,6 +38,8 @@ pub const INVARIANTS: &[&str] = &[
     "read-consistent",
     "acknowledged-account-missing",
     "no-5xx",
+    "every-commit-on-the-topic",
+    "no-crash",
 ];
 
 /// One broken invariant.
@@ -61,7 +65,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn violate(&mut self, invariant: &'static str, detail: String) {
+    pub fn violate(&mut self, invariant: &'static str, detail: String) {
         debug_assert!(INVARIANTS.contains(&invariant));
         self.violations.push(Violation { invariant, detail });
     }

@@ -237,7 +237,13 @@ impl Client {
         } else {
             self.accounts[self.rng.usize(0..self.accounts.len())].clone()
         };
-        let roll = self.rng.u32(0..100);
+        // An account this client has not seen yet is as likely opened as used.
+        let unseen = !self.known.contains_key(&account);
+        let roll = if unseen && self.rng.bool() {
+            0
+        } else {
+            self.rng.u32(0..100)
+        };
         let kind = match roll {
             0..=9 => Kind::Open,
             10..=44 => Kind::Deposit,

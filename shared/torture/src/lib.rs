@@ -10,19 +10,28 @@
 //! checker reads the event store itself and the read model through the API, and
 //! reports every violation by invariant; an *info* operation is allowed either way.
 //!
-//! Topologies: `dev` (the `make dev` gateway as its own process on a directory store).
+//! Topologies: `dev` (the `make dev` gateway as its own process on a directory store)
+//! and `stack` (every function of `make stack` as its own process on S3, Kafka,
+//! PostgreSQL and Redis, with private S3, broker and Redis servers the nemesis can
+//! pause, kill and restart).
 //! The same seed gives the same operations and the same fault schedule; timings are
 //! measured and reported, never asserted.
 
 pub mod check;
 pub mod client;
+pub mod cut;
 pub mod dev;
+pub mod procs;
 pub mod report;
+pub mod stack;
 
+use client::{Client, History, Op};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What to run.
 #[derive(Clone, Debug, Serialize)]
@@ -37,6 +46,9 @@ pub struct Plan {
     pub hot: usize,
     /// Mean time between two faults of the nemesis (milliseconds).
     pub fault_every_ms: u64,
+    /// How long the read model may take to equal the store after the load before a
+    /// difference counts as a violation.
+    pub settle_seconds: u64,
     /// `TALLY_FAULT_INJECTION` for the process under test: a deliberately broken build,
     /// to prove a checker catches its violation. Empty: none.
     pub inject: String,
@@ -52,6 +64,7 @@ impl Plan {
             accounts: 24,
             hot: 3,
             fault_every_ms: 1500,
+            settle_seconds: 60,
             inject: String::new(),
         }
     }
@@ -103,3 +116,148 @@ pub type FaultCounts = BTreeMap<&'static str, u64>;
 /// How long the checker waits after the load for the system to settle (relays,
 /// projections, restarts).
 pub const QUIET: Duration = Duration::from_secs(3);
+
+/// The nemesis's side of a run: when the next fault is due, and the count by kind.
+pub struct Nemesis {
+    rng: fastrand::Rng,
+    every: u64,
+    deadline: Instant,
+    first: bool,
+    faults: Arc<Mutex<FaultCounts>>,
+}
+
+impl Nemesis {
+    /// Wait until the next fault is due; `None` once the load is over. The first comes
+    /// early, so even a short run injects some.
+    pub async fn next_fault(&mut self) -> Option<()> {
+        let wait = if self.first {
+            self.first = false;
+            self.rng.u64(self.every / 4..self.every)
+        } else {
+            self.rng.u64(self.every / 2..self.every * 3 / 2)
+        };
+        let wait = Duration::from_millis(wait);
+        if Instant::now() + wait >= self.deadline {
+            return None;
+        }
+        tokio::time::sleep(wait).await;
+        Some(())
+    }
+
+    /// A seeded pick in `range`.
+    pub fn pick(&mut self, range: std::ops::Range<usize>) -> usize {
+        self.rng.usize(range)
+    }
+
+    /// Sleep a seeded number of milliseconds in `range`.
+    pub async fn pause(&mut self, range: std::ops::Range<u64>) {
+        tokio::time::sleep(Duration::from_millis(self.rng.u64(range))).await;
+    }
+
+    /// Count one fault of `kind`.
+    pub fn count(&self, kind: &'static str) {
+        *self.faults.lock().expect("faults").entry(kind).or_default() += 1;
+    }
+}
+
+/// What the load phase produced.
+pub struct Load {
+    pub ops: Vec<Op>,
+    pub faults: FaultCounts,
+    pub seconds: f64,
+}
+
+/// Run the clients against `base` for the plan's seconds while `nemesis` injects
+/// faults, printing progress every 5 s; the faults the clients injected themselves
+/// (hang-ups, retries) are counted from the history.
+pub async fn drive<N, F>(
+    plan: &Plan,
+    topology: &'static str,
+    base: String,
+    progress: impl Fn(String) + Send + Sync + 'static,
+    nemesis: N,
+) -> Result<Load, String>
+where
+    N: FnOnce(Nemesis) -> F,
+    F: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(plan.seconds);
+    let history = History::default();
+    let faults: Arc<Mutex<FaultCounts>> = Arc::default();
+    let clients: Vec<_> = (0..plan.clients)
+        .map(|id| {
+            let client = Client::new(id, plan, base.clone(), history.clone(), started);
+            tokio::spawn(client.run(deadline, 8))
+        })
+        .collect();
+    let nemesis = tokio::spawn(nemesis(Nemesis {
+        rng: fastrand::Rng::with_seed(plan.seed ^ 0x006e_656d_6573_6973),
+        every: plan.fault_every_ms.max(100),
+        deadline,
+        first: true,
+        faults: faults.clone(),
+    }));
+    let progress = Arc::new(progress);
+    let ticker = {
+        let (history, faults, progress) = (history.clone(), faults.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let faults: u64 = faults.lock().expect("faults").values().sum();
+                progress(format!(
+                    "torture {topology}: {:>4}s  {} operations, {} faults",
+                    started.elapsed().as_secs(),
+                    history.len(),
+                    faults
+                ));
+            }
+        })
+    };
+    for client in clients {
+        client.await.map_err(|e| e.to_string())?;
+    }
+    let nemesis = nemesis.await.map_err(|e| e.to_string());
+    ticker.abort();
+    nemesis??;
+    let seconds = started.elapsed().as_secs_f64();
+    progress(format!(
+        "torture {topology}: load done after {seconds:.0}s; quiet, then checking"
+    ));
+    let ops = history.ops();
+    let mut faults = faults.lock().expect("faults").clone();
+    for (kind, n) in check::client_faults(&ops) {
+        faults.insert(kind, n);
+    }
+    Ok(Load {
+        ops,
+        faults,
+        seconds,
+    })
+}
+
+/// After the load: read the read model through the API and check the history against
+/// the store, again every second while the read model is still behind the store (the
+/// projection settling after the last fault), up to `within`. Returns the verdict and
+/// how long the read model took to settle.
+pub async fn settle_and_check(
+    ops: &[Op],
+    store: &dyn tally_es::EventStore,
+    base: &str,
+    accounts: &[String],
+    within: Duration,
+) -> Result<(check::Verdict, f64), String> {
+    let started = Instant::now();
+    loop {
+        let observed = check::Observed::from_api(base, accounts).await?;
+        let verdict = check::check(ops, store, &observed).await?;
+        let behind = verdict
+            .violations
+            .iter()
+            .any(|v| v.invariant == "read-model-equals-store");
+        if !behind || started.elapsed() >= within {
+            return Ok((verdict, started.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

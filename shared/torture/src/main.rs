@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use std::path::PathBuf;
-use tally_torture::{dev, Binaries, Plan};
+use tally_torture::{dev, stack, Binaries, Plan};
 
 #[derive(Parser)]
 #[command(about = "Tally's fault harness: seeded load and faults, then a checker")]
@@ -63,7 +63,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let work = tempfile_dir()?;
     let report = match topology.as_str() {
         "dev" => dev::run(&plan, &binaries, &work, |line| eprintln!("{line}")).await?,
-        other => return Err(format!("unknown topology {other:?} (known: dev)").into()),
+        "stack" => stack::run(&plan, &binaries, &work, |line| eprintln!("{line}")).await?,
+        other => return Err(format!("unknown topology {other:?} (known: dev, stack)").into()),
     };
     std::fs::create_dir_all(&cli.out)?;
     let stamp = time::OffsetDateTime::now_utc()

@@ -17,6 +17,9 @@ pub struct Report {
     /// Replays this run: `TORTURE_SEED=… make torture`.
     pub replay: String,
     pub load_seconds: f64,
+    /// How long the read model took to equal the store after the load (the check reads
+    /// it again every second, up to a minute).
+    pub settled_seconds: f64,
     /// Operations by kind, then by outcome (`ok`, `fail`, `info`).
     pub operations: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Answers by status (`0`: none).
@@ -54,6 +57,7 @@ impl Report {
         topology: &'static str,
         plan: &Plan,
         load_seconds: f64,
+        settled_seconds: f64,
         ops: &[Op],
         faults: FaultCounts,
         verdict: Verdict,
@@ -93,6 +97,7 @@ impl Report {
                 plan.seed, plan.seconds, topology
             ),
             load_seconds,
+            settled_seconds,
             operations,
             statuses,
             faults,
@@ -124,7 +129,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "{} s of load, {} clients, {} accounts ({} hot){}. Replay: `{}`\n",
+            "{} s of load, {} clients, {} accounts ({} hot){}; the read model settled {:.1} s after it. Replay: `{}`\n",
             self.load_seconds.round(),
             self.plan.clients,
             self.plan.accounts,
@@ -134,6 +139,7 @@ impl Report {
             } else {
                 format!(", **deliberately broken: `{}`**", self.plan.inject)
             },
+            self.settled_seconds,
             self.replay
         );
         let _ = writeln!(

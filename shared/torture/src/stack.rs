@@ -1,0 +1,414 @@
+//! The `stack` topology: every function of `make stack` as its own process — the four
+//! command functions, the three queries, the projector, the relay and the gateway in
+//! proxy mode — on S3, Kafka, PostgreSQL and Redis. The S3 server (moto), the broker
+//! (tansu, keeping its log on the shared test S3 server) and Redis are this run's own,
+//! so the nemesis can pause, cut off and restart them; PostgreSQL is the machine's, in a
+//! fresh database whose backends the nemesis terminates.
+//!
+//! Faults: SIGKILL and restart of any function process; the broker down (every
+//! connection to it cut and refused for a while: killing tansu itself loses messages it
+//! acknowledged, see `cut`); Redis restarted empty; the S3 server paused (SIGSTOP … SIGCONT);
+//! PostgreSQL backends terminated; a rebuild started while traffic runs; deliveries
+//! duplicated and reordered (old commits published again, shuffled). Killing the S3
+//! server itself is left out: moto keeps its objects in memory, so a kill would lose
+//! the event store, which no durable S3 server does.
+
+use crate::check;
+use crate::client::account_names;
+use crate::cut::Cut;
+use crate::procs::{free_port, wait_ready, Proc};
+use crate::report::Report;
+use crate::{drive, settle_and_check, Binaries, Plan, QUIET};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally_es::{EventPublisher, EventStore, Outbox, Revision};
+use tally_testkit::services::{fresh_database, required_env, s3_config, unique, PrivateService};
+use tokio::sync::Mutex;
+
+/// The functions, in start order (the gateway comes last, in front of them).
+const FUNCTIONS: &[&str] = &[
+    "open-account",
+    "deposit",
+    "withdraw",
+    "close-account",
+    "get-account",
+    "get-balance",
+    "list-transactions",
+    "projector",
+    "relay",
+];
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// Run the `stack` topology in `work` (logs), printing progress with `progress`.
+pub async fn run(
+    plan: &Plan,
+    binaries: &Binaries,
+    work: &Path,
+    progress: impl Fn(String) + Send + Sync + 'static,
+) -> Result<Report, String> {
+    let s3 = PrivateService::s3().await;
+    // The functions reach the broker through a relay the nemesis cuts (see `cut`).
+    let relay_port = free_port();
+    let broker = PrivateService::persistent_broker_advertising(Some(relay_port)).await;
+    let broker_cut = Cut::start(relay_port, broker.address()).await?;
+    let broker_address = format!("127.0.0.1:{relay_port}");
+    let redis = PrivateService::redis().await;
+    let database_url = fresh_database().await;
+    let bucket = unique("torture");
+    let topic = unique("commits");
+    let s3_endpoint = format!("http://{}", s3.address());
+    let env: Vec<(String, String)> = [
+        ("TALLY_S3_BUCKET", bucket.clone()),
+        ("TALLY_S3_ENDPOINT", s3_endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("TALLY_KAFKA_BROKERS", broker_address.clone()),
+        ("TALLY_KAFKA_TOPIC", topic.clone()),
+        ("TALLY_KAFKA_GROUP", unique("projector")),
+        ("TALLY_DATABASE_URL", database_url.clone()),
+        ("TALLY_REDIS_URL", format!("redis://{}", redis.address())),
+        ("TALLY_FAULT_INJECTION", plan.inject.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    // The init job: bucket (with its conditional-write probe) and topic.
+    let migrate = tokio::process::Command::new(binaries.path("migrate"))
+        .arg("storage")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().cloned())
+        .status()
+        .await
+        .map_err(|e| format!("migrate: {e}"))?;
+    if !migrate.success() {
+        return Err(format!("migrate storage failed: {migrate}"));
+    }
+
+    let mut procs: Vec<Shared<Proc>> = Vec::new();
+    let mut upstreams = Vec::new();
+    for name in FUNCTIONS {
+        let mut p = Proc::new(
+            name,
+            binaries.path(name),
+            env.clone(),
+            work.join(format!("{name}.log")),
+            free_port(),
+        );
+        p.start().await?;
+        if !matches!(*name, "projector" | "relay") {
+            upstreams.push(format!("{name}={}", p.base()));
+        }
+        procs.push(Arc::new(Mutex::new(p)));
+    }
+    let projector_base = procs[7].lock().await.base();
+    let mut gateway = Proc::new(
+        "gateway",
+        binaries.path("gateway"),
+        vec![("TALLY_UPSTREAMS".into(), upstreams.join(","))],
+        work.join("gateway.log"),
+        free_port(),
+    );
+    gateway.start().await?;
+    let base = gateway.base();
+    procs.push(Arc::new(Mutex::new(gateway)));
+    for p in &procs {
+        let base = p.lock().await.base();
+        wait_ready(&base, Duration::from_secs(30)).await?;
+    }
+
+    let store = tally_s3::S3EventStore::new(&s3_config(&s3_endpoint, &bucket))
+        .map_err(|e| e.to_string())?;
+    let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
+        brokers: broker_address.clone(),
+        topic: topic.clone(),
+        publish_timeout: Duration::from_secs(5),
+    })
+    .map_err(|e| e.to_string())?;
+    let s3 = Arc::new(Mutex::new(s3));
+    let redis = Arc::new(Mutex::new(redis));
+    let admin = tally_postgres::connect(&required_env("TALLY_TEST_DATABASE_URL"), 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    let database = database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+
+    let load = {
+        let (procs, s3, redis) = (procs.clone(), s3.clone(), redis.clone());
+        let broker_cut = broker_cut.clone();
+        let (store, kafka) = (store.clone(), kafka.clone());
+        let http = reqwest::Client::new();
+        drive(
+            plan,
+            "stack",
+            base.clone(),
+            progress,
+            move |mut nemesis| async move {
+                while let Some(()) = nemesis.next_fault().await {
+                    match nemesis.pick(0..100) {
+                        0..=34 => {
+                            let i = nemesis.pick(0..procs.len());
+                            let mut p = procs[i].lock().await;
+                            p.kill().await;
+                            nemesis.count(match p.name.as_str() {
+                                "projector" => "sigkill-projector",
+                                "relay" => "sigkill-relay",
+                                "gateway" => "sigkill-gateway",
+                                "get-account" | "get-balance" | "list-transactions" => {
+                                    "sigkill-query-function"
+                                }
+                                _ => "sigkill-command-function",
+                            });
+                            nemesis.pause(50..500).await;
+                            p.start().await?;
+                        }
+                        35..=46 => {
+                            broker_cut.cut();
+                            nemesis.count("broker-down");
+                            nemesis.pause(500..3000).await;
+                            broker_cut.restore();
+                        }
+                        47..=58 => {
+                            let mut r = redis.lock().await;
+                            r.stop().await;
+                            nemesis.count("redis-restarted-empty");
+                            nemesis.pause(100..600).await;
+                            r.start().await;
+                        }
+                        59..=70 => {
+                            let s = s3.lock().await;
+                            s.pause();
+                            nemesis.count("s3-paused");
+                            nemesis.pause(500..3000).await;
+                            s.resume();
+                        }
+                        71..=82 => {
+                            let terminated: i64 = sqlx::query_scalar(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                             WHERE datname = $1 AND pid <> pg_backend_pid()",
+                            )
+                            .bind(&database)
+                            .fetch_one(&admin)
+                            .await
+                            .map_err(|e| format!("pg_terminate_backend: {e}"))?;
+                            if terminated > 0 {
+                                nemesis.count("postgres-backends-terminated");
+                            }
+                        }
+                        83..=89 => {
+                            // In the background: traffic goes on while it replays.
+                            let (http, url) =
+                                (http.clone(), format!("{projector_base}/projector/rebuild"));
+                            tokio::spawn(async move {
+                                let _ = http.post(url).send().await;
+                            });
+                            nemesis.count("rebuild-during-traffic");
+                        }
+                        _ => {
+                            let published =
+                                duplicate_deliveries(&store, &kafka, &mut nemesis).await;
+                            if published > 0 {
+                                nemesis.count("deliveries-duplicated-and-reordered");
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await?
+    };
+
+    // Quiet: every server up again, every process running; wait for the outbox to
+    // drain and the projection to settle.
+    s3.lock().await.resume();
+    let mut crashed = Vec::new();
+    for p in &procs {
+        let mut p = p.lock().await;
+        if let Some(status) = p.exited() {
+            crashed.push(format!("{} exited by itself: {status}", p.name));
+            p.start().await?;
+        }
+    }
+    wait_ready(&base, Duration::from_secs(30)).await?;
+    let drained = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < drained {
+        match store.pending(10).await {
+            Ok(pending) if pending.is_empty() => break,
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    tokio::time::sleep(QUIET * 2).await;
+
+    let (mut verdict, settled) = settle_and_check(
+        &load.ops,
+        &store,
+        &base,
+        &account_names(plan),
+        Duration::from_secs(plan.settle_seconds),
+    )
+    .await?;
+    for c in crashed {
+        verdict.violate("no-crash", c);
+    }
+    let on_topic = consume_topic(&broker_address, &topic).await?;
+    check_topic(&mut verdict, &store, &on_topic).await?;
+    for p in &procs {
+        p.lock().await.kill().await;
+    }
+    Ok(Report::new(
+        "stack",
+        plan,
+        load.seconds,
+        settled,
+        &load.ops,
+        load.faults,
+        verdict,
+    ))
+}
+
+/// Publish up to ten old commits of up to three streams again, shuffled: deliveries
+/// duplicated and out of order. Returns how many were published.
+async fn duplicate_deliveries(
+    store: &tally_s3::S3EventStore,
+    kafka: &tally_kafka::KafkaStream,
+    nemesis: &mut crate::Nemesis,
+) -> usize {
+    let Ok(streams) = store.streams().await else {
+        return 0;
+    };
+    if streams.is_empty() {
+        return 0;
+    }
+    let mut commits = Vec::new();
+    for _ in 0..3 {
+        let stream = &streams[nemesis.pick(0..streams.len())];
+        if let Ok(read) = store.read(stream, Revision::new(1)).await {
+            commits.extend(read);
+        }
+    }
+    let mut picked = Vec::new();
+    for _ in 0..commits.len().min(10) {
+        let i = nemesis.pick(0..commits.len());
+        picked.push(commits.swap_remove(i));
+    }
+    let mut published = 0;
+    for commit in &picked {
+        if kafka.publish(commit).await.is_ok() {
+            published += 1;
+        }
+    }
+    published
+}
+
+/// Every message on `topic`, read by a plain librdkafka consumer assigned every
+/// partition from its beginning (no consumer group: nothing to join or rebalance) up
+/// to each partition's high watermark: the revisions published, by stream.
+async fn consume_topic(
+    brokers: &str,
+    topic: &str,
+) -> Result<HashMap<String, HashSet<u64>>, String> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_topic(&brokers, &topic))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>>, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let timeout = Duration::from_secs(10);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("torture-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("a consumer: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = HashMap::new();
+    for &p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+        if high > low {
+            remaining.insert(p, high);
+        }
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let mut seen: HashMap<String, HashSet<u64>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !remaining.is_empty() && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_secs(1)) else {
+            continue;
+        };
+        let message = message.map_err(|e| format!("consuming {topic}: {e}"))?;
+        if let Some(commit) = message
+            .payload()
+            .and_then(|p| tally_es::StoredCommit::from_bytes(p).ok())
+        {
+            seen.entry(commit.stream.as_str().to_owned())
+                .or_default()
+                .insert(commit.revision.get());
+        }
+        if remaining
+            .get(&message.partition())
+            .is_some_and(|high| message.offset() + 1 >= *high)
+        {
+            remaining.remove(&message.partition());
+        }
+    }
+    if !remaining.is_empty() {
+        return Err(format!(
+            "{topic}: partitions {:?} were not read to their end within 120 s",
+            remaining.keys().collect::<Vec<_>>()
+        ));
+    }
+    Ok(seen)
+}
+
+/// `every-commit-on-the-topic`: each commit of the store was published.
+async fn check_topic(
+    verdict: &mut check::Verdict,
+    store: &tally_s3::S3EventStore,
+    on_topic: &HashMap<String, HashSet<u64>>,
+) -> Result<(), String> {
+    for stream in store.streams().await.map_err(|e| e.to_string())? {
+        let commits = store
+            .read(&stream, Revision::new(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        let seen = on_topic.get(stream.as_str());
+        let missing: Vec<u64> = commits
+            .iter()
+            .map(|c| c.revision.get())
+            .filter(|r| !seen.is_some_and(|s| s.contains(r)))
+            .collect();
+        if !missing.is_empty() {
+            verdict.violate(
+                "every-commit-on-the-topic",
+                format!("{stream}: the commits at {missing:?} are not on the topic"),
+            );
+        }
+    }
+    Ok(())
+}
