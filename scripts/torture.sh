@@ -11,8 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The stack topology needs the services (its own S3, broker and Redis are started from them).
+./scripts/services.sh up
+eval "$(./scripts/services.sh env)"
+
 PROFILE=${TORTURE_PROFILE:-debug}
-TOPOLOGIES=${TORTURE_TOPOLOGY:-dev}
+TOPOLOGIES=${TORTURE_TOPOLOGY:-dev stack}
 export TORTURE_SEED=${TORTURE_SEED:-$(date +%s)}
 
 echo "torture: building ($PROFILE)" >&2

@@ -158,6 +158,12 @@ pub trait Cache: Send + Sync + 'static {
     async fn get(&self, id: &AccountId) -> Option<CachedBalance>;
     /// Store a balance unless a newer revision is cached.
     async fn put(&self, id: &AccountId, balance: CachedBalance);
+    /// Replace a cached balance with a newer one, but never create an entry: for a
+    /// writer that may be behind what was acknowledged (the projector, which applies a
+    /// delayed delivery after the cache lost the newer entry — Redis restarted empty).
+    /// Only writers that know the balance is current (a command's own commit, a query
+    /// that has just caught up from the store) create entries.
+    async fn refresh(&self, id: &AccountId, balance: CachedBalance);
     /// Forget everything (before a rebuild).
     async fn clear(&self);
 }

@@ -312,8 +312,11 @@ impl Projector {
     async fn write_through(&self, commit: &Commit<AccountEvent>) {
         let id = AccountId::from(commit.stream.clone());
         match self.read_model.account(&id).await {
+            // Refresh only: this delivery may be late, and a newer acknowledged balance
+            // may have been lost with the cache (Redis restarted empty); an entry
+            // created from it would be older than what a client was told.
             Ok(Some(view)) if view.revision >= commit.last_revision() => {
-                self.cache.put(&id, CachedBalance::from(&view)).await;
+                self.cache.refresh(&id, CachedBalance::from(&view)).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(stream = %id, error = %e, "cache write-through skipped"),

@@ -27,6 +27,16 @@ impl Cache for MemoryCache {
         }
     }
 
+    async fn refresh(&self, id: &AccountId, balance: CachedBalance) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if let Some(entry) = entries.get_mut(id) {
+                if entry.revision < balance.revision {
+                    *entry = balance;
+                }
+            }
+        }
+    }
+
     async fn clear(&self) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.clear();

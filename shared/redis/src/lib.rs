@@ -27,6 +27,17 @@ end
 return 0
 "#;
 
+/// `refresh`: only an entry that exists, and only with a newer revision.
+const REFRESH_IF_NEWER: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'rev')
+if cur and tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
+  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+  return 1
+end
+return 0
+"#;
+
 /// The cache.
 pub struct RedisCache {
     client: redis::Client,
@@ -35,6 +46,7 @@ pub struct RedisCache {
     ttl_seconds: u64,
     conn: Mutex<Connection>,
     script: Script,
+    refresh_script: Script,
     /// Keys whose write-through failed: deleted as soon as Redis answers again, so an
     /// older balance cached before the failure is never served after it.
     stale: std::sync::Mutex<HashSet<String>>,
@@ -47,6 +59,39 @@ struct Connection {
 }
 
 impl RedisCache {
+    /// Run a write script on `id`'s key.
+    async fn write(&self, script: &Script, id: &AccountId, balance: CachedBalance) {
+        let key = self.key(id);
+
+        // Marked stale before trying, so that a reconnect racing with a failure below
+        // cannot miss it; unmarked once written.
+        if let Ok(mut stale) = self.stale.lock() {
+            stale.insert(key.clone());
+        }
+        let script = script.clone();
+        let ttl = self.ttl_seconds;
+        let written: Option<i64> = self
+            .with(|mut c| {
+                let key = key.clone();
+                async move {
+                    script
+                        .key(key)
+                        .arg(balance.revision.get())
+                        .arg(balance.balance)
+                        .arg(balance.currency.code())
+                        .arg(ttl)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await;
+        if written.is_some() {
+            if let Ok(mut stale) = self.stale.lock() {
+                stale.remove(&key);
+            }
+        }
+    }
+
     /// A cache at `url` (`redis://127.0.0.1:6379`) whose keys start with `prefix`.
     /// Does not connect yet: a Redis that is down at start-up only means misses.
     pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
@@ -57,6 +102,7 @@ impl RedisCache {
             ttl_seconds: 60,
             conn: Mutex::new(Connection::default()),
             script: Script::new(PUT_IF_NEWER),
+            refresh_script: Script::new(REFRESH_IF_NEWER),
             stale: std::sync::Mutex::new(HashSet::new()),
         })
     }
@@ -171,34 +217,11 @@ impl Cache for RedisCache {
     }
 
     async fn put(&self, id: &AccountId, balance: CachedBalance) {
-        let key = self.key(id);
-        // Marked stale before trying, so that a reconnect racing with a failure below
-        // cannot miss it; unmarked once written.
-        if let Ok(mut stale) = self.stale.lock() {
-            stale.insert(key.clone());
-        }
-        let script = self.script.clone();
-        let ttl = self.ttl_seconds;
-        let written: Option<i64> = self
-            .with(|mut c| {
-                let key = key.clone();
-                async move {
-                    script
-                        .key(key)
-                        .arg(balance.revision.get())
-                        .arg(balance.balance)
-                        .arg(balance.currency.code())
-                        .arg(ttl)
-                        .invoke_async(&mut c)
-                        .await
-                }
-            })
-            .await;
-        if written.is_some() {
-            if let Ok(mut stale) = self.stale.lock() {
-                stale.remove(&key);
-            }
-        }
+        self.write(&self.script, id, balance).await
+    }
+
+    async fn refresh(&self, id: &AccountId, balance: CachedBalance) {
+        self.write(&self.refresh_script, id, balance).await
     }
 
     async fn clear(&self) {
