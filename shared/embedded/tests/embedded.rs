@@ -164,6 +164,21 @@ async fn the_projector_applies_once_in_order_and_repairs_gaps_from_the_store() {
 
     assert_eq!(projector.handle(&c1).await.unwrap(), Applied::Applied);
     assert_eq!(projector.handle(&c1).await.unwrap(), Applied::Duplicate);
+    assert!(
+        cache.get(&id).await.is_none(),
+        "the projector never creates a cache entry"
+    );
+    // The entry a command writes (its own commit), which the projector refreshes.
+    cache
+        .put(
+            &id,
+            tally_app::CachedBalance {
+                balance: 0,
+                currency: Currency::USD,
+                revision: Revision::new(1),
+            },
+        )
+        .await;
     // c2 is lost in delivery: c3 reveals the gap, which is repaired, not skipped.
     assert_eq!(
         projector.handle(&c3).await.unwrap(),
@@ -179,7 +194,11 @@ async fn the_projector_applies_once_in_order_and_repairs_gaps_from_the_store() {
         .await
         .unwrap();
     assert_eq!(txs.len(), 2, "each deposit applied exactly once");
-    assert_eq!(cache.get(&id).await.unwrap().balance, 750);
+    assert_eq!(
+        cache.get(&id).await.unwrap().balance,
+        750,
+        "the entry was refreshed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
