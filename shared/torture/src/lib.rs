@@ -49,6 +49,9 @@ pub struct Plan {
     /// How long the read model may take to equal the store after the load before a
     /// difference counts as a violation.
     pub settle_seconds: u64,
+    /// Fault kinds the nemesis leaves out (by the name the report counts them under),
+    /// e.g. `broker-down`. Empty: every kind.
+    pub leave_out: Vec<String>,
     /// `TALLY_FAULT_INJECTION` for the process under test: a deliberately broken build,
     /// to prove a checker catches its violation. Empty: none.
     pub inject: String,
@@ -65,6 +68,7 @@ impl Plan {
             hot: 3,
             fault_every_ms: 1500,
             settle_seconds: 60,
+            leave_out: Vec::new(),
             inject: String::new(),
         }
     }

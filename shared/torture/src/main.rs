@@ -22,6 +22,10 @@ struct Cli {
     /// TALLY_FAULT_INJECTION for the processes under test (a deliberately broken build).
     #[arg(long, default_value = "")]
     inject: String,
+    /// Fault kinds to leave out, comma-separated (default: `TORTURE_LEAVE_OUT`, else
+    /// none), e.g. `broker-down`.
+    #[arg(long)]
+    leave_out: Option<String>,
     /// Where the reports go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -52,6 +56,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut plan = Plan::standard(seed);
     plan.seconds = cli.seconds.or(number("TORTURE_SECONDS")?).unwrap_or(300);
     plan.inject = cli.inject;
+    plan.leave_out = cli
+        .leave_out
+        .or_else(|| env("TORTURE_LEAVE_OUT"))
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
     let binaries = match cli.bin_dir {
         Some(dir) => Binaries { dir },
         None => Binaries::beside_current_exe()?,

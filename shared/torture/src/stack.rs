@@ -145,6 +145,7 @@ pub async fn run(
     let load = {
         let (procs, s3, redis) = (procs.clone(), s3.clone(), redis.clone());
         let broker_cut = broker_cut.clone();
+        let leave_out = plan.leave_out.clone();
         let (store, kafka) = (store.clone(), kafka.clone());
         let http = reqwest::Client::new();
         drive(
@@ -154,7 +155,20 @@ pub async fn run(
             progress,
             move |mut nemesis| async move {
                 while let Some(()) = nemesis.next_fault().await {
-                    match nemesis.pick(0..100) {
+                    let roll = nemesis.pick(0..100);
+                    let kind = match roll {
+                        0..=34 => "sigkill",
+                        35..=46 => "broker-down",
+                        47..=58 => "redis-restarted-empty",
+                        59..=70 => "s3-paused",
+                        71..=82 => "postgres-backends-terminated",
+                        83..=89 => "rebuild-during-traffic",
+                        _ => "deliveries-duplicated-and-reordered",
+                    };
+                    if leave_out.iter().any(|k| k == kind) {
+                        continue;
+                    }
+                    match roll {
                         0..=34 => {
                             let i = nemesis.pick(0..procs.len());
                             let mut p = procs[i].lock().await;
