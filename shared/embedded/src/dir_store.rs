@@ -89,7 +89,26 @@ impl DirEventStore {
         sync_dir(&dir).map_err(unavailable)
     }
 
+    /// A directory listing is not a snapshot: one taken while commits are linked may
+    /// hold a new commit and miss the one before it (found by `make torture`: 5 of
+    /// 10,233 balance reads in a 5-minute run answered 500 "expected a commit at
+    /// revision N, found N+1"). A gap is read again, twice, before it is corruption — a
+    /// real gap stays.
     fn read_blocking(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.read_listing(stream, from) {
+                Err(StoreError::Corrupt(_)) if tries < 2 => tries += 1,
+                read => return read,
+            }
+        }
+    }
+
+    fn read_listing(
         &self,
         stream: &StreamId,
         from: Revision,
