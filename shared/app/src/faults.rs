@@ -57,11 +57,6 @@ impl Faults {
             .expect("every fault has a name")
     }
 
-    /// Only `fault`.
-    pub fn only(fault: Fault) -> Self {
-        Self(Self::bit(fault))
-    }
-
     /// Whether `fault` is injected.
     pub fn has(self, fault: Fault) -> bool {
         self.0 & Self::bit(fault) != 0

@@ -2,12 +2,13 @@
 //! SIGKILLed and restarted by the nemesis while the clients run.
 
 use crate::client::account_names;
-use crate::procs::{free_port, wait_ready, Proc};
+use crate::procs::{wait_ready, Proc};
 use crate::report::Report;
 use crate::{drive, settle_and_check, Binaries, Plan, QUIET};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tally_testkit::services::free_port;
 
 /// Run the `dev` topology in `work` (data and logs), printing progress with `progress`.
 pub async fn run(

@@ -112,11 +112,3 @@ pub async fn wait_ready(base: &str, within: Duration) -> Result<(), String> {
     }
     Err(format!("{base} did not become ready within {within:?}"))
 }
-
-/// A port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(18080)
-}

@@ -16,7 +16,7 @@
 use crate::check;
 use crate::client::account_names;
 use crate::cut::Cut;
-use crate::procs::{free_port, wait_ready, Proc};
+use crate::procs::{wait_ready, Proc};
 use crate::report::Report;
 use crate::{drive, settle_and_check, Binaries, Plan, QUIET};
 use std::collections::{HashMap, HashSet};
@@ -24,7 +24,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_es::{EventPublisher, EventStore, Outbox, Revision};
-use tally_testkit::services::{fresh_database, required_env, s3_config, unique, PrivateService};
+use tally_testkit::services::{
+    free_port, fresh_database, required_env, s3_config, unique, PrivateService,
+};
 use tokio::sync::Mutex;
 
 /// The functions, in start order (the gateway comes last, in front of them).
