@@ -317,14 +317,14 @@ where
             Ok(executed) => Ok(executed),
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
-                match self.load(stream, false).await {
-                    Ok((loaded, _)) => match self.find_ours(stream, &loaded, &attempted).await {
-                        Ok(Some(commit)) => Ok(self.adopt(commit).await),
-                        Ok(None) => Err(CommandError::Contention),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
+                async {
+                    let (loaded, _) = self.load(stream, false).await?;
+                    match self.find_ours(stream, &loaded, &attempted).await? {
+                        Some(commit) => Ok(self.adopt(commit).await),
+                        None => Err(CommandError::Contention),
+                    }
                 }
+                .await
             }
             Err(Attempt::Failed(e)) => Err(e),
         };
