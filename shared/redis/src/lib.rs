@@ -17,20 +17,11 @@ use tally_domain::{AccountId, Currency};
 use tally_es::Revision;
 use tokio::sync::Mutex;
 
-const PUT_IF_NEWER: &str = r#"
+/// Write the balance if the cached revision is older; with `ARGV[5] = "1"` only when an
+/// entry exists (`refresh`), else also when none does (`put`).
+const WRITE_IF_NEWER: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'rev')
-if (not cur) or tonumber(cur) < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
-  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
-  return 1
-end
-return 0
-"#;
-
-/// `refresh`: only an entry that exists, and only with a newer revision.
-const REFRESH_IF_NEWER: &str = r#"
-local cur = redis.call('HGET', KEYS[1], 'rev')
-if cur and tonumber(cur) < tonumber(ARGV[1]) then
+if (cur and tonumber(cur) < tonumber(ARGV[1])) or ((not cur) and ARGV[5] ~= '1') then
   redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
   if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
   return 1
@@ -46,7 +37,6 @@ pub struct RedisCache {
     ttl_seconds: u64,
     conn: Mutex<Connection>,
     script: Script,
-    refresh_script: Script,
     /// Keys whose write-through failed: deleted as soon as Redis answers again, so an
     /// older balance cached before the failure is never served after it.
     stale: std::sync::Mutex<HashSet<String>>,
@@ -59,8 +49,9 @@ struct Connection {
 }
 
 impl RedisCache {
-    /// Run a write script on `id`'s key.
-    async fn write(&self, script: &Script, id: &AccountId, balance: CachedBalance) {
+    /// Write `balance` to `id`'s key if it is newer; with `existing_only`, only over an
+    /// entry that is there.
+    async fn write(&self, id: &AccountId, balance: CachedBalance, existing_only: bool) {
         let key = self.key(id);
 
         // Marked stale before trying, so that a reconnect racing with a failure below
@@ -68,7 +59,7 @@ impl RedisCache {
         if let Ok(mut stale) = self.stale.lock() {
             stale.insert(key.clone());
         }
-        let script = script.clone();
+        let script = self.script.clone();
         let ttl = self.ttl_seconds;
         let written: Option<i64> = self
             .with(|mut c| {
@@ -80,6 +71,7 @@ impl RedisCache {
                         .arg(balance.balance)
                         .arg(balance.currency.code())
                         .arg(ttl)
+                        .arg(if existing_only { "1" } else { "0" })
                         .invoke_async(&mut c)
                         .await
                 }
@@ -101,8 +93,7 @@ impl RedisCache {
             timeout: Duration::from_millis(100),
             ttl_seconds: 60,
             conn: Mutex::new(Connection::default()),
-            script: Script::new(PUT_IF_NEWER),
-            refresh_script: Script::new(REFRESH_IF_NEWER),
+            script: Script::new(WRITE_IF_NEWER),
             stale: std::sync::Mutex::new(HashSet::new()),
         })
     }
@@ -217,11 +208,11 @@ impl Cache for RedisCache {
     }
 
     async fn put(&self, id: &AccountId, balance: CachedBalance) {
-        self.write(&self.script, id, balance).await
+        self.write(id, balance, false).await
     }
 
     async fn refresh(&self, id: &AccountId, balance: CachedBalance) {
-        self.write(&self.refresh_script, id, balance).await
+        self.write(id, balance, true).await
     }
 
     async fn clear(&self) {
