@@ -183,15 +183,11 @@ impl DirEventStore {
         revision: Revision,
         attempt: &str,
     ) -> Result<PathBuf, StoreError> {
-        if !tally_es::valid_attempt(attempt) {
-            return Err(StoreError::Corrupt(format!(
-                "{attempt:?} cannot name an outbox entry"
-            )));
-        }
-        let mut name = format!("{}.{:020}", stream.as_str(), revision.get());
-        if !attempt.is_empty() {
-            name = format!("{name}.{attempt}");
-        }
+        let name = format!(
+            "{}.{}",
+            stream.as_str(),
+            tally_es::outbox_name(revision, attempt)?
+        );
         Ok(self.root.join("outbox").join(name))
     }
 

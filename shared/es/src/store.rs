@@ -178,13 +178,25 @@ pub trait EventStream: EventPublisher {
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, PublishError>;
 }
 
-/// Whether `attempt` can name an outbox entry: `[0-9a-zA-Z_-]`, at most 64 characters
-/// (it becomes part of a file name or an object key).
-pub fn valid_attempt(attempt: &str) -> bool {
-    attempt.len() <= 64
+/// The name of an outbox entry within its stream: `{revision:020}.{attempt}`, or
+/// `{revision:020}` for an empty attempt (entries recorded before attempts were named).
+/// An attempt that could not be part of a file name or an object key — other than
+/// `[0-9a-zA-Z_-]`, or over 64 characters — is refused.
+pub fn outbox_name(revision: Revision, attempt: &str) -> Result<String, StoreError> {
+    let valid = attempt.len() <= 64
         && attempt
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(StoreError::Corrupt(format!(
+            "{attempt:?} cannot name an outbox entry"
+        )));
+    }
+    Ok(if attempt.is_empty() {
+        format!("{:020}", revision.get())
+    } else {
+        format!("{:020}.{attempt}", revision.get())
+    })
 }
 
 /// Check that `commits` continue a stream at `expected` without gap or overlap.

@@ -229,22 +229,12 @@ impl S3EventStore {
         revision: Revision,
         attempt: &str,
     ) -> Result<String, StoreError> {
-        if !tally_es::valid_attempt(attempt) {
-            return Err(StoreError::Corrupt(format!(
-                "{attempt:?} cannot name an outbox entry"
-            )));
-        }
-        let mut key = format!(
-            "{}outbox/{}/{:020}",
+        Ok(format!(
+            "{}outbox/{}/{}",
             self.prefix,
             stream.as_str(),
-            revision.get()
-        );
-        if !attempt.is_empty() {
-            key.push('.');
-            key.push_str(attempt);
-        }
-        Ok(key)
+            tally_es::outbox_name(revision, attempt)?
+        ))
     }
 
     /// Create the bucket if it does not exist (the init step; idempotent).
