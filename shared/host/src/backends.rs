@@ -80,6 +80,32 @@ pub struct Host {
     pub pg: Option<tally_postgres::PgReadModel>,
 }
 
+/// Catch every stream up from the store in the background: first after `first`, then
+/// `period` after each round ends. A round that applied anything logs `applied` as a
+/// warning (when given); a failed one is logged and retried by the next.
+pub(crate) fn catch_up_every(
+    projector: Projector,
+    first: std::time::Duration,
+    period: std::time::Duration,
+    applied: Option<&'static str>,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(first).await;
+        loop {
+            match projector.catch_up_all().await {
+                Ok(report) if report.commits > 0 => {
+                    if let Some(applied) = applied {
+                        tracing::warn!(commits = report.commits, "{applied}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "catch-up from the store failed"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    });
+}
+
 /// The embedded publisher: applies each commit to this process's read model before
 /// the command answers (so a client reads its own writes without asking for a
 /// revision). Only a commit it could not apply goes on the in-process stream, where the
@@ -271,22 +297,13 @@ impl Host {
             // messages, or a consumer left without partitions after a rebalance that
             // never completed, would otherwise keep commits from the read model until
             // the next write on their account.
-            let sweeper = projector.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(every));
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    match sweeper.catch_up_all().await {
-                        Ok(report) if report.commits > 0 => tracing::warn!(
-                            commits = report.commits,
-                            "the periodic catch-up applied commits the stream had not delivered"
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "periodic catch-up failed"),
-                    }
-                }
-            });
+            let every = std::time::Duration::from_secs(every);
+            catch_up_every(
+                projector.clone(),
+                every,
+                every,
+                Some("the periodic catch-up applied commits the stream had not delivered"),
+            );
         }
         Ok(tokio::spawn(
             async move { projector.run(subscription).await },

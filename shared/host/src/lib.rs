@@ -92,15 +92,12 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
 }
 
 fn tail_store(host: &Host) {
-    let projector = host.state.projector.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = projector.catch_up_all().await {
-                tracing::warn!(error = %e, "catch-up failed");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
+    backends::catch_up_every(
+        host.state.projector.clone(),
+        Duration::ZERO,
+        Duration::from_secs(1),
+        None,
+    );
 }
 
 /// Every public route in one process: on the configured backends with the projector
