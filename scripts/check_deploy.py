@@ -8,12 +8,14 @@
       charts/tally/ci/crd-schemas/. An object with neither fails: nothing is skipped.
 
   check_deploy.py contract --default FILE --all-features FILE --all-features-values FILE
-                           [--infra FILE]
+                           [--rebuild FILE --rebuild-values FILE] [--infra FILE]
       The contract between the chart, the code and the rest of the repository: one
       Deployment per function; the routes of values.yaml == openapi.json == the
       cargo-lambda router of Cargo.toml; the HTTPRoute and the Ingress send every
       public endpoint to the right Service; pod hardening, probes, RBAC, hooks; the
-      chart's default backends are the Services of k8s/ (--infra: its kustomize build).
+      rebuild Job (all-features: with rebuild.stopProjector; --rebuild: a render with
+      the rebuild's own defaults); the chart's default backends are the Services of
+      k8s/ (--infra: its kustomize build).
 
 Both print one line per check and end with `checks: P passed, F failed`; the exit
 status is 1 when a check failed. Run with the tools' Python (scripts/tools.sh env:
@@ -412,9 +414,11 @@ def contract(args):
                         for what, value, key in pairs if infra_secrets.get(key) != value])
 
     # --- pods: hardening, probes, service account tokens
-    # The pods that talk to the API: leader election (the relay), and admin rebuild.
+    # The pods that talk to the API: leader election (the relay), and admin rebuild when
+    # it stops the projector (rebuild.stopProjector).
     api_users = {name for name, fn in values_all["functions"].items()
-                 if fn.get("leaderElection", {}).get("enabled")} | {"rebuild"}
+                 if fn.get("leaderElection", {}).get("enabled")} \
+        | ({"rebuild"} if values_all["rebuild"].get("stopProjector") else set())
     pod_context = {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
     container_context = {**pod_context, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                          "capabilities": {"drop": ["ALL"]}}
@@ -472,34 +476,59 @@ def contract(args):
             problems.append(f"relay ({account}): may {sorted(granted)} its Lease {lease}, needs get, create, update")
     checks.check("the relay elects a leader through its Lease (env, downward API, Role)", problems)
 
-    # --- the rebuild job (all-features)
-    problems = []
-    rebuild = [job for job in objects(everything, "Job") if component(job) == "rebuild"]
-    if len(rebuild) != 1:
-        problems.append(f"{len(rebuild)} rebuild Jobs, want 1")
-    else:
-        container = pod_of(rebuild[0])["spec"]["containers"][0]
+    # --- the rebuild Job: all-features, and --rebuild when given
+    def rebuild_problems(docs, settings):
+        """The rebuild Job of docs, rendered with settings (values merged over values.yaml)."""
+        problems = []
+        rebuild = [job for job in objects(docs, "Job") if component(job) == "rebuild"]
+        if len(rebuild) != 1:
+            return [f"{len(rebuild)} rebuild Jobs, want 1"]
+        pod = pod_of(rebuild[0])["spec"]
+        container = pod["containers"][0]
         argv = container["command"] + container.get("args", [])
-        projector = all_deployments.get(values_all["rebuild"]["projector"])
+        account = pod["serviceAccountName"]
+        binding = next((b for b in objects(docs, "RoleBinding")
+                        if any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])), None)
+        stop = bool(settings["rebuild"].get("stopProjector"))
+        if pod.get("automountServiceAccountToken") is not stop:
+            problems.append(f"rebuild: automountServiceAccountToken {pod.get('automountServiceAccountToken')}, "
+                            f"want {stop} (stopProjector {stop})")
+        if not stop:
+            # The projector keeps running: a plain replay, no API access.
+            if argv != ["/usr/local/bin/admin", "rebuild"]:
+                problems.append(f"rebuild runs {argv}, want `admin rebuild` (stopProjector false)")
+            if binding is not None:
+                problems.append(f"rebuild ({account}) is bound to Role {binding['roleRef']['name']} (stopProjector false)")
+            return problems
+        projector = {component(d): d for d in objects(docs, "Deployment")}.get(settings["rebuild"]["projector"])
         if argv[:3] != ["/usr/local/bin/admin", "rebuild", "--projector"] or projector is None \
                 or argv[3] != projector["metadata"]["name"]:
             problems.append(f"rebuild runs {argv}")
-        account = pod_of(rebuild[0])["spec"]["serviceAccountName"]
-        binding = next((b for b in objects(everything, "RoleBinding")
-                        if any(s["name"] == account for s in b["subjects"])), None)
-        role = binding and next(r for r in objects(everything, "Role") if r["metadata"]["name"] == binding["roleRef"]["name"])
+        role = binding and next(r for r in objects(docs, "Role") if r["metadata"]["name"] == binding["roleRef"]["name"])
         allowed = {(group, resource, verb) for rule in (role or {}).get("rules", []) for group in rule["apiGroups"]
                    for resource in rule["resources"] for verb in rule["verbs"]}
         needed = {("apps", "deployments", v) for v in ("get", "list", "patch")} \
             | {("apps", "deployments/scale", v) for v in ("get", "patch", "update")} | {("", "pods", "list")}
         projector_name = projector["metadata"]["name"] if projector else None
-        if projector_name in {doc["metadata"]["name"] for doc in objects(everything, "ScaledObject")}:
+        if projector_name in {doc["metadata"]["name"] for doc in objects(docs, "ScaledObject")}:
             if argv[-2:] != ["--scaled-object", projector_name]:
                 problems.append(f"the projector has a ScaledObject, and rebuild runs {argv} (no --scaled-object)")
             needed |= {("keda.sh", "scaledobjects", v) for v in ("get", "patch")}
         problems += [f"rebuild may not {verb} {group}/{resource}" for group, resource, verb in sorted(needed - allowed)]
-    checks.check("the rebuild Job runs `admin rebuild --projector <projector>` (and pauses its ScaledObject) "
-                 "with its RBAC", problems)
+        return problems
+
+    def rebuild_check(what, docs, settings):
+        if settings["rebuild"].get("stopProjector"):
+            description = ("the rebuild Job runs `admin rebuild --projector <projector>` (and pauses its "
+                           "ScaledObject) with a token and its RBAC")
+        else:
+            description = "the rebuild Job runs a plain `admin rebuild`: no token, no Role, the projector keeps running"
+        checks.check(f"{description} ({what})", rebuild_problems(docs, settings))
+
+    rebuild_check("all-features", everything, values_all)
+    if args.rebuild:
+        rebuild_check(Path(args.rebuild_values).name, load_docs(args.rebuild),
+                      merge(values, yaml.safe_load(Path(args.rebuild_values).read_text())))
 
     # --- autoscaling and disruption budgets (all-features)
     problems = []
@@ -559,8 +588,12 @@ def main():
     contract_parser.add_argument("--default", required=True, help="helm template with the default values")
     contract_parser.add_argument("--all-features", required=True, help="helm template with ci/all-features-values.yaml")
     contract_parser.add_argument("--all-features-values", required=True, help="the values file of --all-features")
+    contract_parser.add_argument("--rebuild", help="helm template with a values file that enables the rebuild")
+    contract_parser.add_argument("--rebuild-values", help="the values file of --rebuild")
     contract_parser.add_argument("--infra", help="kubectl kustomize k8s/")
     args = parser.parse_args()
+    if args.command == "contract" and bool(args.rebuild) != bool(args.rebuild_values):
+        parser.error("--rebuild and --rebuild-values go together")
     if args.command == "schemas":
         return validate_schemas(args.files)
     try:

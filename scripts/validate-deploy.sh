@@ -17,7 +17,8 @@
 #   contract   scripts/check_deploy.py: one Deployment per function; values routes ==
 #              openapi.json == Cargo.toml's cargo-lambda router; HTTPRoute and Ingress
 #              send each public route to its function; hardening, probes, RBAC, hooks;
-#              the chart's default backends are the Services of k8s/
+#              the rebuild Job with and without rebuild.stopProjector (all-features,
+#              rebuild values); the chart's default backends are the Services of k8s/
 #   compose    scripts/validate-compose.sh (docker-compose.yml)
 #
 # The tools come from scripts/tools.sh (installed once under $TALLY_CACHE/tools).
@@ -171,12 +172,14 @@ for file in "$CHART"/ci/invalid/*.yaml; do
 done
 
 echo "== contract"
-if [ -f "$OUT/default.yaml" ] && [ -f "$OUT/all-features.yaml" ]; then
+if [ -f "$OUT/default.yaml" ] && [ -f "$OUT/all-features.yaml" ] && [ -f "$OUT/rebuild.yaml" ]; then
   counted "chart == code == k8s/" "$PYTHON" scripts/check_deploy.py contract \
     --default "$OUT/default.yaml" --all-features "$OUT/all-features.yaml" \
-    --all-features-values "$CHART/ci/all-features-values.yaml" ${INFRA:+--infra "$INFRA"}
+    --all-features-values "$CHART/ci/all-features-values.yaml" \
+    --rebuild "$OUT/rebuild.yaml" --rebuild-values "$CHART/ci/rebuild-values.yaml" \
+    ${INFRA:+--infra "$INFRA"}
 else
-  fail "contract: the default and all-features renders are missing"
+  fail "contract: the default, all-features or rebuild render is missing"
 fi
 
 echo "== docker-compose.yml"

@@ -18,13 +18,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Empty the read model and the cache and replay every commit from the event store.
+    /// Replay every commit from the event store into a new generation of the read model,
+    /// beside the live one (which the running projector keeps current and queries keep
+    /// reading), then switch readers to it at once and drop the old one.
     ///
-    /// With --projector, the projector Deployment is scaled to zero first (its replica
-    /// count is remembered in an annotation) and scaled back afterwards, also when the
-    /// replay fails. Run it again to resume a rebuild that was cut short.
+    /// With --projector, the projector Deployment is also scaled to zero first (its
+    /// replica count is remembered in an annotation) and scaled back afterwards, also
+    /// when the replay fails: not needed for correctness, only to give the replay the
+    /// database to itself. Run it again to resume a rebuild that was cut short.
     Rebuild {
-        /// The projector Deployment to stop while replaying (omit outside a cluster).
+        /// A projector Deployment to stop while replaying (optional; omit outside a cluster).
         #[arg(long)]
         projector: Option<String>,
         /// Its namespace (default: the client's, i.e. the pod's own in a cluster).

@@ -1,6 +1,6 @@
-//! `admin`: operator commands. `admin rebuild` replays the event store into an emptied
-//! read model; with `--projector` it first scales that Deployment to zero and scales it
-//! back afterwards (see `admin --help`).
+//! `admin`: operator commands. `admin rebuild` replays the event store into a new
+//! generation of the read model and switches readers to it; with `--projector` it also
+//! scales that Deployment to zero meanwhile and back afterwards (see `admin --help`).
 
 use clap::Parser;
 
