@@ -7,10 +7,11 @@
 #   scripts/services.sh down   stop the S3 and Kafka servers this script started
 #
 # PostgreSQL and Redis are the machine's own (Debian packages, started if stopped,
-# installed if absent). The S3 server is moto (PyPI, in a virtualenv), whose
-# conditional writes are atomic; the Kafka-protocol broker is tansu (crates.io), with
-# in-memory storage. Both are installed once under $TALLY_CACHE (default
-# ~/.cache/tally) and reused by later runs.
+# installed if absent). The S3 server is moto (PyPI, in a virtualenv) run by
+# scripts/moto-server, whose conditional writes are atomic; the Kafka-protocol broker is
+# tansu (crates.io), with in-memory storage here (the tests that restart a broker start
+# their own, on SQLite or S3 storage). Both are installed once under $TALLY_CACHE
+# (default ~/.cache/tally) and reused by later runs.
 set -euo pipefail
 
 CACHE=${TALLY_CACHE:-$HOME/.cache/tally}
@@ -78,12 +79,16 @@ moto_install() {
   "$CACHE/venv/bin/pip" install -q "moto[s3]==$MOTO_VERSION" flask flask-cors
 }
 
-tansu_bin() { echo "$CACHE/tansu/bin/tansu"; }
+# SQLite storage (libsql) lets a test kill the broker and start it again without losing
+# what it acknowledged; the S3 storage (dynostore) stays for the older tests.
+TANSU_FEATURES=dynostore,libsql
+tansu_bin() { echo "$CACHE/tansu-$TANSU_VERSION-${TANSU_FEATURES//,/-}/bin/tansu"; }
 
 tansu_install() {
   if [ -x "$(tansu_bin)" ]; then return; fi
-  log "installing tansu $TANSU_VERSION (Kafka-protocol broker) into $CACHE/tansu; this takes about 10 minutes once"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --root "$CACHE/tansu" >&2
+  log "installing tansu $TANSU_VERSION (Kafka-protocol broker) into $(dirname "$(dirname "$(tansu_bin)")"); this takes about 10 minutes once"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features "$TANSU_FEATURES" \
+    --root "$(dirname "$(dirname "$(tansu_bin)")")" >&2
 }
 
 start_bg() { # name, pidfile, command...

@@ -695,6 +695,61 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
     assert_eq!(cache.get(&id).await, Some(balance(200, 2)));
 }
 
+/// Found by `make torture` (stack, seed 20261201: `monotonic-reads`): a query missed,
+/// read revision 1, and filled the cache after Redis had restarted empty — the restart
+/// had swallowed the write-through of revision 2, already acknowledged — so that client
+/// read revision 1 from the cache afterwards.
+#[tokio::test]
+async fn a_query_that_read_before_a_redis_restart_does_not_cache_its_old_balance() {
+    use tally_app::{Cache, CachedBalance};
+    let mut redis = PrivateService::redis().await;
+    let url = format!("redis://{}", redis.address());
+    let query_side = tally_redis::RedisCache::new(&url, "t:").unwrap();
+    let command_side = tally_redis::RedisCache::new(&url, "t:").unwrap();
+    let id = AccountId::parse("restarted").unwrap();
+    let balance = |minor, rev| CachedBalance {
+        balance: minor,
+        currency: tally_domain::Currency::USD,
+        revision: Revision::new(rev),
+    };
+
+    // The query misses and reads revision 1 from the store ...
+    let lookup = query_side.lookup(&id).await;
+    assert_eq!(lookup.hit, None);
+    // ... Redis restarts, the command's write-through of revision 2 falls in the outage
+    // (the command answers all the same) ...
+    redis.stop().await;
+    command_side.put(&id, balance(200, 2)).await;
+    redis.start().await;
+    let mut reconnected = false;
+    for _ in 0..50 {
+        if query_side.ping().await {
+            reconnected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reconnected, "the query side reaches the new Redis");
+    // ... and the query fills what it read before.
+    query_side.fill(&id, balance(100, 1), lookup.token).await;
+    let reader = tally_redis::RedisCache::new(&url, "t:").unwrap();
+    assert_eq!(
+        reader.get(&id).await,
+        None,
+        "revision 1, older than what was acknowledged, is not cached"
+    );
+
+    // A lookup after the restart may fill.
+    let lookup = query_side.lookup(&id).await;
+    query_side.fill(&id, balance(200, 2), lookup.token).await;
+    assert_eq!(reader.get(&id).await, Some(balance(200, 2)));
+    // After a clear (a rebuild), only a lookup that came after it may fill.
+    let before = query_side.lookup(&id).await;
+    query_side.clear().await;
+    query_side.fill(&id, balance(200, 2), before.token).await;
+    assert_eq!(reader.get(&id).await, None, "a clear refuses older fills");
+}
+
 #[tokio::test]
 async fn the_s3_store_keeps_the_newest_snapshot_and_commands_load_from_it() {
     use tally_es::SnapshotStore;

@@ -24,8 +24,8 @@ pub mod relay;
 pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
 pub use faults::{Fault, Faults};
 pub use ports::{
-    AccountView, Applied, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind,
-    TransactionView,
+    AccountView, Applied, Cache, CachedBalance, FillToken, Lookup, ReadModel, ReadModelError,
+    TransactionKind, TransactionView,
 };
 pub use projection::{
     ProjectionError, Projector, RebuildReport, REBUILD_BATCH, REBUILD_CONCURRENCY,

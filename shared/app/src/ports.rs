@@ -149,15 +149,41 @@ impl From<&AccountView> for CachedBalance {
     }
 }
 
+/// What a cache lookup found: the entry, if any, and the token a later
+/// [`Cache::fill`] of the same key must present.
+#[derive(Clone, Debug, Default)]
+pub struct Lookup {
+    pub hit: Option<CachedBalance>,
+    pub token: FillToken,
+}
+
+/// When a lookup was answered, as the cache knows it (for Redis, the instance's epoch:
+/// a random value that a restarted, empty Redis no longer has). A fill with a token
+/// from before the cache lost entries is refused. The default token (the cache did not
+/// answer) fills nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FillToken(pub Option<String>);
+
 /// A best-effort balance cache in front of the read model. Implementations swallow
 /// their own failures (a miss is always a correct answer) and never replace an entry
 /// with an older revision.
 #[async_trait]
 pub trait Cache: Send + Sync + 'static {
+    /// The cached balance, if any, and the token for a fill after it.
+    async fn lookup(&self, id: &AccountId) -> Lookup;
     /// The cached balance, if any.
-    async fn get(&self, id: &AccountId) -> Option<CachedBalance>;
-    /// Store a balance unless a newer revision is cached.
+    async fn get(&self, id: &AccountId) -> Option<CachedBalance> {
+        self.lookup(id).await.hit
+    }
+    /// Store a balance unless a newer revision is cached: for the writer that knows it
+    /// is current (a command, with the balance of the commit it just made).
     async fn put(&self, id: &AccountId, balance: CachedBalance);
+    /// Store a balance read after the lookup that gave `token` (a query that missed,
+    /// then read the store): like [`Cache::put`], but refused when the cache lost its
+    /// entries since that lookup. Without that, a query that read the store before a
+    /// commit, and fills after a Redis restart swallowed the command's write-through,
+    /// would cache — and serve to the client the command answered — an older balance.
+    async fn fill(&self, id: &AccountId, balance: CachedBalance, token: FillToken);
     /// Replace a cached balance with a newer one, but never create an entry: for a
     /// writer that may be behind what was acknowledged (the projector, which applies a
     /// delayed delivery after the cache lost the newer entry — Redis restarted empty).

@@ -118,7 +118,9 @@ impl Queries {
     /// once it has caught up with the store.
     ///
     /// A cache entry is never older than what a command acknowledged (commands write
-    /// their balance through; newer revisions win). Without one — it expired, Redis
+    /// their balance through; newer revisions win; a query fills a missing entry only
+    /// if the cache has not lost entries since its lookup, see [`Cache::fill`]).
+    /// Without one — it expired, Redis
     /// restarted empty or is down — nothing here knows what was acknowledged, and the
     /// read model may be behind it (the projector stopped, Kafka down): the store is
     /// asked what came after the read model's position (on S3, one GET of the next
@@ -132,8 +134,10 @@ impl Queries {
         if self.faults.has(Fault::StaleBalance) {
             return self.stale_balance(id).await;
         }
+        // Looked up first even with read-through: the fill below needs its token.
+        let lookup = self.cache.lookup(id).await;
         if !self.read_through {
-            if let Some(hit) = self.cache.get(id).await {
+            if let Some(hit) = lookup.hit {
                 if min.is_none_or(|m| hit.revision >= m) {
                     return Ok(hit.into());
                 }
@@ -142,7 +146,7 @@ impl Queries {
         }
         let view = self.account(id, min).await?;
         let balance = CachedBalance::from(&view);
-        self.cache.put(id, balance).await;
+        self.cache.fill(id, balance, lookup.token).await;
         Ok(balance.into())
     }
 

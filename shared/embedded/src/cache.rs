@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use tally_app::{Cache, CachedBalance};
+use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::AccountId;
 
 /// Balances by account, never replaced by an older revision.
@@ -14,8 +14,17 @@ pub struct MemoryCache {
 
 #[async_trait]
 impl Cache for MemoryCache {
-    async fn get(&self, id: &AccountId) -> Option<CachedBalance> {
-        self.entries.lock().ok()?.get(id).copied()
+    async fn lookup(&self, id: &AccountId) -> Lookup {
+        Lookup {
+            hit: self.entries.lock().ok().and_then(|e| e.get(id).copied()),
+            // It lives as long as the process that reads it: it never loses entries
+            // behind a reader's back, so any fill may go in.
+            token: FillToken(Some(String::new())),
+        }
+    }
+
+    async fn fill(&self, id: &AccountId, balance: CachedBalance, _token: FillToken) {
+        self.put(id, balance).await
     }
 
     async fn put(&self, id: &AccountId, balance: CachedBalance) {

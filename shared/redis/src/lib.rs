@@ -2,7 +2,11 @@
 //!
 //! Each account is a hash `{prefix}balance:{id}` with `rev`, `bal` and `cur`. A put is
 //! one Lua script that writes only when the cached revision is older, so a slow
-//! projector can never put an old balance back. Every call has a short timeout and any
+//! projector can never put an old balance back. `{prefix}epoch` is a random value each
+//! Redis instance gets at its first lookup: a query that missed, read the store and
+//! fills the entry presents the epoch its lookup saw, and a Redis that restarted empty
+//! in between (and may have lost a command's write-through) refuses the fill. Every
+//! call has a short timeout and any
 //! failure is a miss: with Redis down, queries fall back to the read model and
 //! commands never notice. The connection is made lazily and re-made after a failure,
 //! at most once per second after a failed attempt.
@@ -12,22 +16,44 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Script};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use tally_app::{Cache, CachedBalance};
+use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::{AccountId, Currency};
 use tally_es::Revision;
 use tokio::sync::Mutex;
 
-/// Write the balance if the cached revision is older; with `ARGV[5] = "1"` only when an
-/// entry exists (`refresh`), else also when none does (`put`).
+/// Write the balance if the cached revision is older. `ARGV[5]` says when an absent
+/// entry may be created: `put` always, `refresh` never, `fill` only while the epoch
+/// (`KEYS[2]`) is still `ARGV[6]`, the one the filler's lookup saw.
 const WRITE_IF_NEWER: &str = r#"
+if ARGV[5] == 'fill' and redis.call('GET', KEYS[2]) ~= ARGV[6] then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'rev')
-if (cur and tonumber(cur) < tonumber(ARGV[1])) or ((not cur) and ARGV[5] ~= '1') then
+if (cur and tonumber(cur) < tonumber(ARGV[1])) or ((not cur) and ARGV[5] ~= 'refresh') then
   redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
   if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
   return 1
 end
 return 0
 "#;
+
+/// The entry and the epoch (`KEYS[2]`), which a Redis without one (new, restarted
+/// empty, cleared) gets now: `ARGV[1]`, a random value.
+const LOOKUP: &str = r#"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+local v = redis.call('HMGET', KEYS[1], 'rev', 'bal', 'cur')
+return {epoch, v[1], v[2], v[3]}
+"#;
+
+/// How a write treats an absent entry.
+#[derive(Clone, Copy)]
+enum Mode {
+    Put,
+    Refresh,
+    Fill,
+}
 
 /// The cache.
 pub struct RedisCache {
@@ -37,6 +63,7 @@ pub struct RedisCache {
     ttl_seconds: u64,
     conn: Mutex<Connection>,
     script: Script,
+    lookup: Script,
     /// Keys whose write-through failed: deleted as soon as Redis answers again, so an
     /// older balance cached before the failure is never served after it.
     stale: std::sync::Mutex<HashSet<String>>,
@@ -49,9 +76,9 @@ struct Connection {
 }
 
 impl RedisCache {
-    /// Write `balance` to `id`'s key if it is newer; with `existing_only`, only over an
-    /// entry that is there.
-    async fn write(&self, id: &AccountId, balance: CachedBalance, existing_only: bool) {
+    /// Write `balance` to `id`'s key if it is newer; `mode` says whether it may create
+    /// the entry (see [`WRITE_IF_NEWER`]).
+    async fn write(&self, id: &AccountId, balance: CachedBalance, mode: Mode, token: FillToken) {
         let key = self.key(id);
 
         // Marked stale before trying, so that a reconnect racing with a failure below
@@ -61,17 +88,24 @@ impl RedisCache {
         }
         let script = self.script.clone();
         let ttl = self.ttl_seconds;
+        let epoch = self.epoch_key();
         let written: Option<i64> = self
             .with(|mut c| {
                 let key = key.clone();
                 async move {
                     script
                         .key(key)
+                        .key(epoch)
                         .arg(balance.revision.get())
                         .arg(balance.balance)
                         .arg(balance.currency.code())
                         .arg(ttl)
-                        .arg(if existing_only { "1" } else { "0" })
+                        .arg(match mode {
+                            Mode::Put => "put",
+                            Mode::Refresh => "refresh",
+                            Mode::Fill => "fill",
+                        })
+                        .arg(token.0.unwrap_or_default())
                         .invoke_async(&mut c)
                         .await
                 }
@@ -94,12 +128,17 @@ impl RedisCache {
             ttl_seconds: 60,
             conn: Mutex::new(Connection::default()),
             script: Script::new(WRITE_IF_NEWER),
+            lookup: Script::new(LOOKUP),
             stale: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
     fn key(&self, id: &AccountId) -> String {
         format!("{}balance:{}", self.prefix, id.as_str())
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}epoch", self.prefix)
     }
 
     async fn connection(&self) -> Option<MultiplexedConnection> {
@@ -187,38 +226,59 @@ impl RedisCache {
 
 #[async_trait]
 impl Cache for RedisCache {
-    async fn get(&self, id: &AccountId) -> Option<CachedBalance> {
-        let key = self.key(id);
-        let (rev, bal, cur): (Option<u64>, Option<i64>, Option<String>) = self
+    async fn lookup(&self, id: &AccountId) -> Lookup {
+        let (key, epoch) = (self.key(id), self.epoch_key());
+        let script = self.lookup.clone();
+        let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let found: Option<(String, Option<u64>, Option<i64>, Option<String>)> = self
             .with(|mut c| async move {
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("rev")
-                    .arg("bal")
-                    .arg("cur")
-                    .query_async(&mut c)
+                script
+                    .key(key)
+                    .key(epoch)
+                    .arg(fresh)
+                    .invoke_async(&mut c)
                     .await
             })
-            .await?;
-        Some(CachedBalance {
-            revision: Revision::new(rev?),
-            balance: bal?,
-            currency: Currency::parse(&cur?).ok()?,
-        })
+            .await;
+        let Some((epoch, rev, bal, cur)) = found else {
+            return Lookup::default();
+        };
+        let hit = (|| {
+            Some(CachedBalance {
+                revision: Revision::new(rev?),
+                balance: bal?,
+                currency: Currency::parse(&cur?).ok()?,
+            })
+        })();
+        Lookup {
+            hit,
+            token: FillToken(Some(epoch)),
+        }
     }
 
     async fn put(&self, id: &AccountId, balance: CachedBalance) {
-        self.write(id, balance, false).await
+        self.write(id, balance, Mode::Put, FillToken::default())
+            .await
+    }
+
+    async fn fill(&self, id: &AccountId, balance: CachedBalance, token: FillToken) {
+        if token.0.is_some() {
+            self.write(id, balance, Mode::Fill, token).await
+        }
     }
 
     async fn refresh(&self, id: &AccountId, balance: CachedBalance) {
-        self.write(id, balance, true).await
+        self.write(id, balance, Mode::Refresh, FillToken::default())
+            .await
     }
 
     async fn clear(&self) {
         let pattern = format!("{}balance:*", self.prefix);
+        let epoch = self.epoch_key();
         let _: Option<()> = self
             .with(|mut c| async move {
+                // A new epoch first: a fill of a lookup from before is refused.
+                let _: () = c.del(epoch).await?;
                 let mut cursor: u64 = 0;
                 loop {
                     let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")

@@ -75,6 +75,8 @@ pub struct PrivateService {
     program: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Where it runs (tansu puts its SQLite file in its working directory).
+    dir: Option<std::path::PathBuf>,
     pub port: u16,
     child: Option<Child>,
 }
@@ -92,6 +94,7 @@ impl PrivateService {
             program,
             args,
             env,
+            dir: None,
             port,
             child: None,
         };
@@ -141,6 +144,59 @@ impl PrivateService {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            port,
+        )
+        .await
+    }
+
+    /// A Kafka-protocol broker (tansu) on a free port that keeps its log in a SQLite file
+    /// in `dir`: killed (SIGKILL) and started again, it still has every message it
+    /// acknowledged — like a real broker, unlike tansu on S3 storage (see
+    /// [`PrivateService::persistent_broker`]). Clients are told to connect to
+    /// `127.0.0.1:advertised` when given (a relay in front of it).
+    pub async fn durable_broker(dir: &std::path::Path, advertised: Option<u16>) -> Self {
+        std::fs::create_dir_all(dir).expect("a directory for the broker");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut service = Self {
+            what: "broker",
+            program: required_env("TALLY_TANSU_BIN"),
+            args: vec![
+                "broker".into(),
+                "--listener-url".into(),
+                url.clone(),
+                "--advertised-listener-url".into(),
+                advertised.map_or(url, |p| format!("tcp://127.0.0.1:{p}")),
+                // tansu puts the file in its working directory.
+                "--storage-engine".into(),
+                "sqlite://tansu.db".into(),
+            ],
+            env: Vec::new(),
+            dir: Some(dir.to_owned()),
+            port,
+            child: None,
+        };
+        service.start().await;
+        service
+    }
+
+    /// An S3 server of its own (moto, `TALLY_MOTO_BIN`) on a free port that keeps its
+    /// buckets and objects in `dir` (see scripts/moto_server.py): killed and started
+    /// again, it has every object it acknowledged.
+    pub async fn durable_s3(dir: &std::path::Path) -> Self {
+        let port = free_port();
+        Self::start_new(
+            "s3",
+            required_env("TALLY_MOTO_BIN"),
+            vec![
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "--data-dir".into(),
+                dir.to_string_lossy().into_owned(),
+            ],
+            Vec::new(),
             port,
         )
         .await
@@ -198,7 +254,11 @@ impl PrivateService {
             .append(true)
             .open(&log)
             .expect("a log file for the service");
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .envs(self.env.iter().cloned())

@@ -19,7 +19,6 @@
 
 pub mod check;
 pub mod client;
-pub mod cut;
 pub mod dev;
 pub mod procs;
 pub mod report;
@@ -50,7 +49,7 @@ pub struct Plan {
     /// difference counts as a violation.
     pub settle_seconds: u64,
     /// Fault kinds the nemesis leaves out (by the name the report counts them under),
-    /// e.g. `broker-down`. Empty: every kind.
+    /// e.g. `broker-killed`. Empty: every kind.
     pub leave_out: Vec<String>,
     /// `TALLY_FAULT_INJECTION` for the process under test: a deliberately broken build,
     /// to prove a checker catches its violation. Empty: none.

@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, default_value = "")]
     inject: String,
     /// Fault kinds to leave out, comma-separated (default: `TORTURE_LEAVE_OUT`, else
-    /// none), e.g. `broker-down`.
+    /// none), e.g. `broker-killed`.
     #[arg(long)]
     leave_out: Option<String>,
     /// Where the reports go.

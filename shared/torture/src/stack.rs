@@ -1,21 +1,17 @@
 //! The `stack` topology: every function of `make stack` as its own process — the four
 //! command functions, the three queries, the projector, the relay and the gateway in
-//! proxy mode — on S3, Kafka, PostgreSQL and Redis. The S3 server (moto), the broker
-//! (tansu, keeping its log on the shared test S3 server) and Redis are this run's own,
-//! so the nemesis can pause, cut off and restart them; PostgreSQL is the machine's, in a
-//! fresh database whose backends the nemesis terminates.
+//! proxy mode — on S3, Kafka, PostgreSQL and Redis. The S3 server (moto, keeping its
+//! objects on disk), the broker (tansu, keeping its log in a SQLite file) and Redis are
+//! this run's own, so the nemesis can pause, kill and restart them; PostgreSQL is the
+//! machine's, in a fresh database whose backends the nemesis terminates.
 //!
-//! Faults: SIGKILL and restart of any function process; the broker down (every
-//! connection to it cut and refused for a while: killing tansu itself loses messages it
-//! acknowledged, see `cut`); Redis restarted empty; the S3 server paused (SIGSTOP … SIGCONT);
-//! PostgreSQL backends terminated; a rebuild started while traffic runs; deliveries
-//! duplicated and reordered (old commits published again, shuffled). Killing the S3
-//! server itself is left out: moto keeps its objects in memory, so a kill would lose
-//! the event store, which no durable S3 server does.
+//! Faults: SIGKILL and restart of any function process; the broker killed and started
+//! again; Redis restarted empty; the S3 server paused (SIGSTOP … SIGCONT) and killed
+//! and started again; PostgreSQL backends terminated; a rebuild started while traffic
+//! runs; deliveries duplicated and reordered (old commits published again, shuffled).
 
 use crate::check;
 use crate::client::account_names;
-use crate::cut::Cut;
 use crate::procs::{wait_ready, Proc};
 use crate::report::Report;
 use crate::{drive, settle_and_check, Binaries, Plan, QUIET};
@@ -51,12 +47,9 @@ pub async fn run(
     work: &Path,
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> Result<Report, String> {
-    let s3 = PrivateService::s3().await;
-    // The functions reach the broker through a relay the nemesis cuts (see `cut`).
-    let relay_port = free_port();
-    let broker = PrivateService::persistent_broker_advertising(Some(relay_port)).await;
-    let broker_cut = Cut::start(relay_port, broker.address()).await?;
-    let broker_address = format!("127.0.0.1:{relay_port}");
+    let s3 = PrivateService::durable_s3(&work.join("s3")).await;
+    let broker = PrivateService::durable_broker(&work.join("broker"), None).await;
+    let broker_address = broker.address();
     let redis = PrivateService::redis().await;
     let database_url = fresh_database().await;
     let bucket = unique("torture");
@@ -134,6 +127,7 @@ pub async fn run(
     })
     .map_err(|e| e.to_string())?;
     let s3 = Arc::new(Mutex::new(s3));
+    let broker = Arc::new(Mutex::new(broker));
     let redis = Arc::new(Mutex::new(redis));
     let admin = tally_postgres::connect(&required_env("TALLY_TEST_DATABASE_URL"), 1)
         .await
@@ -146,7 +140,7 @@ pub async fn run(
 
     let load = {
         let (procs, s3, redis) = (procs.clone(), s3.clone(), redis.clone());
-        let broker_cut = broker_cut.clone();
+        let broker = broker.clone();
         let leave_out = plan.leave_out.clone();
         let (store, kafka) = (store.clone(), kafka.clone());
         let http = reqwest::Client::new();
@@ -159,19 +153,20 @@ pub async fn run(
                 while let Some(()) = nemesis.next_fault().await {
                     let roll = nemesis.pick(0..100);
                     let kind = match roll {
-                        0..=34 => "sigkill",
-                        35..=46 => "broker-down",
-                        47..=58 => "redis-restarted-empty",
-                        59..=70 => "s3-paused",
-                        71..=82 => "postgres-backends-terminated",
-                        83..=89 => "rebuild-during-traffic",
+                        0..=29 => "sigkill",
+                        30..=41 => "broker-killed",
+                        42..=51 => "redis-restarted-empty",
+                        52..=59 => "s3-paused",
+                        60..=67 => "s3-killed",
+                        68..=79 => "postgres-backends-terminated",
+                        80..=87 => "rebuild-during-traffic",
                         _ => "deliveries-duplicated-and-reordered",
                     };
                     if leave_out.iter().any(|k| k == kind) {
                         continue;
                     }
-                    match roll {
-                        0..=34 => {
+                    match kind {
+                        "sigkill" => {
                             let i = nemesis.pick(0..procs.len());
                             let mut p = procs[i].lock().await;
                             p.kill().await;
@@ -187,27 +182,35 @@ pub async fn run(
                             nemesis.pause(50..500).await;
                             p.start().await?;
                         }
-                        35..=46 => {
-                            broker_cut.cut();
-                            nemesis.count("broker-down");
+                        "broker-killed" => {
+                            let mut b = broker.lock().await;
+                            b.stop().await;
+                            nemesis.count(kind);
                             nemesis.pause(500..3000).await;
-                            broker_cut.restore();
+                            b.start().await;
                         }
-                        47..=58 => {
+                        "redis-restarted-empty" => {
                             let mut r = redis.lock().await;
                             r.stop().await;
-                            nemesis.count("redis-restarted-empty");
+                            nemesis.count(kind);
                             nemesis.pause(100..600).await;
                             r.start().await;
                         }
-                        59..=70 => {
+                        "s3-paused" => {
                             let s = s3.lock().await;
                             s.pause();
-                            nemesis.count("s3-paused");
+                            nemesis.count(kind);
                             nemesis.pause(500..3000).await;
                             s.resume();
                         }
-                        71..=82 => {
+                        "s3-killed" => {
+                            let mut s = s3.lock().await;
+                            s.stop().await;
+                            nemesis.count(kind);
+                            nemesis.pause(200..2000).await;
+                            s.start().await;
+                        }
+                        "postgres-backends-terminated" => {
                             let terminated: i64 = sqlx::query_scalar(
                                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                              WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -220,7 +223,7 @@ pub async fn run(
                                 nemesis.count("postgres-backends-terminated");
                             }
                         }
-                        83..=89 => {
+                        "rebuild-during-traffic" => {
                             // In the background: traffic goes on while it replays.
                             let (http, url) =
                                 (http.clone(), format!("{projector_base}/projector/rebuild"));
