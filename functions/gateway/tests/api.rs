@@ -291,6 +291,39 @@ async fn if_match_writes_only_at_the_expected_revision() {
 }
 
 #[tokio::test]
+async fn as_of_balances_agree_with_a_fold_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    for seed in 1..=3 {
+        let id = format!("past{seed}");
+        cases::as_of_balances_agree_with_a_fold_of_the_store(
+            &gw,
+            gw.embedded.store.as_ref(),
+            &id,
+            seed,
+        )
+        .await;
+    }
+    // With a snapshot every 4 revisions: revisions below the newest snapshot fold from
+    // the start, the others from it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tally_host::Config::with_data_dir(dir.path());
+    config.snapshot_every = 4;
+    let gw = Gateway::start_with(config).await;
+    cases::as_of_balances_agree_with_a_fold_of_the_store(
+        &gw,
+        gw.embedded.store.as_ref(),
+        "snapped",
+        4,
+    )
+    .await;
+    let snapshots = std::fs::read_dir(dir.path().join("snapshots/snapped"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(snapshots > 0, "the stream was snapshotted");
+}
+
+#[tokio::test]
 async fn history_pages_with_a_cursor_without_gaps_or_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;

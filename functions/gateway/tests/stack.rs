@@ -106,6 +106,8 @@ async fn the_stack_behaves_like_make_dev() {
     cases::seed_walkthrough(&api, "account123").await;
     cases::balance_reads_its_own_writes(&api, "fresh").await;
     cases::hundred_concurrent_withdrawals(&api, "busy").await;
+    let store = tally_testkit::services::s3_store(&stack.s3_endpoint, &stack.bucket);
+    cases::as_of_balances_agree_with_a_fold_of_the_store(&api, &store, "past", 20261202).await;
 
     cases::bad_input_fixtures(&api).await;
     let before = stack.commit_keys().await;

@@ -51,7 +51,7 @@ impl AmountRequest {
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -115,6 +115,10 @@ pub struct BalanceResponse {
     /// The revision this balance reflects.
     #[schema(example = 3)]
     pub revision: u64,
+    /// When the event at `revision` was recorded: as-of balances only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "2026-12-01T09:58:12.5Z")]
+    pub recorded_at: Option<String>,
 }
 
 /// `GET /accounts/{id}`

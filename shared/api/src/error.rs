@@ -46,6 +46,8 @@ pub enum ApiError {
     IdempotencyKeyReused,
     /// 422 `revision-not-reached`
     RevisionNotReached(String),
+    /// 422 `as-of-in-future`: a balance as of a time that has not come yet.
+    AsOfInFuture(String),
     /// 503 `unavailable`, with `Retry-After`
     Unavailable(String),
     /// 503 `outcome-unknown`, with `Retry-After`: an append was sent and its answer
@@ -78,6 +80,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("balance-limit", 422, "Balance limit"),
     ("idempotency-key-reused", 422, "Idempotency key reused"),
     ("revision-not-reached", 422, "Revision not reached"),
+    ("as-of-in-future", 422, "Time in the future"),
     ("internal", 500, "Internal Server Error"),
     ("unavailable", 503, "Service unavailable"),
     ("outcome-unknown", 503, "Outcome unknown"),
@@ -106,6 +109,7 @@ impl ApiError {
             Self::RevisionMismatch(_) => "revision-mismatch",
             Self::IdempotencyKeyReused => "idempotency-key-reused",
             Self::RevisionNotReached(_) => "revision-not-reached",
+            Self::AsOfInFuture(_) => "as-of-in-future",
             Self::Unavailable(_) => "unavailable",
             Self::OutcomeUnknown(_) => "outcome-unknown",
             Self::Internal(_) => "internal",
@@ -124,7 +128,8 @@ impl ApiError {
             | Self::BalanceNotZero(d)
             | Self::CurrencyMismatch(d)
             | Self::RevisionMismatch(d)
-            | Self::RevisionNotReached(d) => d.clone(),
+            | Self::RevisionNotReached(d)
+            | Self::AsOfInFuture(d) => d.clone(),
             Self::UnsupportedMediaType => {
                 "send the body as application/json (Content-Type: application/json)".into()
             }
@@ -220,6 +225,7 @@ impl From<QueryError> for ApiError {
         match e {
             QueryError::NotFound => Self::AccountNotFound,
             QueryError::RevisionNotReached { .. } => Self::RevisionNotReached(e.to_string()),
+            QueryError::FutureTime { .. } => Self::AsOfInFuture(e.to_string()),
             QueryError::ReadModel(e) => Self::Unavailable(e.to_string()),
             QueryError::Projection(tally_app::ProjectionError::Store(e)) => e.into(),
             QueryError::Projection(tally_app::ProjectionError::Decode(e)) => {

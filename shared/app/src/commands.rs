@@ -199,6 +199,15 @@ impl<A: Aggregate> Loaded<A> {
     }
 }
 
+/// Now, to the microsecond: commit times are recorded at the precision PostgreSQL
+/// keeps, so a time index in the read model and the store agree to the last digit (an
+/// as-of balance at a commit's own time finds that commit in both).
+pub fn now_to_the_microsecond() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
 /// Runs commands of aggregate `A` against an event store.
 pub struct CommandHandler<A: Aggregate> {
     store: Arc<dyn EventStore>,
@@ -239,7 +248,7 @@ where
             )),
             max_attempts: 20,
             trust_warm: false,
-            clock: OffsetDateTime::now_utc,
+            clock: now_to_the_microsecond,
             _aggregate: PhantomData,
         }
     }

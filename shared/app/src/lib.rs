@@ -5,7 +5,8 @@
 //!   [`tally_es::Aggregate`].
 //! * [`projection::Projector`] — applies commits to the read model exactly once, in
 //!   revision order, repairing gaps from the store; then writes the cache through.
-//! * [`queries::Queries`] — cache → read model → store.
+//! * [`queries::Queries`] — cache → read model → store; as-of balances from the store.
+//! * [`history`] — a stream's state at a past revision, folded from the store.
 //! * [`relay::Relay`] — publishes what the outbox still holds: commits a crash or a
 //!   broker outage kept from the stream.
 //! * [`ports`] — the read-model and cache ports (the event store and publisher ports are
@@ -15,6 +16,7 @@
 
 pub mod commands;
 pub mod faults;
+pub mod history;
 mod locks;
 pub mod ports;
 pub mod projection;
@@ -30,5 +32,5 @@ pub use ports::{
 pub use projection::{
     ProjectionError, Projector, RebuildReport, REBUILD_BATCH, REBUILD_CONCURRENCY,
 };
-pub use queries::{BalanceView, Queries, QueryError};
+pub use queries::{AsOf, BalanceView, PastBalance, Queries, QueryError};
 pub use relay::{Relay, RelayReport};

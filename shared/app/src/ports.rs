@@ -105,6 +105,25 @@ pub trait ReadModel: Send + Sync + 'static {
         after: Revision,
         limit: usize,
     ) -> Result<Vec<TransactionView>, ReadModelError>;
+    /// The revision the account was at, at time `at`, as far as this read model holds
+    /// it: the longest start of its stream whose events were all recorded at or before
+    /// `at` (zero: not opened yet, or unknown here). The time index of as-of balances;
+    /// this default scans the account's movements, a database answers from its index.
+    async fn revision_at(
+        &self,
+        id: &AccountId,
+        at: OffsetDateTime,
+    ) -> Result<Revision, ReadModelError> {
+        let Some(view) = self.account(id).await? else {
+            return Ok(Revision::ZERO);
+        };
+        let movements = self.transactions(id, Revision::ZERO, usize::MAX).await?;
+        let first_after = movements
+            .iter()
+            .find(|t| t.recorded_at > at)
+            .map(|t| t.revision);
+        Ok(prefix_at(&view, first_after, at))
+    }
     /// Drop everything, at once (tests and tools; a rebuild does not: see
     /// [`ReadModel::begin_rebuild`]).
     async fn clear(&self) -> Result<(), ReadModelError>;
@@ -129,6 +148,29 @@ pub trait ReadModel: Send + Sync + 'static {
     async fn abandon_rebuild(&self) -> Result<(), ReadModelError>;
     /// Whether queries can be served now.
     async fn ready(&self) -> Result<(), ReadModelError>;
+}
+
+/// [`ReadModel::revision_at`] from what an account's row says: its opening (revision 1)
+/// at `opened_at`, its last event at `updated_at`, and `first_movement_after`, its first
+/// deposit or withdrawal recorded after `at`. Every other event of an account is its
+/// opening or its closing, which is its last, so these bound the answer exactly.
+pub fn prefix_at(
+    view: &AccountView,
+    first_movement_after: Option<Revision>,
+    at: OffsetDateTime,
+) -> Revision {
+    if view.opened_at > at {
+        return Revision::ZERO;
+    }
+    let mut revision = if view.updated_at > at {
+        Revision::new(view.revision.get() - 1)
+    } else {
+        view.revision
+    };
+    if let Some(first) = first_movement_after {
+        revision = revision.min(Revision::new(first.get() - 1));
+    }
+    revision
 }
 
 /// A cached balance, tagged with the revision it reflects.

@@ -139,6 +139,11 @@ impl Projector {
         Ok(outcome)
     }
 
+    /// The event store it reads.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
     /// Apply every commit of `id` that the store has and the read model lacks, in one
     /// [`ReadModel::apply_all`]. Returns the number of commits applied. On a gap — the
     /// read model lost rows between reading its position and the apply (emptied by a

@@ -1,11 +1,13 @@
 //! Queries: cache → read model → store.
 
 use crate::faults::{Fault, Faults};
+use crate::history::{self, Past};
 use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
 use crate::projection::{ProjectionError, Projector};
 use std::sync::Arc;
-use tally_domain::{AccountId, Currency};
-use tally_es::Revision;
+use tally_domain::{Account, AccountId, Currency};
+use tally_es::{Revision, SnapshotStore};
+use time::OffsetDateTime;
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +18,9 @@ pub enum QueryError {
     /// 422: the account has not reached the revision the client asked for.
     #[error("the account is at revision {actual}; revision {wanted} does not exist")]
     RevisionNotReached { wanted: Revision, actual: Revision },
+    /// 422: an as-of balance was asked for a time that has not come yet.
+    #[error("{at} is in the future (the server's clock says {now})")]
+    FutureTime { at: String, now: String },
     /// 503 + Retry-After.
     #[error(transparent)]
     ReadModel(#[from] ReadModelError),
@@ -42,12 +47,29 @@ impl From<CachedBalance> for BalanceView {
     }
 }
 
+/// Which past an as-of balance asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsOf {
+    /// Right after the event at this revision.
+    Revision(Revision),
+    /// At this time: after every event recorded at or before it.
+    Time(OffsetDateTime),
+}
+
+/// A balance in the past, and when the event that answers it was recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PastBalance {
+    pub balance: BalanceView,
+    pub recorded_at: OffsetDateTime,
+}
+
 /// The read side of the account API.
 #[derive(Clone)]
 pub struct Queries {
     read_model: Arc<dyn ReadModel>,
     cache: Arc<dyn Cache>,
     projector: Projector,
+    snapshots: Option<Arc<dyn SnapshotStore>>,
     read_through: bool,
     faults: Faults,
 }
@@ -68,9 +90,17 @@ impl Queries {
             read_model,
             cache,
             projector,
+            snapshots: None,
             read_through,
             faults: Faults::NONE,
         }
+    }
+
+    /// Start as-of balances from the newest snapshot in `snapshots` at or below the
+    /// revision asked for.
+    pub fn with_snapshots(mut self, snapshots: Arc<dyn SnapshotStore>) -> Self {
+        self.snapshots = Some(snapshots);
+        self
     }
 
     /// Inject `faults` (tests only; see [`crate::faults`]).
@@ -148,6 +178,70 @@ impl Queries {
         let balance = CachedBalance::from(&view);
         self.cache.fill(id, balance, lookup.token).await;
         Ok(balance.into())
+    }
+
+    /// The balance as it was at a revision or a time, answered exactly from the event
+    /// store: folded from the newest snapshot at or below the revision (or from the
+    /// start) and the commits up to it, never from the cache or the read model. A time
+    /// becomes a revision through the read model's index ([`ReadModel::revision_at`]),
+    /// once the account has caught up with the store. Before the account existed:
+    /// `NotFound`; a revision past its last: `RevisionNotReached`; a time still to come:
+    /// `FutureTime`.
+    pub async fn balance_as_of(
+        &self,
+        id: &AccountId,
+        as_of: AsOf,
+    ) -> Result<PastBalance, QueryError> {
+        let wanted = match as_of {
+            AsOf::Revision(revision) => revision,
+            AsOf::Time(at) => {
+                let now = OffsetDateTime::now_utc();
+                if at > now {
+                    let format = |t: OffsetDateTime| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_else(|_| t.to_string())
+                    };
+                    return Err(QueryError::FutureTime {
+                        at: format(at),
+                        now: format(now),
+                    });
+                }
+                self.projector.catch_up(id).await?;
+                self.read_model.revision_at(id, at).await?
+            }
+        };
+        if wanted == Revision::ZERO {
+            return Err(QueryError::NotFound);
+        }
+        let past = history::state_at::<Account>(
+            self.projector.store().as_ref(),
+            self.snapshots.as_deref(),
+            id.stream_id(),
+            wanted,
+        )
+        .await?;
+        match past {
+            Past::At {
+                state,
+                revision,
+                recorded_at,
+            } => {
+                let currency = state.currency.ok_or(QueryError::NotFound)?;
+                Ok(PastBalance {
+                    balance: BalanceView {
+                        balance: state.balance,
+                        currency,
+                        revision,
+                    },
+                    recorded_at,
+                })
+            }
+            Past::NotReached { last } if last == Revision::ZERO => Err(QueryError::NotFound),
+            Past::NotReached { last } => Err(QueryError::RevisionNotReached {
+                wanted,
+                actual: last,
+            }),
+        }
     }
 
     /// `stale-balance`: the account as it was before its last movement.

@@ -238,6 +238,7 @@ impl Host {
                 projector.clone(),
                 read_through,
             )
+            .with_snapshots(snapshots.clone())
             .with_faults(faults),
             projector,
             policy,

@@ -115,6 +115,20 @@ fn unavailable(e: sqlx::Error) -> ReadModelError {
     ReadModelError(e.to_string())
 }
 
+/// An account row (`currency, balance, closed, revision, opened_at, updated_at`).
+fn account_view(id: &AccountId, r: &sqlx::postgres::PgRow) -> Result<AccountView, ReadModelError> {
+    Ok(AccountView {
+        id: id.clone(),
+        currency: Currency::parse(r.get::<&str, _>("currency"))
+            .map_err(|e| ReadModelError(e.to_string()))?,
+        balance: r.get("balance"),
+        closed: r.get("closed"),
+        revision: revision(r.get("revision")),
+        opened_at: r.get("opened_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
 fn revision(n: i64) -> Revision {
     Revision::new(u64::try_from(n).unwrap_or(0))
 }
@@ -483,20 +497,42 @@ impl ReadModel for PgReadModel {
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.map(|r| {
-            let currency = Currency::parse(r.get::<&str, _>("currency"))
-                .map_err(|e| ReadModelError(e.to_string()))?;
-            Ok(AccountView {
-                id: id.clone(),
-                currency,
-                balance: r.get("balance"),
-                closed: r.get("closed"),
-                revision: revision(r.get("revision")),
-                opened_at: r.get("opened_at"),
-                updated_at: r.get("updated_at"),
-            })
-        })
-        .transpose()
+        row.map(|r| account_view(id, &r)).transpose()
+    }
+
+    /// One query: the account's row and its first movement recorded after `at` (from
+    /// the movements' primary key, which starts with the account).
+    async fn revision_at(
+        &self,
+        id: &AccountId,
+        at: time::OffsetDateTime,
+    ) -> Result<Revision, ReadModelError> {
+        let row = sqlx::query(
+            "SELECT a.currency, a.balance, a.closed, a.revision, a.opened_at, a.updated_at,
+                    (SELECT min(t.revision) FROM transactions t
+                      WHERE t.account_id = a.id AND t.recorded_at > $2) AS first_after
+             FROM accounts a WHERE a.id = $1",
+        )
+        .bind(id.as_str())
+        // PostgreSQL would round a finer time to the microsecond; commits are
+        // recorded to the microsecond, so flooring `at` compares exactly.
+        .bind(
+            at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
+                .unwrap_or(at),
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(r) = row else {
+            return Ok(Revision::ZERO);
+        };
+        let view = account_view(id, &r)?;
+        let first_after: Option<i64> = r.get("first_after");
+        Ok(tally_app::ports::prefix_at(
+            &view,
+            first_after.map(revision),
+            at,
+        ))
     }
 
     async fn transactions(

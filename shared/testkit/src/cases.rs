@@ -283,3 +283,150 @@ pub async fn bad_inputs_are_refused(api: &Api) {
     let (_, b) = api.get("/accounts/acc/balance").await;
     assert_eq!(b["balance"], "100.00");
 }
+
+/// Balances as of a revision and as of a time agree with a fold of the store: `seed`
+/// drives random deposits and withdrawals on `id` (spread out in time), then a closing;
+/// every revision is asked for, and times at, between and around the commits' own
+/// times (to the nanosecond, finer than the store keeps). Then the edges: revision 0 and
+/// times before the opening are 404, a revision past the last or a time still to come
+/// is 422, a malformed or doubled parameter 400. `store` is the deployment's own.
+pub async fn as_of_balances_agree_with_a_fold_of_the_store(
+    api: &Api,
+    store: &dyn tally_es::EventStore,
+    id: &str,
+    seed: u64,
+) {
+    use tally_es::{Aggregate, Commit, Revision, StreamId};
+    use time::format_description::well_known::Rfc3339;
+    use time::{Duration, OffsetDateTime};
+
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    assert_eq!(s, 201, "{b}");
+    let mut balance = 0i64;
+    for _ in 0..12 {
+        let cents = rng.i64(1..5_000);
+        let path = if balance >= cents && rng.bool() {
+            balance -= cents;
+            "withdraw"
+        } else {
+            balance += cents;
+            "deposit"
+        };
+        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+        let (s, b) = api
+            .post(
+                &format!("/accounts/{id}/{path}"),
+                &format!(r#"{{"Amount": "{amount}"}}"#),
+            )
+            .await;
+        assert_eq!(s, 200, "{path} {amount}: {b}");
+        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(0..12))).await;
+    }
+    let amount = format!("{}.{:02}", balance / 100, balance % 100);
+    if balance > 0 {
+        let (s, b) = api
+            .post(
+                &format!("/accounts/{id}/withdraw"),
+                &format!(r#"{{"Amount": "{amount}"}}"#),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, b) = api.post(&format!("/accounts/{id}/close"), "").await;
+    assert_eq!(s, 200, "{b}");
+
+    // The fold: the balance and the recording time right after every revision.
+    let stream = StreamId::parse(id).unwrap();
+    let mut state = tally_domain::Account::default();
+    let mut history: Vec<(Revision, i64, OffsetDateTime)> = Vec::new();
+    for stored in store.read(&stream, Revision::new(1)).await.unwrap() {
+        let commit = Commit::<tally_domain::AccountEvent>::decode(&stored).unwrap();
+        for (i, event) in commit.events.iter().enumerate() {
+            state.apply(event);
+            history.push((
+                commit.revision.advance(i as u64),
+                state.balance,
+                commit.recorded_at,
+            ));
+        }
+    }
+    let last = history.last().unwrap().0;
+    let usd = tally_domain::Currency::USD;
+
+    for (revision, balance, at) in &history {
+        let (s, b) = api
+            .get(&format!("/accounts/{id}/balance?as_of_revision={revision}"))
+            .await;
+        assert_eq!(s, 200, "as_of_revision={revision}: {b}");
+        assert_eq!(
+            b["balance"],
+            usd.format(*balance),
+            "as_of_revision={revision}"
+        );
+        assert_eq!(b["revision"], revision.get());
+        let answered = OffsetDateTime::parse(b["recorded_at"].as_str().unwrap(), &Rfc3339);
+        assert_eq!(answered.unwrap(), *at, "as_of_revision={revision}");
+    }
+
+    // Times: each commit's own, a nanosecond before it, and somewhere after it.
+    let mut times = Vec::new();
+    for (_, _, at) in &history {
+        times.push(*at);
+        times.push(*at - Duration::nanoseconds(1));
+        times.push(*at + Duration::nanoseconds(rng.i64(1..20_000_000)));
+    }
+    for t in times {
+        // The longest start of the stream recorded at or before `t`.
+        let expected = history.iter().take_while(|(_, _, at)| *at <= t).last();
+        let text = t.format(&Rfc3339).unwrap();
+        let (s, b) = api
+            .get(&format!("/accounts/{id}/balance?as_of={text}"))
+            .await;
+        match expected {
+            Some((revision, balance, _)) => {
+                assert_eq!(s, 200, "as_of={text}: {b}");
+                assert_eq!(b["revision"], revision.get(), "as_of={text}");
+                assert_eq!(b["balance"], usd.format(*balance), "as_of={text}");
+            }
+            None => {
+                assert_eq!(s, 404, "as_of={text}, before the opening: {b}");
+                assert_eq!(b["type"], "/problems/account-not-found");
+            }
+        }
+    }
+
+    let problem = |b: &Value| b["type"].as_str().unwrap_or_default().to_owned();
+    let future = (OffsetDateTime::now_utc() + Duration::hours(1))
+        .format(&Rfc3339)
+        .unwrap();
+    for (query, status, kind) in [
+        ("as_of_revision=0".to_owned(), 404, "account-not-found"),
+        (
+            format!("as_of_revision={}", last.next()),
+            422,
+            "revision-not-reached",
+        ),
+        (format!("as_of={future}"), 422, "as-of-in-future"),
+        ("as_of=yesterday".to_owned(), 400, "invalid-query"),
+        ("as_of_revision=two".to_owned(), 400, "invalid-query"),
+        (
+            "as_of_revision=1&as_of=2026-12-01T00:00:00Z".to_owned(),
+            400,
+            "invalid-query",
+        ),
+        (
+            "as_of_revision=1&min_revision=1".to_owned(),
+            400,
+            "invalid-query",
+        ),
+    ] {
+        let (s, b) = api.get(&format!("/accounts/{id}/balance?{query}")).await;
+        assert_eq!(s, status, "{query}: {b}");
+        assert_eq!(problem(&b), format!("/problems/{kind}"), "{query}");
+    }
+    let (s, b) = api
+        .get("/accounts/never-opened/balance?as_of_revision=1")
+        .await;
+    assert_eq!(s, 404, "{b}");
+}

@@ -1,0 +1,91 @@
+//! The past of a stream, answered from the event store: an aggregate's state right
+//! after a given revision, folded from the newest snapshot at or below it (or from the
+//! start) and the commits up to it. Generic over any [`Aggregate`].
+
+use crate::projection::ProjectionError;
+use tally_es::{Aggregate, Commit, EventStore, Revision, SnapshotStore, StreamId};
+use time::OffsetDateTime;
+
+/// What the store says of a stream at a revision.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Past<A> {
+    /// The state right after the event at `revision`, recorded at `recorded_at`.
+    At {
+        state: A,
+        revision: Revision,
+        recorded_at: OffsetDateTime,
+    },
+    /// The stream ends before that revision, at `last` (zero: there is no stream).
+    NotReached { last: Revision },
+}
+
+/// `stream`'s state right after its event at revision `at` (at least 1), read from
+/// `store`, starting from the newest snapshot in `snapshots` if it is at or below `at`
+/// and of `A`'s schema (a snapshot is a cache: anything else is ignored and the stream
+/// is folded from its start).
+pub async fn state_at<A: Aggregate>(
+    store: &dyn EventStore,
+    snapshots: Option<&dyn SnapshotStore>,
+    stream: &StreamId,
+    at: Revision,
+) -> Result<Past<A>, ProjectionError> {
+    let mut state = A::default();
+    let mut from = Revision::ZERO;
+    if let Some(snapshots) = snapshots {
+        match snapshots.latest(stream).await {
+            Ok(Some(s)) if s.revision <= at && Some(s.schema.as_str()) == A::SNAPSHOT_SCHEMA => {
+                if let Some(restored) = A::from_snapshot(s.state) {
+                    state = restored;
+                    from = s.revision;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%stream, error = %e, "snapshot unavailable; folding from the start")
+            }
+        }
+    }
+    let mut last = from;
+    let mut recorded_at = None;
+    for stored in store.read_after(stream, from).await? {
+        let commit = Commit::<A::Event>::decode(&stored)?;
+        for (i, event) in commit.events.iter().enumerate() {
+            let revision = commit.revision.advance(i as u64);
+            if revision > at {
+                break;
+            }
+            state.apply(event);
+            last = revision;
+            recorded_at = Some(commit.recorded_at);
+        }
+        if last >= at {
+            break;
+        }
+    }
+    match recorded_at {
+        Some(recorded_at) if last == at => Ok(Past::At {
+            state,
+            revision: at,
+            recorded_at,
+        }),
+        // The snapshot is at `at` itself: its commit's time comes from the store.
+        None if last == at && at > Revision::ZERO => {
+            let time = store
+                .read(stream, at)
+                .await?
+                .first()
+                .map(|c| c.recorded_at)
+                .ok_or_else(|| {
+                    ProjectionError::Store(tally_es::StoreError::Corrupt(format!(
+                        "stream `{stream}` has a snapshot at revision {at} but no commit there"
+                    )))
+                })?;
+            Ok(Past::At {
+                state,
+                revision: at,
+                recorded_at: time,
+            })
+        }
+        _ => Ok(Past::NotReached { last }),
+    }
+}
