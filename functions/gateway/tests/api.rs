@@ -324,6 +324,22 @@ async fn as_of_balances_agree_with_a_fold_of_the_store() {
 }
 
 #[tokio::test]
+async fn statements_agree_with_a_fold_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    for seed in 1..=3 {
+        let id = format!("stmt{seed}");
+        cases::statements_agree_with_a_fold_of_the_store(
+            &gw,
+            gw.embedded.store.as_ref(),
+            &id,
+            seed,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn history_pages_with_a_cursor_without_gaps_or_repeats() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;

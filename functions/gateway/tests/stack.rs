@@ -108,6 +108,7 @@ async fn the_stack_behaves_like_make_dev() {
     cases::hundred_concurrent_withdrawals(&api, "busy").await;
     let store = tally_testkit::services::s3_store(&stack.s3_endpoint, &stack.bucket);
     cases::as_of_balances_agree_with_a_fold_of_the_store(&api, &store, "past", 20261202).await;
+    cases::statements_agree_with_a_fold_of_the_store(&api, &store, "monthly", 20261202).await;
 
     cases::bad_input_fixtures(&api).await;
     let before = stack.commit_keys().await;

@@ -140,3 +140,13 @@ async fn the_checker_catches_a_stale_balance() {
         report.markdown()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_wrong_past() {
+    let report = broken("stale-history").await;
+    assert!(
+        report.violations["history-equals-store"] > 0,
+        "{}",
+        report.markdown()
+    );
+}

@@ -195,6 +195,39 @@ pub struct TransactionsPage {
     pub next_cursor: Option<String>,
 }
 
+/// `GET /accounts/{id}/statement`: a period's opening balance, movements and closing
+/// balance; closing = opening + in − out, to the cent.
+#[derive(Serialize, ToSchema)]
+pub struct StatementResponse {
+    #[schema(example = "account123")]
+    pub id: String,
+    #[schema(example = "USD")]
+    pub currency: String,
+    /// The period's start (inclusive).
+    #[schema(example = "2026-12-01T00:00:00Z")]
+    pub from: String,
+    /// The period's end (exclusive).
+    #[schema(example = "2027-01-01T00:00:00Z")]
+    pub to: String,
+    /// The balance right before the period.
+    #[schema(example = "100.00")]
+    pub opening_balance: String,
+    /// The deposits in the period, summed.
+    #[schema(example = "500.00")]
+    pub money_in: String,
+    /// The withdrawals in the period, summed.
+    #[schema(example = "150.00")]
+    pub money_out: String,
+    /// The balance at the end of the period (so far, for a period still running).
+    #[schema(example = "450.00")]
+    pub closing_balance: String,
+    /// The account revision the statement reflects.
+    #[schema(example = 7)]
+    pub revision: u64,
+    /// Every deposit and withdrawal in the period, oldest first.
+    pub movements: Vec<TransactionItem>,
+}
+
 /// An RFC 9457 problem (`application/problem+json`).
 #[derive(Serialize, ToSchema)]
 #[allow(dead_code)]

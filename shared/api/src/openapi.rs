@@ -25,6 +25,7 @@ use utoipa::OpenApi;
         handlers::close_account::handle,
         handlers::get_balance::handle,
         handlers::list_transactions::handle,
+        handlers::get_statement::handle,
     ),
     components(schemas(
         dto::OpenAccountRequest,
@@ -35,6 +36,7 @@ use utoipa::OpenApi;
         dto::AccountResponse,
         dto::TransactionItem,
         dto::TransactionsPage,
+        dto::StatementResponse,
         dto::ProblemBody,
     )),
     tags(

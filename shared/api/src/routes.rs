@@ -54,6 +54,11 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/accounts/{id}/transactions",
     },
+    Route {
+        function: "list-transactions",
+        method: "GET",
+        path: "/accounts/{id}/statement",
+    },
 ];
 
 /// The projector's operational routes (not public, not behind the gateway).
@@ -78,7 +83,10 @@ fn handler(route: &Route) -> MethodRouter<AppState> {
         ("withdraw", _) => post(handlers::withdraw::handle),
         ("close-account", _) => post(handlers::close_account::handle),
         ("get-balance", _) => get(handlers::get_balance::handle),
-        ("list-transactions", _) => get(handlers::list_transactions::handle),
+        ("list-transactions", "/accounts/{id}/transactions") => {
+            get(handlers::list_transactions::handle)
+        }
+        ("list-transactions", "/accounts/{id}/statement") => get(handlers::get_statement::handle),
         ("projector", "/projector/catch-up") => post(catch_up),
         ("projector", "/projector/rebuild") => post(rebuild),
         (function, path) => unreachable!("route table names {function} {path} without a handler"),

@@ -28,6 +28,10 @@ pub enum Fault {
     /// `stale-balance`: a balance query answers with the balance before the account's
     /// last movement: breaks read-your-writes.
     StaleBalance,
+    /// `stale-history`: an as-of balance answers with the balance one revision before
+    /// the one asked (under the revision asked), and a statement leaves out its last
+    /// movement: breaks "the past is the store's".
+    StaleHistory,
 }
 
 /// How long `delay-publish` waits.
@@ -40,6 +44,7 @@ const NAMES: &[(&str, Fault)] = &[
     ("apply-retries-twice", Fault::ApplyRetriesTwice),
     ("drop-projection", Fault::DropProjection),
     ("stale-balance", Fault::StaleBalance),
+    ("stale-history", Fault::StaleHistory),
 ];
 
 /// The set of faults a process injects (empty: none).

@@ -32,5 +32,5 @@ pub use ports::{
 pub use projection::{
     ProjectionError, Projector, RebuildReport, REBUILD_BATCH, REBUILD_CONCURRENCY,
 };
-pub use queries::{AsOf, BalanceView, PastBalance, Queries, QueryError};
+pub use queries::{AsOf, BalanceView, PastBalance, Queries, QueryError, Statement};
 pub use relay::{Relay, RelayReport};

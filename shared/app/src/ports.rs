@@ -124,6 +124,20 @@ pub trait ReadModel: Send + Sync + 'static {
             .map(|t| t.revision);
         Ok(prefix_at(&view, first_after, at))
     }
+    /// The account's movements in the period `[from, to)` and its balance right
+    /// before them: a statement. The period is cut where the stream's recording times
+    /// first reach `from` and `to` (revision order, as [`ReadModel::revision_at`]), so
+    /// the movements are a contiguous run and the closing balance is the opening plus
+    /// them. This default scans the movements; a database answers from its index.
+    async fn statement(
+        &self,
+        id: &AccountId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<(i64, Vec<TransactionView>), ReadModelError> {
+        let movements = self.transactions(id, Revision::ZERO, usize::MAX).await?;
+        Ok(cut_statement(movements, from, to))
+    }
     /// Drop everything, at once (tests and tools; a rebuild does not: see
     /// [`ReadModel::begin_rebuild`]).
     async fn clear(&self) -> Result<(), ReadModelError>;
@@ -171,6 +185,25 @@ pub fn prefix_at(
         revision = revision.min(Revision::new(first.get() - 1));
     }
     revision
+}
+
+/// [`ReadModel::statement`] from an account's movements, oldest first.
+pub fn cut_statement(
+    movements: Vec<TransactionView>,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> (i64, Vec<TransactionView>) {
+    let start = movements
+        .iter()
+        .position(|t| t.recorded_at >= from)
+        .unwrap_or(movements.len());
+    let end = movements
+        .iter()
+        .position(|t| t.recorded_at >= to)
+        .unwrap_or(movements.len())
+        .max(start);
+    let opening = start.checked_sub(1).map_or(0, |i| movements[i].balance);
+    (opening, movements[start..end].to_vec())
 }
 
 /// A cached balance, tagged with the revision it reflects.

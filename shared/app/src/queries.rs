@@ -2,7 +2,9 @@
 
 use crate::faults::{Fault, Faults};
 use crate::history::{self, Past};
-use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
+use crate::ports::{
+    AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind, TransactionView,
+};
 use crate::projection::{ProjectionError, Projector};
 use std::sync::Arc;
 use tally_domain::{Account, AccountId, Currency};
@@ -61,6 +63,33 @@ pub enum AsOf {
 pub struct PastBalance {
     pub balance: BalanceView,
     pub recorded_at: OffsetDateTime,
+}
+
+/// An account's statement for a period: see [`Queries::statement`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// The account as the read model holds it (its revision: what the statement
+    /// reflects).
+    pub account: AccountView,
+    /// The balance right before the period.
+    pub opening: i64,
+    /// The deposits and withdrawals in the period, oldest first.
+    pub movements: Vec<TransactionView>,
+}
+
+impl Statement {
+    /// The balance at the end of the period: the opening plus the movements.
+    pub fn closing(&self) -> i64 {
+        self.opening
+            + self
+                .movements
+                .iter()
+                .map(|t| match t.kind {
+                    TransactionKind::Deposit => t.amount,
+                    TransactionKind::Withdrawal => -t.amount,
+                })
+                .sum::<i64>()
+    }
 }
 
 /// The read side of the account API.
@@ -213,17 +242,24 @@ impl Queries {
         if wanted == Revision::ZERO {
             return Err(QueryError::NotFound);
         }
+        let folded_to = if self.faults.has(Fault::StaleHistory) && wanted.get() > 1 {
+            tracing::error!(stream = %id, %wanted, "fault injection: folding one revision short");
+            Revision::new(wanted.get() - 1)
+        } else {
+            wanted
+        };
         let past = history::state_at::<Account>(
             self.projector.store().as_ref(),
             self.snapshots.as_deref(),
             id.stream_id(),
-            wanted,
+            folded_to,
         )
         .await?;
         match past {
+            // At the revision asked for (folded to, but for the fault injection).
             Past::At {
                 state,
-                revision,
+                revision: _,
                 recorded_at,
             } => {
                 let currency = state.currency.ok_or(QueryError::NotFound)?;
@@ -231,7 +267,7 @@ impl Queries {
                     balance: BalanceView {
                         balance: state.balance,
                         currency,
-                        revision,
+                        revision: wanted,
                     },
                     recorded_at,
                 })
@@ -270,6 +306,32 @@ impl Queries {
     /// this never moves a balance backwards.
     pub async fn note_write(&self, id: &AccountId, balance: CachedBalance) {
         self.cache.put(id, balance).await;
+    }
+
+    /// The statement of `id` for the period `[from, to)`: its opening balance and its
+    /// movements ([`ReadModel::statement`]), with the account caught up from the store
+    /// first (on S3 one GET of the next key), so a statement never misses a movement
+    /// already acknowledged; at least at revision `min` if given.
+    pub async fn statement(
+        &self,
+        id: &AccountId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        min: Option<Revision>,
+    ) -> Result<Statement, QueryError> {
+        if !self.read_through {
+            self.projector.catch_up(id).await?;
+        }
+        let account = self.account(id, min).await?;
+        let (opening, mut movements) = self.read_model.statement(id, from, to).await?;
+        if self.faults.has(Fault::StaleHistory) && movements.pop().is_some() {
+            tracing::error!(stream = %id, "fault injection: a statement without its last movement");
+        }
+        Ok(Statement {
+            account,
+            opening,
+            movements,
+        })
     }
 
     /// Transactions after revision `after`, oldest first, at most `limit`.

@@ -115,6 +115,34 @@ fn unavailable(e: sqlx::Error) -> ReadModelError {
     ReadModelError(e.to_string())
 }
 
+/// A movement row (`revision, kind, amount, balance, recorded_at`).
+fn transaction_view(r: &sqlx::postgres::PgRow) -> TransactionView {
+    TransactionView {
+        revision: revision(r.get("revision")),
+        kind: if r.get::<&str, _>("kind") == "deposit" {
+            TransactionKind::Deposit
+        } else {
+            TransactionKind::Withdrawal
+        },
+        amount: r.get("amount"),
+        balance: r.get("balance"),
+        recorded_at: r.get("recorded_at"),
+    }
+}
+
+/// `t` rounded up to the microsecond, PostgreSQL's precision: for a time `c` kept to
+/// the microsecond, `c >= t` exactly when `c >= ceil_to_the_microsecond(t)`.
+fn ceil_to_the_microsecond(t: time::OffsetDateTime) -> time::OffsetDateTime {
+    let floor = t
+        .replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t);
+    if floor == t {
+        t
+    } else {
+        floor + time::Duration::microseconds(1)
+    }
+}
+
 /// An account row (`currency, balance, closed, revision, opened_at, updated_at`).
 fn account_view(id: &AccountId, r: &sqlx::postgres::PgRow) -> Result<AccountView, ReadModelError> {
     Ok(AccountView {
@@ -551,20 +579,47 @@ impl ReadModel for PgReadModel {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| TransactionView {
-                revision: revision(r.get("revision")),
-                kind: if r.get::<&str, _>("kind") == "deposit" {
-                    TransactionKind::Deposit
-                } else {
-                    TransactionKind::Withdrawal
-                },
-                amount: r.get("amount"),
-                balance: r.get("balance"),
-                recorded_at: r.get("recorded_at"),
-            })
-            .collect())
+        Ok(rows.iter().map(transaction_view).collect())
+    }
+
+    /// Two queries on the movements' key: the opening balance (the last movement before
+    /// the cut at `from`) and the movements between the cuts at `from` and `to`.
+    async fn statement(
+        &self,
+        id: &AccountId,
+        from: time::OffsetDateTime,
+        to: time::OffsetDateTime,
+    ) -> Result<(i64, Vec<TransactionView>), ReadModelError> {
+        // The first movement recorded at or after a time; none: past the end.
+        const CUT: &str = "COALESCE((SELECT min(revision) FROM transactions
+                            WHERE account_id = $1 AND recorded_at >= {t}), 9223372036854775807)";
+        let (from, to) = (ceil_to_the_microsecond(from), ceil_to_the_microsecond(to));
+        let opening: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT balance FROM transactions WHERE account_id = $1 AND revision < {}
+             ORDER BY revision DESC LIMIT 1",
+            CUT.replace("{t}", "$2")
+        ))
+        .bind(id.as_str())
+        .bind(from)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let rows = sqlx::query(&format!(
+            "SELECT revision, kind, amount, balance, recorded_at FROM transactions
+             WHERE account_id = $1 AND revision >= {} AND revision < {} ORDER BY revision",
+            CUT.replace("{t}", "$2"),
+            CUT.replace("{t}", "$3")
+        ))
+        .bind(id.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok((
+            opening.unwrap_or(0),
+            rows.iter().map(transaction_view).collect(),
+        ))
     }
 
     /// Empties both tables at once (tests and tools; a rebuild fills a new generation

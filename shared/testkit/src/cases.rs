@@ -430,3 +430,157 @@ pub async fn as_of_balances_agree_with_a_fold_of_the_store(
         .await;
     assert_eq!(s, 404, "{b}");
 }
+
+/// Statements agree with a fold of the store: after `seed`'s random deposits and
+/// withdrawals on `id`, for random periods cut at, between and around the commits'
+/// times, the opening balance is the balance before the period, the movements are
+/// exactly the store's in it, and closing = opening + in − out, to the cent. Then the
+/// edges: a whole-day period (dates), a period before the opening, and bad periods.
+pub async fn statements_agree_with_a_fold_of_the_store(
+    api: &Api,
+    store: &dyn tally_es::EventStore,
+    id: &str,
+    seed: u64,
+) {
+    use tally_domain::AccountEvent;
+    use tally_es::{Commit, Revision, StreamId};
+    use time::format_description::well_known::Rfc3339;
+    use time::{Duration, OffsetDateTime};
+
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    assert_eq!(s, 201, "{b}");
+    let mut balance = 0i64;
+    for _ in 0..15 {
+        let cents = rng.i64(1..9_000);
+        let path = if balance >= cents && rng.bool() {
+            balance -= cents;
+            "withdraw"
+        } else {
+            balance += cents;
+            "deposit"
+        };
+        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+        let (s, b) = api
+            .post(
+                &format!("/accounts/{id}/{path}"),
+                &format!(r#"{{"Amount": "{amount}"}}"#),
+            )
+            .await;
+        assert_eq!(s, 200, "{path} {amount}: {b}");
+        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(0..10))).await;
+    }
+
+    // The store's movements: (revision, signed amount, balance after, time).
+    let stream = StreamId::parse(id).unwrap();
+    let mut moves: Vec<(Revision, i64, i64, OffsetDateTime)> = Vec::new();
+    let mut times = Vec::new();
+    for stored in store.read(&stream, Revision::new(1)).await.unwrap() {
+        let commit = Commit::<AccountEvent>::decode(&stored).unwrap();
+        times.push(commit.recorded_at);
+        for (i, event) in commit.events.iter().enumerate() {
+            let revision = commit.revision.advance(i as u64);
+            match event {
+                AccountEvent::Deposited { amount, balance } => {
+                    moves.push((revision, *amount, *balance, commit.recorded_at))
+                }
+                AccountEvent::Withdrawn { amount, balance } => {
+                    moves.push((revision, -*amount, *balance, commit.recorded_at))
+                }
+                _ => {}
+            }
+        }
+    }
+    let usd = tally_domain::Currency::USD;
+    let first = *times.first().unwrap();
+    let last = *times.last().unwrap();
+    let mut cuts: Vec<OffsetDateTime> =
+        vec![first - Duration::seconds(1), last + Duration::seconds(1)];
+    for t in &times {
+        cuts.push(*t);
+        cuts.push(*t + Duration::nanoseconds(rng.i64(1..10_000_000)));
+    }
+    let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap();
+    for _ in 0..40 {
+        let (mut a, mut b) = (cuts[rng.usize(..cuts.len())], cuts[rng.usize(..cuts.len())]);
+        if a == b {
+            continue;
+        }
+        if b < a {
+            std::mem::swap(&mut a, &mut b);
+        }
+        // The store's answer: movements recorded in [a, b) (times rise with revisions
+        // here: one writer), the balance before them.
+        let inside: Vec<_> = moves.iter().filter(|m| m.3 >= a && m.3 < b).collect();
+        let opening = moves
+            .iter()
+            .take_while(|m| m.3 < a)
+            .last()
+            .map_or(0, |m| m.2);
+        let closing = inside.last().map_or(opening, |m| m.2);
+        let query = format!("from={}&to={}", fmt(a), fmt(b));
+        let (s, body) = api.get(&format!("/accounts/{id}/statement?{query}")).await;
+        assert_eq!(s, 200, "{query}: {body}");
+        assert_eq!(body["opening_balance"], usd.format(opening), "{query}");
+        assert_eq!(body["closing_balance"], usd.format(closing), "{query}");
+        let revisions: Vec<u64> = body["movements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["revision"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = inside.iter().map(|m| m.0.get()).collect();
+        assert_eq!(revisions, expected, "{query}");
+        let sum = |sign: i64| {
+            inside
+                .iter()
+                .filter(|m| m.1.signum() == sign)
+                .map(|m| m.1.abs())
+                .sum::<i64>()
+        };
+        assert_eq!(body["money_in"], usd.format(sum(1)), "{query}");
+        assert_eq!(body["money_out"], usd.format(sum(-1)), "{query}");
+    }
+
+    // Whole days: today's statement holds everything; one before the opening, nothing.
+    let today = OffsetDateTime::now_utc().date();
+    let (s, body) = api
+        .get(&format!("/accounts/{id}/statement?from={today}&to={today}"))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    if first.date() == today {
+        assert_eq!(body["opening_balance"], "0.00");
+        assert_eq!(body["movements"].as_array().unwrap().len(), moves.len());
+        assert_eq!(body["closing_balance"], usd.format(moves.last().unwrap().2));
+    }
+    let (s, body) = api
+        .get(&format!(
+            "/accounts/{id}/statement?from=2001-01-01&to=2001-12-31"
+        ))
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["opening_balance"], "0.00");
+    assert_eq!(body["closing_balance"], "0.00");
+    assert_eq!(body["movements"], serde_json::json!([]));
+
+    for (query, status, kind) in [
+        ("to=2026-12-31", 400, "invalid-query"),
+        ("from=2026-12-01", 400, "invalid-query"),
+        ("from=2026-12-31&to=2026-12-01", 400, "invalid-query"),
+        ("from=2026-13-01&to=2026-12-31", 400, "invalid-query"),
+        ("from=yesterday&to=2026-12-31", 400, "invalid-query"),
+        (
+            "from=2026-12-01T10:00:00Z&to=2026-12-01T10:00:00Z",
+            400,
+            "invalid-query",
+        ),
+    ] {
+        let (s, b) = api.get(&format!("/accounts/{id}/statement?{query}")).await;
+        assert_eq!(s, status, "{query}: {b}");
+        assert_eq!(b["type"], format!("/problems/{kind}"), "{query}");
+    }
+    let (s, b) = api
+        .get("/accounts/never-opened/statement?from=2026-12-01&to=2026-12-31")
+        .await;
+    assert_eq!(s, 404, "{b}");
+}

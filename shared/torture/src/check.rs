@@ -40,6 +40,7 @@ pub const INVARIANTS: &[&str] = &[
     "no-5xx",
     "every-commit-on-the-topic",
     "no-crash",
+    "history-equals-store",
 ];
 
 /// One broken invariant.
@@ -91,9 +92,26 @@ pub struct Shown {
     pub transactions: Vec<(u64, String, i64, i64)>,
 }
 
-/// The read model after the quiet period, account by account (`None`: a 404).
+/// An as-of balance as the API answered it: (balance, revision answered), or the error.
+pub type AsOfAnswer = Result<(i64, u64), String>;
+
+/// What an account's past looked like through the API after the quiet period: as-of
+/// balances at a few revisions, and the statement of its whole life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Past {
+    /// (revision asked, what came back)
+    pub as_of: Vec<(u64, AsOfAnswer)>,
+    /// (opening, closing, revisions of the movements)
+    pub statement: Result<(i64, i64, Vec<u64>), String>,
+}
+
+/// The read model after the quiet period, account by account (`None`: a 404), and the
+/// accounts' past.
 #[derive(Clone, Debug, Default)]
-pub struct Observed(pub BTreeMap<String, Option<Shown>>);
+pub struct Observed(
+    pub BTreeMap<String, Option<Shown>>,
+    pub BTreeMap<String, Past>,
+);
 
 impl Observed {
     /// Read every account in `accounts` through the API at `base`.
@@ -117,6 +135,7 @@ impl Observed {
             }
         };
         let mut observed = BTreeMap::new();
+        let mut pasts = BTreeMap::new();
         for account in accounts {
             let (status, body) = get(format!("/accounts/{account}")).await?;
             if status == 404 {
@@ -155,10 +174,55 @@ impl Observed {
                     break;
                 }
             }
+            let past = past(&get, account, shown.revision).await?;
+            pasts.insert(account.clone(), past);
             observed.insert(account.clone(), Some(shown));
         }
-        Ok(Self(observed))
+        Ok(Self(observed, pasts))
     }
+}
+
+/// `account`'s past through the API: as-of balances at its first, last and three
+/// revisions between, and the statement of every day from 2000 to 2100.
+async fn past<F, Fut>(get: &F, account: &str, last: u64) -> Result<Past, String>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(u16, Value), String>>,
+{
+    let mut revisions: Vec<u64> = vec![1, last / 3, last / 2, last * 2 / 3, last];
+    revisions.retain(|r| *r >= 1);
+    revisions.dedup();
+    let mut as_of = Vec::new();
+    for r in revisions {
+        let (status, body) = get(format!("/accounts/{account}/balance?as_of_revision={r}")).await?;
+        let answer = match (status, body["balance"].as_str().and_then(minor)) {
+            (200, Some(balance)) => Ok((balance, body["revision"].as_u64().unwrap_or(0))),
+            _ => Err(format!("{status} {body}")),
+        };
+        as_of.push((r, answer));
+    }
+    let (status, body) = get(format!(
+        "/accounts/{account}/statement?from=2000-01-01&to=2100-01-01"
+    ))
+    .await?;
+    let statement = match (
+        status,
+        body["opening_balance"].as_str().and_then(minor),
+        body["closing_balance"].as_str().and_then(minor),
+    ) {
+        (200, Some(opening), Some(closing)) => Ok((
+            opening,
+            closing,
+            body["movements"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| m["revision"].as_u64().unwrap_or(0))
+                .collect(),
+        )),
+        _ => Err(format!("{status} {body}")),
+    };
+    Ok(Past { as_of, statement })
 }
 
 /// The faults the clients themselves injected, counted from the history.
@@ -277,6 +341,7 @@ pub async fn check(
     check_commands(&mut v, ops, &folded);
     check_reads(&mut v, ops, &folded);
     check_read_model(&mut v, observed, &folded);
+    check_history(&mut v, observed, &folded);
 
     // Conservation.
     let total: i64 = folded.values().map(|f| f.balance).sum();
@@ -609,6 +674,43 @@ fn check_read_model(v: &mut Verdict, observed: &Observed, folded: &BTreeMap<Stri
                     brief(shown),
                     brief(&expected),
                     first_row_apart.unwrap_or_default()
+                ),
+            );
+        }
+    }
+}
+
+/// As-of balances and statements against the fold: each as-of balance is the folded
+/// balance at the revision asked (and says so), and the whole-life statement opens at
+/// zero, closes at the final balance and lists every movement.
+fn check_history(v: &mut Verdict, observed: &Observed, folded: &BTreeMap<String, Folded>) {
+    for (name, past) in &observed.1 {
+        let Some(f) = folded.get(name) else {
+            v.violate(
+                "history-equals-store",
+                format!("{name}: the API shows a past the store does not have"),
+            );
+            continue;
+        };
+        for (revision, answer) in &past.as_of {
+            let expected = f.balance_at.get(revision).map(|b| (*b, *revision));
+            if answer.as_ref().ok() != expected.as_ref() {
+                v.violate(
+                    "history-equals-store",
+                    format!(
+                        "{name}: as_of_revision={revision} answered {answer:?}, the store folds to {expected:?}"
+                    ),
+                );
+            }
+        }
+        let movements: Vec<u64> = f.transactions.iter().map(|t| t.0).collect();
+        let expected = Ok((0, f.balance, movements));
+        if past.statement != expected {
+            v.violate(
+                "history-equals-store",
+                format!(
+                    "{name}: the whole-life statement is {:?}, the store folds to {expected:?}",
+                    past.statement
                 ),
             );
         }

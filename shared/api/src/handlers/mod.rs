@@ -4,6 +4,7 @@ pub mod close_account;
 pub mod deposit;
 pub mod get_account;
 pub mod get_balance;
+pub mod get_statement;
 pub mod list_transactions;
 pub mod open_account;
 pub mod withdraw;
