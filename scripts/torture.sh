@@ -2,7 +2,7 @@
 # `make torture`: the fault harness. Builds the functions and tally-torture, then runs
 # each topology under seeded load and faults for TORTURE_SECONDS (default 300) and
 # checks the whole history against the event store and the read model. Reports go to
-# bench/results/<time>-torture-<topology>.{json,md}; a violation fails the run and
+# bench/results/<time>-torture-<topology>.{json,md,svg}; a violation fails the run and
 # prints the seed to replay it.
 #
 #   TORTURE_SEED=42 TORTURE_SECONDS=60 make torture

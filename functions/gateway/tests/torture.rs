@@ -38,6 +38,15 @@ async fn a_short_seeded_run_with_faults_finds_no_violation() {
         "{:?}",
         report.checked
     );
+    // The picture: an SVG with the run's seconds and its faults in the legend.
+    let svg = tally_torture::picture::svg(&report).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    assert!(
+        svg.contains("sigkill-gateway"),
+        "the faults are in the legend"
+    );
+    assert_eq!(report.seconds.len(), report.load_seconds.ceil() as usize);
+    assert!(report.seconds.iter().map(|s| s.ok).sum::<u64>() > 0);
 }
 
 /// Every function of `make stack` as its own process on S3, Kafka, PostgreSQL and

@@ -69,13 +69,5 @@ pub async fn run(
     )
     .await?;
     gateway.lock().await.kill().await;
-    Ok(Report::new(
-        "dev",
-        plan,
-        load.seconds,
-        settled,
-        &load.ops,
-        load.faults,
-        verdict,
-    ))
+    Ok(Report::new("dev", plan, &load, settled, verdict))
 }

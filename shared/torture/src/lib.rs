@@ -20,6 +20,7 @@
 pub mod check;
 pub mod client;
 pub mod dev;
+pub mod picture;
 pub mod procs;
 pub mod report;
 pub mod stack;
@@ -127,6 +128,15 @@ pub struct Nemesis {
     deadline: Instant,
     first: bool,
     faults: Arc<Mutex<FaultCounts>>,
+    started: Instant,
+    timeline: Arc<Mutex<Vec<FaultAt>>>,
+}
+
+/// One fault the nemesis injected, and when (milliseconds into the load).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FaultAt {
+    pub at_ms: u64,
+    pub kind: &'static str,
 }
 
 impl Nemesis {
@@ -157,9 +167,13 @@ impl Nemesis {
         tokio::time::sleep(Duration::from_millis(self.rng.u64(range))).await;
     }
 
-    /// Count one fault of `kind`.
+    /// Count one fault of `kind`, and note when it came.
     pub fn count(&self, kind: &'static str) {
         *self.faults.lock().expect("faults").entry(kind).or_default() += 1;
+        self.timeline.lock().expect("timeline").push(FaultAt {
+            at_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            kind,
+        });
     }
 }
 
@@ -167,6 +181,8 @@ impl Nemesis {
 pub struct Load {
     pub ops: Vec<Op>,
     pub faults: FaultCounts,
+    /// The nemesis's faults in the order they came (the clients' own are in `ops`).
+    pub timeline: Vec<FaultAt>,
     pub seconds: f64,
 }
 
@@ -188,6 +204,7 @@ where
     let deadline = started + Duration::from_secs(plan.seconds);
     let history = History::default();
     let faults: Arc<Mutex<FaultCounts>> = Arc::default();
+    let timeline: Arc<Mutex<Vec<FaultAt>>> = Arc::default();
     let clients: Vec<_> = (0..plan.clients)
         .map(|id| {
             let client = Client::new(id, plan, base.clone(), history.clone(), started);
@@ -200,6 +217,8 @@ where
         deadline,
         first: true,
         faults: faults.clone(),
+        started,
+        timeline: timeline.clone(),
     }));
     let progress = Arc::new(progress);
     let ticker = {
@@ -232,9 +251,11 @@ where
     for (kind, n) in check::client_faults(&ops) {
         faults.insert(kind, n);
     }
+    let timeline = timeline.lock().expect("timeline").clone();
     Ok(Load {
         ops,
         faults,
+        timeline,
         seconds,
     })
 }

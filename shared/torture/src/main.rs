@@ -89,10 +89,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         base.with_extension("json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    let markdown = report.markdown();
+    std::fs::write(
+        base.with_extension("svg"),
+        tally_torture::picture::svg(&report)?,
+    )?;
+    let picture = base
+        .with_extension("svg")
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let markdown = format!(
+        "{}\n![Operations per second by outcome, latency, and every fault over the run]({picture})\n",
+        report.markdown()
+    );
     std::fs::write(base.with_extension("md"), &markdown)?;
     println!("{markdown}");
-    eprintln!("torture: report in {}.{{json,md}}", base.display());
+    eprintln!("torture: report in {}.{{json,md,svg}}", base.display());
     if report.total_violations() > 0 {
         eprintln!(
             "torture: {} violations; replay with {}",

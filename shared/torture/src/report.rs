@@ -2,7 +2,7 @@
 
 use crate::check::Verdict;
 use crate::client::{Kind, Op, Outcome};
-use crate::{FaultCounts, Plan};
+use crate::{FaultAt, FaultCounts, Load, Plan};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -30,6 +30,49 @@ pub struct Report {
     /// Up to five examples per violated invariant.
     pub examples: BTreeMap<&'static str, Vec<String>>,
     pub checked: Checked,
+    /// Second by second: operations ended by outcome, and their latency.
+    pub seconds: Vec<Second>,
+    /// The nemesis's faults, in the order they came.
+    pub fault_timeline: Vec<FaultAt>,
+}
+
+/// One second of the load.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Second {
+    pub ok: u64,
+    pub fail: u64,
+    pub info: u64,
+    /// Latency of the operations that ended in it (ms), median and 99th percentile.
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+}
+
+/// The operations by the second they ended in.
+fn seconds(ops: &[Op], load_seconds: f64) -> Vec<Second> {
+    let n = load_seconds.ceil().max(1.0) as usize;
+    let mut out = vec![Second::default(); n];
+    let mut latencies: Vec<Vec<u64>> = vec![Vec::new(); n];
+    for op in ops {
+        let i = usize::try_from(op.ended_ms / 1000)
+            .unwrap_or(usize::MAX)
+            .min(n - 1);
+        match op.outcome {
+            Outcome::Ok => out[i].ok += 1,
+            Outcome::Fail => out[i].fail += 1,
+            Outcome::Info => out[i].info += 1,
+        }
+        latencies[i].push(op.ended_ms.saturating_sub(op.started_ms));
+    }
+    for (second, mut l) in out.iter_mut().zip(latencies) {
+        if l.is_empty() {
+            continue;
+        }
+        l.sort_unstable();
+        let at = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+        second.p50_ms = at(0.5);
+        second.p99_ms = at(0.99);
+    }
+    out
 }
 
 /// What the checker looked at.
@@ -56,12 +99,11 @@ impl Report {
     pub fn new(
         topology: &'static str,
         plan: &Plan,
-        load_seconds: f64,
+        load: &Load,
         settled_seconds: f64,
-        ops: &[Op],
-        faults: FaultCounts,
         verdict: Verdict,
     ) -> Self {
+        let (ops, load_seconds) = (&load.ops, load.seconds);
         let mut operations: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
         let mut statuses = BTreeMap::new();
         for op in ops {
@@ -100,7 +142,7 @@ impl Report {
             settled_seconds,
             operations,
             statuses,
-            faults,
+            faults: load.faults.clone(),
             violations: verdict.by_invariant(),
             examples,
             checked: Checked {
@@ -112,6 +154,8 @@ impl Report {
                 reads: verdict.reads_checked,
                 total_balance_minor: verdict.total_balance,
             },
+            seconds: seconds(ops, load_seconds),
+            fault_timeline: load.timeline.clone(),
         }
     }
 

@@ -284,15 +284,7 @@ pub async fn run(
     for p in &procs {
         p.lock().await.kill().await;
     }
-    Ok(Report::new(
-        "stack",
-        plan,
-        load.seconds,
-        settled,
-        &load.ops,
-        load.faults,
-        verdict,
-    ))
+    Ok(Report::new("stack", plan, &load, settled, verdict))
 }
 
 /// Publish up to ten old commits of up to three streams again, shuffled: deliveries
