@@ -685,11 +685,13 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
     cache.put(&id, balance(200, 2)).await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
 
-    // Revision 1 must not be served as the balance any more.
-    assert_eq!(
-        cache.get(&id).await,
-        None,
-        "the stale balance was invalidated"
+    // Revision 1 must not be served as the balance any more: either it was
+    // invalidated, or the write of revision 2 (sent again on a new connection) landed
+    // once Redis took writes again.
+    let now = cache.get(&id).await;
+    assert!(
+        now.is_none() || now == Some(balance(200, 2)),
+        "the stale balance was invalidated or replaced: {now:?}"
     );
     cache.put(&id, balance(200, 2)).await;
     assert_eq!(cache.get(&id).await, Some(balance(200, 2)));

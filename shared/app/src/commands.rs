@@ -35,6 +35,10 @@ pub struct Executed<A: Aggregate> {
     pub commit: Commit<A::Event>,
     /// `true` if this is the stored answer to an earlier request with the same key.
     pub replayed: bool,
+    /// `true` if newer commits followed this one before it was answered (an earlier
+    /// attempt's commit, found after all once others had written): its balance is
+    /// history, not the account's, and must not be written through to a cache.
+    pub superseded: bool,
 }
 
 /// Why a command did not take effect. Nothing was written in any of these cases but
@@ -329,7 +333,7 @@ where
                 async {
                     let (loaded, _) = self.load(stream, false).await?;
                     match self.find_ours(stream, &loaded, &attempted).await? {
-                        Some(commit) => Ok(self.adopt(commit).await),
+                        Some(commit) => Ok(self.adopt(commit, &loaded).await),
                         None => Err(CommandError::Contention),
                     }
                 }
@@ -388,11 +392,14 @@ where
     }
 
     /// An earlier attempt's commit that landed after all: publish it and answer with it.
-    async fn adopt(&self, commit: Commit<A::Event>) -> Executed<A> {
+    /// `loaded` is the state it was found in: commits past it make it superseded.
+    async fn adopt(&self, commit: Commit<A::Event>, loaded: &Loaded<A>) -> Executed<A> {
         self.after_append(commit.encode()).await;
+        let superseded = loaded.revision > commit.last_revision();
         Executed {
             commit,
             replayed: false,
+            superseded,
         }
     }
 
@@ -603,6 +610,7 @@ where
         Ok(Executed {
             commit,
             replayed: false,
+            superseded: false,
         })
     }
 
@@ -623,7 +631,7 @@ where
             .await
             .map_err(Attempt::Failed)?;
         if let Some(commit) = ours {
-            return Ok(Decided::Answer(self.adopt(commit).await));
+            return Ok(Decided::Answer(self.adopt(commit, loaded).await));
         }
         let honour_keys = !self.faults.has(Fault::ApplyRetriesTwice);
         if let Some((key, fingerprint)) = ctx.idempotency.as_ref().filter(|_| honour_keys) {
@@ -645,6 +653,7 @@ where
                 return Ok(Decided::Answer(Executed {
                     commit,
                     replayed: true,
+                    superseded: false,
                 }));
             }
         }

@@ -86,36 +86,55 @@ impl RedisCache {
         if let Ok(mut stale) = self.stale.lock() {
             stale.insert(key.clone());
         }
-        let script = self.script.clone();
-        let ttl = self.ttl_seconds;
-        let epoch = self.epoch_key();
-        let written: Option<i64> = self
-            .with(|mut c| {
-                let key = key.clone();
-                async move {
-                    script
-                        .key(key)
-                        .key(epoch)
-                        .arg(balance.revision.get())
-                        .arg(balance.balance)
-                        .arg(balance.currency.code())
-                        .arg(ttl)
-                        .arg(match mode {
-                            Mode::Put => "put",
-                            Mode::Refresh => "refresh",
-                            Mode::Fill => "fill",
-                        })
-                        .arg(token.0.unwrap_or_default())
-                        .invoke_async(&mut c)
-                        .await
-                }
-            })
-            .await;
+        // Twice: a write that failed on a broken connection is sent again on a new one
+        // at once (the first reconnect is not throttled), so a blip does not leave an
+        // older balance in the cache for the client this command answers.
+        let mut written: Option<i64> = None;
+        for _ in 0..2 {
+            written = self.write_once(&key, balance, mode, &token).await;
+            if written.is_some() {
+                break;
+            }
+        }
         if written.is_some() {
             if let Ok(mut stale) = self.stale.lock() {
                 stale.remove(&key);
             }
         }
+    }
+
+    async fn write_once(
+        &self,
+        key: &str,
+        balance: CachedBalance,
+        mode: Mode,
+        token: &FillToken,
+    ) -> Option<i64> {
+        let script = self.script.clone();
+        let ttl = self.ttl_seconds;
+        let epoch = self.epoch_key();
+        let token = token.0.clone().unwrap_or_default();
+        self.with(|mut c| {
+            let key = key.to_owned();
+            async move {
+                script
+                    .key(key)
+                    .key(epoch)
+                    .arg(balance.revision.get())
+                    .arg(balance.balance)
+                    .arg(balance.currency.code())
+                    .arg(ttl)
+                    .arg(match mode {
+                        Mode::Put => "put",
+                        Mode::Refresh => "refresh",
+                        Mode::Fill => "fill",
+                    })
+                    .arg(token)
+                    .invoke_async(&mut c)
+                    .await
+            }
+        })
+        .await
     }
 
     /// A cache at `url` (`redis://127.0.0.1:6379`) whose keys start with `prefix`.

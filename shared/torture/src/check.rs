@@ -619,8 +619,9 @@ fn check_reads(v: &mut Verdict, ops: &[Op], folded: &BTreeMap<String, Folded>) {
             v.violate(
                 "monotonic-reads",
                 format!(
-                    "balance {}: revision {revision} after client {} was acknowledged revision {}",
-                    op.account, op.client, op.floor
+                    "balance {}: revision {revision} after client {} was acknowledged revision {} \
+                     (the read ran {}–{} ms into the load)",
+                    op.account, op.client, op.floor, op.started_ms, op.ended_ms
                 ),
             );
         }

@@ -43,19 +43,21 @@ pub(crate) async fn run_command(
         let state = state.clone();
         let id = id.clone();
         async move {
+            let token = state.queries.write_token(&id).await;
             let executed = state
                 .commands
                 .execute(id.stream_id(), command, &ctx)
                 .await?;
             let summary = Summary::of(&executed.commit);
-            // A replayed answer is history: caching its balance could put an old one back.
-            if !executed.replayed {
+            // A replayed or superseded answer is history: caching its balance could put
+            // an old one back.
+            if !executed.replayed && !executed.superseded {
                 let balance = CachedBalance {
                     balance: summary.balance,
                     currency: state.policy.currency,
                     revision: executed.commit.last_revision(),
                 };
-                state.queries.note_write(&id, balance).await;
+                state.queries.note_write(&id, balance, token).await;
             }
             Ok::<_, ApiError>((executed, summary))
         }
