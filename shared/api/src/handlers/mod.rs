@@ -43,7 +43,6 @@ pub(crate) async fn run_command(
         let state = state.clone();
         let id = id.clone();
         async move {
-            let token = state.queries.write_token(&id).await;
             let executed = state
                 .commands
                 .execute(id.stream_id(), command, &ctx)
@@ -57,7 +56,7 @@ pub(crate) async fn run_command(
                     currency: state.policy.currency,
                     revision: executed.commit.last_revision(),
                 };
-                state.queries.note_write(&id, balance, token).await;
+                state.queries.note_write(&id, balance).await;
             }
             Ok::<_, ApiError>((executed, summary))
         }
