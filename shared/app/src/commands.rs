@@ -207,9 +207,13 @@ impl<A: Aggregate> Loaded<A> {
 /// keeps, so a time index in the read model and the store agree to the last digit (an
 /// as-of balance at a commit's own time finds that commit in both).
 pub fn now_to_the_microsecond() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(now)
+    floor_to_the_microsecond(OffsetDateTime::now_utc())
+}
+
+/// `t` without its nanoseconds below the microsecond.
+pub fn floor_to_the_microsecond(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
 }
 
 /// Runs commands of aggregate `A` against an event store.
@@ -406,18 +410,7 @@ where
     /// The newest usable snapshot: of this aggregate's schema, and readable.
     async fn snapshot(&self, stream: &StreamId) -> Option<(A, Revision, Vec<RememberedKey>)> {
         let (store, _) = self.snapshots.as_ref()?;
-        let snapshot = match store.latest(stream).await {
-            Ok(snapshot) => snapshot?,
-            Err(e) => {
-                tracing::warn!(%stream, error = %e, "snapshot unavailable; replaying the stream");
-                return None;
-            }
-        };
-        if Some(snapshot.schema.as_str()) != A::SNAPSHOT_SCHEMA {
-            return None;
-        }
-        let state = A::from_snapshot(snapshot.state)?;
-        Some((state, snapshot.revision, snapshot.idempotency))
+        crate::history::usable_snapshot(store.as_ref(), stream).await
     }
 
     /// The stream's state: the warm state plus what came after it, or a cold load.

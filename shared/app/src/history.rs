@@ -3,7 +3,7 @@
 //! start) and the commits up to it. Generic over any [`Aggregate`].
 
 use crate::projection::ProjectionError;
-use tally_es::{Aggregate, Commit, EventStore, Revision, SnapshotStore, StreamId};
+use tally_es::{Aggregate, Commit, EventStore, RememberedKey, Revision, SnapshotStore, StreamId};
 use time::OffsetDateTime;
 
 /// What the store says of a stream at a revision.
@@ -32,16 +32,10 @@ pub async fn state_at<A: Aggregate>(
     let mut state = A::default();
     let mut from = Revision::ZERO;
     if let Some(snapshots) = snapshots {
-        match snapshots.latest(stream).await {
-            Ok(Some(s)) if s.revision <= at && Some(s.schema.as_str()) == A::SNAPSHOT_SCHEMA => {
-                if let Some(restored) = A::from_snapshot(s.state) {
-                    state = restored;
-                    from = s.revision;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(%stream, error = %e, "snapshot unavailable; folding from the start")
+        if let Some((restored, revision, _)) = usable_snapshot::<A>(snapshots, stream).await {
+            if revision <= at {
+                state = restored;
+                from = revision;
             }
         }
     }
@@ -88,4 +82,26 @@ pub async fn state_at<A: Aggregate>(
         }
         _ => Ok(Past::NotReached { last }),
     }
+}
+
+/// The newest usable snapshot of `stream` in `store`: of `A`'s schema, and readable
+/// (state, revision, remembered idempotency keys). Anything else — none, another
+/// schema, unreadable, the store unavailable — is `None`: a snapshot is a cache, and
+/// the stream is folded from its start instead.
+pub(crate) async fn usable_snapshot<A: Aggregate>(
+    store: &dyn SnapshotStore,
+    stream: &StreamId,
+) -> Option<(A, Revision, Vec<RememberedKey>)> {
+    let snapshot = match store.latest(stream).await {
+        Ok(snapshot) => snapshot?,
+        Err(e) => {
+            tracing::warn!(%stream, error = %e, "snapshot unavailable; folding the stream from its start");
+            return None;
+        }
+    };
+    if Some(snapshot.schema.as_str()) != A::SNAPSHOT_SCHEMA {
+        return None;
+    }
+    let state = A::from_snapshot(snapshot.state)?;
+    Some((state, snapshot.revision, snapshot.idempotency))
 }

@@ -15,6 +15,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
+use tally_app::commands::floor_to_the_microsecond;
 use tally_app::{
     AccountView, Applied, ReadModel, ReadModelError, TransactionKind, TransactionView,
 };
@@ -133,9 +134,7 @@ fn transaction_view(r: &sqlx::postgres::PgRow) -> TransactionView {
 /// `t` rounded up to the microsecond, PostgreSQL's precision: for a time `c` kept to
 /// the microsecond, `c >= t` exactly when `c >= ceil_to_the_microsecond(t)`.
 fn ceil_to_the_microsecond(t: time::OffsetDateTime) -> time::OffsetDateTime {
-    let floor = t
-        .replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(t);
+    let floor = floor_to_the_microsecond(t);
     if floor == t {
         t
     } else {
@@ -544,10 +543,7 @@ impl ReadModel for PgReadModel {
         .bind(id.as_str())
         // PostgreSQL would round a finer time to the microsecond; commits are
         // recorded to the microsecond, so flooring `at` compares exactly.
-        .bind(
-            at.replace_nanosecond(at.nanosecond() / 1_000 * 1_000)
-                .unwrap_or(at),
-        )
+        .bind(floor_to_the_microsecond(at))
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
