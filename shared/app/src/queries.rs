@@ -78,17 +78,27 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// The balance at the end of the period: the opening plus the movements.
+    /// The deposits in the period, summed.
+    pub fn money_in(&self) -> i64 {
+        self.sum_of(TransactionKind::Deposit)
+    }
+
+    /// The withdrawals in the period, summed.
+    pub fn money_out(&self) -> i64 {
+        self.sum_of(TransactionKind::Withdrawal)
+    }
+
+    /// The balance at the end of the period: the opening plus in, minus out.
     pub fn closing(&self) -> i64 {
-        self.opening
-            + self
-                .movements
-                .iter()
-                .map(|t| match t.kind {
-                    TransactionKind::Deposit => t.amount,
-                    TransactionKind::Withdrawal => -t.amount,
-                })
-                .sum::<i64>()
+        self.opening + self.money_in() - self.money_out()
+    }
+
+    fn sum_of(&self, kind: TransactionKind) -> i64 {
+        self.movements
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.amount)
+            .sum()
     }
 }
 

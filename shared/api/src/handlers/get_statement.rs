@@ -83,21 +83,14 @@ pub async fn handle(
     let min = revision_param("min_revision", params.min_revision.as_deref())?;
     let statement = state.queries.statement(&id, from, to, min).await?;
     let currency = statement.account.currency;
-    let (mut money_in, mut money_out) = (0i64, 0i64);
-    for t in &statement.movements {
-        match t.kind {
-            tally_app::TransactionKind::Deposit => money_in += t.amount,
-            tally_app::TransactionKind::Withdrawal => money_out += t.amount,
-        }
-    }
     Ok(Json(StatementResponse {
         id: id.to_string(),
         currency: currency.code().to_owned(),
         from: crate::dto::rfc3339(from),
         to: crate::dto::rfc3339(to),
         opening_balance: currency.format(statement.opening),
-        money_in: currency.format(money_in),
-        money_out: currency.format(money_out),
+        money_in: currency.format(statement.money_in()),
+        money_out: currency.format(statement.money_out()),
         closing_balance: currency.format(statement.closing()),
         revision: statement.account.revision.get(),
         movements: statement
