@@ -114,37 +114,12 @@ pub struct Observed(
 );
 
 impl Observed {
-    /// Read every account in `accounts` through the API at `base`; `with_past`: also
-    /// its past (as-of balances and a statement). The past comes last and only when
-    /// asked: a statement catches its account up from the store, which would repair
-    /// a read model whose projection is broken before the read-model check saw it.
-    pub async fn from_api(
-        base: &str,
-        accounts: &[String],
-        with_past: bool,
-    ) -> Result<Self, String> {
-        let http = reqwest::Client::new();
-        let get = |path: String| {
-            let http = http.clone();
-            let url = format!("{base}{path}");
-            async move {
-                for _ in 0..50 {
-                    match http.get(&url).send().await {
-                        Ok(r) if r.status().as_u16() != 503 => {
-                            let status = r.status().as_u16();
-                            let body: Value = r.json().await.unwrap_or(Value::Null);
-                            return Ok((status, body));
-                        }
-                        _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-                    }
-                }
-                Err(format!("GET {url} kept failing"))
-            }
-        };
+    /// Read every account in `accounts` through the API at `base`.
+    pub async fn from_api(base: &str, accounts: &[String]) -> Result<Self, String> {
+        let api = Reader::new(base);
         let mut observed = BTreeMap::new();
-        let mut pasts = BTreeMap::new();
         for account in accounts {
-            let (status, body) = get(format!("/accounts/{account}")).await?;
+            let (status, body) = api.get(format!("/accounts/{account}")).await?;
             if status == 404 {
                 observed.insert(account.clone(), None);
                 continue;
@@ -164,7 +139,7 @@ impl Observed {
                 if let Some(c) = &cursor {
                     path.push_str(&format!("&cursor={c}"));
                 }
-                let (status, page) = get(path).await?;
+                let (status, page) = api.get(path).await?;
                 if status != 200 {
                     return Err(format!("transactions of {account}: {status} {page}"));
                 }
@@ -181,39 +156,80 @@ impl Observed {
                     break;
                 }
             }
-            if with_past {
-                let past = past(&get, account, shown.revision).await?;
-                pasts.insert(account.clone(), past);
-            }
             observed.insert(account.clone(), Some(shown));
         }
-        Ok(Self(observed, pasts))
+        Ok(Self(observed, BTreeMap::new()))
+    }
+
+    /// Read, through the API at `base`, the past of every account read before. Only
+    /// once the read model has been judged: a statement catches its account up from
+    /// the store, which would repair a read model whose projection is broken before
+    /// the read-model check saw it.
+    pub async fn read_past(&mut self, base: &str) -> Result<(), String> {
+        let api = Reader::new(base);
+        for (account, shown) in &self.0 {
+            if let Some(shown) = shown {
+                let past = past(&api, account, shown.revision).await?;
+                self.1.insert(account.clone(), past);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The API at `base`, read with retries.
+struct Reader {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Reader {
+    fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.to_owned(),
+        }
+    }
+
+    /// GET `path`, again while the answer is a 503 (up to 5 s): (status, body).
+    async fn get(&self, path: String) -> Result<(u16, Value), String> {
+        let url = format!("{}{path}", self.base);
+        for _ in 0..50 {
+            match self.http.get(&url).send().await {
+                Ok(r) if r.status().as_u16() != 503 => {
+                    let status = r.status().as_u16();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    return Ok((status, body));
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        Err(format!("GET {url} kept failing"))
     }
 }
 
 /// `account`'s past through the API: as-of balances at its first, last and three
 /// revisions between, and the statement of every day from 2000 to 2100.
-async fn past<F, Fut>(get: &F, account: &str, last: u64) -> Result<Past, String>
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(u16, Value), String>>,
-{
+async fn past(api: &Reader, account: &str, last: u64) -> Result<Past, String> {
     let mut revisions: Vec<u64> = vec![1, last / 3, last / 2, last * 2 / 3, last];
     revisions.retain(|r| *r >= 1);
     revisions.dedup();
     let mut as_of = Vec::new();
     for r in revisions {
-        let (status, body) = get(format!("/accounts/{account}/balance?as_of_revision={r}")).await?;
+        let (status, body) = api
+            .get(format!("/accounts/{account}/balance?as_of_revision={r}"))
+            .await?;
         let answer = match (status, body["balance"].as_str().and_then(minor)) {
             (200, Some(balance)) => Ok((balance, body["revision"].as_u64().unwrap_or(0))),
             _ => Err(format!("{status} {body}")),
         };
         as_of.push((r, answer));
     }
-    let (status, body) = get(format!(
-        "/accounts/{account}/statement?from=2000-01-01&to=2100-01-01"
-    ))
-    .await?;
+    let (status, body) = api
+        .get(format!(
+            "/accounts/{account}/statement?from=2000-01-01&to=2100-01-01"
+        ))
+        .await?;
     let statement = match (
         status,
         body["opening_balance"].as_str().and_then(minor),

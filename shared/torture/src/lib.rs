@@ -273,7 +273,7 @@ pub async fn settle_and_check(
 ) -> Result<(check::Verdict, f64), String> {
     let started = Instant::now();
     loop {
-        let observed = check::Observed::from_api(base, accounts, false).await?;
+        let mut observed = check::Observed::from_api(base, accounts).await?;
         let verdict = check::check(ops, store, &observed).await?;
         let behind = verdict
             .violations
@@ -281,10 +281,9 @@ pub async fn settle_and_check(
             .any(|v| v.invariant == "read-model-equals-store");
         if !behind || started.elapsed() >= within {
             let settled = started.elapsed().as_secs_f64();
-            // The accounts' past, once the read model has been judged (see from_api),
-            // and the whole verdict again with it.
-            let past = check::Observed::from_api(base, accounts, true).await?;
-            let observed = check::Observed(observed.0, past.1);
+            // The accounts' past, once the read model has been judged (see
+            // read_past), and the whole verdict again with it.
+            observed.read_past(base).await?;
             return Ok((check::check(ops, store, &observed).await?, settled));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
