@@ -284,6 +284,42 @@ pub async fn bad_inputs_are_refused(api: &Api) {
     assert_eq!(b["balance"], "100.00");
 }
 
+/// Open `id`, then make `count` random deposits and withdrawals of up to `max_cents`
+/// (never overdrawing), pausing up to `max_pause_ms` after each so that their times
+/// spread out. Returns the balance (minor units).
+async fn open_and_move(
+    api: &Api,
+    id: &str,
+    rng: &mut fastrand::Rng,
+    count: usize,
+    max_cents: i64,
+    max_pause_ms: u64,
+) -> i64 {
+    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
+    assert_eq!(s, 201, "{b}");
+    let mut balance = 0i64;
+    for _ in 0..count {
+        let cents = rng.i64(1..max_cents);
+        let path = if balance >= cents && rng.bool() {
+            balance -= cents;
+            "withdraw"
+        } else {
+            balance += cents;
+            "deposit"
+        };
+        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+        let (s, b) = api
+            .post(
+                &format!("/accounts/{id}/{path}"),
+                &format!(r#"{{"Amount": "{amount}"}}"#),
+            )
+            .await;
+        assert_eq!(s, 200, "{path} {amount}: {b}");
+        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(0..max_pause_ms))).await;
+    }
+    balance
+}
+
 /// Balances as of a revision and as of a time agree with a fold of the store: `seed`
 /// drives random deposits and withdrawals on `id` (spread out in time), then a closing;
 /// every revision is asked for, and times at, between and around the commits' own
@@ -301,28 +337,7 @@ pub async fn as_of_balances_agree_with_a_fold_of_the_store(
     use time::{Duration, OffsetDateTime};
 
     let mut rng = fastrand::Rng::with_seed(seed);
-    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
-    assert_eq!(s, 201, "{b}");
-    let mut balance = 0i64;
-    for _ in 0..12 {
-        let cents = rng.i64(1..5_000);
-        let path = if balance >= cents && rng.bool() {
-            balance -= cents;
-            "withdraw"
-        } else {
-            balance += cents;
-            "deposit"
-        };
-        let amount = format!("{}.{:02}", cents / 100, cents % 100);
-        let (s, b) = api
-            .post(
-                &format!("/accounts/{id}/{path}"),
-                &format!(r#"{{"Amount": "{amount}"}}"#),
-            )
-            .await;
-        assert_eq!(s, 200, "{path} {amount}: {b}");
-        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(0..12))).await;
-    }
+    let balance = open_and_move(api, id, &mut rng, 12, 5_000, 12).await;
     let amount = format!("{}.{:02}", balance / 100, balance % 100);
     if balance > 0 {
         let (s, b) = api
@@ -448,28 +463,7 @@ pub async fn statements_agree_with_a_fold_of_the_store(
     use time::{Duration, OffsetDateTime};
 
     let mut rng = fastrand::Rng::with_seed(seed);
-    let (s, b) = api.post("/accounts", &format!(r#"{{"ID": "{id}"}}"#)).await;
-    assert_eq!(s, 201, "{b}");
-    let mut balance = 0i64;
-    for _ in 0..15 {
-        let cents = rng.i64(1..9_000);
-        let path = if balance >= cents && rng.bool() {
-            balance -= cents;
-            "withdraw"
-        } else {
-            balance += cents;
-            "deposit"
-        };
-        let amount = format!("{}.{:02}", cents / 100, cents % 100);
-        let (s, b) = api
-            .post(
-                &format!("/accounts/{id}/{path}"),
-                &format!(r#"{{"Amount": "{amount}"}}"#),
-            )
-            .await;
-        assert_eq!(s, 200, "{path} {amount}: {b}");
-        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(0..10))).await;
-    }
+    open_and_move(api, id, &mut rng, 15, 9_000, 10).await;
 
     // The store's movements: (revision, signed amount, balance after, time).
     let stream = StreamId::parse(id).unwrap();
