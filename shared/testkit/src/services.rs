@@ -87,6 +87,7 @@ impl PrivateService {
         program: String,
         args: Vec<String>,
         env: Vec<(String, String)>,
+        dir: Option<std::path::PathBuf>,
         port: u16,
     ) -> Self {
         let mut service = Self {
@@ -94,7 +95,7 @@ impl PrivateService {
             program,
             args,
             env,
-            dir: None,
+            dir,
             port,
             child: None,
         };
@@ -106,12 +107,6 @@ impl PrivateService {
     /// offsets in a fresh bucket of the test S3 server, so they survive a restart like a
     /// real broker's.
     pub async fn persistent_broker() -> Self {
-        Self::persistent_broker_advertising(None).await
-    }
-
-    /// [`PrivateService::persistent_broker`], telling its clients to connect to
-    /// `127.0.0.1:advertised` (a relay in front of it) instead of its own port.
-    pub async fn persistent_broker_advertising(advertised: Option<u16>) -> Self {
         let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
         let bucket = unique("broker");
         let store = s3_store(&endpoint, &bucket);
@@ -129,7 +124,7 @@ impl PrivateService {
                 "--listener-url".into(),
                 url.clone(),
                 "--advertised-listener-url".into(),
-                advertised.map_or(url, |p| format!("tcp://127.0.0.1:{p}")),
+                url,
                 "--storage-engine".into(),
                 format!("s3://{bucket}/"),
             ],
@@ -144,6 +139,7 @@ impl PrivateService {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            None,
             port,
         )
         .await
@@ -152,37 +148,34 @@ impl PrivateService {
     /// A Kafka-protocol broker (tansu) on a free port that keeps its log in a SQLite file
     /// in `dir`: killed (SIGKILL) and started again, it still has every message it
     /// acknowledged — like a real broker, unlike tansu on S3 storage (see
-    /// [`PrivateService::persistent_broker`]). Clients are told to connect to
-    /// `127.0.0.1:advertised` when given (a relay in front of it).
-    pub async fn durable_broker(dir: &std::path::Path, advertised: Option<u16>) -> Self {
+    /// [`PrivateService::persistent_broker`]).
+    pub async fn durable_broker(dir: &std::path::Path) -> Self {
         std::fs::create_dir_all(dir).expect("a directory for the broker");
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut service = Self {
-            what: "broker",
-            program: required_env("TALLY_TANSU_BIN"),
-            args: vec![
+        Self::start_new(
+            "broker",
+            required_env("TALLY_TANSU_BIN"),
+            vec![
                 "broker".into(),
                 "--listener-url".into(),
                 url.clone(),
                 "--advertised-listener-url".into(),
-                advertised.map_or(url, |p| format!("tcp://127.0.0.1:{p}")),
+                url,
                 // tansu puts the file in its working directory.
                 "--storage-engine".into(),
                 "sqlite://tansu.db".into(),
             ],
-            env: Vec::new(),
-            dir: Some(dir.to_owned()),
+            Vec::new(),
+            Some(dir.to_owned()),
             port,
-            child: None,
-        };
-        service.start().await;
-        service
+        )
+        .await
     }
 
     /// An S3 server of its own (moto, `TALLY_MOTO_BIN`) on a free port that keeps its
-    /// buckets and objects in `dir` (see scripts/moto_server.py): killed and started
-    /// again, it has every object it acknowledged.
+    /// buckets and objects in `dir` (see scripts/moto_server.py): one a test may pause,
+    /// and kill and start again — it has every object it acknowledged.
     pub async fn durable_s3(dir: &std::path::Path) -> Self {
         let port = free_port();
         Self::start_new(
@@ -197,26 +190,7 @@ impl PrivateService {
                 dir.to_string_lossy().into_owned(),
             ],
             Vec::new(),
-            port,
-        )
-        .await
-    }
-
-    /// An S3 server of its own (moto, `TALLY_MOTO_BIN`) on a free port: one a test may
-    /// pause. It keeps its objects in memory, so it must not be stopped while they
-    /// matter.
-    pub async fn s3() -> Self {
-        let port = free_port();
-        Self::start_new(
-            "s3",
-            required_env("TALLY_MOTO_BIN"),
-            vec![
-                "-H".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-            ],
-            Vec::new(),
+            None,
             port,
         )
         .await
@@ -239,6 +213,7 @@ impl PrivateService {
                 "no".into(),
             ],
             Vec::new(),
+            None,
             port,
         )
         .await

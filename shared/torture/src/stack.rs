@@ -48,7 +48,7 @@ pub async fn run(
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> Result<Report, String> {
     let s3 = PrivateService::durable_s3(&work.join("s3")).await;
-    let broker = PrivateService::durable_broker(&work.join("broker"), None).await;
+    let broker = PrivateService::durable_broker(&work.join("broker")).await;
     let broker_address = broker.address();
     let redis = PrivateService::redis().await;
     let database_url = fresh_database().await;
