@@ -261,6 +261,7 @@ async fn the_seed_flow_on_the_real_backends_reaches_postgres_and_redis_through_k
     let backends = Backends::fresh().await;
     let host = host(&backends.config(dir.path()), Role::Gateway).await;
     host.start_projection().await.unwrap();
+    cache_past_its_grace(&host).await;
     let api = Api::start(&host).await;
     assert_eq!(
         api.post("/accounts", r#"{"ID": "account123"}"#).await.0,
@@ -425,8 +426,10 @@ async fn with_redis_down_queries_still_answer_and_commands_are_unaffected() {
     assert_eq!(s, 200, "{b}");
 
     redis.start().await;
-    // The cache waits a second after a failed connection before it tries again.
+    // The cache waits a second after a failed connection before it tries again, and a
+    // restarted Redis takes no entry in its first seconds.
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    cache_past_its_grace(&host).await;
     api.post("/accounts/cached/deposit", r#"{"Amount": 5}"#)
         .await;
     converged(&host, "cached", 4).await;
@@ -656,18 +659,14 @@ async fn host_no_init(config: &Config) -> Host {
 
 #[tokio::test]
 async fn a_balance_whose_write_through_failed_is_never_served_stale() {
-    use tally_app::{Cache, CachedBalance};
+    use tally_app::Cache;
     let redis = PrivateService::redis().await;
-    let cache =
-        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap();
+    let cache = tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:")
+        .unwrap()
+        .with_fresh_grace(Duration::ZERO);
     let id = AccountId::parse("blip").unwrap();
-    let balance = |minor, rev| CachedBalance {
-        balance: minor,
-        currency: tally_domain::Currency::USD,
-        revision: Revision::new(rev),
-    };
-    cache.put(&id, balance(100, 1)).await;
-    assert_eq!(cache.get(&id).await, Some(balance(100, 1)));
+    cache.put(&id, cached(100, 1)).await;
+    assert_eq!(cache.get(&id).await, Some(cached(100, 1)));
 
     // Redis stops answering writes for a moment: the write-through of revision 2 fails.
     let paused = std::process::Command::new("redis-cli")
@@ -682,7 +681,7 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
         .status()
         .unwrap();
     assert!(paused.success());
-    cache.put(&id, balance(200, 2)).await;
+    cache.put(&id, cached(200, 2)).await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
 
     // Revision 1 must not be served as the balance any more: either it was
@@ -690,11 +689,11 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
     // once Redis took writes again.
     let now = cache.get(&id).await;
     assert!(
-        now.is_none() || now == Some(balance(200, 2)),
+        now.is_none() || now == Some(cached(200, 2)),
         "the stale balance was invalidated or replaced: {now:?}"
     );
-    cache.put(&id, balance(200, 2)).await;
-    assert_eq!(cache.get(&id).await, Some(balance(200, 2)));
+    cache.put(&id, cached(200, 2)).await;
+    assert_eq!(cache.get(&id).await, Some(cached(200, 2)));
 }
 
 /// Found by `make torture` (stack, seed 20261201: `monotonic-reads`): a query missed,
@@ -703,53 +702,137 @@ async fn a_balance_whose_write_through_failed_is_never_served_stale() {
 /// read revision 1 from the cache afterwards.
 #[tokio::test]
 async fn a_query_that_read_before_a_redis_restart_does_not_cache_its_old_balance() {
-    use tally_app::{Cache, CachedBalance};
+    use tally_app::Cache;
     let mut redis = PrivateService::redis().await;
     let url = format!("redis://{}", redis.address());
-    let query_side = tally_redis::RedisCache::new(&url, "t:").unwrap();
-    let command_side = tally_redis::RedisCache::new(&url, "t:").unwrap();
-    let id = AccountId::parse("restarted").unwrap();
-    let balance = |minor, rev| CachedBalance {
-        balance: minor,
-        currency: tally_domain::Currency::USD,
-        revision: Revision::new(rev),
+    let grace = Duration::from_millis(400);
+    let cache = || {
+        tally_redis::RedisCache::new(&url, "t:")
+            .unwrap()
+            .with_fresh_grace(grace)
     };
+    let (query_side, command_side, reader) = (cache(), cache(), cache());
+    let id = AccountId::parse("restarted").unwrap();
+    // The epoch is past its grace.
+    let _ = query_side.lookup(&id).await;
+    tokio::time::sleep(grace).await;
 
     // The query misses and reads revision 1 from the store ...
     let lookup = query_side.lookup(&id).await;
     assert_eq!(lookup.hit, None);
+    assert!(
+        lookup.token.0.is_some(),
+        "past the grace, a lookup may fill"
+    );
     // ... Redis restarts, the command's write-through of revision 2 falls in the outage
     // (the command answers all the same) ...
     redis.stop().await;
-    command_side.put(&id, balance(200, 2)).await;
+    command_side.put(&id, cached(200, 2)).await;
     redis.start().await;
-    let mut reconnected = false;
-    for _ in 0..50 {
-        if query_side.ping().await {
-            reconnected = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(reconnected, "the query side reaches the new Redis");
+    reaches(&query_side).await;
     // ... and the query fills what it read before.
-    query_side.fill(&id, balance(100, 1), lookup.token).await;
-    let reader = tally_redis::RedisCache::new(&url, "t:").unwrap();
+    query_side.fill(&id, cached(100, 1), lookup.token).await;
     assert_eq!(
         reader.get(&id).await,
         None,
         "revision 1, older than what was acknowledged, is not cached"
     );
 
-    // A lookup after the restart may fill.
+    // A lookup after the restart, once the new epoch is past its grace, may fill.
+    tokio::time::sleep(grace).await;
     let lookup = query_side.lookup(&id).await;
-    query_side.fill(&id, balance(200, 2), lookup.token).await;
-    assert_eq!(reader.get(&id).await, Some(balance(200, 2)));
+    query_side.fill(&id, cached(200, 2), lookup.token).await;
+    assert_eq!(reader.get(&id).await, Some(cached(200, 2)));
     // After a clear (a rebuild), only a lookup that came after it may fill.
     let before = query_side.lookup(&id).await;
     query_side.clear().await;
-    query_side.fill(&id, balance(200, 2), before.token).await;
+    query_side.fill(&id, cached(200, 2), before.token).await;
     assert_eq!(reader.get(&id).await, None, "a clear refuses older fills");
+}
+
+/// Found by `make torture` (stack, seed 1796183076: `monotonic-reads`, revision 15 read
+/// 0.6 s after a Redis restart, 16 acknowledged to that client before). The two ways an
+/// older entry got into the restarted, empty Redis while a newer commit's write-through
+/// was lost with the old instance (or skipped while its process waited to reconnect):
+/// the older command's write-through, sent a second time after its first send failed
+/// as Redis went down, created it; or a query that missed on the new Redis, read the
+/// store before the newer commit, filled it.
+#[tokio::test]
+async fn after_a_redis_restart_no_older_balance_is_cached_while_a_newer_write_through_may_be_lost()
+{
+    use tally_app::Cache;
+    let mut redis = PrivateService::redis().await;
+    let url = format!("redis://{}", redis.address());
+    let grace = Duration::from_millis(1500);
+    let cache = || {
+        tally_redis::RedisCache::new(&url, "t:")
+            .unwrap()
+            .with_fresh_grace(grace)
+    };
+    let (older_command, newer_command, query_side, reader) = (cache(), cache(), cache(), cache());
+    let id = AccountId::parse("restarted").unwrap();
+    let _ = reader.lookup(&id).await;
+    tokio::time::sleep(grace).await;
+    newer_command.put(&id, cached(200, 16)).await;
+    assert_eq!(reader.get(&id).await, Some(cached(200, 16)));
+
+    // Redis restarts empty: revision 16's entry is gone with it.
+    redis.stop().await;
+    redis.start().await;
+    reaches(&older_command).await;
+    // Revision 15's write-through, sent again on a new connection, lands now.
+    older_command.put(&id, cached(150, 15)).await;
+    assert_eq!(
+        reader.get(&id).await,
+        None,
+        "an older command's write-through creates nothing on a Redis that just lost entries"
+    );
+    // A query misses, reads revision 15 from the store, and fills.
+    let lookup = query_side.lookup(&id).await;
+    assert_eq!(lookup.hit, None);
+    query_side.fill(&id, cached(150, 15), lookup.token).await;
+    assert_eq!(
+        reader.get(&id).await,
+        None,
+        "a query that looked up in the new Redis's first moments cannot fill"
+    );
+
+    // Once the grace is over, the cache takes entries again.
+    tokio::time::sleep(grace).await;
+    newer_command.put(&id, cached(210, 17)).await;
+    assert_eq!(reader.get(&id).await, Some(cached(210, 17)));
+}
+
+fn cached(minor: i64, revision: u64) -> tally_app::CachedBalance {
+    tally_app::CachedBalance {
+        balance: minor,
+        currency: tally_domain::Currency::USD,
+        revision: Revision::new(revision),
+    }
+}
+
+/// Wait until the host's Redis has an epoch past its grace (`tally_redis::FRESH_GRACE`), as a
+/// Redis that has run for a while has: before, no entry is created.
+async fn cache_past_its_grace(host: &Host) {
+    let id = AccountId::parse("epoch").unwrap();
+    for _ in 0..100 {
+        if host.cache.lookup(&id).await.token.0.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the cache's epoch is not past its grace after 10 s");
+}
+
+/// Wait until `cache` reaches its (restarted) Redis.
+async fn reaches(cache: &tally_redis::RedisCache) {
+    for _ in 0..50 {
+        if cache.ping().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the cache does not reach the restarted Redis");
 }
 
 #[tokio::test]

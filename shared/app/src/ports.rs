@@ -233,9 +233,10 @@ pub struct Lookup {
 }
 
 /// When a lookup was answered, as the cache knows it (for Redis, the instance's epoch:
-/// a random value that a restarted, empty Redis no longer has). A fill with a token
-/// from before the cache lost entries is refused. The default token (the cache did not
-/// answer) fills nothing.
+/// a value that a restarted, empty Redis no longer has). A fill with a token from before
+/// the cache lost entries is refused. The default token fills nothing: the cache did not
+/// answer, or lost its entries so recently that a command's write-through may still have
+/// gone to the instance that lost them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FillToken(pub Option<String>);
 

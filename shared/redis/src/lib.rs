@@ -2,14 +2,26 @@
 //!
 //! Each account is a hash `{prefix}balance:{id}` with `rev`, `bal` and `cur`. A put is
 //! one Lua script that writes only when the cached revision is older, so a slow
-//! projector can never put an old balance back. `{prefix}epoch` is a random value each
-//! Redis instance gets at its first lookup: a query that missed, read the store and
-//! fills the entry presents the epoch its lookup saw, and a Redis that restarted empty
-//! in between (and may have lost a command's write-through) refuses the fill. Every
-//! call has a short timeout and any
-//! failure is a miss: with Redis down, queries fall back to the read model and
-//! commands never notice. The connection is made lazily and re-made after a failure,
-//! at most once per second after a failed attempt.
+//! projector can never put an old balance back.
+//!
+//! `{prefix}epoch` names the Redis instance's life: `{born_ms}:{random}`, set by the
+//! first script that finds none (a new Redis, one restarted empty, a cleared cache).
+//! Two rules keep a balance older than an acknowledged one out of a Redis that lost its
+//! entries, since the write-through of a command committed around the loss may have
+//! been lost with them (sent to the old instance, or skipped while this process could
+//! not reach the new one):
+//!
+//! * for the first seconds of an epoch ([`FRESH_GRACE`]) nothing creates an entry —
+//!   not a command's write-through (its older commit's second send may land after a
+//!   newer one's was lost), not a query's fill; queries fall back to the read model and
+//!   the store meanwhile;
+//! * a query that missed, read the store and fills the entry presents the epoch its
+//!   lookup saw, and only a lookup made after the grace gets one: a fill from a lookup
+//!   before a restart, or made while the grace ran, is refused.
+//!
+//! Every call has a short timeout and any failure is a miss: with Redis down, queries
+//! fall back to the read model and commands never notice. The connection is made
+//! lazily and re-made after a failure, at most once per second after a failed attempt.
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
@@ -21,30 +33,49 @@ use tally_domain::{AccountId, Currency};
 use tally_es::Revision;
 use tokio::sync::Mutex;
 
-/// Write the balance if the cached revision is older. `ARGV[5]` says when an absent
-/// entry may be created: `put` always, `refresh` never, `fill` only while the epoch
-/// (`KEYS[2]`) is still `ARGV[6]`, the one the filler's lookup saw.
+/// How long after an epoch began no entry is created. A command process that could
+/// not reach Redis retries its connection after a second; its write-through timeouts
+/// are 100 ms, sent at most twice. Three seconds covers both with room to spare.
+pub const FRESH_GRACE: Duration = Duration::from_secs(3);
+
+/// Shared by both scripts: the epoch (`KEYS[2]`) and its age in milliseconds, creating
+/// it from `ARGV[1]` (a random value) when there is none.
+const EPOCH: &str = r#"
+local function epoch()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local e = redis.call('GET', KEYS[2])
+  if not e then
+    e = string.format('%d', now) .. ':' .. ARGV[1]
+    redis.call('SET', KEYS[2], e)
+  end
+  local born = tonumber(string.match(e, '^(%d+):')) or 0
+  return e, now - born
+end
+"#;
+
+/// Write the balance (`ARGV[3..5]`) if the cached revision is older. `ARGV[7]` says
+/// when an absent entry may be created: `put` once the epoch is `ARGV[2]` ms old,
+/// `refresh` never, `fill` only if the epoch is still `ARGV[8]`, the one the filler's
+/// lookup saw (which it got only once that epoch was past the grace).
 const WRITE_IF_NEWER: &str = r#"
-if ARGV[5] == 'fill' and redis.call('GET', KEYS[2]) ~= ARGV[6] then return 0 end
+local e, age = epoch()
+if ARGV[7] == 'fill' and e ~= ARGV[8] then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'rev')
-if (cur and tonumber(cur) < tonumber(ARGV[1])) or ((not cur) and ARGV[5] ~= 'refresh') then
-  redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'bal', ARGV[2], 'cur', ARGV[3])
-  if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+local create = ARGV[7] == 'fill' or (ARGV[7] == 'put' and age >= tonumber(ARGV[2]))
+if (cur and tonumber(cur) < tonumber(ARGV[3])) or ((not cur) and create) then
+  redis.call('HSET', KEYS[1], 'rev', ARGV[3], 'bal', ARGV[4], 'cur', ARGV[5])
+  if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
   return 1
 end
 return 0
 "#;
 
-/// The entry and the epoch (`KEYS[2]`), which a Redis without one (new, restarted
-/// empty, cleared) gets now: `ARGV[1]`, a random value.
+/// The entry, the epoch and its age (see [`EPOCH`]).
 const LOOKUP: &str = r#"
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('SET', KEYS[2], epoch)
-end
+local e, age = epoch()
 local v = redis.call('HMGET', KEYS[1], 'rev', 'bal', 'cur')
-return {epoch, v[1], v[2], v[3]}
+return {e, age, v[1], v[2], v[3]}
 "#;
 
 /// How a write treats an absent entry.
@@ -55,12 +86,19 @@ enum Mode {
     Fill,
 }
 
+/// A random value for an epoch that a script may have to begin.
+fn fresh_epoch() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
 /// The cache.
 pub struct RedisCache {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
     ttl_seconds: u64,
+    /// [`FRESH_GRACE`], shorter in tests that want entries at once.
+    fresh_grace: Duration,
     conn: Mutex<Connection>,
     script: Script,
     lookup: Script,
@@ -112,6 +150,7 @@ impl RedisCache {
     ) -> Option<i64> {
         let script = self.script.clone();
         let ttl = self.ttl_seconds;
+        let grace = self.grace_ms();
         let epoch = self.epoch_key();
         let token = token.0.clone().unwrap_or_default();
         self.with(|mut c| {
@@ -120,6 +159,8 @@ impl RedisCache {
                 script
                     .key(key)
                     .key(epoch)
+                    .arg(fresh_epoch())
+                    .arg(grace)
                     .arg(balance.revision.get())
                     .arg(balance.balance)
                     .arg(balance.currency.code())
@@ -145,11 +186,23 @@ impl RedisCache {
             prefix: prefix.to_owned(),
             timeout: Duration::from_millis(100),
             ttl_seconds: 60,
+            fresh_grace: FRESH_GRACE,
             conn: Mutex::new(Connection::default()),
-            script: Script::new(WRITE_IF_NEWER),
-            lookup: Script::new(LOOKUP),
+            script: Script::new(&format!("{EPOCH}{WRITE_IF_NEWER}")),
+            lookup: Script::new(&format!("{EPOCH}{LOOKUP}")),
             stale: std::sync::Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The same cache with another grace after an epoch begins (see [`FRESH_GRACE`]):
+    /// for tests that want a new cache to take entries at once.
+    pub fn with_fresh_grace(mut self, grace: Duration) -> Self {
+        self.fresh_grace = grace;
+        self
+    }
+
+    fn grace_ms(&self) -> u64 {
+        u64::try_from(self.fresh_grace.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn key(&self, id: &AccountId) -> String {
@@ -248,18 +301,18 @@ impl Cache for RedisCache {
     async fn lookup(&self, id: &AccountId) -> Lookup {
         let (key, epoch) = (self.key(id), self.epoch_key());
         let script = self.lookup.clone();
-        let fresh = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        let found: Option<(String, Option<u64>, Option<i64>, Option<String>)> = self
+        type Found = (String, i64, Option<u64>, Option<i64>, Option<String>);
+        let found: Option<Found> = self
             .with(|mut c| async move {
                 script
                     .key(key)
                     .key(epoch)
-                    .arg(fresh)
+                    .arg(fresh_epoch())
                     .invoke_async(&mut c)
                     .await
             })
             .await;
-        let Some((epoch, rev, bal, cur)) = found else {
+        let Some((epoch, age, rev, bal, cur)) = found else {
             return Lookup::default();
         };
         let hit = (|| {
@@ -269,9 +322,12 @@ impl Cache for RedisCache {
                 currency: Currency::parse(&cur?).ok()?,
             })
         })();
+        // A lookup in the first seconds of an epoch gets no token: a command committed
+        // just before may not have reached this Redis (see the crate's doc).
+        let past_grace = u64::try_from(age).is_ok_and(|age| age >= self.grace_ms());
         Lookup {
             hit,
-            token: FillToken(Some(epoch)),
+            token: FillToken(past_grace.then_some(epoch)),
         }
     }
 
