@@ -40,6 +40,9 @@ KUBERNETES_VERSION = "1.33.0"
 # Crates under functions/ that the chart does not run as a Deployment: the local
 # all-in-one gateway (the HTTPRoute/Ingress replace it), and the job and tool binaries.
 NOT_DEPLOYMENTS = {"gateway", "migrate", "admin"}
+# The consumer binaries that read a Kafka group other than TALLY_KAFKA_GROUP (the
+# projector's): binary -> the variable naming its group.
+CONSUMER_GROUP_VARIABLES = {"transfer-saga": "TALLY_SAGA_GROUP"}
 SAMPLE_ID = "account123"
 
 
@@ -283,7 +286,8 @@ def contract(args):
         return problems
 
     negative_samples = ["/", "/accounts/", f"/accounts/{SAMPLE_ID}/", f"/accounts/a/b/deposit",
-                        f"/accounts/{SAMPLE_ID}/deposit/x", "/projector/rebuild", "/relay/sweep", "/metrics"]
+                        f"/accounts/{SAMPLE_ID}/deposit/x", "/transfers/", f"/transfers/{SAMPLE_ID}/x",
+                        "/projector/rebuild", "/relay/sweep", "/metrics"]
 
     http_routes = objects(everything, "HTTPRoute")
     problems = []
@@ -358,8 +362,8 @@ def contract(args):
     secret = next(doc for doc in default if doc["kind"] == "Secret" and "helm.sh/hook" not in
                   doc["metadata"].get("annotations", {}))
     plain = {"HOST", "PORT", "RUST_LOG", "TALLY_S3_BUCKET", "TALLY_S3_ENDPOINT", "AWS_REGION",
-             "TALLY_KAFKA_BROKERS", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_GROUP", "TALLY_CURRENCY",
-             "TALLY_MAX_AMOUNT", "TALLY_SNAPSHOT_EVERY"}
+             "TALLY_KAFKA_BROKERS", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_GROUP", "TALLY_SAGA_GROUP",
+             "TALLY_CURRENCY", "TALLY_MAX_AMOUNT", "TALLY_SNAPSHOT_EVERY", "TALLY_TRANSFER_DEADLINE_SECONDS"}
     credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TALLY_DATABASE_URL", "TALLY_REDIS_URL"}
     checks.check(
         "the ConfigMap holds the plain settings, the Secret the credentials",
@@ -536,14 +540,20 @@ def contract(args):
                       doc["metadata"].get("annotations", {}))["data"]
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in objects(everything, "ScaledObject")}
     hpas = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in objects(everything, "HorizontalPodAutoscaler")}
+    binaries = {doc["metadata"]["name"]: pod_of(doc)["spec"]["containers"][0]["command"][0].rsplit("/", 1)[-1]
+                for doc in objects(everything, "Deployment")}
     for name, doc in scaled.items():
         trigger = doc["spec"]["triggers"][0]
-        want = {"bootstrapServers": config_all["TALLY_KAFKA_BROKERS"], "consumerGroup": config_all["TALLY_KAFKA_GROUP"],
+        # The group the consumer's binary reads: the saga's own, else the projector's.
+        group = config_all[CONSUMER_GROUP_VARIABLES.get(binaries.get(name), "TALLY_KAFKA_GROUP")]
+        want = {"bootstrapServers": config_all["TALLY_KAFKA_BROKERS"], "consumerGroup": group,
                 "topic": config_all["TALLY_KAFKA_TOPIC"]}
         if trigger["type"] != "kafka" or any(trigger["metadata"].get(k) != v for k, v in want.items()):
             problems.append(f"ScaledObject {name}: trigger {trigger}, want kafka on {want}")
     if not scaled:
         problems.append("no ScaledObject")
+    if config_all["TALLY_KAFKA_GROUP"] == config_all["TALLY_SAGA_GROUP"]:
+        problems.append(f"TALLY_KAFKA_GROUP and TALLY_SAGA_GROUP are both {config_all['TALLY_SAGA_GROUP']!r}")
     for doc in objects(everything, "Deployment"):
         name = doc["metadata"]["name"]
         if (name in scaled or name in hpas) and "replicas" in doc["spec"]:
@@ -558,7 +568,7 @@ def contract(args):
         want = least > 1 if explicit is None else explicit
         if len(budgets) != (1 if want else 0):
             problems.append(f"{name}: {len(budgets)} PodDisruptionBudgets at {least} replicas (pdb.enabled {explicit})")
-    checks.check("autoscalers (HPA, KEDA on the consumer group) own replicas; a PDB where more than one replica runs",
+    checks.check("autoscalers (HPA, KEDA on each consumer's own group) own replicas; a PDB where more than one replica runs",
                  problems)
 
     monitors = objects(everything, "ServiceMonitor")

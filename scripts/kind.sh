@@ -37,7 +37,7 @@ CONTEXT=kind-$CLUSTER
 LOGS=${TALLY_CACHE:-$HOME/.cache/tally}/kind
 # The public functions, in the order of the route table (shared/api/src/routes.rs);
 # each is forwarded to BASE_PORT + its index.
-PUBLIC_FUNCTIONS=(open-account get-account deposit withdraw close-account get-balance list-transactions)
+PUBLIC_FUNCTIONS=(open-account get-account deposit withdraw close-account get-balance list-transactions transfer get-transfer)
 INFRA=(minio kafka postgres redis)
 
 log() { echo "kind: $*" >&2; }

@@ -42,10 +42,10 @@ trap stop EXIT INT TERM
 
 port=8101
 upstreams=""
-for function in open-account deposit withdraw close-account get-account get-balance list-transactions projector relay; do
+for function in open-account deposit withdraw close-account get-account get-balance list-transactions transfer get-transfer projector relay transfer-saga; do
   PORT=$port "$BIN/$function" >"$LOGS/$function.log" 2>&1 &
   pids+=($!)
-  case $function in projector|relay) ;; *) upstreams+="${upstreams:+,}$function=http://127.0.0.1:$port" ;; esac
+  case $function in projector|relay|transfer-saga) ;; *) upstreams+="${upstreams:+,}$function=http://127.0.0.1:$port" ;; esac
   echo "stack: $function on 127.0.0.1:$port (log: $LOGS/$function.log)" >&2
   port=$((port + 1))
 done

@@ -127,12 +127,14 @@ AWS_REGION: {{ .Values.config.s3.region | quote }}
 TALLY_KAFKA_BROKERS: {{ .Values.config.kafka.brokers | quote }}
 TALLY_KAFKA_TOPIC: {{ .Values.config.kafka.topic | quote }}
 TALLY_KAFKA_GROUP: {{ .Values.config.kafka.group | quote }}
+TALLY_SAGA_GROUP: {{ .Values.config.kafka.sagaGroup | quote }}
 {{- with .Values.config.redisPrefix }}
 TALLY_REDIS_PREFIX: {{ . | quote }}
 {{- end }}
 TALLY_CURRENCY: {{ .Values.config.currency | quote }}
 TALLY_MAX_AMOUNT: {{ .Values.config.maxAmount | quote }}
 TALLY_SNAPSHOT_EVERY: {{ .Values.config.snapshotEvery | quote }}
+TALLY_TRANSFER_DEADLINE_SECONDS: {{ .Values.config.transferDeadlineSeconds | quote }}
 {{- range $key, $value := .Values.config.env }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
@@ -173,6 +175,19 @@ autoscaler. dict root, name, fn. A PodDisruptionBudget is rendered above one.
 {{- dig "hpa" "min" .root.Values.hpa.min .fn }}
 {{- else }}
 {{- dig "replicas" 1 .fn }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Kafka consumer group a consumer's binary reads: the transfer saga's own
+(TALLY_SAGA_GROUP, config.kafka.sagaGroup), else the projector's (TALLY_KAFKA_GROUP,
+config.kafka.group). dict root, name, fn. Its lag is what KEDA scales on.
+*/}}
+{{- define "tally.consumerGroup" -}}
+{{- if eq (include "tally.binary" .) "transfer-saga" }}
+{{- .root.Values.config.kafka.sagaGroup }}
+{{- else }}
+{{- .root.Values.config.kafka.group }}
 {{- end }}
 {{- end }}
 
@@ -244,6 +259,10 @@ templates/validate.yaml); each failure stops the render with a message.
 {{- $_ := set $paths .path $name }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- /* One group would split the topic's partitions between the projector and the saga. */}}
+{{- if eq .Values.config.kafka.group .Values.config.kafka.sagaGroup }}
+{{- fail (printf "config.kafka.sagaGroup: %q is also config.kafka.group; the transfer saga and the projector each need their own consumer group" .Values.config.kafka.sagaGroup) }}
 {{- end }}
 {{- if .Values.rebuild.enabled }}
 {{- $projector := get .Values.functions .Values.rebuild.projector }}

@@ -35,6 +35,7 @@ impl Gateway {
             .await
             .unwrap();
         embedded.start_projection().await.unwrap();
+        embedded.start_saga().await.unwrap();
         let app = tally_host::gateway_app(&embedded);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -460,4 +461,59 @@ async fn a_client_that_hangs_up_mid_command_still_gets_its_commit_into_the_read_
         (Some(2), Some("12.50")),
         "the read model shows the deposit without a restart: {account}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_moves_money_once_and_a_refused_one_fails_or_is_reversed() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    cases::transfers_move_money_once(&gw, "tr").await;
+}
+
+/// The seed is `TALLY_TEST_SEED` if set (to replay a failure), else fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_random_transfers_among_twenty_accounts_conserve_money() {
+    let seed = std::env::var("TALLY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261202);
+    eprintln!("seed {seed} (TALLY_TEST_SEED replays it)");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    cases::random_transfers_conserve_money(&gw, "rt", seed, 20, 2000, 32).await;
+}
+
+/// A transfer left pending by a process that stopped (here: requested while no saga
+/// ran) is driven to its end when the gateway starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_left_pending_is_resumed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tally_host::Config::with_data_dir(dir.path());
+    let host = Host::build(&config, tally_host::Role::Gateway)
+        .await
+        .unwrap();
+    host.start_projection().await.unwrap();
+    let app = tally_host::gateway_app(&host);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let api = cases::Api::new(format!("http://{addr}"));
+    for id in ["p-a", "p-b"] {
+        api.post("/accounts", &json!({"ID": id}).to_string()).await;
+    }
+    api.post("/accounts/p-a/deposit", r#"{"Amount": 10}"#).await;
+    let (s, t, _) = cases::transfer(&api, "pending-1", "p-a", "p-b", "4.00").await;
+    assert_eq!((s, t["status"].as_str()), (202, Some("pending")));
+    let id = t["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (_, still) = api.get(&format!("/transfers/{id}")).await;
+    assert_eq!(still["status"], "pending", "no saga runs in this process");
+    server.abort();
+    drop(host);
+
+    let gw = Gateway::start(dir.path()).await;
+    let done = cases::settled(&gw, &id, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (_, b) = gw.get("/accounts/p-b/balance").await;
+    assert_eq!(b["balance"], "4.00");
 }

@@ -24,6 +24,7 @@ struct Stack {
     _functions: Vec<Function>,
     _projector: Function,
     _relay: Function,
+    _saga: Function,
     gateway: Function,
     bucket: String,
     s3_endpoint: String,
@@ -71,6 +72,8 @@ impl Stack {
         let projector =
             Function::server_with(sibling("projector").to_str().unwrap(), dir, &env).await;
         let relay = Function::server_with(sibling("relay").to_str().unwrap(), dir, &env).await;
+        let saga =
+            Function::server_with(sibling("transfer-saga").to_str().unwrap(), dir, &env).await;
         let mut gateway_env = env.clone();
         gateway_env.push(("TALLY_UPSTREAMS".into(), upstreams.join(",")));
         let gateway = Function::server_with(env!("CARGO_BIN_EXE_gateway"), dir, &gateway_env).await;
@@ -78,6 +81,7 @@ impl Stack {
             _functions: functions,
             _projector: projector,
             _relay: relay,
+            _saga: saga,
             gateway,
             bucket,
             s3_endpoint,
@@ -109,6 +113,8 @@ async fn the_stack_behaves_like_make_dev() {
     let store = tally_testkit::services::s3_store(&stack.s3_endpoint, &stack.bucket);
     cases::as_of_balances_agree_with_a_fold_of_the_store(&api, &store, "past", 20261202).await;
     cases::statements_agree_with_a_fold_of_the_store(&api, &store, "monthly", 20261202).await;
+    // The transfer saga is a process of its own, following the topic.
+    cases::transfers_move_money_once(&api, "moves").await;
 
     cases::bad_input_fixtures(&api).await;
     let before = stack.commit_keys().await;

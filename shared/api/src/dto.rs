@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tally_app::{AccountView, TransactionKind, TransactionView};
+use tally_app::{AccountView, TransactionView};
 use tally_domain::Currency;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -152,14 +152,19 @@ impl From<AccountView> for AccountResponse {
     }
 }
 
-/// One deposit or withdrawal.
+/// One money movement: a deposit, a withdrawal, or a transfer's credit, debit or
+/// refund.
 #[derive(Serialize, ToSchema)]
 pub struct TransactionItem {
     #[schema(example = 2)]
     pub revision: u64,
-    /// `deposit` or `withdrawal`.
+    /// `deposit`, `withdrawal`, `transfer-in`, `transfer-out` or `transfer-refund` (a
+    /// transfer's debit given back because the credit was refused).
     #[serde(rename = "type")]
-    #[schema(example = "deposit")]
+    #[schema(
+        example = "deposit",
+        pattern = "^(deposit|withdrawal|transfer-in|transfer-out|transfer-refund)$"
+    )]
     pub kind: &'static str,
     #[schema(example = "500.00")]
     pub amount: String,
@@ -167,19 +172,27 @@ pub struct TransactionItem {
     #[schema(example = "500.00")]
     pub balance: String,
     pub recorded_at: String,
+    /// A transfer's movement: the transfer's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "5d41402abc4b2a76b9719d911017c592")]
+    pub transfer: Option<String>,
+    /// A transfer's movement: the other account (where the money went, or came from;
+    /// for a refund, the account that refused the credit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "account456")]
+    pub counterparty: Option<String>,
 }
 
 impl TransactionItem {
     pub fn new(t: &TransactionView, currency: Currency) -> Self {
         Self {
             revision: t.revision.get(),
-            kind: match t.kind {
-                TransactionKind::Deposit => "deposit",
-                TransactionKind::Withdrawal => "withdrawal",
-            },
+            kind: t.kind.name(),
             amount: currency.format(t.amount),
             balance: currency.format(t.balance),
             recorded_at: rfc3339(t.recorded_at),
+            transfer: t.transfer.as_ref().map(|(t, _)| t.as_str().to_owned()),
+            counterparty: t.transfer.as_ref().map(|(_, c)| c.as_str().to_owned()),
         }
     }
 }
@@ -242,4 +255,135 @@ pub struct ProblemBody {
     pub status: u16,
     #[schema(example = "insufficient funds: balance 5.00, requested 10.00")]
     pub detail: String,
+}
+
+/// `POST /transfers`
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequestBody {
+    /// The account debited.
+    #[schema(example = "account123", pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub from: String,
+    /// The account credited; not `from`.
+    #[schema(example = "account456", pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub to: String,
+    /// Greater than zero, at most the configured maximum.
+    #[schema(value_type = AmountValue)]
+    pub amount: Box<RawValue>,
+    /// Free text for both accounts' holders, at most 140 characters.
+    #[serde(default)]
+    #[schema(example = "rent", max_length = 140)]
+    pub reference: String,
+}
+
+impl TransferRequestBody {
+    /// The amount as a deposit's would be read.
+    pub fn amount(&self) -> AmountRequest {
+        AmountRequest {
+            amount: self.amount.clone(),
+        }
+    }
+}
+
+/// A step of a transfer as it was recorded.
+#[derive(Serialize, ToSchema)]
+pub struct TransferStepItem {
+    /// `requested`, `debited`, `failed`, `credited`, `credit-refused` or `reversed`.
+    #[schema(example = "debited")]
+    pub step: &'static str,
+    /// The account the step changed (the debit, credit or refund).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "account123")]
+    pub account: Option<String>,
+    /// The account's revision that step produced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 4)]
+    pub revision: Option<u64>,
+    /// When the step was recorded (RFC 3339).
+    pub at: String,
+}
+
+/// Why a transfer failed or was reversed.
+#[derive(Serialize, ToSchema)]
+pub struct TransferFailureItem {
+    /// `insufficient-funds`, `account-not-found`, `account-closed`,
+    /// `currency-mismatch` or `balance-limit`.
+    #[schema(example = "insufficient-funds")]
+    pub code: String,
+    /// The account that refused.
+    #[schema(example = "account123")]
+    pub account: String,
+    #[schema(example = "insufficient funds: balance 10.00 USD, requested 25.00 USD")]
+    pub detail: String,
+}
+
+/// A transfer and where it is.
+#[derive(Serialize, ToSchema)]
+pub struct TransferResponse {
+    #[schema(example = "5d41402abc4b2a76b9719d911017c592")]
+    pub id: String,
+    /// `pending` (not ended yet), `completed`, `failed` (nothing moved) or `reversed`
+    /// (the debit was refunded because the credit was refused).
+    #[schema(
+        example = "completed",
+        pattern = "^(pending|completed|failed|reversed)$"
+    )]
+    pub status: &'static str,
+    #[schema(example = "account123")]
+    pub from: String,
+    #[schema(example = "account456")]
+    pub to: String,
+    #[schema(example = "25.00")]
+    pub amount: String,
+    #[schema(example = "USD")]
+    pub currency: String,
+    #[schema(example = "rent")]
+    pub reference: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<TransferFailureItem>,
+    /// Every step so far, oldest first.
+    pub steps: Vec<TransferStepItem>,
+}
+
+impl TransferResponse {
+    pub fn new(view: &tally_app::TransferView) -> Self {
+        let t = &view.state;
+        let currency = t.currency.unwrap_or(Currency::USD);
+        Self {
+            id: view.id.as_str().to_owned(),
+            status: t.status.name(),
+            from: t
+                .from
+                .as_ref()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default(),
+            to: t
+                .to
+                .as_ref()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default(),
+            amount: currency.format(t.amount),
+            currency: currency.code().to_owned(),
+            reference: t.reference.clone(),
+            failure: t.failure.as_ref().map(|f| TransferFailureItem {
+                code: if f.code == "balance-overflow" {
+                    "balance-limit".into()
+                } else {
+                    f.code.clone()
+                },
+                account: f.account.as_str().to_owned(),
+                detail: f.detail.clone(),
+            }),
+            steps: view
+                .steps
+                .iter()
+                .map(|s| TransferStepItem {
+                    step: s.name,
+                    account: s.account.as_ref().map(|(a, _)| a.as_str().to_owned()),
+                    revision: s.account.as_ref().map(|(_, r)| r.get()),
+                    at: rfc3339(s.at),
+                })
+                .collect(),
+        }
+    }
 }

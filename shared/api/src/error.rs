@@ -26,6 +26,16 @@ pub enum ApiError {
     InvalidHeader(String),
     /// 400 `invalid-query`
     InvalidQuery(String),
+    /// 400 `idempotency-key-required`: a transfer without `Idempotency-Key`.
+    IdempotencyKeyRequired,
+    /// 400 `invalid-transfer-id`
+    InvalidTransferId(String),
+    /// 404 `transfer-not-found`
+    TransferNotFound,
+    /// 422 `same-account`: a transfer from an account to itself.
+    SameAccount,
+    /// 422 `invalid-reference`
+    InvalidReference(String),
     /// 404 `account-not-found`
     AccountNotFound,
     /// 409 `account-already-exists`
@@ -64,6 +74,11 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("malformed-json", 400, "Malformed JSON"),
     ("invalid-header", 400, "Invalid header"),
     ("invalid-query", 400, "Invalid query parameter"),
+    ("idempotency-key-required", 400, "Idempotency key required"),
+    ("invalid-transfer-id", 400, "Invalid transfer id"),
+    ("transfer-not-found", 404, "Transfer not found"),
+    ("same-account", 422, "Same account"),
+    ("invalid-reference", 422, "Invalid reference"),
     ("not-found", 404, "Not Found"),
     ("account-not-found", 404, "Account not found"),
     ("method-not-allowed", 405, "Method Not Allowed"),
@@ -99,6 +114,11 @@ impl ApiError {
             Self::InvalidAmount(_) => "invalid-amount",
             Self::InvalidHeader(_) => "invalid-header",
             Self::InvalidQuery(_) => "invalid-query",
+            Self::IdempotencyKeyRequired => "idempotency-key-required",
+            Self::InvalidTransferId(_) => "invalid-transfer-id",
+            Self::TransferNotFound => "transfer-not-found",
+            Self::SameAccount => "same-account",
+            Self::InvalidReference(_) => "invalid-reference",
             Self::AccountNotFound => "account-not-found",
             Self::AccountExists => "account-already-exists",
             Self::AccountClosed => "account-closed",
@@ -124,6 +144,8 @@ impl ApiError {
             | Self::InvalidAmount(d)
             | Self::InvalidHeader(d)
             | Self::InvalidQuery(d)
+            | Self::InvalidTransferId(d)
+            | Self::InvalidReference(d)
             | Self::InsufficientFunds(d)
             | Self::BalanceNotZero(d)
             | Self::CurrencyMismatch(d)
@@ -138,6 +160,11 @@ impl ApiError {
                 crate::extract::MAX_BODY_BYTES
             ),
             Self::AccountNotFound => "no account has this id".into(),
+            Self::IdempotencyKeyRequired => "a transfer needs an Idempotency-Key header, so \
+                that a retry never moves the money twice"
+                .into(),
+            Self::TransferNotFound => "no transfer has this id".into(),
+            Self::SameAccount => "a transfer needs two different accounts".into(),
             Self::AccountExists => "an account with this id already exists".into(),
             Self::AccountClosed => "the account is closed".into(),
             Self::BalanceLimit => "the balance would exceed what an account can hold".into(),
@@ -216,6 +243,26 @@ impl From<CommandError<AccountError>> for ApiError {
             CommandError::Store(e) => e.into(),
             CommandError::OutcomeUnknown(e) => Self::OutcomeUnknown(e),
             CommandError::Decode(e) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<tally_app::TransferRequestError> for ApiError {
+    fn from(e: tally_app::TransferRequestError) -> Self {
+        use tally_app::TransferRequestError as E;
+        use tally_domain::TransferError as T;
+        match e {
+            E::Command(CommandError::Rejected(T::SameAccount)) => Self::SameAccount,
+            E::Command(CommandError::Rejected(e @ T::ReferenceTooLong(_))) => {
+                Self::InvalidReference(e.to_string())
+            }
+            E::Command(CommandError::Rejected(e)) => Self::Internal(e.to_string()),
+            E::Command(CommandError::IdempotencyKeyReused) => Self::IdempotencyKeyReused,
+            E::Command(e @ CommandError::RevisionMismatch { .. }) => Self::Internal(e.to_string()),
+            E::Command(e @ CommandError::Contention) => Self::Unavailable(e.to_string()),
+            E::Command(CommandError::Store(e)) | E::Store(e) => e.into(),
+            E::Command(CommandError::OutcomeUnknown(e)) => Self::OutcomeUnknown(e),
+            E::Command(CommandError::Decode(e)) | E::Decode(e) => Self::Internal(e.to_string()),
         }
     }
 }

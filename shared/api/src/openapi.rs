@@ -26,6 +26,8 @@ use utoipa::OpenApi;
         handlers::get_balance::handle,
         handlers::list_transactions::handle,
         handlers::get_statement::handle,
+        handlers::request_transfer::handle,
+        handlers::get_transfer::handle,
     ),
     components(schemas(
         dto::OpenAccountRequest,
@@ -37,6 +39,10 @@ use utoipa::OpenApi;
         dto::TransactionItem,
         dto::TransactionsPage,
         dto::StatementResponse,
+        dto::TransferRequestBody,
+        dto::TransferResponse,
+        dto::TransferStepItem,
+        dto::TransferFailureItem,
         dto::ProblemBody,
     )),
     tags(

@@ -59,6 +59,16 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/accounts/{id}/statement",
     },
+    Route {
+        function: "transfer",
+        method: "POST",
+        path: "/transfers",
+    },
+    Route {
+        function: "get-transfer",
+        method: "GET",
+        path: "/transfers/{id}",
+    },
 ];
 
 /// The projector's operational routes (not public, not behind the gateway).
@@ -87,6 +97,8 @@ fn handler(route: &Route) -> MethodRouter<AppState> {
             get(handlers::list_transactions::handle)
         }
         ("list-transactions", "/accounts/{id}/statement") => get(handlers::get_statement::handle),
+        ("transfer", _) => post(handlers::request_transfer::handle),
+        ("get-transfer", _) => get(handlers::get_transfer::handle),
         ("projector", "/projector/catch-up") => post(catch_up),
         ("projector", "/projector/rebuild") => post(rebuild),
         (function, path) => unreachable!("route table names {function} {path} without a handler"),

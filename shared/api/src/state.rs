@@ -1,7 +1,7 @@
 //! What every handler can reach.
 
 use std::sync::Arc;
-use tally_app::{CommandHandler, Projector, Queries};
+use tally_app::{CommandHandler, Projector, Queries, Saga};
 use tally_domain::{Account, AmountPolicy};
 
 /// Shared state of the handlers: built once in `main`, cloned per request.
@@ -10,6 +10,8 @@ pub struct AppState {
     pub commands: Arc<CommandHandler<Account>>,
     pub queries: Queries,
     pub projector: Projector,
+    /// Transfers: requests, reads, and (where this process runs it) the saga.
+    pub saga: Saga,
     /// Currency and maximum of amounts; the currency of new accounts.
     pub policy: AmountPolicy,
 }

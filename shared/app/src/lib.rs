@@ -7,6 +7,8 @@
 //!   revision order, repairing gaps from the store; then writes the cache through.
 //! * [`queries::Queries`] — cache → read model → store; as-of balances from the store.
 //! * [`history`] — a stream's state at a past revision, folded from the store.
+//! * [`transfers::Saga`] — transfers: the request, the view, and the saga that moves
+//!   the money between accounts step by step, each step an idempotent account command.
 //! * [`relay::Relay`] — publishes what the outbox still holds: commits a crash or a
 //!   broker outage kept from the stream.
 //! * [`ports`] — the read-model and cache ports (the event store and publisher ports are
@@ -22,6 +24,7 @@ pub mod ports;
 pub mod projection;
 pub mod queries;
 pub mod relay;
+pub mod transfers;
 
 pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
 pub use faults::{Fault, Faults};
@@ -34,3 +37,6 @@ pub use projection::{
 };
 pub use queries::{AsOf, BalanceView, PastBalance, Queries, QueryError, Statement};
 pub use relay::{Relay, RelayReport};
+pub use transfers::{
+    Saga, SagaError, TransferRequest, TransferRequestError, TransferStep, TransferView,
+};

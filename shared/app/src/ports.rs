@@ -1,7 +1,7 @@
 //! Ports for the read side: the read model and the cache.
 
 use async_trait::async_trait;
-use tally_domain::{AccountEvent, AccountId, Currency};
+use tally_domain::{AccountEvent, AccountId, Currency, TransferId};
 use tally_es::{Commit, Revision};
 use time::OffsetDateTime;
 
@@ -18,14 +18,55 @@ pub struct AccountView {
     pub updated_at: OffsetDateTime,
 }
 
-/// The direction of a money movement.
+/// What a money movement was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransactionKind {
     Deposit,
     Withdrawal,
+    /// A transfer's credit.
+    TransferIn,
+    /// A transfer's debit.
+    TransferOut,
+    /// The refund of a transfer's debit whose credit was refused.
+    TransferRefund,
 }
 
-/// One deposit or withdrawal.
+impl TransactionKind {
+    /// Every kind, by [`TransactionKind::name`].
+    pub const ALL: [TransactionKind; 5] = [
+        Self::Deposit,
+        Self::Withdrawal,
+        Self::TransferIn,
+        Self::TransferOut,
+        Self::TransferRefund,
+    ];
+
+    /// How the API and the read model's rows name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Deposit => "deposit",
+            Self::Withdrawal => "withdrawal",
+            Self::TransferIn => "transfer-in",
+            Self::TransferOut => "transfer-out",
+            Self::TransferRefund => "transfer-refund",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether money came into the account.
+    pub fn is_in(self) -> bool {
+        matches!(
+            self,
+            Self::Deposit | Self::TransferIn | Self::TransferRefund
+        )
+    }
+}
+
+/// One money movement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransactionView {
     pub revision: Revision,
@@ -33,6 +74,31 @@ pub struct TransactionView {
     pub amount: i64,
     pub balance: i64,
     pub recorded_at: OffsetDateTime,
+    /// A transfer's movement: the transfer and the other account.
+    pub transfer: Option<(TransferId, AccountId)>,
+}
+
+impl TransactionView {
+    /// The movement `event` (at `revision`, committed at `at`) made, if it moved money.
+    pub fn of_event(revision: Revision, event: &AccountEvent, at: OffsetDateTime) -> Option<Self> {
+        let kind = match event {
+            AccountEvent::Deposited { .. } => TransactionKind::Deposit,
+            AccountEvent::Withdrawn { .. } => TransactionKind::Withdrawal,
+            AccountEvent::TransferredIn { .. } => TransactionKind::TransferIn,
+            AccountEvent::TransferredOut { .. } => TransactionKind::TransferOut,
+            AccountEvent::TransferRefunded { .. } => TransactionKind::TransferRefund,
+            AccountEvent::Opened { .. } | AccountEvent::Closed => return None,
+        };
+        let (amount, balance) = event.movement()?;
+        Some(Self {
+            revision,
+            kind,
+            amount,
+            balance,
+            recorded_at: at,
+            transfer: event.transfer().map(|(t, c)| (t.clone(), c.clone())),
+        })
+    }
 }
 
 /// What applying a commit did.

@@ -97,8 +97,12 @@ impl Projector {
     /// acknowledge it. Anything else — the read model moved underneath, lost the rows
     /// it said it had — is an error, and the commit is not to be acknowledged.
     pub async fn handle(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
+        let Some(id) = AccountId::of_stream(&stored.stream) else {
+            // Another aggregate's commit on the shared topic (a transfer's): the read
+            // model of accounts has nothing to do with it.
+            return Ok(Applied::Duplicate);
+        };
         let commit = Commit::<AccountEvent>::decode(stored)?;
-        let id = AccountId::from(stored.stream.clone());
         if self.faults.has(Fault::DropProjection)
             && self
                 .handled
@@ -185,10 +189,10 @@ impl Projector {
     /// counted in `failed`; the others go on.
     pub async fn catch_up_all(&self) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
-        let mut catch_ups = stream::iter(self.store.streams().await?)
-            .map(|stream| async move {
-                let caught_up = self.catch_up(&AccountId::from(stream.clone())).await;
-                (stream, caught_up)
+        let mut catch_ups = stream::iter(self.account_streams().await?)
+            .map(|id| async move {
+                let caught_up = self.catch_up(&id).await;
+                (id, caught_up)
             })
             .buffer_unordered(REBUILD_CONCURRENCY);
         while let Some((stream, caught_up)) = catch_ups.next().await {
@@ -197,7 +201,7 @@ impl Projector {
                 Ok(applied) => report.commits += applied,
                 Err(e) => {
                     report.failed += 1;
-                    tracing::error!(%stream, error = %e, "catch-up of this stream failed");
+                    tracing::error!(stream = %stream, error = %e, "catch-up of this stream failed");
                 }
             }
         }
@@ -243,9 +247,9 @@ impl Projector {
         progress: &mut impl FnMut(&RebuildReport),
     ) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
-        let streams = self.store.streams().await?;
+        let streams = self.account_streams().await?;
         let mut batches = stream::iter(streams)
-            .map(|stream| self.read_all(stream))
+            .map(|id| self.read_all(id.stream_id().clone()))
             .buffer_unordered(REBUILD_CONCURRENCY)
             .chunks(REBUILD_BATCH)
             .map(|read| self.replay(read))
@@ -314,8 +318,16 @@ impl Projector {
         }
     }
 
+    /// Every account's stream in the store (not the streams of other aggregates).
+    async fn account_streams(&self) -> Result<Vec<AccountId>, ProjectionError> {
+        let streams = self.store.streams().await?;
+        Ok(streams.iter().filter_map(AccountId::of_stream).collect())
+    }
+
     async fn write_through(&self, commit: &Commit<AccountEvent>) {
-        let id = AccountId::from(commit.stream.clone());
+        let Some(id) = AccountId::of_stream(&commit.stream) else {
+            return;
+        };
         match self.read_model.account(&id).await {
             // Refresh only: this delivery may be late, and a newer acknowledged balance
             // may have been lost with the cache (Redis restarted empty); an entry

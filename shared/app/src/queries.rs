@@ -2,9 +2,7 @@
 
 use crate::faults::{Fault, Faults};
 use crate::history::{self, Past};
-use crate::ports::{
-    AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionKind, TransactionView,
-};
+use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
 use crate::projection::{ProjectionError, Projector};
 use std::sync::Arc;
 use tally_domain::{Account, AccountId, Currency};
@@ -78,14 +76,14 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// The deposits in the period, summed.
+    /// What came in during the period (deposits, transfers in, refunds), summed.
     pub fn money_in(&self) -> i64 {
-        self.sum_of(TransactionKind::Deposit)
+        self.sum_of(true)
     }
 
-    /// The withdrawals in the period, summed.
+    /// What went out during the period (withdrawals, transfers out), summed.
     pub fn money_out(&self) -> i64 {
-        self.sum_of(TransactionKind::Withdrawal)
+        self.sum_of(false)
     }
 
     /// The balance at the end of the period: the opening plus in, minus out.
@@ -93,10 +91,10 @@ impl Statement {
         self.opening + self.money_in() - self.money_out()
     }
 
-    fn sum_of(&self, kind: TransactionKind) -> i64 {
+    fn sum_of(&self, coming_in: bool) -> i64 {
         self.movements
             .iter()
-            .filter(|t| t.kind == kind)
+            .filter(|t| t.kind.is_in() == coming_in)
             .map(|t| t.amount)
             .sum()
     }

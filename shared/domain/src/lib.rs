@@ -7,14 +7,20 @@
 //! * [`AccountId`], [`Amount`], [`Money`], [`Currency`], [`IdempotencyKey`] — parsed
 //!   newtypes: once you hold one, it is valid.
 //! * [`account::Account`] — the aggregate: one file per command under `account/`.
+//! * [`transfer::Transfer`] — a transfer's saga state, its own stream `transfer.{id}`.
 
 pub mod account;
 mod id;
 mod idempotency;
 mod money;
+pub mod transfer;
 
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};
 pub use id::{AccountId, AccountIdError};
 pub use idempotency::{IdempotencyKey, IdempotencyKeyError};
 pub use money::{Amount, AmountError, AmountPolicy, Currency, CurrencyError, Money};
 pub use tally_es::Revision;
+pub use transfer::{
+    Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId,
+    TransferStatus,
+};

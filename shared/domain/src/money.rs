@@ -123,6 +123,12 @@ impl Amount {
     pub fn money(&self) -> Money {
         self.0
     }
+
+    /// An amount accepted before and stored (a transfer's), or `None` unless positive.
+    /// The policy's maximum was checked when it was accepted, and is not again.
+    pub fn accepted(minor: i64, currency: Currency) -> Option<Self> {
+        (minor > 0).then_some(Self(Money { minor, currency }))
+    }
 }
 
 impl fmt::Display for Amount {

@@ -3,9 +3,7 @@
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use tally_app::{
-    AccountView, Applied, ReadModel, ReadModelError, TransactionKind, TransactionView,
-};
+use tally_app::{AccountView, Applied, ReadModel, ReadModelError, TransactionView};
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{Commit, Revision};
 
@@ -152,7 +150,9 @@ fn apply_to(
     accounts: &mut Accounts,
     commit: &Commit<AccountEvent>,
 ) -> Result<Applied, ReadModelError> {
-    let id = AccountId::from(commit.stream.clone());
+    let Some(id) = AccountId::of_stream(&commit.stream) else {
+        return Ok(Applied::Duplicate);
+    };
     let position = accounts
         .get(&id)
         .map_or(Revision::ZERO, |e| e.view.revision);
@@ -191,28 +191,12 @@ fn apply_to(
         },
     };
     for (revision, event) in commit.numbered() {
-        let kind = match event {
-            AccountEvent::Opened { .. } => None,
-            AccountEvent::Deposited { amount, balance } => {
-                Some((TransactionKind::Deposit, amount, balance))
-            }
-            AccountEvent::Withdrawn { amount, balance } => {
-                Some((TransactionKind::Withdrawal, amount, balance))
-            }
-            AccountEvent::Closed => {
-                entry.view.closed = true;
-                None
-            }
-        };
-        if let Some((kind, amount, balance)) = kind {
-            entry.view.balance = *balance;
-            entry.transactions.push(TransactionView {
-                revision,
-                kind,
-                amount: *amount,
-                balance: *balance,
-                recorded_at: commit.recorded_at,
-            });
+        if matches!(event, AccountEvent::Closed) {
+            entry.view.closed = true;
+        }
+        if let Some(movement) = TransactionView::of_event(revision, event, commit.recorded_at) {
+            entry.view.balance = movement.balance;
+            entry.transactions.push(movement);
         }
         entry.view.revision = revision;
     }

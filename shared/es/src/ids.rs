@@ -7,7 +7,11 @@ use std::fmt;
 pub const STREAM_ID_MAX_LEN: usize = 64;
 
 /// The id of an event stream, safe to use in a file name, an S3 key, a Kafka key, a
-/// Redis key or SQL: 1 to 64 characters from `A-Z a-z 0-9 _ -`.
+/// Redis key or SQL: 1 to 64 characters from `A-Z a-z 0-9 _ - .`, where a `.` only
+/// separates two non-empty parts. The part before the first `.` is the stream's
+/// category ([`StreamId::category`]): streams of different aggregates share one store
+/// and one topic, and a category keeps their ids apart (an aggregate whose ids have no
+/// `.` — the account — has none).
 ///
 /// The field is private: the only way to get one is [`StreamId::parse`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -33,9 +37,12 @@ impl StreamId {
         }
         if let Some(bad) = text
             .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
         {
             return Err(StreamIdError::InvalidCharacter(bad));
+        }
+        if text.starts_with('.') || text.ends_with('.') || text.contains("..") {
+            return Err(StreamIdError::InvalidCharacter('.'));
         }
         if text.len() > STREAM_ID_MAX_LEN {
             return Err(StreamIdError::TooLong(text.len()));
@@ -46,6 +53,11 @@ impl StreamId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The category: the part before the first `.`, if there is one.
+    pub fn category(&self) -> Option<&str> {
+        self.0.split_once('.').map(|(category, _)| category)
     }
 }
 
@@ -130,17 +142,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stream_id_is_letters_digits_underscore_and_dash() {
+    fn a_stream_id_is_letters_digits_underscore_and_dash_with_dots_between_parts() {
         assert!(StreamId::parse("account123").is_ok());
         assert!(StreamId::parse("a_b-C9").is_ok());
         assert_eq!(StreamId::parse(""), Err(StreamIdError::Empty));
-        for bad in ["a/b", "..", "a.b", "a\0b", "a\nb", "a b", "é", "a%2F"] {
+        for bad in [
+            "a/b", "..", ".", ".a", "a.", "a..b", "a\0b", "a\nb", "a b", "é", "a%2F",
+        ] {
             assert!(StreamId::parse(bad).is_err(), "{bad:?} must be rejected");
         }
         assert!(StreamId::parse(&"x".repeat(64)).is_ok());
         assert_eq!(
             StreamId::parse(&"x".repeat(65)),
             Err(StreamIdError::TooLong(65))
+        );
+    }
+
+    #[test]
+    fn the_part_before_a_dot_is_the_category() {
+        assert_eq!(StreamId::parse("account123").unwrap().category(), None);
+        let transfer = StreamId::parse("transfer.0af3").unwrap();
+        assert_eq!(transfer.category(), Some("transfer"));
+        assert_eq!(
+            StreamId::parse("a.b.c").unwrap().category(),
+            Some("a"),
+            "the first dot separates"
         );
     }
 

@@ -4,7 +4,9 @@ use crate::config::Config;
 use async_trait::async_trait;
 use std::sync::Arc;
 use tally_api::AppState;
-use tally_app::{Cache, CommandHandler, Faults, Projector, PublishMode, Queries, ReadModel, Relay};
+use tally_app::{
+    Cache, CommandHandler, Faults, Projector, PublishMode, Queries, ReadModel, Relay, Saga,
+};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
 use tally_es::{
     EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore, StoredCommit,
@@ -24,6 +26,8 @@ pub enum Role {
     Relay,
     /// Everything in one process (`make dev`).
     Gateway,
+    /// The transfer saga: follows the stream and runs the transfers' account steps.
+    Saga,
     /// A one-shot tool (migrations, seeding).
     Tool,
 }
@@ -32,8 +36,9 @@ impl Role {
     /// The role of function `name`.
     pub fn of(name: &str) -> Self {
         match name {
-            "open-account" | "deposit" | "withdraw" | "close-account" => Role::Command,
-            "get-account" | "get-balance" | "list-transactions" => Role::Query,
+            "open-account" | "deposit" | "withdraw" | "close-account" | "transfer" => Role::Command,
+            "transfer-saga" => Role::Saga,
+            "get-account" | "get-balance" | "list-transactions" | "get-transfer" => Role::Query,
             "projector" => Role::Projector,
             "relay" => Role::Relay,
             "gateway" => Role::Gateway,
@@ -195,52 +200,82 @@ impl Host {
         let projector =
             Projector::new(store.clone(), read_model.clone(), cache.clone()).with_faults(faults);
 
-        let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) =
-            match &config.kafka_brokers {
-                Some(brokers) => {
-                    let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
-                        brokers: brokers.clone(),
-                        topic: config.kafka_topic.clone(),
-                        publish_timeout: std::time::Duration::from_secs(10),
-                    })?;
-                    let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
-                        .with_snapshots(snapshots.clone(), config.snapshot_every)
-                        .with_publish_mode(PublishMode::Background)
-                        .with_trusted_warm_streams(role == Role::Gateway)
-                        .with_faults(faults);
-                    if let Some(outbox) = &outbox {
-                        commands = commands.with_outbox(outbox.clone());
-                    }
-                    (Arc::new(kafka.clone()), Some(kafka), commands, "kafka")
+        let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) = match &config
+            .kafka_brokers
+        {
+            Some(brokers) => {
+                let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
+                    brokers: brokers.clone(),
+                    topic: config.kafka_topic.clone(),
+                    publish_timeout: std::time::Duration::from_secs(10),
+                })?;
+                let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
+                    .with_snapshots(snapshots.clone(), config.snapshot_every)
+                    .with_publish_mode(PublishMode::Background)
+                    .with_trusted_warm_streams(role == Role::Gateway)
+                    .with_faults(faults);
+                let mut transfers = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
+                    .with_publish_mode(PublishMode::Background)
+                    .with_faults(faults);
+                if let Some(outbox) = &outbox {
+                    commands = commands.with_outbox(outbox.clone());
+                    transfers = transfers.with_outbox(outbox.clone());
                 }
-                None => {
-                    let in_process = InProcessStream::new(4096);
-                    let publisher = Arc::new(ProjectInline {
-                        projector: projector.clone(),
-                        stream: in_process.clone(),
-                    });
-                    let commands = CommandHandler::new(store.clone(), publisher)
-                        .with_snapshots(snapshots.clone(), config.snapshot_every)
-                        .with_trusted_warm_streams(role == Role::Gateway)
-                        .with_faults(faults);
-                    (Arc::new(in_process), None, commands, "in-process")
-                }
-            };
+                (
+                    Arc::new(kafka.clone()),
+                    Some(kafka),
+                    (commands, transfers),
+                    "kafka",
+                )
+            }
+            None => {
+                let in_process = InProcessStream::new(4096);
+                let publisher = Arc::new(ProjectInline {
+                    projector: projector.clone(),
+                    stream: in_process.clone(),
+                });
+                let commands = CommandHandler::new(store.clone(), publisher)
+                    .with_snapshots(snapshots.clone(), config.snapshot_every)
+                    .with_trusted_warm_streams(role == Role::Gateway)
+                    .with_faults(faults);
+                // Transfer commits are not projected: they go to the stream, where
+                // the saga follows them.
+                let transfers = CommandHandler::new(store.clone(), Arc::new(in_process.clone()))
+                    .with_faults(faults);
+                (
+                    Arc::new(in_process),
+                    None,
+                    (commands, transfers),
+                    "in-process",
+                )
+            }
+        };
 
         // A lone query function on the embedded backends receives no stream: it reads
         // through the store.
         let read_through = role == Role::Query && read_model_kind == "memory";
+        let (commands, transfers) = commands;
+        let commands = Arc::new(commands);
+        let queries = Queries::new(
+            read_model.clone(),
+            cache.clone(),
+            projector.clone(),
+            read_through,
+        )
+        .with_snapshots(snapshots.clone())
+        .with_faults(faults);
+        let saga = Saga::new(
+            commands.clone(),
+            Arc::new(transfers),
+            store.clone(),
+            queries.clone(),
+            policy.currency,
+        );
         let state = AppState {
-            commands: Arc::new(commands),
-            queries: Queries::new(
-                read_model.clone(),
-                cache.clone(),
-                projector.clone(),
-                read_through,
-            )
-            .with_snapshots(snapshots.clone())
-            .with_faults(faults),
+            commands,
+            queries,
             projector,
+            saga,
             policy,
         };
         Ok(Self {
@@ -311,6 +346,22 @@ impl Host {
         ))
     }
 
+    /// Drive transfers in the background: from the stream (consumer group
+    /// `TALLY_SAGA_GROUP`), after driving every transfer left pending (a restart
+    /// resumes them), and by a sweep every few seconds of those pending past
+    /// `TALLY_TRANSFER_DEADLINE_SECONDS`.
+    pub async fn start_saga(&self) -> Result<tokio::task::JoinHandle<()>, BoxError> {
+        let subscription = self.stream.subscribe(&self.config.saga_group).await?;
+        let saga = self.state.saga.clone();
+        let resumed = saga.sweep(std::time::Duration::ZERO).await?;
+        if resumed > 0 {
+            tracing::info!(resumed, "transfers left pending were driven on");
+        }
+        let deadline = std::time::Duration::from_secs(self.config.transfer_deadline_seconds);
+        saga.sweep_every(deadline.max(std::time::Duration::from_secs(1)), deadline);
+        Ok(tokio::spawn(async move { saga.run(subscription).await }))
+    }
+
     /// The relay, if this process has an outbox to relay from.
     pub fn relay(&self) -> Option<Relay> {
         let outbox = self.outbox.clone()?;
@@ -320,7 +371,7 @@ impl Host {
 
     /// At start-up: refuse an S3 server that ignores conditional writes (writers only).
     pub async fn verify(&self) -> Result<(), BoxError> {
-        if let (Some(s3), Role::Command | Role::Gateway) = (&self.s3, self.role) {
+        if let (Some(s3), Role::Command | Role::Gateway | Role::Saga) = (&self.s3, self.role) {
             s3.verify_conditional_writes().await?;
         }
         Ok(())
@@ -357,7 +408,7 @@ impl Host {
         let store = || async { self.store.ready().await.map_err(|e| e.to_string()) };
         let read_model = || async { self.read_model.ready().await.map_err(|e| e.to_string()) };
         match self.role {
-            Role::Command | Role::Relay => store().await,
+            Role::Command | Role::Relay | Role::Saga => store().await,
             Role::Query => read_model().await,
             Role::Projector | Role::Gateway => {
                 store().await?;

@@ -31,6 +31,13 @@ pub struct Config {
     pub kafka_topic: String,
     #[serde(default = "default_group")]
     pub kafka_group: String,
+    /// The transfer saga's consumer group.
+    #[serde(default = "default_saga_group")]
+    pub saga_group: String,
+    /// A transfer pending this long since its last step is driven on by the sweep
+    /// (seconds).
+    #[serde(default = "default_transfer_deadline")]
+    pub transfer_deadline_seconds: u64,
 
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
@@ -76,6 +83,12 @@ fn default_topic() -> String {
 }
 fn default_group() -> String {
     "tally-projector".into()
+}
+fn default_saga_group() -> String {
+    "tally-transfer-saga".into()
+}
+fn default_transfer_deadline() -> u64 {
+    10
 }
 fn default_redis_prefix() -> String {
     "tally:".into()

@@ -11,6 +11,7 @@
 //! | `TALLY_S3_BUCKET`, `TALLY_S3_ENDPOINT`, `TALLY_S3_PREFIX` | unset | the S3 event store |
 //! | `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` | `us-east-1` | S3 credentials |
 //! | `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC`, `TALLY_KAFKA_GROUP` | unset, `tally.commits`, `tally-projector` | the Kafka stream |
+//! | `TALLY_SAGA_GROUP`, `TALLY_TRANSFER_DEADLINE_SECONDS` | `tally-transfer-saga`, `10` | the transfer saga's group; when the sweep drives a pending transfer on |
 //! | `TALLY_DATABASE_URL` | unset | the PostgreSQL read model |
 //! | `TALLY_REDIS_URL`, `TALLY_REDIS_PREFIX` | unset, `tally:` | the Redis cache |
 //! | `TALLY_CURRENCY`, `TALLY_MAX_AMOUNT` | `USD`, `1000000.00` | the amount policy |
@@ -40,7 +41,8 @@ impl Readiness for HostReadiness {
     }
 }
 
-/// Run function `function` (`deposit`, `get-balance`, `projector`, `relay`, `migrate`).
+/// Run function `function` (`deposit`, `get-balance`, `projector`, `relay`,
+/// `transfer-saga`, `migrate`).
 pub async fn run_function(function: &'static str) -> Result<(), BoxError> {
     run_function_with(function, None).await
 }
@@ -59,7 +61,9 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
     if function == "migrate" {
         return migrate(&config).await;
     }
-    if !tally_api::routes::functions().contains(&function) && role != Role::Relay {
+    if !tally_api::routes::functions().contains(&function)
+        && !matches!(role, Role::Relay | Role::Saga)
+    {
         return Err(format!("unknown function {function}").into());
     }
     let host = Host::build(&config, role).await?;
@@ -85,6 +89,9 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
             }
         }
         Role::Relay => return run_relay(host, leader).await,
+        Role::Saga => {
+            host.start_saga().await?;
+        }
         _ => {}
     }
     let router = tally_api::router(host.state.clone(), |r| r.function == function);
@@ -116,6 +123,7 @@ pub async fn run_gateway() -> Result<(), BoxError> {
     // store enforces conditional writes, too).
     host.init().await?;
     host.start_projection().await?;
+    host.start_saga().await?;
     if let Some(relay) = host.relay() {
         spawn_relay_loop(relay, None);
     }

@@ -19,7 +19,7 @@ use tally_app::commands::floor_to_the_microsecond;
 use tally_app::{
     AccountView, Applied, ReadModel, ReadModelError, TransactionKind, TransactionView,
 };
-use tally_domain::{AccountEvent, AccountId, Currency};
+use tally_domain::{AccountEvent, AccountId, Currency, TransferId};
 use tally_es::{Commit, Revision};
 
 /// The movements' foreign key to their account, as the first migration names it
@@ -116,19 +116,28 @@ fn unavailable(e: sqlx::Error) -> ReadModelError {
     ReadModelError(e.to_string())
 }
 
-/// A movement row (`revision, kind, amount, balance, recorded_at`).
-fn transaction_view(r: &sqlx::postgres::PgRow) -> TransactionView {
-    TransactionView {
+/// A movement row (`revision, kind, amount, balance, recorded_at, transfer,
+/// counterparty`).
+fn transaction_view(r: &sqlx::postgres::PgRow) -> Result<TransactionView, ReadModelError> {
+    let kind: &str = r.get("kind");
+    let transfer: Option<&str> = r.get("transfer");
+    let counterparty: Option<&str> = r.get("counterparty");
+    let transfer = match (transfer, counterparty) {
+        (Some(t), Some(c)) => Some((
+            TransferId::parse(t).map_err(|e| ReadModelError(format!("transfer {t:?}: {e}")))?,
+            AccountId::parse(c).map_err(|e| ReadModelError(format!("counterparty {c:?}: {e}")))?,
+        )),
+        _ => None,
+    };
+    Ok(TransactionView {
         revision: revision(r.get("revision")),
-        kind: if r.get::<&str, _>("kind") == "deposit" {
-            TransactionKind::Deposit
-        } else {
-            TransactionKind::Withdrawal
-        },
+        kind: TransactionKind::named(kind)
+            .ok_or_else(|| ReadModelError(format!("a movement of unknown kind {kind:?}")))?,
         amount: r.get("amount"),
         balance: r.get("balance"),
         recorded_at: r.get("recorded_at"),
-    }
+        transfer,
+    })
 }
 
 /// `t` rounded up to the microsecond, PostgreSQL's precision: for a time `c` kept to
@@ -303,33 +312,20 @@ async fn apply_in(
     for plan in &mut plans {
         for commit in plan.new {
             for (rev, event) in commit.numbered() {
-                match event {
-                    AccountEvent::Opened { .. } => {}
-                    AccountEvent::Deposited {
-                        amount,
-                        balance: after,
-                    }
-                    | AccountEvent::Withdrawn {
-                        amount,
-                        balance: after,
-                    } => {
-                        let kind = if matches!(event, AccountEvent::Deposited { .. }) {
-                            "deposit"
-                        } else {
-                            "withdrawal"
-                        };
-                        plan.balance = *after;
-                        rows.push(plan.id, rev, kind, *amount, *after, commit.recorded_at);
-                    }
-                    AccountEvent::Closed => plan.closed = true,
+                if matches!(event, AccountEvent::Closed) {
+                    plan.closed = true;
+                }
+                if let Some(movement) = TransactionView::of_event(rev, event, commit.recorded_at) {
+                    plan.balance = movement.balance;
+                    rows.push(plan.id, &movement);
                 }
             }
         }
     }
     if !rows.revision.is_empty() {
         sqlx::query(&format!(
-            "INSERT INTO {transactions} (account_id, revision, kind, amount, balance, recorded_at)
-             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[])",
+            "INSERT INTO {transactions} (account_id, revision, kind, amount, balance, recorded_at, transfer, counterparty)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[], $7::text[], $8::text[])",
         ))
         .bind(&rows.account_id)
         .bind(&rows.revision)
@@ -337,6 +333,8 @@ async fn apply_in(
         .bind(&rows.amount)
         .bind(&rows.balance)
         .bind(&rows.recorded_at)
+        .bind(&rows.transfer)
+        .bind(&rows.counterparty)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
@@ -402,24 +400,24 @@ struct TransactionRows<'a> {
     amount: Vec<i64>,
     balance: Vec<i64>,
     recorded_at: Vec<time::OffsetDateTime>,
+    transfer: Vec<Option<String>>,
+    counterparty: Vec<Option<String>>,
 }
 
 impl<'a> TransactionRows<'a> {
-    fn push(
-        &mut self,
-        account_id: &'a str,
-        revision: Revision,
-        kind: &'static str,
-        amount: i64,
-        balance: i64,
-        at: time::OffsetDateTime,
-    ) {
+    fn push(&mut self, account_id: &'a str, movement: &TransactionView) {
         self.account_id.push(account_id);
-        self.revision.push(db_revision(revision));
-        self.kind.push(kind);
-        self.amount.push(amount);
-        self.balance.push(balance);
-        self.recorded_at.push(at);
+        self.revision.push(db_revision(movement.revision));
+        self.kind.push(movement.kind.name());
+        self.amount.push(movement.amount);
+        self.balance.push(movement.balance);
+        self.recorded_at.push(movement.recorded_at);
+        let (transfer, counterparty) = match &movement.transfer {
+            Some((t, c)) => (Some(t.as_str().to_owned()), Some(c.as_str().to_owned())),
+            None => (None, None),
+        };
+        self.transfer.push(transfer);
+        self.counterparty.push(counterparty);
     }
 }
 
@@ -566,7 +564,7 @@ impl ReadModel for PgReadModel {
         limit: usize,
     ) -> Result<Vec<TransactionView>, ReadModelError> {
         let rows = sqlx::query(
-            "SELECT revision, kind, amount, balance, recorded_at FROM transactions
+            "SELECT revision, kind, amount, balance, recorded_at, transfer, counterparty FROM transactions
              WHERE account_id = $1 AND revision > $2 ORDER BY revision LIMIT $3",
         )
         .bind(id.as_str())
@@ -575,7 +573,7 @@ impl ReadModel for PgReadModel {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok(rows.iter().map(transaction_view).collect())
+        rows.iter().map(transaction_view).collect()
     }
 
     /// Two queries on the movements' key: the opening balance (the last movement before
@@ -601,7 +599,7 @@ impl ReadModel for PgReadModel {
         .await
         .map_err(unavailable)?;
         let rows = sqlx::query(&format!(
-            "SELECT revision, kind, amount, balance, recorded_at FROM transactions
+            "SELECT revision, kind, amount, balance, recorded_at, transfer, counterparty FROM transactions
              WHERE account_id = $1 AND revision >= {} AND revision < {} ORDER BY revision",
             CUT.replace("{t}", "$2"),
             CUT.replace("{t}", "$3")
@@ -612,10 +610,11 @@ impl ReadModel for PgReadModel {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        Ok((
-            opening.unwrap_or(0),
-            rows.iter().map(transaction_view).collect(),
-        ))
+        let movements = rows
+            .iter()
+            .map(transaction_view)
+            .collect::<Result<_, _>>()?;
+        Ok((opening.unwrap_or(0), movements))
     }
 
     /// Empties both tables at once (tests and tools; a rebuild fills a new generation

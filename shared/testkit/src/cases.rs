@@ -578,3 +578,391 @@ pub async fn statements_agree_with_a_fold_of_the_store(
         .await;
     assert_eq!(s, 404, "{b}");
 }
+
+/// `POST /transfers` with `key`; the status, body and `Location`.
+pub async fn transfer(
+    api: &Api,
+    key: &str,
+    from: &str,
+    to: &str,
+    amount: &str,
+) -> (u16, Value, Option<String>) {
+    let body = json!({"from": from, "to": to, "amount": amount, "reference": "test"}).to_string();
+    let (s, b, h) = api
+        .send(
+            "POST",
+            "/transfers",
+            Some(&body),
+            &[("idempotency-key", key)],
+        )
+        .await;
+    let location = h
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (s, b, location)
+}
+
+/// Poll `GET /transfers/{id}` until the transfer ends (at most `seconds`).
+pub async fn settled(api: &Api, id: &str, seconds: u64) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        let (s, b) = api.get(&format!("/transfers/{id}")).await;
+        assert!(s == 200 || s == 503, "GET /transfers/{id}: {s} {b}");
+        if s == 200 && b["status"] != "pending" {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transfer {id} still pending after {seconds} s: {b}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn balance_of(api: &Api, id: &str) -> String {
+    let (s, b) = api.get(&format!("/accounts/{id}")).await;
+    assert_eq!(s, 200, "{b}");
+    b["balance"].as_str().unwrap().to_owned()
+}
+
+/// Transfers end to end: a completed one moves the money once (a retry with the key
+/// moves nothing), appears in both histories with its counterparty, and each refusal
+/// ends `failed` (nothing moved) or `reversed` (the debit refunded); bad requests are
+/// refused with their problem and change nothing.
+pub async fn transfers_move_money_once(api: &Api, prefix: &str) {
+    let [a, b, closed, broke] = ["a", "b", "closed", "broke"].map(|s| format!("{prefix}-{s}"));
+    for id in [&a, &b, &closed, &broke] {
+        let (s, body) = api.post("/accounts", &json!({"ID": id}).to_string()).await;
+        assert_eq!(s, 201, "{body}");
+    }
+    let (s, _) = api
+        .post(&format!("/accounts/{a}/deposit"), r#"{"Amount": "100.00"}"#)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = api.post(&format!("/accounts/{closed}/close"), "{}").await;
+    assert_eq!(s, 200);
+
+    // Refused at the door: nothing is written.
+    let body = json!({"from": a, "to": b, "amount": "1.00"}).to_string();
+    let (s, p, _) = api.send("POST", "/transfers", Some(&body), &[]).await;
+    assert_eq!(
+        (s, p["type"].as_str()),
+        (400, Some("/problems/idempotency-key-required"))
+    );
+    for (body, status, kind) in [
+        (
+            json!({"from": a, "to": a, "amount": "1.00"}),
+            422,
+            "same-account",
+        ),
+        (
+            json!({"from": a, "to": b, "amount": "0"}),
+            422,
+            "invalid-amount",
+        ),
+        (
+            json!({"from": a, "to": b, "amount": "1.001"}),
+            422,
+            "invalid-amount",
+        ),
+        (
+            json!({"from": "a.b", "to": b, "amount": "1"}),
+            422,
+            "invalid-request",
+        ),
+        (json!({"from": a, "to": b}), 422, "invalid-request"),
+        (
+            json!({"from": a, "to": b, "amount": "1", "reference": "x".repeat(141)}),
+            422,
+            "invalid-reference",
+        ),
+    ] {
+        let (s, p, _) = api
+            .send(
+                "POST",
+                "/transfers",
+                Some(&body.to_string()),
+                &[("idempotency-key", "bad-1")],
+            )
+            .await;
+        assert_eq!(
+            (s, p["type"].as_str()),
+            (status, Some(format!("/problems/{kind}").as_str())),
+            "{body}: {p}"
+        );
+    }
+    let (s, p) = api.get("/transfers/not-an-id").await;
+    assert_eq!(
+        (s, p["type"].as_str()),
+        (400, Some("/problems/invalid-transfer-id"))
+    );
+    let (s, p) = api.get(&format!("/transfers/{}", "0".repeat(32))).await;
+    assert_eq!(
+        (s, p["type"].as_str()),
+        (404, Some("/problems/transfer-not-found"))
+    );
+    assert_eq!(balance_of(api, &a).await, "100.00");
+
+    // A transfer that completes, and its retry.
+    let key = format!("{prefix}-rent");
+    let (s, t, location) = transfer(api, &key, &a, &b, "25.00").await;
+    assert_eq!(s, 202, "{t}");
+    let id = t["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/transfers/{id}").as_str())
+    );
+    assert_eq!(
+        (t["from"].as_str(), t["amount"].as_str()),
+        (Some(a.as_str()), Some("25.00"))
+    );
+    let done = settled(api, &id, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps: Vec<&str> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["requested", "debited", "credited"]);
+    assert_eq!(done["steps"][1]["account"], a.as_str());
+    assert_eq!(done["steps"][2]["account"], b.as_str());
+    assert_eq!(
+        done["steps"][2]["revision"], 2,
+        "b's credit is its revision 2"
+    );
+    let (s, again, _) = transfer(api, &key, &a, &b, "25.00").await;
+    assert_eq!((s, again["id"].as_str()), (202, Some(id.as_str())));
+    assert_eq!(
+        again["status"], "completed",
+        "a retry answers with the transfer as it is"
+    );
+    let (s, p, _) = transfer(api, &key, &a, &b, "26.00").await;
+    assert_eq!(
+        (s, p["type"].as_str()),
+        (422, Some("/problems/idempotency-key-reused"))
+    );
+    assert_eq!(balance_of(api, &a).await, "75.00");
+    assert_eq!(balance_of(api, &b).await, "25.00");
+    let (_, history) = api
+        .get(&format!("/accounts/{a}/transactions?min_revision=3"))
+        .await;
+    let out = &history["items"][1];
+    assert_eq!(
+        (
+            out["type"].as_str(),
+            out["counterparty"].as_str(),
+            out["transfer"].as_str()
+        ),
+        (Some("transfer-out"), Some(b.as_str()), Some(id.as_str())),
+        "{history}"
+    );
+    let (_, history) = api
+        .get(&format!("/accounts/{b}/transactions?min_revision=2"))
+        .await;
+    assert_eq!(history["items"][0]["type"], "transfer-in", "{history}");
+    assert_eq!(history["items"][0]["counterparty"], a.as_str());
+
+    // Refusals: insufficient funds fails (nothing moved); a closed or missing
+    // counterparty reverses (the debit is refunded).
+    let (_, t, _) = transfer(api, &format!("{prefix}-broke"), &broke, &b, "1.00").await;
+    let failed = settled(api, t["id"].as_str().unwrap(), 30).await;
+    assert_eq!(
+        (
+            failed["status"].as_str(),
+            failed["failure"]["code"].as_str()
+        ),
+        (Some("failed"), Some("insufficient-funds")),
+        "{failed}"
+    );
+    for (to, code) in [
+        (closed.clone(), "account-closed"),
+        (format!("{prefix}-nobody"), "account-not-found"),
+    ] {
+        let (_, t, _) = transfer(api, &format!("{prefix}-to-{to}"), &a, &to, "5.00").await;
+        let reversed = settled(api, t["id"].as_str().unwrap(), 30).await;
+        assert_eq!(
+            (
+                reversed["status"].as_str(),
+                reversed["failure"]["code"].as_str(),
+                reversed["failure"]["account"].as_str()
+            ),
+            (Some("reversed"), Some(code), Some(to.as_str())),
+            "{reversed}"
+        );
+    }
+    assert_eq!(
+        balance_of(api, &a).await,
+        "75.00",
+        "both debits were refunded"
+    );
+    assert_eq!(balance_of(api, &broke).await, "0.00");
+    assert_eq!(balance_of(api, &closed).await, "0.00");
+    let (_, history) = api
+        .get(&format!("/accounts/{a}/transactions?min_revision=7"))
+        .await;
+    let kinds: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "deposit",
+            "transfer-out",
+            "transfer-out",
+            "transfer-refund",
+            "transfer-out",
+            "transfer-refund"
+        ]
+    );
+}
+
+/// Seeded: `transfers` random transfers among `accounts` accounts at concurrency
+/// `concurrency`, in both directions, some larger than a balance, a tenth of them sent
+/// twice at once with the same key. Afterwards every transfer has ended, the total is
+/// what was deposited, and each one took effect once in both accounts' histories.
+pub async fn random_transfers_conserve_money(
+    api: &Api,
+    prefix: &str,
+    seed: u64,
+    accounts: usize,
+    transfers: usize,
+    concurrency: usize,
+) {
+    use futures::StreamExt;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let ids: Vec<String> = (0..accounts).map(|i| format!("{prefix}-{i}")).collect();
+    for id in &ids {
+        let (s, _) = api.post("/accounts", &json!({"ID": id}).to_string()).await;
+        assert_eq!(s, 201);
+        let (s, _) = api
+            .post(
+                &format!("/accounts/{id}/deposit"),
+                r#"{"Amount": "100.00"}"#,
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let plan: Vec<(String, usize, usize, String, bool)> = (0..transfers)
+        .map(|n| {
+            let from = rng.usize(..accounts);
+            let to = (from + 1 + rng.usize(..accounts - 1)) % accounts;
+            let cents = rng.u64(1..6_000);
+            let amount = format!("{}.{:02}", cents / 100, cents % 100);
+            (
+                format!("{prefix}-t{n}"),
+                from,
+                to,
+                amount,
+                rng.u8(..10) == 0,
+            )
+        })
+        .collect();
+    let ids_ref = &ids;
+    let requested: Vec<(String, String)> = futures::stream::iter(plan)
+        .map(|(key, from, to, amount, twice)| async move {
+            let send = || transfer(api, &key, &ids_ref[from], &ids_ref[to], &amount);
+            let (first, second) = if twice {
+                let (x, y) = tokio::join!(send(), send());
+                (x, Some(y))
+            } else {
+                (send().await, None)
+            };
+            let mut id = None;
+            for (s, b, _) in std::iter::once(first).chain(second) {
+                match s {
+                    202 => {
+                        let got = b["id"].as_str().unwrap().to_owned();
+                        assert!(
+                            id.as_ref().is_none_or(|i| *i == got),
+                            "one key, one transfer"
+                        );
+                        id = Some(got);
+                    }
+                    503 => {}
+                    other => panic!("transfer {key}: {other} {b}"),
+                }
+            }
+            let id = id.unwrap_or_else(|| panic!("transfer {key}: no 202"));
+            (key, id)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+
+    let mut ended = std::collections::BTreeMap::new();
+    for (_, id) in &requested {
+        let t = settled(api, id, 120).await;
+        ended.insert(id.clone(), t);
+    }
+    // Each account's history: every transfer's movements, by transfer id.
+    let mut total = 0i64;
+    let mut moves: std::collections::HashMap<(String, String), Vec<String>> = Default::default();
+    for id in &ids {
+        let (s, a) = api.get(&format!("/accounts/{id}")).await;
+        assert_eq!(s, 200);
+        let revision = a["revision"].as_u64().unwrap();
+        let balance = a["balance"].as_str().unwrap();
+        total += crate::cases::cents(balance);
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!(
+                    "/accounts/{id}/transactions?min_revision={revision}&limit=100&cursor={c}"
+                ),
+                None => format!("/accounts/{id}/transactions?min_revision={revision}&limit=100"),
+            };
+            let (s, page) = api.get(&path).await;
+            assert_eq!(s, 200, "{page}");
+            for item in page["items"].as_array().unwrap() {
+                assert!(
+                    !item["balance"].as_str().unwrap().starts_with('-'),
+                    "a negative balance: {item}"
+                );
+                if let Some(t) = item["transfer"].as_str() {
+                    moves
+                        .entry((t.to_owned(), id.clone()))
+                        .or_default()
+                        .push(item["type"].as_str().unwrap().to_owned());
+                }
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(
+        total,
+        100 * 100 * accounts as i64,
+        "money is conserved: every balance sums to what was deposited"
+    );
+    for (id, t) in &ended {
+        let from = t["from"].as_str().unwrap().to_owned();
+        let to = t["to"].as_str().unwrap().to_owned();
+        let on = |account: &str| {
+            moves
+                .get(&(id.clone(), account.to_owned()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (expected_from, expected_to): (&[&str], &[&str]) = match t["status"].as_str().unwrap() {
+            "completed" => (&["transfer-out"], &["transfer-in"]),
+            "failed" => (&[], &[]),
+            "reversed" => (&["transfer-out", "transfer-refund"], &[]),
+            other => panic!("transfer {id} ended {other}"),
+        };
+        assert_eq!(on(&from), expected_from, "transfer {id} on {from}: {t}");
+        assert_eq!(on(&to), expected_to, "transfer {id} on {to}: {t}");
+    }
+}
+
+/// Decimal text with two decimals ("12.34") in cents.
+pub fn cents(text: &str) -> i64 {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, "0"));
+    whole.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap()
+}

@@ -36,6 +36,9 @@ const FUNCTIONS: &[&str] = &[
     "list-transactions",
     "projector",
     "relay",
+    "transfer",
+    "get-transfer",
+    "transfer-saga",
 ];
 
 type Shared<T> = Arc<Mutex<T>>;
@@ -97,7 +100,7 @@ pub async fn run(
             free_port(),
         );
         p.start().await?;
-        if !matches!(*name, "projector" | "relay") {
+        if !matches!(*name, "projector" | "relay" | "transfer-saga") {
             upstreams.push(format!("{name}={}", p.base()));
         }
         procs.push(Arc::new(Mutex::new(p)));
@@ -173,10 +176,10 @@ pub async fn run(
                             nemesis.count(match p.name.as_str() {
                                 "projector" => "sigkill-projector",
                                 "relay" => "sigkill-relay",
+                                "transfer-saga" => "sigkill-transfer-saga",
                                 "gateway" => "sigkill-gateway",
-                                "get-account" | "get-balance" | "list-transactions" => {
-                                    "sigkill-query-function"
-                                }
+                                "get-account" | "get-balance" | "list-transactions"
+                                | "get-transfer" => "sigkill-query-function",
                                 _ => "sigkill-command-function",
                             });
                             nemesis.pause(50..500).await;

@@ -5,8 +5,10 @@ pub mod deposit;
 pub mod get_account;
 pub mod get_balance;
 pub mod get_statement;
+pub mod get_transfer;
 pub mod list_transactions;
 pub mod open_account;
+pub mod request_transfer;
 pub mod withdraw;
 
 use crate::dto::CommandResponse;
@@ -83,14 +85,12 @@ impl Summary {
             amount: None,
         };
         for event in &commit.events {
-            match event {
-                AccountEvent::Opened { .. } => {}
-                AccountEvent::Deposited { amount, balance }
-                | AccountEvent::Withdrawn { amount, balance } => {
-                    summary.balance = *balance;
-                    summary.amount = Some(*amount);
-                }
-                AccountEvent::Closed => summary.closed = true,
+            if matches!(event, AccountEvent::Closed) {
+                summary.closed = true;
+            }
+            if let Some((amount, balance)) = event.movement() {
+                summary.balance = balance;
+                summary.amount = Some(amount);
             }
         }
         summary

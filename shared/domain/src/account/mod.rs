@@ -6,11 +6,12 @@ mod deposit;
 mod events;
 mod open;
 mod snapshot;
+mod transfer;
 mod withdraw;
 
 pub use events::AccountEvent;
 
-use crate::{AccountId, Amount, Currency, Money};
+use crate::{AccountId, Amount, Currency, Money, TransferId};
 use tally_es::Aggregate;
 
 /// Where an account is in its life.
@@ -36,10 +37,35 @@ pub struct Account {
 /// What a client can ask of an account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccountCommand {
-    Open { id: AccountId, currency: Currency },
-    Deposit { amount: Amount },
-    Withdraw { amount: Amount },
+    Open {
+        id: AccountId,
+        currency: Currency,
+    },
+    Deposit {
+        amount: Amount,
+    },
+    Withdraw {
+        amount: Amount,
+    },
     Close,
+    /// A transfer's debit of this account, for `to`.
+    TransferOut {
+        transfer: TransferId,
+        to: AccountId,
+        amount: Amount,
+    },
+    /// A transfer's credit of this account, from `from`.
+    TransferIn {
+        transfer: TransferId,
+        from: AccountId,
+        amount: Amount,
+    },
+    /// The refund of a transfer's debit whose credit `to` refused.
+    Refund {
+        transfer: TransferId,
+        to: AccountId,
+        amount: Amount,
+    },
 }
 
 /// Why a command was refused. Each variant names the HTTP answer the API gives.
@@ -120,6 +146,21 @@ impl Aggregate for Account {
             AccountCommand::Deposit { amount } => deposit::decide(self, amount),
             AccountCommand::Withdraw { amount } => withdraw::decide(self, amount),
             AccountCommand::Close => close::decide(self),
+            AccountCommand::TransferOut {
+                transfer,
+                to,
+                amount,
+            } => transfer::debit(self, transfer, to, amount),
+            AccountCommand::TransferIn {
+                transfer,
+                from,
+                amount,
+            } => transfer::credit(self, transfer, from, amount),
+            AccountCommand::Refund {
+                transfer,
+                to,
+                amount,
+            } => transfer::refund(self, transfer, to, amount),
         }
     }
 
@@ -131,7 +172,11 @@ impl Aggregate for Account {
                 self.status = AccountStatus::Open;
                 self.balance = 0;
             }
-            AccountEvent::Deposited { balance, .. } | AccountEvent::Withdrawn { balance, .. } => {
+            AccountEvent::Deposited { balance, .. }
+            | AccountEvent::Withdrawn { balance, .. }
+            | AccountEvent::TransferredOut { balance, .. }
+            | AccountEvent::TransferredIn { balance, .. }
+            | AccountEvent::TransferRefunded { balance, .. } => {
                 self.balance = *balance;
             }
             AccountEvent::Closed => self.status = AccountStatus::Closed,

@@ -1,0 +1,31 @@
+//! `GET /transfers/{id}` — the get-transfer function: a transfer read from its stream.
+
+use crate::dto::{ProblemBody, TransferResponse};
+use crate::{ApiError, AppState};
+use axum::extract::{Path, State};
+use axum::Json;
+use tally_domain::TransferId;
+
+/// A transfer and each of its steps, read from its own event stream (always current).
+#[utoipa::path(
+    get, path = "/transfers/{id}", tag = "queries", operation_id = "getTransfer",
+    params(("id" = String, Path, description = "Transfer id (from the request's `Location`)", pattern = "^[0-9a-f]{32}$")),
+    responses(
+        (status = 200, body = TransferResponse),
+        (status = 400, description = "Not a transfer id", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such transfer", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn handle(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<TransferResponse>, ApiError> {
+    let id = TransferId::parse(&raw).map_err(|e| ApiError::InvalidTransferId(e.to_string()))?;
+    let view = state
+        .saga
+        .get(&id)
+        .await?
+        .ok_or(ApiError::TransferNotFound)?;
+    Ok(Json(TransferResponse::new(&view)))
+}

@@ -1,0 +1,80 @@
+//! `POST /transfers` — the transfer function: records the request; the transfer saga
+//! moves the money.
+
+use crate::dto::{ProblemBody, TransferRequestBody, TransferResponse};
+use crate::extract::{CommandHeaders, JsonBody};
+use crate::{ApiError, AppState};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tally_app::TransferRequest;
+use tally_domain::AccountId;
+
+/// Move money from one account to another. Answers at once with the transfer as
+/// requested (`pending`); `GET /transfers/{id}` follows it to `completed`, `failed` or
+/// `reversed`. A retry with the same `Idempotency-Key` answers with the same transfer
+/// and never moves the money twice.
+#[utoipa::path(
+    post, path = "/transfers", tag = "commands", operation_id = "requestTransfer",
+    request_body = TransferRequestBody,
+    params(
+        ("Idempotency-Key" = String, Header, description = "Required: names the transfer. A retry with the same key answers with the same transfer (as it is now) and moves nothing again; the same key with another request is a 422."),
+    ),
+    responses(
+        (status = 202, description = "Requested (or, on a retry, the transfer as it is now)", body = TransferResponse,
+            headers(("Location" = String, description = "/transfers/{id}"))),
+        (status = 400, description = "Malformed JSON, `idempotency-key-required`, or an invalid header", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid account id or amount, `same-account`, `invalid-reference`, missing fields, Idempotency-Key reused", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable` (nothing was written) or `outcome-unknown` (retry with the same `Idempotency-Key`)", body = ProblemBody, content_type = "application/problem+json"),
+    )
+)]
+pub async fn handle(
+    State(state): State<AppState>,
+    headers: CommandHeaders,
+    JsonBody(body): JsonBody<TransferRequestBody>,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .idempotency_key
+        .ok_or(ApiError::IdempotencyKeyRequired)?;
+    if headers.expected.is_some() {
+        return Err(ApiError::InvalidHeader(
+            "If-Match does not apply to a transfer".into(),
+        ));
+    }
+    let account = |name: &str, text: &str| {
+        AccountId::parse(text).map_err(|e| ApiError::InvalidRequest(format!("{name}: {e}")))
+    };
+    let request = TransferRequest {
+        from: account("from", &body.from)?,
+        to: account("to", &body.to)?,
+        amount: super::amount(&state, &body.amount())?,
+        reference: body.reference,
+    };
+    // In a task of its own, as a command is: a client that hangs up does not cut the
+    // request off between its append and its publish.
+    let work = {
+        let state = state.clone();
+        let request_id = headers.request_id;
+        async move {
+            state
+                .saga
+                .request("", key.as_str(), request, request_id)
+                .await
+        }
+    };
+    let (view, replayed) = tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the request's task failed: {e}")))??;
+    let mut response = (StatusCode::ACCEPTED, Json(TransferResponse::new(&view))).into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&format!("/transfers/{}", view.id)) {
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}

@@ -1,0 +1,195 @@
+//! Transfer events and their stored schema (all version 1).
+//!
+//! | type                     | payload                                                          |
+//! | ------------------------ | ---------------------------------------------------------------- |
+//! | `TransferRequested`      | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference"}` |
+//! | `TransferDebited`        | `{"revision": 7}` (of `from`)                                    |
+//! | `TransferFailed`         | `{"code", "account", "detail"}` (the debit was refused)          |
+//! | `TransferCredited`       | `{"revision": 3}` (of `to`)                                      |
+//! | `TransferCreditRefused`  | `{"code", "account", "detail"}`                                  |
+//! | `TransferReversed`       | `{"revision": 8}` (the refund's, of `from`)                      |
+
+use super::{TransferFailure, TransferId};
+use crate::{AccountId, Currency};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Value};
+use tally_es::{DecodeError, DomainEvent, Revision};
+
+/// Something that happened to a transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransferEvent {
+    Requested {
+        id: TransferId,
+        from: AccountId,
+        to: AccountId,
+        amount: i64,
+        currency: Currency,
+        reference: String,
+    },
+    Debited {
+        revision: Revision,
+    },
+    Failed {
+        failure: TransferFailure,
+    },
+    Credited {
+        revision: Revision,
+    },
+    CreditRefused {
+        failure: TransferFailure,
+    },
+    Reversed {
+        revision: Revision,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestedV1 {
+    id: TransferId,
+    from: AccountId,
+    to: AccountId,
+    amount: i64,
+    currency: Currency,
+    reference: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepV1 {
+    revision: Revision,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefusedV1 {
+    code: String,
+    account: AccountId,
+    detail: String,
+}
+
+impl From<RefusedV1> for TransferFailure {
+    fn from(v: RefusedV1) -> Self {
+        Self {
+            code: v.code,
+            account: v.account,
+            detail: v.detail,
+        }
+    }
+}
+
+fn refused(failure: &TransferFailure) -> Value {
+    json!(RefusedV1 {
+        code: failure.code.clone(),
+        account: failure.account.clone(),
+        detail: failure.detail.clone(),
+    })
+}
+
+fn payload<T: DeserializeOwned>(
+    event_type: &str,
+    version: u32,
+    data: Value,
+) -> Result<T, DecodeError> {
+    serde_json::from_value(data).map_err(|e| DecodeError::Malformed {
+        event_type: event_type.to_owned(),
+        version,
+        reason: e.to_string(),
+    })
+}
+
+const TYPES: [&str; 6] = [
+    "TransferRequested",
+    "TransferDebited",
+    "TransferFailed",
+    "TransferCredited",
+    "TransferCreditRefused",
+    "TransferReversed",
+];
+
+impl DomainEvent for TransferEvent {
+    fn event_type(&self) -> &'static str {
+        TYPES[match self {
+            Self::Requested { .. } => 0,
+            Self::Debited { .. } => 1,
+            Self::Failed { .. } => 2,
+            Self::Credited { .. } => 3,
+            Self::CreditRefused { .. } => 4,
+            Self::Reversed { .. } => 5,
+        }]
+    }
+
+    fn schema_version(&self) -> u32 {
+        1
+    }
+
+    fn encode(&self) -> Value {
+        match self {
+            Self::Requested {
+                id,
+                from,
+                to,
+                amount,
+                currency,
+                reference,
+            } => json!(RequestedV1 {
+                id: id.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                amount: *amount,
+                currency: *currency,
+                reference: reference.clone(),
+            }),
+            Self::Debited { revision }
+            | Self::Credited { revision }
+            | Self::Reversed { revision } => {
+                json!(StepV1 {
+                    revision: *revision
+                })
+            }
+            Self::Failed { failure } | Self::CreditRefused { failure } => refused(failure),
+        }
+    }
+
+    fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
+        if !TYPES.contains(&event_type) {
+            return Err(DecodeError::UnknownType(event_type.to_owned()));
+        }
+        if version != 1 {
+            return Err(DecodeError::UnsupportedVersion {
+                event_type: event_type.to_owned(),
+                version,
+            });
+        }
+        let step = |data| payload::<StepV1>(event_type, version, data).map(|s| s.revision);
+        let failure = |data| payload::<RefusedV1>(event_type, version, data).map(Into::into);
+        Ok(match event_type {
+            "TransferRequested" => {
+                let p: RequestedV1 = payload(event_type, version, data)?;
+                Self::Requested {
+                    id: p.id,
+                    from: p.from,
+                    to: p.to,
+                    amount: p.amount,
+                    currency: p.currency,
+                    reference: p.reference,
+                }
+            }
+            "TransferDebited" => Self::Debited {
+                revision: step(data)?,
+            },
+            "TransferFailed" => Self::Failed {
+                failure: failure(data)?,
+            },
+            "TransferCredited" => Self::Credited {
+                revision: step(data)?,
+            },
+            "TransferCreditRefused" => Self::CreditRefused {
+                failure: failure(data)?,
+            },
+            _ => Self::Reversed {
+                revision: step(data)?,
+            },
+        })
+    }
+}
