@@ -38,6 +38,11 @@ async fn a_short_seeded_run_with_faults_finds_no_violation() {
         "{:?}",
         report.checked
     );
+    assert!(
+        report.checked.transfers > 10,
+        "transfers ran: {:?}",
+        report.checked
+    );
     // The picture: an SVG with the run's seconds and its faults in the legend.
     let svg = tally_torture::picture::svg(&report).unwrap();
     assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
@@ -63,6 +68,11 @@ async fn a_short_seeded_run_of_the_stack_topology_finds_no_violation() {
     assert!(
         report.checked.acknowledged_commands > 30,
         "{:?}",
+        report.checked
+    );
+    assert!(
+        report.checked.transfers > 0,
+        "transfers ran: {:?}",
         report.checked
     );
 }
@@ -155,6 +165,21 @@ async fn the_checker_catches_a_wrong_past() {
     let report = broken("stale-history").await;
     assert!(
         report.violations["history-equals-store"] > 0,
+        "{}",
+        report.markdown()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_transfer_credit_never_made() {
+    let report = broken("skip-credit").await;
+    assert!(
+        report.violations["exactly-once"] > 0,
+        "{}",
+        report.markdown()
+    );
+    assert!(
+        report.violations["conservation"] > 0,
         "{}",
         report.markdown()
     );

@@ -32,6 +32,9 @@ pub enum Fault {
     /// the one asked (under the revision asked), and a statement leaves out its last
     /// movement: breaks "the past is the store's".
     StaleHistory,
+    /// `skip-credit`: the transfer saga records a transfer's credit without making it:
+    /// breaks "money is conserved" and "a transfer takes effect once".
+    SkipCredit,
 }
 
 /// How long `delay-publish` waits.
@@ -45,6 +48,7 @@ const NAMES: &[(&str, Fault)] = &[
     ("drop-projection", Fault::DropProjection),
     ("stale-balance", Fault::StaleBalance),
     ("stale-history", Fault::StaleHistory),
+    ("skip-credit", Fault::SkipCredit),
 ];
 
 /// The set of faults a process injects (empty: none).

@@ -18,6 +18,7 @@
 //! that never reached the stream, a step that kept failing while a backend was down).
 
 use crate::commands::{CommandContext, CommandError, CommandHandler};
+use crate::faults::{Fault, Faults};
 use crate::ports::CachedBalance;
 use crate::queries::Queries;
 use std::collections::HashSet;
@@ -154,6 +155,7 @@ pub struct Saga {
     driving: Arc<Mutex<HashSet<TransferId>>>,
     /// Transfers known to have ended: a sweep does not read them again.
     ended: Arc<Mutex<HashSet<TransferId>>>,
+    faults: Faults,
 }
 
 /// Whom a transfer step touches, and how.
@@ -179,7 +181,14 @@ impl Saga {
             currency,
             driving: Arc::default(),
             ended: Arc::default(),
+            faults: Faults::NONE,
         }
+    }
+
+    /// Inject `faults` (tests only; see [`crate::faults`]).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Request a transfer under `key` (the client's `Idempotency-Key`) of `owner`. A
@@ -309,6 +318,10 @@ impl Saga {
         else {
             return Err(SagaError::Transfer("a transfer without its request".into()));
         };
+        if matches!(step, Step::Credit) && self.faults.has(Fault::SkipCredit) {
+            tracing::error!(transfer = %id, "fault injection: the credit is recorded, not made");
+            return Ok(Ok(Revision::ZERO));
+        }
         let (account, command, name) = match step {
             Step::Debit => (
                 from,

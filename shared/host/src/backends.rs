@@ -270,7 +270,8 @@ impl Host {
             store.clone(),
             queries.clone(),
             policy.currency,
-        );
+        )
+        .with_faults(faults);
         let state = AppState {
             commands,
             queries,

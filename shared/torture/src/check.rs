@@ -9,7 +9,8 @@
 //! | `no-gap-no-overlap` | every stream's revisions run 1, 2, 3, … without a gap or an overlap |
 //! | `no-negative-balance` | no balance at any revision is negative, and each is the one before plus or minus the movement |
 //! | `read-model-equals-store` | after the quiet period, every account's revision, balance, status and every transaction row equal a fold of the store; an account the store lacks is a 404 |
-//! | `conservation` | the sum of balances equals what the store's deposits brought in minus what its withdrawals took out, and lies between the acknowledged movements and the acknowledged plus the unknown ones |
+//! | `conservation` | the sum of balances plus the money transfers debited and did not credit or refund equals what the store's deposits brought in minus what its withdrawals took out, with nothing in flight once every transfer ended; and that net lies between the acknowledged movements and the acknowledged plus the unknown ones |
+//! | `every-transfer-ended` | after the quiet period every transfer in the store is completed, failed or reversed (and, under `exactly-once`, ended once, with the movements its end says: one debit and one credit, nothing, or a debit and its refund; requested by a client) |
 //! | `min-revision` | a read that asked for `min_revision` got at least that revision |
 //! | `monotonic-reads` | no balance read is older than a revision already acknowledged to the same client |
 //! | `read-consistent` | a read's balance is the store's balance at the revision it names |
@@ -22,7 +23,7 @@ use crate::client::{minor, Kind, Op, Outcome};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tally_domain::{AccountEvent, AccountId};
+use tally_domain::{AccountEvent, AccountId, TransferEvent, TransferId, TransferStatus};
 use tally_es::{Commit, EventStore, Revision, StreamId};
 
 /// Every invariant the checker knows, in report order.
@@ -41,6 +42,7 @@ pub const INVARIANTS: &[&str] = &[
     "every-commit-on-the-topic",
     "no-crash",
     "history-equals-store",
+    "every-transfer-ended",
 ];
 
 /// One broken invariant.
@@ -61,6 +63,8 @@ pub struct Verdict {
     pub acknowledged_commands: usize,
     pub unknown_commands: usize,
     pub reads_checked: usize,
+    /// Transfer streams in the store.
+    pub transfers: usize,
     /// Sum of all balances in the store (minor units).
     pub total_balance: i64,
 }
@@ -291,12 +295,16 @@ pub async fn check(
     let mut v = Verdict::default();
     let mut folded: BTreeMap<String, Folded> = BTreeMap::new();
     let mut keys: HashMap<(String, String), Vec<u64>> = HashMap::new();
+    // A transfer's movements in the accounts: (account, kind, amount) by transfer id.
+    let mut moves: HashMap<String, Vec<(String, &'static str, i64)>> = HashMap::new();
+    let mut transfer_streams = Vec::new();
 
     // The store: every stream folded, checked for gaps, overlaps and negative balances.
     let streams = store.streams().await.map_err(|e| e.to_string())?;
     for stream in &streams {
         if AccountId::of_stream(stream).is_none() {
-            // Another aggregate's stream (a transfer's).
+            // Another aggregate's stream (a transfer's): checked below.
+            transfer_streams.push(stream.clone());
             continue;
         }
         let name = stream.as_str().to_owned();
@@ -376,6 +384,13 @@ pub async fn check(
                             _ => "transfer-out",
                         };
                         f.transactions.push((r, row.into(), *amount, *balance));
+                        if let Some((transfer, _)) = event.transfer() {
+                            moves.entry(transfer.to_string()).or_default().push((
+                                name.clone(),
+                                row,
+                                *amount,
+                            ));
+                        }
                         f.revision = r;
                         f.balance_at.insert(r, f.balance);
                         continue;
@@ -399,6 +414,7 @@ pub async fn check(
         }
     }
 
+    check_transfers(&mut v, ops, store, &transfer_streams, &moves).await?;
     check_commands(&mut v, ops, &folded);
     check_reads(&mut v, ops, &folded);
     check_read_model(&mut v, observed, &folded);
@@ -413,7 +429,7 @@ pub async fn check(
         .map(|f| f.transferred_out - f.transferred_in)
         .sum();
     v.total_balance = total;
-    if total + in_flight != net || in_flight < 0 {
+    if total + in_flight != net || in_flight != 0 {
         v.violate(
             "conservation",
             format!(
@@ -480,6 +496,123 @@ fn distinct_commands(ops: &[Op]) -> Vec<(Op, Outcome)> {
 }
 
 /// Acknowledged deposits minus withdrawals, and the unknown deposits and withdrawals.
+/// Every transfer ended exactly once, moved the money as its end says (once), and was
+/// requested by a client; every acknowledged transfer is in the store.
+async fn check_transfers(
+    v: &mut Verdict,
+    ops: &[Op],
+    store: &dyn EventStore,
+    streams: &[StreamId],
+    moves: &HashMap<String, Vec<(String, &'static str, i64)>>,
+) -> Result<(), String> {
+    use tally_es::Aggregate;
+    let requested: HashSet<String> = ops
+        .iter()
+        .filter(|o| o.kind == Kind::Transfer)
+        .filter_map(|o| o.key.as_deref())
+        .map(|k| TransferId::from_key("", k).to_string())
+        .collect();
+    let mut present = HashSet::new();
+    for stream in streams {
+        let Some(id) = TransferId::of_stream(stream) else {
+            continue;
+        };
+        v.transfers += 1;
+        let id = id.to_string();
+        present.insert(id.clone());
+        let stored = store
+            .read(stream, Revision::new(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut state = tally_domain::Transfer::default();
+        let mut ends = 0;
+        for s in &stored {
+            let commit = Commit::<TransferEvent>::decode(s).map_err(|e| e.to_string())?;
+            for event in &commit.events {
+                state.apply(event);
+                ends += usize::from(state.status.is_final());
+            }
+        }
+        if stored.is_empty() {
+            // Listed, but no commit: a request cut off between its outbox record and
+            // its append (the outbox sits beside the stream). Nothing was requested.
+            v.transfers -= 1;
+            continue;
+        }
+        if !requested.contains(&id) {
+            v.violate(
+                "exactly-once",
+                format!("transfer {id}: no client requested it"),
+            );
+        }
+        if !state.status.is_final() {
+            v.violate(
+                "every-transfer-ended",
+                format!("transfer {id} is still {:?}", state.status),
+            );
+            continue;
+        }
+        if ends != 1 {
+            v.violate("exactly-once", format!("transfer {id} ended {ends} times"));
+        }
+        let (from, to) = (
+            state
+                .from
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            state.to.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        );
+        let amount = state.amount;
+        let expected: Vec<(String, &'static str, i64)> = match state.status {
+            TransferStatus::Completed => {
+                vec![(from, "transfer-out", amount), (to, "transfer-in", amount)]
+            }
+            TransferStatus::Reversed => vec![
+                (from.clone(), "transfer-out", amount),
+                (from, "transfer-refund", amount),
+            ],
+            _ => Vec::new(),
+        };
+        let mut got = moves.get(&id).cloned().unwrap_or_default();
+        let mut want = expected;
+        got.sort();
+        want.sort();
+        if got != want {
+            v.violate(
+                "exactly-once",
+                format!(
+                    "transfer {id} ended {:?} but the accounts hold {got:?}",
+                    state.status
+                ),
+            );
+        }
+    }
+    for id in moves.keys().filter(|id| !present.contains(*id)) {
+        v.violate(
+            "exactly-once",
+            format!("money moved for transfer {id}, which the store does not hold"),
+        );
+    }
+    for op in ops
+        .iter()
+        .filter(|o| o.kind == Kind::Transfer && o.outcome == Outcome::Ok)
+    {
+        v.acknowledged_commands += 1;
+        match &op.transfer {
+            Some(id) if present.contains(id) => {}
+            other => v.violate(
+                "acknowledged-in-store",
+                format!(
+                    "transfer {:?} (key {:?}) was acknowledged; the store lacks it",
+                    other, op.key
+                ),
+            ),
+        }
+    }
+    Ok(())
+}
+
 fn acknowledged_net(ops: &[Op]) -> (i64, i64, i64) {
     let (mut acked, mut unknown_in, mut unknown_out) = (0, 0, 0);
     for (op, outcome) in distinct_commands(ops) {
@@ -499,7 +632,7 @@ fn check_commands(v: &mut Verdict, ops: &[Op], folded: &BTreeMap<String, Folded>
     // Acknowledged commands are in the store, at their revision.
     for op in ops
         .iter()
-        .filter(|o| o.kind.is_command() && o.outcome == Outcome::Ok)
+        .filter(|o| o.kind.is_account_command() && o.outcome == Outcome::Ok)
     {
         v.acknowledged_commands += 1;
         let Some(revision) = op.revision else {

@@ -19,14 +19,21 @@ pub enum Kind {
     Close,
     Balance,
     Account,
+    /// `POST /transfers` from `account` to `to` (always with a key: the API requires it).
+    Transfer,
 }
 
 impl Kind {
     pub fn is_command(self) -> bool {
         matches!(
             self,
-            Kind::Open | Kind::Deposit | Kind::Withdraw | Kind::Close
+            Kind::Open | Kind::Deposit | Kind::Withdraw | Kind::Close | Kind::Transfer
         )
+    }
+
+    /// A command on one account, answered with that account's revision.
+    pub fn is_account_command(self) -> bool {
+        self.is_command() && self != Kind::Transfer
     }
 
     pub fn name(self) -> &'static str {
@@ -37,6 +44,7 @@ impl Kind {
             Kind::Close => "close",
             Kind::Balance => "balance",
             Kind::Account => "account",
+            Kind::Transfer => "transfer",
         }
     }
 }
@@ -60,6 +68,12 @@ pub struct Op {
     pub client: usize,
     pub kind: Kind,
     pub account: String,
+    /// A transfer's credited account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The id an acknowledged transfer was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<String>,
     /// Minor units.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amount: Option<i64>,
@@ -140,6 +154,7 @@ fn decimal(minor: i64) -> String {
 struct Request {
     kind: Kind,
     account: String,
+    to: Option<String>,
     amount: Option<i64>,
     key: Option<String>,
     if_match: Option<u64>,
@@ -164,6 +179,15 @@ impl Request {
                 )),
             ),
             Kind::Close => ("POST", format!("/accounts/{a}/close"), None),
+            Kind::Transfer => (
+                "POST",
+                "/transfers".into(),
+                Some(format!(
+                    r#"{{"from": "{a}", "to": "{}", "amount": "{}"}}"#,
+                    self.to.as_deref().unwrap_or_default(),
+                    decimal(self.amount.unwrap_or(1))
+                )),
+            ),
             Kind::Balance | Kind::Account => {
                 let mut path = if self.kind == Kind::Balance {
                     format!("/accounts/{a}/balance")
@@ -247,33 +271,47 @@ impl Client {
         let kind = match roll {
             0..=9 => Kind::Open,
             10..=44 => Kind::Deposit,
-            45..=69 => Kind::Withdraw,
+            45..=59 => Kind::Withdraw,
+            60..=69 => Kind::Transfer,
             // Only cold accounts are closed, so the hot ones stay in play.
             70..=71 if !self.accounts[..self.hot].contains(&account) => Kind::Close,
             70..=89 => Kind::Balance,
             _ => Kind::Account,
         };
-        let amount = matches!(kind, Kind::Deposit | Kind::Withdraw).then(|| {
-            if kind == Kind::Withdraw {
+        let to = (kind == Kind::Transfer).then(|| loop {
+            let other = if self.rng.u32(0..100) < 70 {
+                self.accounts[self.rng.usize(0..self.hot)].clone()
+            } else {
+                self.accounts[self.rng.usize(0..self.accounts.len())].clone()
+            };
+            if other != account || self.accounts.len() < 2 {
+                break other;
+            }
+        });
+        let amount = matches!(kind, Kind::Deposit | Kind::Withdraw | Kind::Transfer).then(|| {
+            if kind != Kind::Deposit {
                 self.rng.i64(1..=6_000)
             } else {
                 self.rng.i64(1..=5_000)
             }
         });
         let known = self.known.get(&account).copied();
-        let key = (kind.is_command() && self.rng.u32(0..100) < 60).then(|| {
+        let keyed = kind == Kind::Transfer || self.rng.u32(0..100) < 60;
+        let key = (kind.is_command() && keyed).then(|| {
             self.counter += 1;
             format!("c{}-{}-{:x}", self.id, self.counter, self.rng.u64(..))
         });
-        let if_match = (kind.is_command() && kind != Kind::Open && self.rng.u32(0..100) < 15)
-            .then_some(known)
-            .flatten();
+        let if_match =
+            (kind.is_account_command() && kind != Kind::Open && self.rng.u32(0..100) < 15)
+                .then_some(known)
+                .flatten();
         let min_revision = (!kind.is_command() && self.rng.bool())
             .then_some(known)
             .flatten();
         Request {
             kind,
             account,
+            to,
             amount,
             key,
             if_match,
@@ -315,6 +353,8 @@ impl Client {
             client: self.id,
             kind: request.kind,
             account: request.account.clone(),
+            to: request.to.clone(),
+            transfer: None,
             amount: request.amount,
             key: request.key.clone(),
             if_match: request.if_match,
@@ -384,7 +424,9 @@ impl Client {
                     }
                     _ => Outcome::Info,
                 };
-                if op.outcome == Outcome::Ok {
+                if op.outcome == Outcome::Ok && request.kind == Kind::Transfer {
+                    op.transfer = body["id"].as_str().map(str::to_owned);
+                } else if op.outcome == Outcome::Ok {
                     op.revision = body["revision"].as_u64();
                     op.balance = body["balance"].as_str().and_then(minor);
                     if let Some(revision) = op.revision {

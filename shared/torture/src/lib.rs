@@ -1,7 +1,7 @@
 //! `tally-torture`: the fault harness behind `make torture`.
 //!
 //! A run is a *history* and a *checker*, as in Jepsen. Seeded clients send a random mix
-//! of opens, deposits, withdrawals, closes and reads — with and without
+//! of opens, deposits, withdrawals, transfers (always keyed), closes and reads — with and without
 //! `Idempotency-Key` and `If-Match`, most of them on a few hot accounts — and record
 //! every operation as *ok*, *fail* (a definite refusal) or *info* (the outcome is
 //! unknown: a timeout, a hang-up, a 503 of unknown outcome). Meanwhile a seeded
@@ -275,10 +275,13 @@ pub async fn settle_and_check(
     loop {
         let mut observed = check::Observed::from_api(base, accounts).await?;
         let verdict = check::check(ops, store, &observed).await?;
-        let behind = verdict
-            .violations
-            .iter()
-            .any(|v| v.invariant == "read-model-equals-store");
+        // Behind: the projection, or a transfer the saga has not ended yet.
+        let behind = verdict.violations.iter().any(|v| {
+            matches!(
+                v.invariant,
+                "read-model-equals-store" | "every-transfer-ended"
+            )
+        });
         if !behind || started.elapsed() >= within {
             let settled = started.elapsed().as_secs_f64();
             // The accounts' past, once the read model has been judged (see

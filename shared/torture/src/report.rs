@@ -84,6 +84,7 @@ pub struct Checked {
     pub acknowledged_commands: usize,
     pub unknown_commands: usize,
     pub reads: usize,
+    pub transfers: usize,
     pub total_balance_minor: i64,
 }
 
@@ -152,6 +153,7 @@ impl Report {
                 acknowledged_commands: verdict.acknowledged_commands,
                 unknown_commands: verdict.unknown_commands,
                 reads: verdict.reads_checked,
+                transfers: verdict.transfers,
                 total_balance_minor: verdict.total_balance,
             },
             seconds: seconds(ops, load_seconds),
@@ -215,13 +217,14 @@ impl Report {
         let c = &self.checked;
         let _ = writeln!(
             md,
-            "\nChecked: {} streams, {} commits, {} events; {} acknowledged and {} unknown commands; {} reads; total balance {}.{:02}.",
+            "\nChecked: {} streams, {} commits, {} events; {} acknowledged and {} unknown commands; {} reads; {} transfers; total balance {}.{:02}.",
             c.streams,
             c.commits,
             c.events,
             c.acknowledged_commands,
             c.unknown_commands,
             c.reads,
+            c.transfers,
             c.total_balance_minor / 100,
             c.total_balance_minor % 100
         );
