@@ -1027,3 +1027,26 @@ async fn a_run_whose_opening_another_transaction_inserted_first_still_applies_th
     let view = host.read_model.account(&id).await.unwrap().unwrap();
     assert_eq!(view.balance, 700);
 }
+
+/// Found by `make torture` (stack, seed 1796195194): the transfer saga, restarted by the
+/// nemesis while the S3 server was down, resumed pending transfers before it served its
+/// probes — and failed to start at all once that sweep gave up.
+#[tokio::test]
+async fn the_transfer_saga_starts_while_the_store_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tally_host::Config::with_data_dir(dir.path());
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    config.s3_bucket = Some("down".into());
+    config.s3_endpoint = Some(endpoint);
+    config.s3_access_key_id = Some("test".into());
+    config.s3_secret_access_key = Some("test".into());
+    let host = host_no_init(&config).await;
+    let started = tokio::time::timeout(Duration::from_secs(5), host.start_saga()).await;
+    assert!(
+        matches!(started, Ok(Ok(_))),
+        "the saga starts at once, and resumes pending transfers once the store answers"
+    );
+}

@@ -354,10 +354,26 @@ impl Host {
     pub async fn start_saga(&self) -> Result<tokio::task::JoinHandle<()>, BoxError> {
         let subscription = self.stream.subscribe(&self.config.saga_group).await?;
         let saga = self.state.saga.clone();
-        let resumed = saga.sweep(std::time::Duration::ZERO).await?;
-        if resumed > 0 {
-            tracing::info!(resumed, "transfers left pending were driven on");
-        }
+        // Resume what a stop left pending, beside the stream: a store that is down now
+        // only delays it, and never keeps the process from starting (and answering its
+        // probes).
+        let resume = saga.clone();
+        tokio::spawn(async move {
+            loop {
+                match resume.sweep(std::time::Duration::ZERO).await {
+                    Ok(resumed) => {
+                        if resumed > 0 {
+                            tracing::info!(resumed, "transfers left pending were driven on");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "resuming pending transfers failed; again in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
         let deadline = std::time::Duration::from_secs(self.config.transfer_deadline_seconds);
         saga.sweep_every(deadline.max(std::time::Duration::from_secs(1)), deadline);
         Ok(tokio::spawn(async move { saga.run(subscription).await }))
