@@ -387,15 +387,26 @@ impl Saga {
     /// Drive the transfer of a delivered commit, if it is a transfer's and not yet
     /// ended.
     pub async fn handle(&self, commit: &StoredCommit) {
+        if let Err(e) = self.try_handle(commit).await {
+            tracing::warn!(stream = %commit.stream, error = %e, "transfer left pending; the sweep will drive it on");
+        }
+    }
+
+    /// [`Saga::handle`], saying what became of the transfer: `None` for a commit of no
+    /// transfer (or of one already known to have ended), the transfer's status after
+    /// driving it otherwise, or why it could not be driven (a backend down: a Lambda
+    /// batch fails and is delivered again).
+    pub async fn try_handle(
+        &self,
+        commit: &StoredCommit,
+    ) -> Result<Option<TransferStatus>, SagaError> {
         let Some(id) = TransferId::of_stream(&commit.stream) else {
-            return;
+            return Ok(None);
         };
         if self.ended.lock().expect("poisoned").contains(&id) {
-            return;
+            return Ok(None);
         }
-        if let Err(e) = self.drive(&id).await {
-            tracing::warn!(transfer = %id, error = %e, "transfer left pending; the sweep will drive it on");
-        }
+        self.drive(&id).await.map(Some)
     }
 
     /// Follow the stream: every transfer commit drives its transfer, then is

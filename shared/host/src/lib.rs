@@ -89,6 +89,7 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
             }
         }
         Role::Relay => return run_relay(host, leader).await,
+        Role::Saga if tally_runtime::lambda_mode() => return lambda_saga(host).await,
         Role::Saga => {
             host.start_saga().await?;
         }
@@ -279,6 +280,48 @@ pub async fn handle_kafka_batch(
     Ok(
         serde_json::json!({"commits": commits.len(), "applied": applied, "duplicates": duplicates, "gaps_repaired": repaired}),
     )
+}
+
+/// The transfer saga under the Lambda runtime. An invocation is either a Kafka batch
+/// (`KafkaEvent`, from an event source mapping on the commit topic): every transfer it
+/// names is driven on, and if one cannot be (a backend down) the invocation fails and
+/// Lambda delivers the batch again (each step is idempotent, so that is safe); or
+/// anything else (e.g. a schedule's event): one sweep of the transfers pending past
+/// `TALLY_TRANSFER_DEADLINE_SECONDS`, which is what resumes a transfer whose batch
+/// Lambda gave up on.
+async fn lambda_saga(host: Host) -> Result<(), BoxError> {
+    let saga = host.state.saga.clone();
+    let deadline = std::time::Duration::from_secs(host.config.transfer_deadline_seconds);
+    let handler = lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<serde_json::Value>| {
+            let saga = saga.clone();
+            async move { handle_saga_invocation(&saga, deadline, event.payload).await }
+        },
+    );
+    lambda_runtime::run(handler).await
+}
+
+/// One invocation of the saga under Lambda (see [`lambda_saga`]): counts by outcome.
+pub async fn handle_saga_invocation(
+    saga: &tally_app::transfers::Saga,
+    deadline: std::time::Duration,
+    payload: serde_json::Value,
+) -> Result<serde_json::Value, BoxError> {
+    if payload.get("records").is_none() {
+        let driven = saga.sweep(deadline).await?;
+        return Ok(serde_json::json!({"swept": driven}));
+    }
+    let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_value(payload)?;
+    let commits = tally_kafka::decode_lambda_batch(&event)?;
+    let mut outcomes = std::collections::BTreeMap::<&'static str, u64>::new();
+    for commit in &commits {
+        let outcome = match saga.try_handle(commit).await? {
+            None => "skipped",
+            Some(status) => status.name(),
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    Ok(serde_json::json!({"commits": commits.len(), "transfers": outcomes}))
 }
 
 #[cfg(test)]
