@@ -115,6 +115,9 @@ ceiling=(--ceiling)
 # sets both).
 stack_ops=()
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --ops "* ]] && stack_ops=(--ops 2000)
+# Transfers: 200 per level on the stack (each is a saga of several S3 writes), the
+# dev gateway keeps 1,000.
+[ -z "$QUICK" ] && [[ " ${args[*]} " != *" --transfers "* ]] && stack_ops+=(--transfers 200)
 (
   . scripts/stack-env.sh
   "$BIN/tally-bench" --out "$OUT" load --target "stack=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"

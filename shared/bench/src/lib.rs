@@ -9,6 +9,12 @@
 //! followed by a poll of `GET /accounts/{id}` (the read model) until it shows the
 //! command's revision: the projection lag.
 //!
+//! Then, at each concurrency level, `transfers` transfers between random pairs of the
+//! same accounts: each worker sends `POST /transfers` (with an idempotency key of the
+//! run's own) and polls `GET /transfers/{id}` until the transfer has ended; the
+//! latency from the request to that end goes into a histogram of its own, and
+//! transfers per second counts the ended ones.
+//!
 //! The same seed gives the same sequence of operations; timings are measured, never
 //! asserted.
 
@@ -32,6 +38,8 @@ pub struct Plan {
     pub seed: u64,
     /// Measure the projection lag after every this-many acknowledged commands.
     pub lag_every: usize,
+    /// Transfers per concurrency level (0: none).
+    pub transfers: usize,
 }
 
 impl Plan {
@@ -43,6 +51,7 @@ impl Plan {
             concurrency: vec![1, 16, 64],
             seed: 42,
             lag_every: 10,
+            transfers: 1000,
         }
     }
 
@@ -54,6 +63,7 @@ impl Plan {
             concurrency: vec![1, 4],
             seed: 42,
             lag_every: 5,
+            transfers: 24,
         }
     }
 }
@@ -117,6 +127,22 @@ pub struct Level {
     pub lag_timeouts: u64,
 }
 
+/// The transfers of one concurrency level.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferLevel {
+    pub concurrency: usize,
+    pub seconds: f64,
+    /// `POST /transfers` → its 202 (errors: answers that were not 202).
+    pub request: Figures,
+    /// `POST /transfers` sent → `GET /transfers/{id}` shows it ended; `per_second` is
+    /// the level's transfers per second.
+    pub to_end: Figures,
+    /// How the transfers ended (`completed`, `failed`, `reversed`).
+    pub outcomes: BTreeMap<String, u64>,
+    /// Transfers still pending after 30 s of polling.
+    pub timeouts: u64,
+}
+
 /// A whole run against one target.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -128,6 +154,8 @@ pub struct Report {
     pub plan: Plan,
     pub setup: Figures,
     pub levels: Vec<Level>,
+    /// Transfers, per concurrency level (after the mixed workload).
+    pub transfers: Vec<TransferLevel>,
     /// The bare backends at the same concurrency levels (`--ceiling`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ceiling: Option<ceiling::Ceiling>,
@@ -152,8 +180,10 @@ impl Report {
             .iter()
             .flat_map(|l| l.ops.values())
             .chain(std::iter::once(&self.setup))
+            .chain(self.transfers.iter().map(|t| &t.request))
             .flat_map(|f| f.errors.values())
-            .sum()
+            .sum::<u64>()
+            + self.transfers.iter().map(|t| t.timeouts).sum::<u64>()
     }
 }
 
@@ -171,11 +201,21 @@ impl Recorder {
         }
     }
 
+    /// Record an answer; a 422 (a refused withdrawal) is a normal answer.
     fn record(&mut self, elapsed: Duration, status: u16) {
+        self.record_as(
+            elapsed,
+            status,
+            (200..300).contains(&status) || status == 422,
+        );
+    }
+
+    /// Record an answer, counting `status` as an error unless `ok`.
+    fn record_as(&mut self, elapsed: Duration, status: u16, ok: bool) {
         let _ = self
             .histogram
             .record((elapsed.as_micros() as u64).clamp(1, 60_000_000));
-        if !(200..300).contains(&status) && status != 422 {
+        if !ok {
             *self.errors.entry(status).or_default() += 1;
         }
     }
@@ -251,6 +291,59 @@ impl Target {
         }
     }
 
+    /// Request a transfer of `cents` from `from` to `to` under `key`: the status (0
+    /// when no answer came) and the transfer's id.
+    async fn transfer(&self, key: &str, from: &str, to: &str, cents: u32) -> (u16, Option<String>) {
+        let body = format!(
+            r#"{{"from": "{from}", "to": "{to}", "amount": "{}.{:02}", "reference": "bench"}}"#,
+            cents / 100,
+            cents % 100
+        );
+        let sent = self
+            .client
+            .post(format!("{}/transfers", self.base))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body = response.json::<serde_json::Value>().await.ok();
+                let id = body.and_then(|b| b["id"].as_str().map(str::to_owned));
+                (status, id)
+            }
+            Err(_) => (0, None),
+        }
+    }
+
+    /// Poll `GET /transfers/{id}` until the transfer has ended (within 30 s): its
+    /// final status. The interval grows from 1 ms to 10 ms, so polling neither
+    /// floods the query nor blurs the latency by more than that.
+    async fn transfer_end(&self, id: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(1);
+        while Instant::now() < deadline {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/transfers/{id}", self.base))
+                .send()
+                .await
+            {
+                if let Ok(body) = r.json::<serde_json::Value>().await {
+                    if let Some(s @ ("completed" | "failed" | "reversed")) = body["status"].as_str()
+                    {
+                        return Some(s.to_owned());
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 3 / 2).min(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// Poll the read model until account `id` shows `revision`; the time it took.
     async fn lag(&self, id: &str, revision: u64, since: Instant) -> Option<Duration> {
         let deadline = since + Duration::from_secs(10);
@@ -323,6 +416,17 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
         ));
         levels.push(level(&http, &ids, plan, concurrency, n as u64, &progress).await);
     }
+    let mut transfers = Vec::new();
+    if plan.transfers > 0 && ids.len() >= 2 {
+        for (n, &concurrency) in plan.concurrency.iter().enumerate() {
+            progress(&format!(
+                "{target}: {} transfers at concurrency {concurrency}",
+                plan.transfers
+            ));
+            let keys = format!("bench-{nonce}-{n}");
+            transfers.push(transfer_level(&http, &ids, plan, concurrency, &keys, n as u64).await);
+        }
+    }
     Report {
         target: target.into(),
         commit: std::env::var("TALLY_BENCH_COMMIT").ok(),
@@ -331,7 +435,85 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
         plan: plan.clone(),
         setup,
         levels,
+        transfers,
         ceiling: None,
+    }
+}
+
+/// `plan.transfers` transfers with `concurrency` workers, each waiting for its
+/// transfer to end before it requests the next.
+async fn transfer_level(
+    http: &Arc<Target>,
+    ids: &Arc<Vec<String>>,
+    plan: &Plan,
+    concurrency: usize,
+    keys: &str,
+    level_no: u64,
+) -> TransferLevel {
+    struct Tally {
+        request: Recorder,
+        to_end: Recorder,
+        outcomes: BTreeMap<String, u64>,
+        timeouts: u64,
+    }
+    let tally = Arc::new(Mutex::new(Tally {
+        request: Recorder::new(),
+        to_end: Recorder::new(),
+        outcomes: BTreeMap::new(),
+        timeouts: 0,
+    }));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (http, ids, tally) = (http.clone(), ids.clone(), tally.clone());
+            let share =
+                plan.transfers / concurrency + usize::from(w < plan.transfers % concurrency);
+            let seed = plan.seed ^ 0x7472_616e ^ (level_no << 32) ^ w as u64;
+            let keys = format!("{keys}-{w}");
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                for i in 0..share {
+                    let from = rng.usize(..ids.len());
+                    let to = (from + rng.usize(1..ids.len())) % ids.len();
+                    let cents = rng.u32(1..=1_00);
+                    let sent = Instant::now();
+                    let (status, id) = http
+                        .transfer(&format!("{keys}-{i}"), &ids[from], &ids[to], cents)
+                        .await;
+                    let requested = sent.elapsed();
+                    // 202 is the only answer a well-formed transfer gets.
+                    let accepted = status == 202;
+                    tally
+                        .lock()
+                        .expect("tally")
+                        .request
+                        .record_as(requested, status, accepted);
+                    let Some(id) = id.filter(|_| accepted) else {
+                        continue;
+                    };
+                    let end = http.transfer_end(&id).await;
+                    let mut tally = tally.lock().expect("tally");
+                    match end {
+                        Some(outcome) => {
+                            tally.to_end.record(sent.elapsed(), 200);
+                            *tally.outcomes.entry(outcome).or_default() += 1;
+                        }
+                        None => tally.timeouts += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    futures::future::join_all(workers).await;
+    let seconds = start.elapsed().as_secs_f64();
+    let tally = tally.lock().expect("tally");
+    TransferLevel {
+        concurrency,
+        seconds,
+        request: tally.request.figures(seconds),
+        to_end: tally.to_end.figures(seconds),
+        outcomes: tally.outcomes.clone(),
+        timeouts: tally.timeouts,
     }
 }
 
@@ -483,6 +665,48 @@ pub fn markdown(report: &Report) -> String {
             md.push_str(&format!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {errors} |\n",
                 f.count, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+            ));
+        }
+    }
+    if !report.transfers.is_empty() {
+        md.push_str(&format!(
+            "\n## transfers ({} per level; each worker waits for its transfer to end)\n\n\
+             | concurrency | seconds | transfers/s | request p50 / p99 ms | to end p50 ms | p90 ms | p99 ms | max ms | outcomes | errors |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |\n",
+            report.plan.transfers
+        ));
+        for t in &report.transfers {
+            let outcomes = t
+                .outcomes
+                .iter()
+                .map(|(s, n)| format!("{s} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut errors: Vec<String> = t
+                .request
+                .errors
+                .iter()
+                .map(|(s, n)| format!("{s}×{n}"))
+                .collect();
+            if t.timeouts > 0 {
+                errors.push(format!("{} still pending", t.timeouts));
+            }
+            let errors = if errors.is_empty() {
+                "—".to_string()
+            } else {
+                errors.join(" ")
+            };
+            md.push_str(&format!(
+                "| {} | {:.1} | {:.1} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {outcomes} | {errors} |\n",
+                t.concurrency,
+                t.seconds,
+                t.to_end.per_second,
+                t.request.p50_ms,
+                t.request.p99_ms,
+                t.to_end.p50_ms,
+                t.to_end.p90_ms,
+                t.to_end.p99_ms,
+                t.to_end.max_ms,
             ));
         }
     }

@@ -62,6 +62,9 @@ struct Load {
     /// Operations per concurrency level.
     #[arg(long)]
     ops: Option<usize>,
+    /// Transfers per concurrency level (0: none).
+    #[arg(long)]
+    transfers: Option<usize>,
     /// Concurrency levels, comma separated.
     #[arg(long, value_delimiter = ',')]
     concurrency: Option<Vec<usize>>,
@@ -110,6 +113,7 @@ async fn load(cli: Load, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     };
     plan.accounts = cli.accounts.unwrap_or(plan.accounts);
     plan.ops = cli.ops.unwrap_or(plan.ops);
+    plan.transfers = cli.transfers.unwrap_or(plan.transfers);
     plan.concurrency = cli.concurrency.unwrap_or(plan.concurrency);
     plan.seed = cli.seed.unwrap_or(plan.seed);
     let ceiling = if cli.ceiling {

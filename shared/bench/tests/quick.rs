@@ -7,6 +7,7 @@ use tally_bench::{markdown, run, Plan};
 async fn dev_gateway() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let host = tally_host::Host::embedded(dir.path()).await.unwrap();
+    host.start_saga().await.unwrap();
     let app = tally_host::gateway_app(&host);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -38,7 +39,28 @@ async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
         assert!(level.projection_lag.count > 0, "lag was sampled");
         assert_eq!(level.lag_timeouts, 0);
     }
+    assert_eq!(report.transfers.len(), plan.concurrency.len());
+    for t in &report.transfers {
+        assert_eq!(
+            t.request.count, plan.transfers as u64,
+            "every transfer requested"
+        );
+        assert_eq!(t.timeouts, 0, "every transfer ended");
+        assert_eq!(
+            t.outcomes.get("completed").copied(),
+            Some(plan.transfers as u64),
+            "funded accounts: every transfer completes ({:?})",
+            t.outcomes
+        );
+        assert_eq!(t.to_end.count, plan.transfers as u64);
+        assert!(t.to_end.per_second > 0.0);
+        assert!(
+            t.request.p50_ms <= t.to_end.p50_ms,
+            "an end comes after its request"
+        );
+    }
     let md = markdown(&report);
+    assert!(md.contains("## transfers"), "{md}");
     for name in [
         "deposit",
         "withdraw",

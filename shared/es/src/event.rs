@@ -20,6 +20,22 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    /// Read `data` as the payload struct `T` of `event_type` v`version`; a mismatch is
+    /// [`DecodeError::Malformed`]. What every [`DomainEvent::decode`] does per version.
+    pub fn payload<T: serde::de::DeserializeOwned>(
+        event_type: &str,
+        version: u32,
+        data: Value,
+    ) -> Result<T, Self> {
+        serde_json::from_value(data).map_err(|e| Self::Malformed {
+            event_type: event_type.to_owned(),
+            version,
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// An event type that can be stored and read back across schema versions.
 ///
 /// [`encode`](DomainEvent::encode) always writes the current version;

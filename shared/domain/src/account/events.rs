@@ -17,7 +17,7 @@
 //! version under `tests/fixtures/` that stays forever.
 
 use crate::{AccountId, Currency, TransferId};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tally_es::{DecodeError, DomainEvent};
 
@@ -122,18 +122,6 @@ struct TransferMovedV1 {
     balance: i64,
 }
 
-fn payload<T: DeserializeOwned>(
-    event_type: &str,
-    version: u32,
-    data: Value,
-) -> Result<T, DecodeError> {
-    serde_json::from_value(data).map_err(|e| DecodeError::Malformed {
-        event_type: event_type.to_owned(),
-        version,
-        reason: e.to_string(),
-    })
-}
-
 impl DomainEvent for AccountEvent {
     fn event_type(&self) -> &'static str {
         match self {
@@ -193,21 +181,21 @@ impl DomainEvent for AccountEvent {
     fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
         match (event_type, version) {
             ("AccountOpened", 1) => {
-                let p: OpenedV1 = payload(event_type, version, data)?;
+                let p: OpenedV1 = DecodeError::payload(event_type, version, data)?;
                 Ok(Self::Opened {
                     id: p.id,
                     currency: p.currency,
                 })
             }
             ("Deposited", 1) => {
-                let p: MovedV1 = payload(event_type, version, data)?;
+                let p: MovedV1 = DecodeError::payload(event_type, version, data)?;
                 Ok(Self::Deposited {
                     amount: p.amount,
                     balance: p.balance,
                 })
             }
             ("Withdrawn", 1) => {
-                let p: MovedV1 = payload(event_type, version, data)?;
+                let p: MovedV1 = DecodeError::payload(event_type, version, data)?;
                 Ok(Self::Withdrawn {
                     amount: p.amount,
                     balance: p.balance,
@@ -215,7 +203,7 @@ impl DomainEvent for AccountEvent {
             }
             ("AccountClosed", 1) => Ok(Self::Closed),
             ("TransferredOut" | "TransferredIn" | "TransferRefunded", 1) => {
-                let p: TransferMovedV1 = payload(event_type, version, data)?;
+                let p: TransferMovedV1 = DecodeError::payload(event_type, version, data)?;
                 let (transfer, counterparty, amount, balance) =
                     (p.transfer, p.counterparty, p.amount, p.balance);
                 Ok(match event_type {

@@ -11,7 +11,7 @@
 
 use super::{TransferFailure, TransferId};
 use crate::{AccountId, Currency};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tally_es::{DecodeError, DomainEvent, Revision};
 
@@ -86,18 +86,6 @@ fn refused(failure: &TransferFailure) -> Value {
     })
 }
 
-fn payload<T: DeserializeOwned>(
-    event_type: &str,
-    version: u32,
-    data: Value,
-) -> Result<T, DecodeError> {
-    serde_json::from_value(data).map_err(|e| DecodeError::Malformed {
-        event_type: event_type.to_owned(),
-        version,
-        reason: e.to_string(),
-    })
-}
-
 const TYPES: [&str; 6] = [
     "TransferRequested",
     "TransferDebited",
@@ -161,11 +149,13 @@ impl DomainEvent for TransferEvent {
                 version,
             });
         }
-        let step = |data| payload::<StepV1>(event_type, version, data).map(|s| s.revision);
-        let failure = |data| payload::<RefusedV1>(event_type, version, data).map(Into::into);
+        let step =
+            |data| DecodeError::payload::<StepV1>(event_type, version, data).map(|s| s.revision);
+        let failure =
+            |data| DecodeError::payload::<RefusedV1>(event_type, version, data).map(Into::into);
         Ok(match event_type {
             "TransferRequested" => {
-                let p: RequestedV1 = payload(event_type, version, data)?;
+                let p: RequestedV1 = DecodeError::payload(event_type, version, data)?;
                 Self::Requested {
                     id: p.id,
                     from: p.from,
