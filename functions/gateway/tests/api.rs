@@ -517,3 +517,101 @@ async fn a_transfer_left_pending_is_resumed_at_start() {
     let (_, b) = gw.get("/accounts/p-b/balance").await;
     assert_eq!(b["balance"], "4.00");
 }
+
+/// The transfer movements of account `id` in the store, by type and transfer id.
+async fn transfer_movements(gw: &Gateway, id: &str) -> Vec<(String, String)> {
+    let commits = gw
+        .embedded
+        .store
+        .read(&StreamId::parse(id).unwrap(), Revision::new(1))
+        .await
+        .unwrap();
+    commits
+        .iter()
+        .flat_map(|c| &c.events)
+        .filter(|e| e.event_type.starts_with("Transfer"))
+        .map(|e| (e.event_type.clone(), e.data["transfer"].to_string()))
+        .collect()
+}
+
+/// A transfer whose debit was made but not recorded (a crash between the two), resumed
+/// only after its account took more keyed commands than a stream remembers keys for
+/// (`REMEMBERED_KEYS`), debits once: the step's key is looked up exactly from the
+/// revision the request recorded, not only in the window. Found by `make torture`
+/// (dev, seed 1796216143: a debit and a credit applied twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_resumed_after_its_debit_left_the_key_window_debits_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tally_host::Config::with_data_dir(dir.path());
+    config.fault_injection = Some("stall-after-debit".into());
+    let stalled = Gateway::start_with(config).await;
+    for id in ["w-a", "w-b"] {
+        stalled
+            .post("/accounts", &json!({"ID": id}).to_string())
+            .await;
+    }
+    stalled
+        .post("/accounts/w-a/deposit", r#"{"Amount": 10}"#)
+        .await;
+    let (s, t, _) = cases::transfer(&stalled, "window-1", "w-a", "w-b", "4.00").await;
+    assert_eq!(s, 202, "{t}");
+    let id = t["id"].as_str().unwrap().to_owned();
+    let debits = || async { transfer_movements(&stalled, "w-a").await.len() };
+    for _ in 0..100 {
+        if debits().await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(debits().await, 1, "the stalled saga made the debit");
+    let (_, still) = stalled.get(&format!("/transfers/{id}")).await;
+    assert_eq!(still["status"], "pending", "and did not record it: {still}");
+
+    let keyed = tally_app::commands::REMEMBERED_KEYS + 100;
+    for chunk in (0..keyed).collect::<Vec<_>>().chunks(16) {
+        join_all(chunk.iter().map(|n| {
+            let key = format!("deposit-{n}");
+            let api = &stalled.api;
+            async move {
+                let (s, b, _) = api
+                    .send(
+                        "POST",
+                        "/accounts/w-a/deposit",
+                        Some(r#"{"Amount": "0.01"}"#),
+                        &[("idempotency-key", key.as_str())],
+                    )
+                    .await;
+                assert_eq!(s, 200, "{b}");
+            }
+        }))
+        .await;
+    }
+    drop(stalled);
+
+    // A new process, cold: it loads `w-a` from a snapshot whose remembered keys are
+    // all newer than the debit, and the sweep at start drives the transfer on.
+    let gw = Gateway::start(dir.path()).await;
+    let done = cases::settled(&gw, &id, 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let quoted = format!("\"{id}\"");
+    assert_eq!(
+        transfer_movements(&gw, "w-a").await,
+        vec![("TransferredOut".to_owned(), quoted.clone())],
+        "one debit"
+    );
+    assert_eq!(
+        transfer_movements(&gw, "w-b").await,
+        vec![("TransferredIn".to_owned(), quoted)],
+        "one credit"
+    );
+    let (_, a) = gw
+        .get(&format!("/accounts/w-a/balance?min_revision={}", 3 + keyed))
+        .await;
+    assert_eq!(
+        a["balance"],
+        format!("{:.2}", 6.0 + keyed as f64 / 100.0),
+        "{a}"
+    );
+    let (_, b) = gw.get("/accounts/w-b/balance").await;
+    assert_eq!(b["balance"], "4.00", "{b}");
+}

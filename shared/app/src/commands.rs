@@ -26,6 +26,14 @@ pub struct CommandContext {
     pub expected: Option<Revision>,
     /// For tracing.
     pub request_id: Option<String>,
+    /// A revision of the stream at or before which the idempotency key cannot have
+    /// been used: the key names something that came into being after the stream was
+    /// seen at this revision (a transfer's steps, after its request read the account).
+    /// With it the key lookup is exact however old the key is: one missed by the
+    /// remembered window is looked up in the store's commits after this revision.
+    /// Without it, a key older than the stream's newest [`REMEMBERED_KEYS`] keyed
+    /// commands is decided again (the window clients' retries get).
+    pub key_unused_through: Option<Revision>,
 }
 
 /// A command that took effect, now or on an earlier request with the same key.
@@ -183,6 +191,18 @@ impl<A: Aggregate> Loaded<A> {
             .rev()
             .find(|r| r.key == key)
             .map(KeyHit::Remembered)
+    }
+
+    /// Whether every idempotency key of the commits after `horizon` is in memory: in
+    /// the decoded commits, or in the remembered keys (which drop the oldest first, and
+    /// only once there are [`REMEMBERED_KEYS`] of them).
+    fn knows_keys_after(&self, horizon: Revision) -> bool {
+        horizon >= self.commits_from
+            || self.remembered.len() < REMEMBERED_KEYS
+            || self
+                .remembered
+                .first()
+                .is_some_and(|oldest| oldest.revision <= horizon.next())
     }
 
     /// The keys to remember in a snapshot taken after `commit`: the newest `keep`.
@@ -629,7 +649,14 @@ where
         let honour_keys = !self.faults.has(Fault::ApplyRetriesTwice);
         if let Some((key, fingerprint)) = ctx.idempotency.as_ref().filter(|_| honour_keys) {
             let first = match loaded.with_key(key) {
-                None => None,
+                None => match ctx.key_unused_through {
+                    Some(horizon) if !loaded.knows_keys_after(horizon) => self
+                        .find_key_after(stream, horizon, key)
+                        .await
+                        .map_err(Attempt::Failed)?
+                        .map(|c| (c.metadata.fingerprint.clone(), c)),
+                    _ => None,
+                },
                 Some(KeyHit::Commit(c)) => Some((c.metadata.fingerprint.clone(), c.clone())),
                 Some(KeyHit::Remembered(r)) => {
                     let commit = self
@@ -680,6 +707,27 @@ where
             events,
             metadata,
         )))
+    }
+
+    /// The commit after `horizon` made with idempotency key `key`, read from the store:
+    /// for a key older than the remembered window whose caller knows it was not used
+    /// at or before `horizon` (rare: a transfer step retried after more keyed commands
+    /// than the window holds).
+    async fn find_key_after(
+        &self,
+        stream: &StreamId,
+        horizon: Revision,
+        key: &str,
+    ) -> Result<Option<Commit<A::Event>>, CommandError<A::Error>> {
+        let stored = self.store.read_after(stream, horizon).await?;
+        tracing::info!(%stream, %horizon, commits = stored.len(),
+            "idempotency key older than the remembered window: looking it up in the store");
+        stored
+            .iter()
+            .find(|c| c.metadata.idempotency_key.as_deref() == Some(key))
+            .map(Commit::decode)
+            .transpose()
+            .map_err(CommandError::from)
     }
 
     /// The commit that starts at `revision` (an answer remembered by a snapshot).

@@ -2,7 +2,8 @@
 //! prove the checkers of `make torture` catch a broken one.
 //!
 //! `TALLY_FAULT_INJECTION` names them, comma-separated. Nothing is injected unless it
-//! is set; every fault but `delay-publish` breaks a guarantee on purpose.
+//! is set; every fault but `delay-publish` and `stall-after-debit` breaks a guarantee
+//! on purpose.
 
 use std::fmt;
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub enum Fault {
     /// `skip-credit`: the transfer saga records a transfer's credit without making it:
     /// breaks "money is conserved" and "a transfer takes effect once".
     SkipCredit,
+    /// `stall-after-debit`: the transfer saga stops driving a transfer right after its
+    /// debit, before recording it, as a crash between the two would leave it (no
+    /// guarantee broken: the next drive finds the debit by its key and goes on).
+    StallAfterDebit,
 }
 
 /// How long `delay-publish` waits.
@@ -49,17 +54,18 @@ const NAMES: &[(&str, Fault)] = &[
     ("stale-balance", Fault::StaleBalance),
     ("stale-history", Fault::StaleHistory),
     ("skip-credit", Fault::SkipCredit),
+    ("stall-after-debit", Fault::StallAfterDebit),
 ];
 
 /// The set of faults a process injects (empty: none).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Faults(u8);
+pub struct Faults(u16);
 
 impl Faults {
     /// No fault.
     pub const NONE: Faults = Faults(0);
 
-    fn bit(fault: Fault) -> u8 {
+    fn bit(fault: Fault) -> u16 {
         1 << NAMES
             .iter()
             .position(|(_, f)| *f == fault)

@@ -7,7 +7,10 @@
 //! stream at the revision the saga read. So:
 //!
 //! * a step retried after a crash, or run twice by two workers, applies once: the
-//!   second run of an account command finds its key and answers with the first commit;
+//!   second run of an account command finds its key and answers with the first commit —
+//!   however many commands the account took since, because the request recorded the
+//!   revisions the accounts had reached and the key is looked up exactly after them
+//!   ([`CommandContext::key_unused_through`]), not only in the remembered window;
 //! * two workers never both record a step: the second append loses the race, reloads,
 //!   and finds the step done;
 //! * no lock is ever held across accounts: transfers in both directions between two
@@ -30,6 +33,14 @@ use tally_domain::{
 };
 use tally_es::{Commit, Delivery, EventStore, Revision, StoreError, StoredCommit, Subscription};
 use time::OffsetDateTime;
+
+/// How many transfers one saga process drives at once from its stream (or a Lambda
+/// batch). Distinct transfers share nothing but their accounts, whose commands take
+/// turns per account.
+pub const DRIVEN_AT_ONCE: usize = 32;
+
+/// How long a request waits for the accounts' revisions before recording zero.
+const SEEN_WITHIN: Duration = Duration::from_secs(2);
 
 /// One step of a transfer as it was recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,15 +216,19 @@ impl Saga {
         let id = TransferId::from_key(owner, key);
         let ctx = CommandContext {
             idempotency: Some((key.to_owned(), request.fingerprint())),
-            expected: None,
             request_id,
+            ..CommandContext::default()
         };
+        let (from_at_request, to_at_request) =
+            tokio::join!(self.seen(&request.from), self.seen(&request.to));
         let command = TransferCommand::Request {
             id: id.clone(),
             from: request.from,
             to: request.to,
             amount: request.amount,
             reference: request.reference,
+            from_at_request,
+            to_at_request,
         };
         let executed = self
             .transfers
@@ -226,6 +241,17 @@ impl Saga {
                 .expect("a request commit"),
         };
         Ok((view, executed.replayed))
+    }
+
+    /// A revision `account` has reached, as the cache or the read model knows it (zero
+    /// if neither answers soon, or it does not exist yet): the request records it, and
+    /// the steps' idempotency keys are looked up exactly from it on. Any revision read
+    /// before the request is appended will do, since no step runs before that.
+    async fn seen(&self, account: &AccountId) -> Revision {
+        match tokio::time::timeout(SEEN_WITHIN, self.queries.balance(account, None)).await {
+            Ok(Ok(balance)) => balance.revision,
+            _ => Revision::ZERO,
+        }
     }
 
     /// The transfer `id`, read from its stream.
@@ -269,6 +295,11 @@ impl Saga {
                 TransferStatus::NotRequested => return Ok(state.status),
                 s if s.is_final() => return Ok(s),
                 TransferStatus::Requested => match self.step(id, &state, Step::Debit).await? {
+                    Ok(_) if self.faults.has(Fault::StallAfterDebit) => {
+                        return Err(SagaError::Transfer(
+                            "fault injection: stalled after the debit, before recording it".into(),
+                        ));
+                    }
                     Ok(revision) => TransferCommand::RecordDebit { revision },
                     Err(failure) => TransferCommand::RefuseDebit { failure },
                 },
@@ -322,6 +353,10 @@ impl Saga {
             tracing::error!(transfer = %id, "fault injection: the credit is recorded, not made");
             return Ok(Ok(Revision::ZERO));
         }
+        let horizon = match step {
+            Step::Debit | Step::Refund => state.from_at_request,
+            Step::Credit => state.to_at_request,
+        };
         let (account, command, name) = match step {
             Step::Debit => (
                 from,
@@ -355,8 +390,8 @@ impl Saga {
         let key = format!("transfer {id} {name}");
         let ctx = CommandContext {
             idempotency: Some((key.clone(), key)),
-            expected: None,
-            request_id: None,
+            key_unused_through: Some(horizon),
+            ..CommandContext::default()
         };
         match self
             .accounts
@@ -409,13 +444,50 @@ impl Saga {
         self.drive(&id).await.map(Some)
     }
 
-    /// Follow the stream: every transfer commit drives its transfer, then is
-    /// acknowledged (a transfer left pending by a failed step is the sweep's).
+    /// [`Saga::try_handle`] for a batch of commits (a Lambda invocation's), driving the
+    /// distinct transfers they name [`DRIVEN_AT_ONCE`] at a time. Fails if any of them
+    /// could not be driven (the batch is delivered again; every step is idempotent).
+    /// Returns, per distinct transfer, its status (`None`: ended before, or no transfer's).
+    pub async fn try_handle_batch(
+        &self,
+        commits: &[StoredCommit],
+    ) -> Result<Vec<Option<TransferStatus>>, SagaError> {
+        use futures::{StreamExt, TryStreamExt};
+        let mut seen = HashSet::new();
+        let distinct: Vec<&StoredCommit> = commits
+            .iter()
+            .filter(|c| seen.insert(c.stream.clone()))
+            .collect();
+        futures::stream::iter(distinct)
+            .map(|commit| self.try_handle(commit))
+            .buffer_unordered(DRIVEN_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    /// Follow the stream: every transfer commit starts a drive of its transfer (at most
+    /// [`DRIVEN_AT_ONCE`] at a time, so one slow transfer holds up no other), and is
+    /// acknowledged once its drive has started. A drive cut short — a failed step, or a
+    /// crash — leaves the transfer pending, and pending transfers are the sweep's: every
+    /// one at start, and those idle past the deadline after that.
     pub async fn run(&self, mut subscription: Box<dyn Subscription>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(DRIVEN_AT_ONCE));
         while let Some(delivery) = subscription.next().await {
             match delivery {
                 Delivery::Commit(commit) => {
-                    self.handle(&commit).await;
+                    if TransferId::of_stream(&commit.stream).is_some() {
+                        let permit = permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("the semaphore is never closed");
+                        let saga = self.clone();
+                        let commit = commit.clone();
+                        tokio::spawn(async move {
+                            saga.handle(&commit).await;
+                            drop(permit);
+                        });
+                    }
                     if let Err(e) = subscription.ack(&commit).await {
                         tracing::warn!(stream = %commit.stream, error = %e, "ack failed; the commit may be delivered again");
                     }
@@ -430,42 +502,61 @@ impl Saga {
         }
     }
 
-    /// Drive every transfer pending for longer than `deadline` (by its last step).
-    /// Returns how many were driven.
+    /// Drive every transfer pending for longer than `deadline` (by its last step),
+    /// [`DRIVEN_AT_ONCE`] at a time. Returns how many were driven.
     pub async fn sweep(&self, deadline: Duration) -> Result<usize, SagaError> {
+        use futures::StreamExt;
         let streams = self
             .store
             .streams()
             .await
             .map_err(|e| SagaError::Transfer(e.to_string()))?;
         let now = OffsetDateTime::now_utc();
+        let candidates: Vec<TransferId> = {
+            let ended = self.ended.lock().expect("poisoned");
+            streams
+                .iter()
+                .filter_map(TransferId::of_stream)
+                .filter(|id| !ended.contains(id))
+                .collect()
+        };
+        let outcomes: Vec<Result<bool, SagaError>> = futures::stream::iter(candidates)
+            .map(|id| self.sweep_one(id, now, deadline))
+            .buffer_unordered(DRIVEN_AT_ONCE)
+            .collect()
+            .await;
         let mut driven = 0;
-        for stream in &streams {
-            let Some(id) = TransferId::of_stream(stream) else {
-                continue;
-            };
-            if self.ended.lock().expect("poisoned").contains(&id) {
-                continue;
-            }
-            let Some(view) = self.get(&id).await? else {
-                continue;
-            };
-            if view.state.status.is_final() {
-                self.ended.lock().expect("poisoned").insert(id);
-                continue;
-            }
-            let idle = view.updated_at().map_or(Duration::MAX, |at| {
-                Duration::try_from(now - at).unwrap_or(Duration::ZERO)
-            });
-            if idle < deadline {
-                continue;
-            }
-            driven += 1;
-            if let Err(e) = self.drive(&id).await {
-                tracing::warn!(transfer = %id, error = %e, "the sweep could not drive this transfer on");
-            }
+        for outcome in outcomes {
+            driven += usize::from(outcome?);
         }
         Ok(driven)
+    }
+
+    /// Drive transfer `id` if it is pending and was idle for `deadline` at `now`.
+    /// Returns whether it was driven.
+    async fn sweep_one(
+        &self,
+        id: TransferId,
+        now: OffsetDateTime,
+        deadline: Duration,
+    ) -> Result<bool, SagaError> {
+        let Some(view) = self.get(&id).await? else {
+            return Ok(false);
+        };
+        if view.state.status.is_final() {
+            self.ended.lock().expect("poisoned").insert(id);
+            return Ok(false);
+        }
+        let idle = view.updated_at().map_or(Duration::MAX, |at| {
+            Duration::try_from(now - at).unwrap_or(Duration::ZERO)
+        });
+        if idle < deadline {
+            return Ok(false);
+        }
+        if let Err(e) = self.drive(&id).await {
+            tracing::warn!(transfer = %id, error = %e, "the sweep could not drive this transfer on");
+        }
+        Ok(true)
     }
 
     /// Sweep every `every`, for transfers pending past `deadline`, in the background.

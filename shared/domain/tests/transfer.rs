@@ -107,6 +107,8 @@ fn requested() -> TransferEvent {
         amount: 2_500,
         currency: Currency::USD,
         reference: "rent".into(),
+        from_at_request: Revision::new(41),
+        to_at_request: Revision::new(7),
     }
 }
 
@@ -129,6 +131,8 @@ fn a_transfer_goes_requested_debited_completed() {
             to: account("b"),
             amount: usd("25.00"),
             reference: "rent".into(),
+            from_at_request: Revision::new(41),
+            to_at_request: Revision::new(7),
         })
         .then_expect_events(vec![requested()]);
     assert_eq!(state.status.name(), "pending");
@@ -203,6 +207,8 @@ fn a_transfer_needs_two_accounts_and_a_short_reference() {
         to: account(to),
         amount: usd("1.00"),
         reference,
+        from_at_request: Revision::ZERO,
+        to_at_request: Revision::ZERO,
     };
     Test::given_no_previous_events()
         .when(request("a", String::new()))
@@ -233,5 +239,5 @@ fn every_stored_transfer_fixture_decodes() {
         );
         seen += 1;
     }
-    assert_eq!(seen, 6, "one fixture per event type and version");
+    assert_eq!(seen, 7, "one fixture per event type and version");
 }

@@ -510,6 +510,99 @@ async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_k
     );
 }
 
+/// A key with a horizon (`key_unused_through`) is answered exactly however many keyed
+/// commands pushed it out of the remembered window: by the process that keeps the
+/// stream warm and by a new one loading from a snapshot. Without a horizon the same
+/// retry is decided again: the window clients' keys get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_a_horizon_is_answered_however_far_it_fell_behind_the_window() {
+    use tally_es::SnapshotStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let new_process = || {
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(16)))
+            .with_snapshots(Arc::new(store.clone()), 100)
+    };
+    let handler = new_process();
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("horizon").unwrap();
+    open_account(&handler, &id).await;
+    let deposit = |n: usize| {
+        (
+            AccountCommand::Deposit {
+                amount: policy.parse("1").unwrap(),
+            },
+            CommandContext {
+                idempotency: Some((format!("k{n}"), "deposit 1".into())),
+                ..Default::default()
+            },
+        )
+    };
+    let step = |horizon: Option<Revision>| CommandContext {
+        idempotency: Some(("step".into(), "withdraw 1".into())),
+        key_unused_through: horizon,
+        ..Default::default()
+    };
+    let (command, ctx) = deposit(0);
+    handler
+        .execute(id.stream_id(), command, &ctx)
+        .await
+        .unwrap();
+    let withdraw = || AccountCommand::Withdraw {
+        amount: policy.parse("1").unwrap(),
+    };
+    // The step, made when the account stood at revision 2.
+    let first = handler
+        .execute(id.stream_id(), withdraw(), &step(Some(Revision::new(2))))
+        .await
+        .unwrap();
+    assert_eq!(first.commit.revision, Revision::new(3));
+    let keyed = tally_app::commands::REMEMBERED_KEYS + 50;
+    for n in 1..=keyed {
+        let (command, ctx) = deposit(n);
+        handler
+            .execute(id.stream_id(), command, &ctx)
+            .await
+            .unwrap();
+    }
+    let last = Revision::new(3 + keyed as u64);
+    for _ in 0..200 {
+        let snapshot = store.latest(id.stream_id()).await.unwrap();
+        if snapshot.is_some_and(|s| s.revision.get() >= last.get() / 100 * 100) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for (who, handler) in [("warm", &handler), ("cold", &new_process())] {
+        let again = handler
+            .execute(id.stream_id(), withdraw(), &step(Some(Revision::new(2))))
+            .await
+            .unwrap();
+        assert!(again.replayed, "{who}: answered, not applied again");
+        assert_eq!(again.commit.revision, Revision::new(3), "{who}");
+        assert_eq!(again.commit.events, first.commit.events, "{who}");
+    }
+    // The same key reused for another request is refused, found the same way.
+    let reused = CommandContext {
+        idempotency: Some(("step".into(), "withdraw 2".into())),
+        key_unused_through: Some(Revision::new(2)),
+        ..Default::default()
+    };
+    let refused = new_process()
+        .execute(id.stream_id(), withdraw(), &reused)
+        .await;
+    assert!(
+        matches!(refused, Err(tally_app::CommandError::IdempotencyKeyReused)),
+        "{refused:?}"
+    );
+    let without = handler
+        .execute(id.stream_id(), withdraw(), &step(None))
+        .await
+        .unwrap();
+    assert!(!without.replayed, "without a horizon the window decides");
+    assert_eq!(without.commit.revision, last.next());
+}
+
 /// A store whose first append lands but answers "unavailable", after another process
 /// has (in this story) already taken a snapshot that covers it.
 struct AmbiguousOnce {

@@ -314,11 +314,8 @@ pub async fn handle_saga_invocation(
     let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_value(payload)?;
     let commits = tally_kafka::decode_lambda_batch(&event)?;
     let mut outcomes = std::collections::BTreeMap::<&'static str, u64>::new();
-    for commit in &commits {
-        let outcome = match saga.try_handle(commit).await? {
-            None => "skipped",
-            Some(status) => status.name(),
-        };
+    for status in saga.try_handle_batch(&commits).await? {
+        let outcome = status.map_or("skipped", |s| s.name());
         *outcomes.entry(outcome).or_default() += 1;
     }
     Ok(serde_json::json!({"commits": commits.len(), "transfers": outcomes}))

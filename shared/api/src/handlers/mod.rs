@@ -36,6 +36,7 @@ pub(crate) async fn run_command(
             .map(|k| (k.as_str().to_owned(), fingerprint)),
         expected: headers.expected,
         request_id: headers.request_id,
+        key_unused_through: None,
     };
     // The command runs in a task of its own: a client that hangs up drops this
     // handler's future, and a command cut off between its append and its publish (or

@@ -1,8 +1,9 @@
-//! Transfer events and their stored schema (all version 1).
+//! Transfer events and their stored schema.
 //!
 //! | type                     | payload                                                          |
 //! | ------------------------ | ---------------------------------------------------------------- |
-//! | `TransferRequested`      | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference"}` |
+//! | `TransferRequested` v2   | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference", "from_at_request": 41, "to_at_request": 7}` |
+//! | `TransferRequested` v1   | as v2 without the two revisions (read as zero)                   |
 //! | `TransferDebited`        | `{"revision": 7}` (of `from`)                                    |
 //! | `TransferFailed`         | `{"code", "account", "detail"}` (the debit was refused)          |
 //! | `TransferCredited`       | `{"revision": 3}` (of `to`)                                      |
@@ -25,6 +26,11 @@ pub enum TransferEvent {
         amount: i64,
         currency: Currency,
         reference: String,
+        /// The revisions `from` and `to` were at, at most, when the transfer was
+        /// requested (zero if unknown): every step on each comes after it, so a step's
+        /// idempotency key is looked up exactly however many commands came since.
+        from_at_request: Revision,
+        to_at_request: Revision,
     },
     Debited {
         revision: Revision,
@@ -52,6 +58,35 @@ struct RequestedV1 {
     amount: i64,
     currency: Currency,
     reference: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestedV2 {
+    id: TransferId,
+    from: AccountId,
+    to: AccountId,
+    amount: i64,
+    currency: Currency,
+    reference: String,
+    from_at_request: Revision,
+    to_at_request: Revision,
+}
+
+impl From<RequestedV1> for RequestedV2 {
+    /// A v1 request said nothing of the accounts' revisions: zero, the whole stream.
+    fn from(v: RequestedV1) -> Self {
+        Self {
+            id: v.id,
+            from: v.from,
+            to: v.to,
+            amount: v.amount,
+            currency: v.currency,
+            reference: v.reference,
+            from_at_request: Revision::ZERO,
+            to_at_request: Revision::ZERO,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -108,7 +143,10 @@ impl DomainEvent for TransferEvent {
     }
 
     fn schema_version(&self) -> u32 {
-        1
+        match self {
+            Self::Requested { .. } => 2,
+            _ => 1,
+        }
     }
 
     fn encode(&self) -> Value {
@@ -120,13 +158,17 @@ impl DomainEvent for TransferEvent {
                 amount,
                 currency,
                 reference,
-            } => json!(RequestedV1 {
+                from_at_request,
+                to_at_request,
+            } => json!(RequestedV2 {
                 id: id.clone(),
                 from: from.clone(),
                 to: to.clone(),
                 amount: *amount,
                 currency: *currency,
                 reference: reference.clone(),
+                from_at_request: *from_at_request,
+                to_at_request: *to_at_request,
             }),
             Self::Debited { revision }
             | Self::Credited { revision }
@@ -143,7 +185,12 @@ impl DomainEvent for TransferEvent {
         if !TYPES.contains(&event_type) {
             return Err(DecodeError::UnknownType(event_type.to_owned()));
         }
-        if version != 1 {
+        let newest = if event_type == "TransferRequested" {
+            2
+        } else {
+            1
+        };
+        if !(1..=newest).contains(&version) {
             return Err(DecodeError::UnsupportedVersion {
                 event_type: event_type.to_owned(),
                 version,
@@ -155,7 +202,11 @@ impl DomainEvent for TransferEvent {
             |data| DecodeError::payload::<RefusedV1>(event_type, version, data).map(Into::into);
         Ok(match event_type {
             "TransferRequested" => {
-                let p: RequestedV1 = DecodeError::payload(event_type, version, data)?;
+                let p: RequestedV2 = if version == 1 {
+                    DecodeError::payload::<RequestedV1>(event_type, version, data)?.into()
+                } else {
+                    DecodeError::payload(event_type, version, data)?
+                };
                 Self::Requested {
                     id: p.id,
                     from: p.from,
@@ -163,6 +214,8 @@ impl DomainEvent for TransferEvent {
                     amount: p.amount,
                     currency: p.currency,
                     reference: p.reference,
+                    from_at_request: p.from_at_request,
+                    to_at_request: p.to_at_request,
                 }
             }
             "TransferDebited" => Self::Debited {

@@ -98,6 +98,10 @@ pub struct Transfer {
     pub amount: i64,
     pub currency: Option<Currency>,
     pub reference: String,
+    /// The revisions `from` and `to` were at, at most, when the transfer was requested:
+    /// each step's idempotency key cannot have been used at or before it.
+    pub from_at_request: Revision,
+    pub to_at_request: Revision,
     /// The revisions of `from` and `to` the steps produced.
     pub debit_revision: Option<Revision>,
     pub credit_revision: Option<Revision>,
@@ -115,6 +119,10 @@ pub enum TransferCommand {
         to: AccountId,
         amount: Amount,
         reference: String,
+        /// The revisions `from` and `to` were at, at most, before the request (zero if
+        /// unknown; never more than a revision already stored).
+        from_at_request: Revision,
+        to_at_request: Revision,
     },
     RecordDebit {
         revision: Revision,
@@ -182,6 +190,8 @@ impl Aggregate for Transfer {
                 to,
                 amount,
                 reference,
+                from_at_request,
+                to_at_request,
             } => {
                 if self.status != S::NotRequested {
                     return Err(TransferError::AlreadyRequested);
@@ -200,6 +210,8 @@ impl Aggregate for Transfer {
                     amount: amount.minor(),
                     currency: amount.currency(),
                     reference,
+                    from_at_request,
+                    to_at_request,
                 }
             }
             TransferCommand::RecordDebit { revision } => {
@@ -235,6 +247,8 @@ impl Aggregate for Transfer {
                 amount,
                 currency,
                 reference,
+                from_at_request,
+                to_at_request,
             } => {
                 self.id = Some(id.clone());
                 self.from = Some(from.clone());
@@ -242,6 +256,8 @@ impl Aggregate for Transfer {
                 self.amount = *amount;
                 self.currency = Some(*currency);
                 self.reference = reference.clone();
+                self.from_at_request = *from_at_request;
+                self.to_at_request = *to_at_request;
                 self.status = S::Requested;
             }
             TransferEvent::Debited { revision } => {
