@@ -323,44 +323,49 @@ impl Target {
     /// floods the query nor blurs the latency by more than that.
     async fn transfer_end(&self, id: &str) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut pause = Duration::from_millis(1);
-        while Instant::now() < deadline {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/transfers/{id}", self.base))
-                .send()
-                .await
-            {
-                if let Ok(body) = r.json::<serde_json::Value>().await {
-                    if let Some(s @ ("completed" | "failed" | "reversed")) = body["status"].as_str()
-                    {
-                        return Some(s.to_owned());
-                    }
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3 / 2).min(Duration::from_millis(10));
-        }
-        None
+        let path = format!("/transfers/{id}");
+        self.poll_json(&path, deadline, Duration::from_millis(10), |body| {
+            body["status"]
+                .as_str()
+                .filter(|s| matches!(*s, "completed" | "failed" | "reversed"))
+                .map(str::to_owned)
+        })
+        .await
     }
 
     /// Poll the read model until account `id` shows `revision`; the time it took.
     async fn lag(&self, id: &str, revision: u64, since: Instant) -> Option<Duration> {
         let deadline = since + Duration::from_secs(10);
+        let path = format!("/accounts/{id}");
+        self.poll_json(&path, deadline, Duration::from_millis(1), |body| {
+            body["revision"]
+                .as_u64()
+                .is_some_and(|r| r >= revision)
+                .then(|| since.elapsed())
+        })
+        .await
+    }
+
+    /// GET `path` until `found` takes something from its JSON body, or `deadline`
+    /// passes; the pause between tries starts at 1 ms and grows by half up to `longest`.
+    async fn poll_json<T>(
+        &self,
+        path: &str,
+        deadline: Instant,
+        longest: Duration,
+        found: impl Fn(&serde_json::Value) -> Option<T>,
+    ) -> Option<T> {
+        let mut pause = Duration::from_millis(1);
         while Instant::now() < deadline {
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/accounts/{id}", self.base))
-                .send()
-                .await
-            {
+            if let Ok(r) = self.client.get(format!("{}{path}", self.base)).send().await {
                 if let Ok(body) = r.json::<serde_json::Value>().await {
-                    if body["revision"].as_u64().is_some_and(|r| r >= revision) {
-                        return Some(since.elapsed());
+                    if let Some(value) = found(&body) {
+                        return Some(value);
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 3 / 2).min(longest);
         }
         None
     }
@@ -628,6 +633,20 @@ fn pick(rng: &mut fastrand::Rng) -> Op {
 }
 
 /// The report as a Markdown table per level.
+/// A table's errors cell: each status with its count, then how many were still
+/// pending at the deadline; a dash for none.
+fn errors_cell(errors: &BTreeMap<u16, u64>, pending: u64) -> String {
+    let mut cells: Vec<String> = errors.iter().map(|(s, n)| format!("{s}×{n}")).collect();
+    if pending > 0 {
+        cells.push(format!("{pending} still pending"));
+    }
+    if cells.is_empty() {
+        "—".to_string()
+    } else {
+        cells.join(" ")
+    }
+}
+
 pub fn markdown(report: &Report) -> String {
     let mut md = format!(
         "# tally-bench: {} ({})\n\nCommit {}, started {}; {} accounts, {} operations per level, seed {}.\n",
@@ -653,15 +672,7 @@ pub fn markdown(report: &Report) -> String {
                 &level.projection_lag,
             )));
         for (name, f) in rows {
-            let errors = if f.errors.is_empty() {
-                "—".to_string()
-            } else {
-                f.errors
-                    .iter()
-                    .map(|(s, n)| format!("{s}×{n}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
+            let errors = errors_cell(&f.errors, 0);
             md.push_str(&format!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {errors} |\n",
                 f.count, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
@@ -682,20 +693,7 @@ pub fn markdown(report: &Report) -> String {
                 .map(|(s, n)| format!("{s} {n}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let mut errors: Vec<String> = t
-                .request
-                .errors
-                .iter()
-                .map(|(s, n)| format!("{s}×{n}"))
-                .collect();
-            if t.timeouts > 0 {
-                errors.push(format!("{} still pending", t.timeouts));
-            }
-            let errors = if errors.is_empty() {
-                "—".to_string()
-            } else {
-                errors.join(" ")
-            };
+            let errors = errors_cell(&t.request.errors, t.timeouts);
             md.push_str(&format!(
                 "| {} | {:.1} | {:.1} | {:.2} / {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {outcomes} | {errors} |\n",
                 t.concurrency,
