@@ -143,5 +143,11 @@ runs=5 requests=1000
 ( . scripts/stack-env.sh
   "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
 
+# 5. The run's charts, from the JSON files it wrote (the newest of each kind).
+newest() { ls -t "$OUT"/*-"$1".json 2>/dev/null | head -n 1; }
+"$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
+  --load "dev=$(newest dev)" --load "stack=$(newest stack)" \
+  --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "stack=$OUT/$stamp-rebuild-stack.json"
+
 psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${run_id//-/_}" || true
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2

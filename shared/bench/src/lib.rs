@@ -20,7 +20,13 @@
 
 pub mod ceiling;
 pub mod fixtures;
+pub mod picture;
 pub mod serverless;
+
+/// How long a worker waits for its transfer to end before counting it as still pending
+/// (an error). Generous: on the stack over moto a transfer at c=64 takes tens of seconds
+/// to end, and the figure to report is how long, not that it is slow.
+pub const TRANSFER_WAIT_SECONDS: u64 = 120;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -139,7 +145,7 @@ pub struct TransferLevel {
     pub to_end: Figures,
     /// How the transfers ended (`completed`, `failed`, `reversed`).
     pub outcomes: BTreeMap<String, u64>,
-    /// Transfers still pending after 30 s of polling.
+    /// Transfers still pending after [`TRANSFER_WAIT_SECONDS`] of polling.
     pub timeouts: u64,
 }
 
@@ -318,11 +324,12 @@ impl Target {
         }
     }
 
-    /// Poll `GET /transfers/{id}` until the transfer has ended (within 30 s): its
+    /// Poll `GET /transfers/{id}` until the transfer has ended (within
+    /// [`TRANSFER_WAIT_SECONDS`]): its
     /// final status. The interval grows from 1 ms to 10 ms, so polling neither
     /// floods the query nor blurs the latency by more than that.
     async fn transfer_end(&self, id: &str) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(TRANSFER_WAIT_SECONDS);
         let path = format!("/transfers/{id}");
         self.poll_json(&path, deadline, Duration::from_millis(10), |body| {
             body["status"]

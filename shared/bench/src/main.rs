@@ -5,6 +5,8 @@
 //!   first (from `TALLY_S3_*`, `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL`).
 //! * `tally-bench serverless --bin-dir target/perf` — cold start, binary size and
 //!   resident memory per function.
+//! * `tally-bench picture --load dev=FILE --rebuild dev=FILE --name STAMP-bench` — the
+//!   run's charts (SVG) from the JSON files it wrote.
 //!
 //! Each prints a Markdown summary and writes JSON + Markdown under `--out`.
 
@@ -47,6 +49,35 @@ enum Cmd {
         #[arg(long)]
         with_backends: bool,
     },
+    /// The charts of a run (SVG), from the JSON files it wrote.
+    Picture {
+        /// TOPOLOGY=FILE of a load report (repeatable, in the order to draw).
+        #[arg(long = "load")]
+        loads: Vec<String>,
+        /// TOPOLOGY=FILE of a rebuild summary (repeatable).
+        #[arg(long = "rebuild")]
+        rebuilds: Vec<String>,
+        /// The file name, without `.svg`, under `--out`.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `NAME=FILE` pairs, each file read as JSON.
+fn named_json(
+    pairs: &[String],
+) -> Result<Vec<(String, serde_json::Value)>, Box<dyn std::error::Error>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (name, file) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair}: expected NAME=FILE"))?;
+            let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+            let value = serde_json::from_slice(&bytes).map_err(|e| format!("{file}: {e}"))?;
+            Ok((name.to_owned(), value))
+        })
+        .collect()
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +180,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Load(args) => load(args, &cli.out).await,
+        Cmd::Picture {
+            loads,
+            rebuilds,
+            name,
+        } => {
+            let run = tally_bench::picture::Run {
+                loads: named_json(&loads)?,
+                rebuilds: named_json(&rebuilds)?,
+            };
+            std::fs::create_dir_all(&cli.out)?;
+            let file = cli.out.join(format!("{name}.svg"));
+            std::fs::write(&file, tally_bench::picture::svg(&run)?)?;
+            eprintln!("picture: {}", file.display());
+            Ok(())
+        }
         Cmd::Serverless {
             bin_dir,
             profile,
