@@ -24,7 +24,7 @@ bench: ## load (dev, stack, ceiling), rebuild, micro-benchmarks, serverless figu
 torture: ## the fault harness: seeded load and faults, then a checker of every invariant (TORTURE_SEED, TORTURE_SECONDS, TORTURE_TOPOLOGY)
 	./scripts/torture.sh
 
-watch: ## every function under `cargo lambda watch` on :9000, against `make backends` (installs cargo-lambda if missing)
+watch: ## every function under `cargo lambda watch` on :9000, against `make backends` if up, else `make services` (installs cargo-lambda if missing)
 	./scripts/watch.sh
 
 up: ## docker compose: the backends, the init job, every function and the gateway on 127.0.0.1:8080

@@ -2,7 +2,8 @@
 # The test command (`make test`, and so CI): provision the services the tests need on
 # 127.0.0.1 (PostgreSQL, Redis, an S3 server, a Kafka-protocol broker — see
 # scripts/services.sh) and the deployment validation tools (scripts/tools.sh), then run
-# the format check, the offline chart/manifest/compose validation, clippy and every test.
+# the format check, the offline chart/manifest/compose validation, clippy, every test, and
+# `make watch` end to end (scripts/watch-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +35,5 @@ cargo build --workspace --bins
 cargo test --workspace --no-run
 echo "== cargo test"
 cargo test --workspace
+echo "== make watch, end to end (cargo-lambda from PyPI, the walk-through on its router, a Kafka batch)"
+./scripts/watch-test.sh
