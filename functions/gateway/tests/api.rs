@@ -49,14 +49,18 @@ impl Gateway {
         }
     }
 
-    async fn revisions(&self, id: &str) -> Vec<u64> {
-        let commits = self
-            .embedded
+    /// Every commit of stream `id` in the store.
+    async fn commits(&self, id: &str) -> Vec<tally_es::StoredCommit> {
+        self.embedded
             .store
             .read(&StreamId::parse(id).unwrap(), Revision::new(1))
             .await
-            .unwrap();
-        commits
+            .unwrap()
+    }
+
+    async fn revisions(&self, id: &str) -> Vec<u64> {
+        self.commits(id)
+            .await
             .iter()
             .flat_map(|c| c.revision.get()..=c.last_revision().get())
             .collect()
@@ -520,13 +524,8 @@ async fn a_transfer_left_pending_is_resumed_at_start() {
 
 /// The transfer movements of account `id` in the store, by type and transfer id.
 async fn transfer_movements(gw: &Gateway, id: &str) -> Vec<(String, String)> {
-    let commits = gw
-        .embedded
-        .store
-        .read(&StreamId::parse(id).unwrap(), Revision::new(1))
+    gw.commits(id)
         .await
-        .unwrap();
-    commits
         .iter()
         .flat_map(|c| &c.events)
         .filter(|e| e.event_type.starts_with("Transfer"))

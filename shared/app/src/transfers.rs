@@ -39,6 +39,10 @@ use time::OffsetDateTime;
 /// turns per account.
 pub const DRIVEN_AT_ONCE: usize = 32;
 
+/// How many ended transfers a saga process remembers, so that its sweeps skip them: a
+/// bound on its memory (about 100 bytes each), not on correctness.
+const REMEMBERED_ENDS: usize = 100_000;
+
 /// How long a request waits for the accounts' revisions before recording zero.
 const SEEN_WITHIN: Duration = Duration::from_secs(2);
 
@@ -164,8 +168,9 @@ pub struct Saga {
     currency: Currency,
     /// Transfers this process is driving now: a second trigger leaves it to the first.
     driving: Arc<Mutex<HashSet<TransferId>>>,
-    /// Transfers known to have ended: a sweep does not read them again.
-    ended: Arc<Mutex<HashSet<TransferId>>>,
+    /// Transfers known to have ended, the newest [`REMEMBERED_ENDS`]: a sweep does not
+    /// read them again (one that dropped out is read once more, and found ended).
+    ended: Arc<Mutex<lru::LruCache<TransferId, ()>>>,
     faults: Faults,
 }
 
@@ -191,7 +196,9 @@ impl Saga {
             queries,
             currency,
             driving: Arc::default(),
-            ended: Arc::default(),
+            ended: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED_ENDS).expect("non-zero"),
+            ))),
             faults: Faults::NONE,
         }
     }
@@ -275,7 +282,7 @@ impl Saga {
         self.driving.lock().expect("poisoned").remove(id);
         if let Ok(status) = &outcome {
             if status.is_final() {
-                self.ended.lock().expect("poisoned").insert(id.clone());
+                self.ended.lock().expect("poisoned").put(id.clone(), ());
             }
         }
         outcome
@@ -544,7 +551,7 @@ impl Saga {
             return Ok(false);
         };
         if view.state.status.is_final() {
-            self.ended.lock().expect("poisoned").insert(id);
+            self.ended.lock().expect("poisoned").put(id, ());
             return Ok(false);
         }
         let idle = view.updated_at().map_or(Duration::MAX, |at| {
