@@ -2,8 +2,9 @@
 # The test command (`make test`, and so CI): provision the services the tests need on
 # 127.0.0.1 (PostgreSQL, Redis, an S3 server, a Kafka-protocol broker — see
 # scripts/services.sh) and the deployment validation tools (scripts/tools.sh), then run
-# the format check, the offline chart/manifest/compose validation, clippy, every test, and
-# `make watch` end to end (scripts/watch-test.sh).
+# the format check, the offline chart/manifest/compose validation, clippy, every test,
+# `make watch` end to end (scripts/watch-test.sh), and schemathesis against the OpenAPI
+# document and `make dev` (scripts/schemathesis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,3 +38,5 @@ echo "== cargo test"
 cargo test --workspace
 echo "== make watch, end to end (cargo-lambda from PyPI, the walk-through on its router, a Kafka batch)"
 ./scripts/watch-test.sh
+echo "== the OpenAPI document against make dev (schemathesis, every check, stateful links)"
+./scripts/schemathesis.sh

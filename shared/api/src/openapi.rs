@@ -65,14 +65,98 @@ pub fn value() -> serde_json::Value {
     doc["components"]["schemas"]["AmountValue"] = serde_json::json!({
         "description": "A decimal amount, as a JSON number (500.00) or a string (\"500.00\"). \
             Read exactly, never through floating point. Greater than zero, at most as \
-            many decimals as the currency has, at most the configured maximum.",
+            many decimals as the currency has, at most the configured maximum: as stated \
+            here for the default configuration (`TALLY_CURRENCY=USD`, \
+            `TALLY_MAX_AMOUNT=1000000.00`).",
         "oneOf": [
-            {"type": "number", "exclusiveMinimum": 0},
-            {"type": "string", "pattern": "^(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?$"}
+            {"type": "number", "minimum": 0.01, "maximum": 1_000_000, "multipleOf": 0.01},
+            {"type": "string", "pattern": AMOUNT_TEXT}
         ],
         "examples": [500.00, "150.00"]
     });
+    tighten_parameters(&mut doc);
+    add_links(&mut doc);
+    doc["components"]["schemas"]["OpenAccountRequest"]["properties"]["ID"]["pattern"] =
+        ACCOUNT_ID.into();
     doc
+}
+
+/// The links a client (or a stateful test) follows: from an opened account to every
+/// operation on it, and from a requested transfer to its state.
+fn add_links(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let by_id = |operation: &str| json!({"operationId": operation, "parameters": {"id": "$response.body#/id"}});
+    let mut account = serde_json::Map::new();
+    for operation in [
+        "getAccount",
+        "getBalance",
+        "deposit",
+        "withdraw",
+        "closeAccount",
+        "listTransactions",
+        "getStatement",
+    ] {
+        account.insert(operation.to_owned(), by_id(operation));
+    }
+    doc["paths"]["/accounts"]["post"]["responses"]["201"]["links"] = account.into();
+    doc["paths"]["/transfers"]["post"]["responses"]["202"]["links"] =
+        json!({"getTransfer": by_id("getTransfer")});
+}
+
+/// An account id, as `tally_domain::AccountId` accepts it.
+const ACCOUNT_ID: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+/// A positive amount with at most two decimals, at most 1,000,000.00, as text.
+const AMOUNT_TEXT: &str =
+    "^(0\\.(0[1-9]|[1-9][0-9]?)|[1-9][0-9]{0,5}(\\.[0-9]{1,2})?|1000000(\\.00?)?)$";
+
+/// State what the server enforces of each parameter where the generated schema is
+/// looser: a schema-valid request is never refused for its form.
+fn tighten_parameters(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let Some(parameters) = operation["parameters"].as_array_mut() else {
+                continue;
+            };
+            for parameter in parameters {
+                let schema = match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                    (Some("path"), Some("id")) if path.starts_with("/accounts") => {
+                        json!({"type": "string", "pattern": ACCOUNT_ID})
+                    }
+                    // 1 to 255 visible ASCII characters (`IdempotencyKey`).
+                    (Some("header"), Some("Idempotency-Key")) => {
+                        json!({"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"})
+                    }
+                    // The ETag a response carried, or the bare revision.
+                    (Some("header"), Some("If-Match")) => {
+                        json!({"type": "string", "pattern": "^(\"[0-9]{1,18}\"|[0-9]{1,18})$"})
+                    }
+                    (Some("query"), Some("limit")) => json!({
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": crate::handlers::list_transactions::MAX_LIMIT,
+                    }),
+                    // Opaque to clients; today the revision of the last item seen.
+                    (Some("query"), Some("cursor")) => {
+                        json!({"type": "string", "pattern": "^[0-9]{1,18}$"})
+                    }
+                    (Some("query"), Some("from" | "to")) => json!({
+                        "type": "string",
+                        "anyOf": [{"format": "date"}, {"format": "date-time"}],
+                    }),
+                    _ => continue,
+                };
+                parameter["schema"] = schema;
+            }
+        }
+    }
 }
 
 /// The document as pretty JSON, with a trailing newline.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tally_domain::Revision;
 
 const DEFAULT_LIMIT: usize = 20;
-const MAX_LIMIT: usize = 100;
+pub(crate) const MAX_LIMIT: usize = 100;
 
 #[derive(Deserialize)]
 pub(crate) struct PageParams {
