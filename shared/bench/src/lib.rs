@@ -325,9 +325,9 @@ impl Target {
     }
 
     /// Poll `GET /transfers/{id}` until the transfer has ended (within
-    /// [`TRANSFER_WAIT_SECONDS`]): its
-    /// final status. The interval grows from 1 ms to 10 ms, so polling neither
-    /// floods the query nor blurs the latency by more than that.
+    /// [`TRANSFER_WAIT_SECONDS`]): its final status. The interval grows from 1 ms to
+    /// 10 ms, so polling neither floods the query nor blurs the latency by more than
+    /// that.
     async fn transfer_end(&self, id: &str) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(TRANSFER_WAIT_SECONDS);
         let path = format!("/transfers/{id}");
@@ -639,7 +639,6 @@ fn pick(rng: &mut fastrand::Rng) -> Op {
     MIX[0].0
 }
 
-/// The report as a Markdown table per level.
 /// A table's errors cell: each status with its count, then how many were still
 /// pending at the deadline; a dash for none.
 fn errors_cell(errors: &BTreeMap<u16, u64>, pending: u64) -> String {
@@ -654,6 +653,7 @@ fn errors_cell(errors: &BTreeMap<u16, u64>, pending: u64) -> String {
     }
 }
 
+/// The report as a Markdown table per level.
 pub fn markdown(report: &Report) -> String {
     let mut md = format!(
         "# tally-bench: {} ({})\n\nCommit {}, started {}; {} accounts, {} operations per level, seed {}.\n",
