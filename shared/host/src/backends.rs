@@ -62,8 +62,12 @@ struct StoreParts {
     outbox: Option<Arc<dyn Outbox>>,
     snapshots: Arc<dyn SnapshotStore>,
     s3: Option<tally_s3::S3EventStore>,
+    pg: Option<tally_postgres::PgEventStore>,
     kind: &'static str,
 }
+
+/// The PostgreSQL event store's pool size per process.
+const EVENT_STORE_CONNECTIONS: u32 = 16;
 
 /// A process wired to its backends.
 #[derive(Clone)]
@@ -83,6 +87,8 @@ pub struct Host {
     pub kafka: Option<tally_kafka::KafkaStream>,
     /// The PostgreSQL pool, when configured (for migrations).
     pub pg: Option<tally_postgres::PgReadModel>,
+    /// The PostgreSQL event store, when configured (for migrations).
+    pub pg_store: Option<tally_postgres::PgEventStore>,
 }
 
 /// Catch every stream up from the store in the background: first after `first`, then
@@ -145,19 +151,49 @@ impl Host {
             outbox,
             snapshots,
             s3,
+            pg: pg_store,
             kind: store_kind,
-        } = match config.s3()? {
-            Some(s3_config) => {
+        } = match (config.store.as_deref(), config.s3()?) {
+            (Some("postgres"), _) => {
+                let url = config
+                    .event_store_url
+                    .as_ref()
+                    .or(config.database_url.as_ref())
+                    .ok_or(
+                        "TALLY_STORE=postgres: set TALLY_EVENT_STORE_URL (or TALLY_DATABASE_URL)",
+                    )?;
+                let pg = tally_postgres::PgEventStore::new(tally_postgres::connect_lazy(
+                    url,
+                    EVENT_STORE_CONNECTIONS,
+                )?);
+                // Outbox rows only where a relay publishes them: with a broker.
+                let pg = if config.kafka_brokers.is_some() {
+                    pg
+                } else {
+                    pg.without_outbox()
+                };
+                StoreParts {
+                    store: Arc::new(pg.clone()),
+                    outbox: Some(Arc::new(pg.clone())),
+                    snapshots: Arc::new(pg.clone()),
+                    s3: None,
+                    pg: Some(pg),
+                    kind: "postgres",
+                }
+            }
+            (None | Some("s3"), Some(s3_config)) => {
                 let s3 = tally_s3::S3EventStore::new(&s3_config)?;
                 StoreParts {
                     store: Arc::new(s3.clone()),
                     outbox: Some(Arc::new(s3.clone())),
                     snapshots: Arc::new(s3.clone()),
                     s3: Some(s3),
+                    pg: None,
                     kind: "s3",
                 }
             }
-            None => {
+            (Some("s3"), None) => return Err("TALLY_STORE=s3: set TALLY_S3_BUCKET".into()),
+            (None | Some("directory"), _) => {
                 let dir = DirEventStore::open(&config.data_dir).map_err(|e| {
                     format!(
                         "cannot open the event store in {}: {e}",
@@ -169,8 +205,12 @@ impl Host {
                     outbox: Some(Arc::new(dir.clone())),
                     snapshots: Arc::new(dir),
                     s3: None,
+                    pg: None,
                     kind: "directory",
                 }
+            }
+            (Some(other), _) => {
+                return Err(format!("TALLY_STORE={other:?}: one of directory, s3, postgres").into())
             }
         };
 
@@ -297,6 +337,7 @@ impl Host {
             s3,
             kafka,
             pg,
+            pg_store,
         })
     }
 
@@ -412,10 +453,13 @@ impl Host {
         Ok(())
     }
 
-    /// The read model's migrations.
+    /// The migrations of the read model's database and the event store's.
     pub async fn init_schema(&self) -> Result<(), BoxError> {
         if let Some(pg) = &self.pg {
             tally_postgres::migrate(pg.pool()).await?;
+        }
+        if let Some(store) = &self.pg_store {
+            tally_postgres::migrate(store.pool()).await?;
         }
         Ok(())
     }

@@ -17,6 +17,13 @@ pub struct Config {
     #[serde(default = "default_max_amount")]
     pub max_amount: String,
 
+    /// The event store: `directory` (the default), `s3` (the default when
+    /// `TALLY_S3_BUCKET` is set) or `postgres` (in `TALLY_EVENT_STORE_URL`, else in
+    /// `TALLY_DATABASE_URL`).
+    pub store: Option<String>,
+    /// The PostgreSQL event store's database (defaults to `TALLY_DATABASE_URL`).
+    pub event_store_url: Option<String>,
+
     pub s3_bucket: Option<String>,
     pub s3_endpoint: Option<String>,
     #[serde(default)]

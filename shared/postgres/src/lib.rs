@@ -1,4 +1,5 @@
-//! `tally-postgres`: the account read model in PostgreSQL.
+//! `tally-postgres`: the account read model in PostgreSQL, and the event store on it
+//! ([`PgEventStore`], `TALLY_STORE=postgres`; see `store`).
 //!
 //! [`PgReadModel::apply`] runs one transaction per commit: it locks the account row,
 //! applies the commit only if its first revision is exactly the stored revision + 1,
@@ -21,6 +22,9 @@ use tally_app::{
 };
 use tally_domain::{AccountEvent, AccountId, Currency, TransferId};
 use tally_es::{Commit, Revision};
+
+mod store;
+pub use store::{GlobalPosition, PgEventStore};
 
 /// The movements' foreign key to their account, as the first migration names it
 /// (`transactions.account_id REFERENCES accounts (id) ON DELETE CASCADE`).

@@ -1,0 +1,332 @@
+//! The PostgreSQL event store (`TALLY_STORE=postgres`) against the real server that
+//! `make test` provisions: the store conformance checks the directory and S3 stores
+//! pass, its outbox and snapshots, the global order that skips no late commit, and the
+//! seed walk-through on a gateway wired to it.
+
+use serde_json::json;
+use tally_es::{
+    CommitMetadata, EventStore, Outbox, Revision, Snapshot, SnapshotStore, StoreError,
+    StoredCommit, StoredEvent, StreamId,
+};
+use tally_host::{Config, Host, Role};
+use tally_postgres::{GlobalPosition, PgEventStore};
+use tally_testkit::services::fresh_database;
+
+async fn store() -> PgEventStore {
+    let url = fresh_database().await;
+    PgEventStore::new(tally_postgres::connect(&url, 70).await.unwrap())
+}
+
+fn stream(id: &str) -> StreamId {
+    StreamId::parse(id).unwrap()
+}
+
+fn commit(id: &str, revision: u64, events: usize, attempt: &str) -> StoredCommit {
+    StoredCommit {
+        stream: stream(id),
+        revision: Revision::new(revision),
+        recorded_at: time::OffsetDateTime::now_utc(),
+        events: (0..events)
+            .map(|i| StoredEvent {
+                event_type: "Probe".into(),
+                version: 1,
+                data: json!({ "i": i }),
+            })
+            .collect(),
+        metadata: CommitMetadata {
+            commit_id: Some(attempt.into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn revisions(commits: &[StoredCommit]) -> Vec<u64> {
+    commits.iter().map(|c| c.revision.get()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_of_16_and_of_64_concurrent_writers_wins_each_revision() {
+    let store = store().await;
+    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race16"), 20, 16)
+        .await;
+    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race64"), 10, 64)
+        .await;
+    // Every winner left exactly one outbox row; no loser left one.
+    assert_eq!(store.pending(1000).await.unwrap().len(), 30);
+}
+
+#[tokio::test]
+async fn the_store_reads_from_any_revision_and_lists_its_streams() {
+    let store = store().await;
+    // alpha: [1..2] [3] [4..6]; beta: [1].
+    store.append(&commit("alpha", 1, 2, "a1")).await.unwrap();
+    store.append(&commit("alpha", 3, 1, "a3")).await.unwrap();
+    store.append(&commit("alpha", 4, 3, "a4")).await.unwrap();
+    store.append(&commit("beta", 1, 1, "b1")).await.unwrap();
+    let alpha = stream("alpha");
+    assert_eq!(
+        revisions(&store.read(&alpha, Revision::new(1)).await.unwrap()),
+        [1, 3, 4]
+    );
+    assert_eq!(
+        revisions(&store.read(&alpha, Revision::new(2)).await.unwrap()),
+        [1, 3, 4]
+    );
+    assert_eq!(
+        revisions(&store.read(&alpha, Revision::new(5)).await.unwrap()),
+        [4]
+    );
+    assert!(store
+        .read(&alpha, Revision::new(7))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        revisions(&store.read_after(&alpha, Revision::new(3)).await.unwrap()),
+        [4]
+    );
+    assert!(store
+        .read_after(&alpha, Revision::new(6))
+        .await
+        .unwrap()
+        .is_empty());
+    let third = store
+        .read_commit(&alpha, Revision::new(3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        third,
+        store.read(&alpha, Revision::new(3)).await.unwrap()[0]
+    );
+    assert!(store
+        .read_commit(&alpha, Revision::new(2))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .read(&stream("nobody"), Revision::new(1))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.streams().await.unwrap(),
+        [alpha.clone(), stream("beta")]
+    );
+    store.ready().await.unwrap();
+    // A commit already there is a conflict whatever it carries, and changes nothing.
+    let err = store
+        .append(&commit("alpha", 3, 2, "other"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, tally_es::AppendError::Conflict { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        store.read_commit(&alpha, Revision::new(3)).await.unwrap(),
+        Some(third)
+    );
+}
+
+#[tokio::test]
+async fn a_gap_in_a_stream_reads_as_corrupt_never_as_a_shorter_stream() {
+    let store = store().await;
+    store.append(&commit("gappy", 1, 1, "g1")).await.unwrap();
+    // Revision 2 is missing: written around the store, as only tampering could.
+    store.append(&commit("gappy", 3, 1, "g3")).await.unwrap();
+    for from in [1, 2] {
+        match store.read(&stream("gappy"), Revision::new(from)).await {
+            Err(StoreError::Corrupt(_)) => {}
+            other => panic!("from {from}: {other:?}"),
+        }
+    }
+    // A row that is not a commit is corrupt too.
+    sqlx::query("UPDATE event_commits SET body = 'not json' WHERE revision = 1")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.read_commit(&stream("gappy"), Revision::new(1)).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+#[tokio::test]
+async fn each_append_records_its_outbox_row_and_done_removes_only_its_own() {
+    let store = store().await;
+    let s = stream("outboxed");
+    store.record(&s, Revision::new(1), "first").await.unwrap();
+    assert!(store
+        .record(&s, Revision::new(1), "not/a/name")
+        .await
+        .is_err());
+    store
+        .append(&commit("outboxed", 1, 1, "first"))
+        .await
+        .unwrap();
+    // A losing attempt at the same revision leaves no row.
+    store
+        .append(&commit("outboxed", 1, 1, "second"))
+        .await
+        .unwrap_err();
+    let pending = store.pending(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].revision, pending[0].attempt.as_str()),
+        (Revision::new(1), "first")
+    );
+    // Forgetting another attempt's entry forgets nothing.
+    store.done(&s, Revision::new(1), "second").await.unwrap();
+    assert_eq!(store.pending(10).await.unwrap().len(), 1);
+    store.done(&s, Revision::new(1), "first").await.unwrap();
+    store.done(&s, Revision::new(1), "first").await.unwrap();
+    assert!(store.pending(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_snapshot_is_replaced_only_by_a_newer_one_and_an_unreadable_one_reads_as_none() {
+    let store = store().await;
+    let s = stream("snapped");
+    assert!(store.latest(&s).await.unwrap().is_none());
+    let at = |revision: u64| Snapshot {
+        stream: s.clone(),
+        revision: Revision::new(revision),
+        schema: "probe/1".into(),
+        state: json!({ "at": revision }),
+        idempotency: Vec::new(),
+        taken_at: time::OffsetDateTime::now_utc(),
+    };
+    store.save(&at(100)).await.unwrap();
+    store.save(&at(50)).await.unwrap();
+    assert_eq!(
+        store.latest(&s).await.unwrap().unwrap().revision,
+        Revision::new(100)
+    );
+    store.save(&at(200)).await.unwrap();
+    assert_eq!(
+        store.latest(&s).await.unwrap().unwrap().revision,
+        Revision::new(200)
+    );
+    sqlx::query("UPDATE event_snapshots SET body = 'garbage'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(store.latest(&s).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_global_order_waits_for_a_transaction_that_commits_late_and_skips_nothing() {
+    let store = store().await;
+    store.append(&commit("early", 1, 1, "e")).await.unwrap();
+    // A writer whose transaction is still open when a later one commits.
+    let mut late = store.pool().begin().await.unwrap();
+    let slow = commit("slow", 1, 1, "s");
+    sqlx::query(
+        "INSERT INTO event_commits (stream, revision, last_revision, body) VALUES ($1, 1, 1, $2)",
+    )
+    .bind("slow")
+    .bind(slow.to_bytes())
+    .execute(&mut *late)
+    .await
+    .unwrap();
+    store.append(&commit("later", 1, 1, "l")).await.unwrap();
+
+    let read = store
+        .read_all_after(GlobalPosition::START, 100)
+        .await
+        .unwrap();
+    let names: Vec<&str> = read.iter().map(|(_, c)| c.stream.as_str()).collect();
+    assert_eq!(names, ["early"], "nothing past a transaction still running");
+    let (mark, _) = read[0];
+
+    late.commit().await.unwrap();
+    let read = store.read_all_after(mark, 100).await.unwrap();
+    let names: Vec<&str> = read.iter().map(|(_, c)| c.stream.as_str()).collect();
+    assert_eq!(
+        names,
+        ["slow", "later"],
+        "the late commit is read, in its place"
+    );
+    let (end, _) = read[1];
+    assert!(end > mark);
+    assert!(store.read_all_after(end, 100).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .read_all_after(GlobalPosition::START, 2)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_on_the_postgres_store_walks_the_seed_flow_and_leaves_no_outbox_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_data_dir(dir.path());
+    config.store = Some("postgres".into());
+    config.event_store_url = Some(fresh_database().await);
+    let host = Host::build(&config, Role::Gateway).await.unwrap();
+    host.init().await.unwrap();
+    assert_eq!(host.kinds.store, "postgres");
+    let app = tally_host::gateway_app(&host);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: &'static str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post("/accounts", r#"{"ID": "pg-walk"}"#)
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(
+        post("/accounts/pg-walk/deposit", r#"{"Amount": 100}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        post("/accounts/pg-walk/withdraw", r#"{"Amount": 30}"#)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let refused = post("/accounts/pg-walk/withdraw", r#"{"Amount": 500}"#)
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let balance: serde_json::Value = client
+        .get(format!("{base}/accounts/pg-walk/balance"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["balance"], json!("70.00"), "{balance}");
+
+    let commits = host
+        .store
+        .read(&stream("pg-walk"), Revision::new(1))
+        .await
+        .unwrap();
+    assert_eq!(revisions(&commits), [1, 2, 3]);
+    let outbox = host.outbox.clone().unwrap();
+    assert!(
+        outbox.pending(10).await.unwrap().is_empty(),
+        "every commit was published"
+    );
+    server.abort();
+}
