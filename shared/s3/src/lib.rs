@@ -504,8 +504,9 @@ impl EventStore for S3EventStore {
         from: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError> {
         let prefix = self.stream_prefix(stream);
-        // Keys from `from` on; if the first one starts later, the commit holding `from`
-        // started before it, so list from the beginning instead.
+        // Keys from `from` on; if none starts at `from` — the first starts later, or
+        // there is none — the commit holding `from` (if any) started before it, so list
+        // from the beginning instead.
         let start_after =
             (from.get() > 1).then(|| self.commit_key(stream, Revision::new(from.get() - 1)));
         let mut keys = self.list(&prefix, start_after.clone()).await?;
@@ -514,7 +515,7 @@ impl EventStore for S3EventStore {
                 .first()
                 .map(|(k, _)| self.revision_of(stream, k))
                 .transpose()?;
-            if first.is_some_and(|r| r != from) {
+            if first != Some(from) {
                 let all = self.list(&prefix, None).await?;
                 let mut revisions = Vec::with_capacity(all.len());
                 for (k, _) in &all {
