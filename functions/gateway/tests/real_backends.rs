@@ -145,12 +145,12 @@ fn stream(id: &str) -> StreamId {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_s3_server_lets_exactly_one_of_many_conditional_writers_create_a_key() {
+async fn the_s3_store_passes_the_store_conformance_suite() {
     let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
     let store = s3_store(&endpoint, &unique("conformance"));
     store.ensure_bucket().await.unwrap();
     store.verify_conditional_writes().await.unwrap();
-    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race"), 20, 16).await;
+    tally_es::conformance::assert_store_conforms(&store).await;
 }
 
 #[tokio::test]

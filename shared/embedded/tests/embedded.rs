@@ -50,10 +50,10 @@ fn deposited(amount: i64, balance: i64) -> AccountEvent {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn of_many_concurrent_writers_at_one_revision_exactly_one_wins() {
+async fn the_directory_store_passes_the_store_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = DirEventStore::open(dir.path()).unwrap();
-    tally_es::testing::assert_one_writer_wins_each_revision(&store, &stream("race"), 30, 16).await;
+    tally_es::conformance::assert_store_conforms(&store).await;
 }
 
 #[tokio::test]

@@ -15,6 +15,8 @@
 
 mod aggregate;
 mod commit;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod event;
 mod ids;
 mod snapshot;

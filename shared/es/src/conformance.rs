@@ -1,0 +1,352 @@
+//! The store conformance suite: what every [`EventStore`], [`Outbox`] and
+//! [`SnapshotStore`] implementation must do, as one function each adapter's tests run
+//! against its real backend (the local directory, an S3 server, PostgreSQL).
+//!
+//! ```ignore
+//! tally_es::conformance::assert_store_conforms(&my_store).await;
+//! ```
+//!
+//! Each check works on streams of its own, named from a random tag, and never assumes
+//! the store is empty: a store shared with other tests passes too.
+
+use crate::{
+    AppendError, CommitMetadata, EventStore, Outbox, Revision, Snapshot, SnapshotStore, StoreError,
+    StoredCommit, StoredEvent, StreamId,
+};
+use time::OffsetDateTime;
+
+/// Every check of this module against `store`: one writer wins each revision under 16
+/// and under 64 concurrent writers, reads, the outbox and snapshots.
+pub async fn assert_store_conforms<S>(store: &S)
+where
+    S: EventStore + Outbox + SnapshotStore,
+{
+    let tag = Tag::new();
+    assert_one_writer_wins_each_revision(store, &tag.stream("race16"), 10, 16).await;
+    assert_one_writer_wins_each_revision(store, &tag.stream("race64"), 5, 64).await;
+    assert_reads_are_contiguous_and_start_at_the_commit_holding_the_revision(store, &tag).await;
+    assert_a_gap_reads_as_corrupt(store, &tag).await;
+    assert_outbox_entries_are_named_by_their_attempt(store, &tag).await;
+    assert_the_newest_snapshot_wins(store, &tag).await;
+}
+
+/// Stream names unique to one run of the suite.
+struct Tag(String);
+
+impl Tag {
+    fn new() -> Self {
+        let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        Tag(format!("cf{:x}", nanos as u64 ^ std::process::id() as u64))
+    }
+
+    fn stream(&self, name: &str) -> StreamId {
+        StreamId::parse(&format!("{}-{name}", self.0)).expect("a valid stream id")
+    }
+}
+
+/// Now, to the microsecond (every store keeps at least that).
+fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
+}
+
+/// A commit of `events` probe events at `revision` of `stream`, by attempt `attempt`.
+fn probe(stream: &StreamId, revision: u64, events: usize, attempt: &str) -> StoredCommit {
+    StoredCommit {
+        stream: stream.clone(),
+        revision: Revision::new(revision),
+        recorded_at: now(),
+        events: (0..events)
+            .map(|i| StoredEvent {
+                event_type: "Probe".into(),
+                version: 1,
+                data: serde_json::json!({ "i": i, "attempt": attempt }),
+            })
+            .collect(),
+        metadata: CommitMetadata {
+            commit_id: (!attempt.is_empty()).then(|| attempt.to_owned()),
+            idempotency_key: Some(format!("key-{attempt}")),
+            fingerprint: Some("f".into()),
+            request_id: None,
+        },
+    }
+}
+
+fn revisions(commits: &[StoredCommit]) -> Vec<u64> {
+    commits.iter().map(|c| c.revision.get()).collect()
+}
+
+/// Of `writers` concurrent appends at each revision `1..=rounds` of `stream`, exactly
+/// one succeeds and the others get a conflict for that revision; the stream then reads
+/// back `1..=rounds`, with no gap and no duplicate.
+pub async fn assert_one_writer_wins_each_revision(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    rounds: u64,
+    writers: usize,
+) {
+    for round in 1..=rounds {
+        let commits: Vec<StoredCommit> = (0..writers)
+            .map(|writer| StoredCommit {
+                stream: stream.clone(),
+                revision: Revision::new(round),
+                recorded_at: OffsetDateTime::now_utc(),
+                events: vec![StoredEvent {
+                    event_type: "Probe".into(),
+                    version: 1,
+                    data: serde_json::json!({ "writer": writer }),
+                }],
+                metadata: Default::default(),
+            })
+            .collect();
+        let results = futures::future::join_all(commits.iter().map(|c| store.append(c))).await;
+        let mut wins = 0;
+        for result in results {
+            match result {
+                Ok(()) => wins += 1,
+                Err(AppendError::Conflict { revision, .. }) => {
+                    assert_eq!(revision, Revision::new(round), "round {round}")
+                }
+                Err(e) => panic!("round {round}: unexpected error: {e}"),
+            }
+        }
+        assert_eq!(
+            wins, 1,
+            "{stream} round {round}: {wins} of {writers} writers won; exactly one must"
+        );
+    }
+    let all = store.read(stream, Revision::new(1)).await.unwrap();
+    assert_eq!(
+        revisions(&all),
+        (1..=rounds).collect::<Vec<_>>(),
+        "{stream}: no gap, no duplicate"
+    );
+}
+
+/// A commit reads back whole; `read(from)` starts at the commit holding `from`;
+/// `read_after` a commit boundary returns what follows it; `read_commit` finds only a
+/// commit's first revision; streams are listed; a conflicting append changes nothing.
+async fn assert_reads_are_contiguous_and_start_at_the_commit_holding_the_revision(
+    store: &dyn EventStore,
+    tag: &Tag,
+) {
+    let alpha = tag.stream("alpha");
+    let beta = tag.stream("beta");
+    // alpha: [1..2] [3] [4..6]; beta: [1].
+    let written = [
+        probe(&alpha, 1, 2, "a1"),
+        probe(&alpha, 3, 1, "a3"),
+        probe(&alpha, 4, 3, "a4"),
+    ];
+    for c in &written {
+        store.append(c).await.unwrap();
+    }
+    store.append(&probe(&beta, 1, 1, "b1")).await.unwrap();
+
+    let all = store.read(&alpha, Revision::new(1)).await.unwrap();
+    assert_eq!(all, written, "{alpha}: commits read back as written");
+    for (from, expected) in [
+        (1, vec![1, 3, 4]),
+        (2, vec![1, 3, 4]),
+        (3, vec![3, 4]),
+        (5, vec![4]),
+        (6, vec![4]),
+        (7, vec![]),
+    ] {
+        assert_eq!(
+            revisions(&store.read(&alpha, Revision::new(from)).await.unwrap()),
+            expected,
+            "{alpha}: read from {from}"
+        );
+    }
+    for (after, expected) in [
+        (0, vec![1, 3, 4]),
+        (2, vec![3, 4]),
+        (3, vec![4]),
+        (6, vec![]),
+    ] {
+        assert_eq!(
+            revisions(
+                &store
+                    .read_after(&alpha, Revision::new(after))
+                    .await
+                    .unwrap()
+            ),
+            expected,
+            "{alpha}: read after {after}"
+        );
+    }
+    assert_eq!(
+        store.read_commit(&alpha, Revision::new(3)).await.unwrap(),
+        Some(written[1].clone())
+    );
+    for inside_or_past in [2, 5, 7] {
+        assert_eq!(
+            store
+                .read_commit(&alpha, Revision::new(inside_or_past))
+                .await
+                .unwrap(),
+            None,
+            "{alpha}: no commit starts at {inside_or_past}"
+        );
+    }
+    assert!(store
+        .read(&tag.stream("nobody"), Revision::new(1))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A longer stream followed from a boundary: more commits than a store may fetch
+    // one by one before it lists the rest.
+    let long = tag.stream("long");
+    for r in 1..=12 {
+        store
+            .append(&probe(&long, r, 1, &format!("l{r}")))
+            .await
+            .unwrap();
+    }
+    for after in [0, 1, 5, 11, 12] {
+        assert_eq!(
+            revisions(&store.read_after(&long, Revision::new(after)).await.unwrap()),
+            ((after + 1)..=12).collect::<Vec<_>>(),
+            "{long}: read after {after}"
+        );
+    }
+
+    let streams = store.streams().await.unwrap();
+    for s in [&alpha, &beta, &long] {
+        assert!(streams.contains(s), "{s} is listed among {streams:?}");
+    }
+    store.ready().await.unwrap();
+
+    // A commit already there is a conflict whatever it carries, and changes nothing.
+    let err = store
+        .append(&probe(&alpha, 3, 2, "other"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { .. }), "{err}");
+    assert_eq!(store.read(&alpha, Revision::new(1)).await.unwrap(), written);
+}
+
+/// A stream with a revision missing (written around the store, as only a bug or
+/// tampering could) reads as corrupt, never as a shorter stream.
+async fn assert_a_gap_reads_as_corrupt(store: &dyn EventStore, tag: &Tag) {
+    let gappy = tag.stream("gappy");
+    store.append(&probe(&gappy, 1, 1, "g1")).await.unwrap();
+    store.append(&probe(&gappy, 3, 1, "g3")).await.unwrap();
+    for from in [1, 2] {
+        match store.read(&gappy, Revision::new(from)).await {
+            Err(StoreError::Corrupt(_)) => {}
+            other => panic!("{gappy}: read from {from} with a gap: {other:?}"),
+        }
+    }
+}
+
+/// An entry is recorded before its append and lists as pending once the append
+/// landed; it is removed only by its own attempt; removing one that is not there is no
+/// error; an attempt that cannot name an entry is refused; `pending` honours its limit.
+async fn assert_outbox_entries_are_named_by_their_attempt<S>(store: &S, tag: &Tag)
+where
+    S: EventStore + Outbox,
+{
+    let s = tag.stream("outbox");
+    let pending_here = || async {
+        let mut here: Vec<(u64, String)> = store
+            .pending(1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.stream == s)
+            .map(|e| (e.revision.get(), e.attempt))
+            .collect();
+        here.sort();
+        here
+    };
+    // Two writers at revision 1: both record, one append lands.
+    store.record(&s, Revision::new(1), "winner").await.unwrap();
+    store.record(&s, Revision::new(1), "loser").await.unwrap();
+    store.append(&probe(&s, 1, 1, "winner")).await.unwrap();
+    assert!(matches!(
+        store.append(&probe(&s, 1, 1, "loser")).await,
+        Err(AppendError::Conflict { .. })
+    ));
+    assert!(
+        pending_here().await.contains(&(1, "winner".into())),
+        "the landed commit's entry is pending: {:?}",
+        pending_here().await
+    );
+    // The loser forgets its own entry, never the winner's.
+    store.done(&s, Revision::new(1), "loser").await.unwrap();
+    assert_eq!(pending_here().await, [(1, "winner".to_owned())]);
+    store.record(&s, Revision::new(2), "second").await.unwrap();
+    store.append(&probe(&s, 2, 1, "second")).await.unwrap();
+    store.done(&s, Revision::new(1), "winner").await.unwrap();
+    assert_eq!(pending_here().await, [(2, "second".to_owned())]);
+    // Again, and one never recorded: not errors.
+    store.done(&s, Revision::new(1), "winner").await.unwrap();
+    store.done(&s, Revision::new(9), "never").await.unwrap();
+    assert_eq!(pending_here().await, [(2, "second".to_owned())]);
+    store.done(&s, Revision::new(2), "second").await.unwrap();
+    assert!(pending_here().await.is_empty());
+
+    for bad in ["a/b", "../x", "with space", &"x".repeat(65)] {
+        assert!(
+            store.record(&s, Revision::new(3), bad).await.is_err(),
+            "attempt {bad:?} is refused"
+        );
+    }
+    // Three entries, listed at most two at a time.
+    for r in 3..=5 {
+        let attempt = format!("lim{r}");
+        store.record(&s, Revision::new(r), &attempt).await.unwrap();
+        store.append(&probe(&s, r, 1, &attempt)).await.unwrap();
+    }
+    let page = store.pending(2).await.unwrap();
+    assert!(
+        (1..=2).contains(&page.len()),
+        "pending(2) lists one or two of at least three entries: {page:?}"
+    );
+    for r in 3..=5 {
+        store
+            .done(&s, Revision::new(r), &format!("lim{r}"))
+            .await
+            .unwrap();
+    }
+    assert!(pending_here().await.is_empty());
+}
+
+/// No snapshot reads as none; the newest saved is the one read, whatever order they
+/// were saved in; streams keep their own.
+async fn assert_the_newest_snapshot_wins(store: &dyn SnapshotStore, tag: &Tag) {
+    let s = tag.stream("snap");
+    let other = tag.stream("snap-other");
+    let snapshot = |stream: &StreamId, revision: u64| Snapshot {
+        stream: stream.clone(),
+        revision: Revision::new(revision),
+        schema: "probe/1".into(),
+        state: serde_json::json!({ "at": revision }),
+        idempotency: vec![crate::RememberedKey {
+            key: format!("k{revision}"),
+            fingerprint: None,
+            revision: Revision::new(revision),
+        }],
+        taken_at: now(),
+    };
+    assert_eq!(store.latest(&s).await.unwrap(), None);
+    let five = snapshot(&s, 5);
+    store.save(&five).await.unwrap();
+    assert_eq!(store.latest(&s).await.unwrap(), Some(five));
+    let ten = snapshot(&s, 10);
+    store.save(&ten).await.unwrap();
+    store.save(&snapshot(&s, 7)).await.unwrap();
+    assert_eq!(
+        store.latest(&s).await.unwrap(),
+        Some(ten.clone()),
+        "an older snapshot saved late does not replace a newer one"
+    );
+    let theirs = snapshot(&other, 3);
+    store.save(&theirs).await.unwrap();
+    assert_eq!(store.latest(&other).await.unwrap(), Some(theirs));
+    assert_eq!(store.latest(&s).await.unwrap(), Some(ten));
+}
