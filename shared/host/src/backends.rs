@@ -66,8 +66,29 @@ struct StoreParts {
     kind: &'static str,
 }
 
-/// The PostgreSQL event store's pool size per process.
-const EVENT_STORE_CONNECTIONS: u32 = 16;
+/// Connections of a PostgreSQL pool: the all-in-one gateway serves every route and
+/// appends for all of them; a function serves one route, and a stack of a dozen of them
+/// must stay within a server's usual 100 connections.
+fn pool_size(role: Role) -> u32 {
+    if role == Role::Gateway {
+        32
+    } else {
+        8
+    }
+}
+
+/// Idle connections go back to the server after this long, so a burst on one function
+/// does not keep connections from the others.
+const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A lazily connecting pool for `url`, sized for `role`.
+fn pool(url: &str, role: Role) -> Result<tally_postgres::PgPool, BoxError> {
+    Ok(tally_postgres::connect_lazy_idle(
+        url,
+        pool_size(role),
+        POOL_IDLE,
+    )?)
+}
 
 /// A process wired to its backends.
 #[derive(Clone)]
@@ -145,6 +166,12 @@ impl Host {
     /// lazily: a backend that is down only fails the requests that need it.
     pub async fn build(config: &Config, role: Role) -> Result<Self, BoxError> {
         let policy = config.policy()?;
+        // The read model's pool; the event store shares it when both are in one database.
+        let read_model_pool = config
+            .database_url
+            .as_deref()
+            .map(|url| pool(url, role))
+            .transpose()?;
 
         let StoreParts {
             store,
@@ -162,10 +189,14 @@ impl Host {
                     .ok_or(
                         "TALLY_STORE=postgres: set TALLY_EVENT_STORE_URL (or TALLY_DATABASE_URL)",
                     )?;
-                let pg = tally_postgres::PgEventStore::new(tally_postgres::connect_lazy(
-                    url,
-                    EVENT_STORE_CONNECTIONS,
-                )?);
+                let shared = match &read_model_pool {
+                    Some(p) if config.database_url.as_ref() == Some(url) => Some(p.clone()),
+                    _ => None,
+                };
+                let pg = tally_postgres::PgEventStore::new(match shared {
+                    Some(p) => p,
+                    None => pool(url, role)?,
+                });
                 // Outbox rows only where a relay publishes them: with a broker.
                 let pg = if config.kafka_brokers.is_some() {
                     pg
@@ -214,15 +245,13 @@ impl Host {
             }
         };
 
-        let (read_model, pg, read_model_kind): (Arc<dyn ReadModel>, _, _) =
-            match &config.database_url {
-                Some(url) => {
-                    let pool = tally_postgres::connect_lazy(url, 8)?;
-                    let rm = tally_postgres::PgReadModel::new(pool);
-                    (Arc::new(rm.clone()), Some(rm), "postgres")
-                }
-                None => (Arc::new(MemoryReadModel::default()), None, "memory"),
-            };
+        let (read_model, pg, read_model_kind): (Arc<dyn ReadModel>, _, _) = match read_model_pool {
+            Some(pool) => {
+                let rm = tally_postgres::PgReadModel::new(pool);
+                (Arc::new(rm.clone()), Some(rm), "postgres")
+            }
+            None => (Arc::new(MemoryReadModel::default()), None, "memory"),
+        };
 
         let (cache, cache_kind): (Arc<dyn Cache>, _) = match &config.redis_url {
             Some(url) => (
@@ -459,7 +488,13 @@ impl Host {
             tally_postgres::migrate(pg.pool()).await?;
         }
         if let Some(store) = &self.pg_store {
-            tally_postgres::migrate(store.pool()).await?;
+            // Once per database: the store may be in the read model's, migrated above.
+            let in_read_model_database = self.pg.is_some()
+                && (self.config.event_store_url.is_none()
+                    || self.config.event_store_url == self.config.database_url);
+            if !in_read_model_database {
+                tally_postgres::migrate(store.pool()).await?;
+            }
         }
         Ok(())
     }

@@ -12,7 +12,8 @@
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+pub use sqlx::PgPool;
+use sqlx::{Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
@@ -57,6 +58,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     let (pool, options) = pool_options(url, max_connections)?;
     Ok(pool.connect_lazy_with(options))
+}
+
+/// [`connect_lazy`], whose connections idle for `idle` are closed (a process keeps
+/// only what it uses from the server's connections).
+pub fn connect_lazy_idle(
+    url: &str,
+    max_connections: u32,
+    idle: Duration,
+) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = pool_options(url, max_connections)?;
+    Ok(pool.idle_timeout(idle).connect_lazy_with(options))
 }
 
 /// Apply every pending migration.
