@@ -6,7 +6,7 @@
 # prints the seed to replay it.
 #
 #   TORTURE_SEED=42 TORTURE_SECONDS=60 make torture
-#   TORTURE_TOPOLOGY=dev make torture        only one topology
+#   TORTURE_TOPOLOGY=dev make torture        only one topology (dev, stack, stack-pg)
 #   TORTURE_PROFILE=perf make torture        an optimised build (default: debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 eval "$(./scripts/services.sh env)"
 
 PROFILE=${TORTURE_PROFILE:-debug}
-TOPOLOGIES=${TORTURE_TOPOLOGY:-dev stack}
+TOPOLOGIES=${TORTURE_TOPOLOGY:-dev stack stack-pg}
 export TORTURE_SEED=${TORTURE_SEED:-$(date +%s)}
 
 echo "torture: building ($PROFILE)" >&2

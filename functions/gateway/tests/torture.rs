@@ -77,11 +77,46 @@ async fn a_short_seeded_run_of_the_stack_topology_finds_no_violation() {
     );
 }
 
+/// The same processes with the event store in PostgreSQL (`TALLY_STORE=postgres`), its
+/// backends terminated and its commit table locked while traffic runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_seeded_run_of_the_stack_topology_on_postgres_finds_no_violation() {
+    let mut plan = Plan::short(20261205);
+    plan.seconds = 25;
+    plan.fault_every_ms = 600;
+    let report = run_stack_on(stack::StoreKind::Postgres, plan).await;
+    assert_eq!(report.topology, "stack-pg");
+    assert_eq!(report.total_violations(), 0, "{}", report.markdown());
+    let injected: u64 = report.faults.values().sum();
+    assert!(injected >= 10, "{:?}", report.faults);
+    assert!(
+        !report.faults.contains_key("s3-paused") && !report.faults.contains_key("s3-killed"),
+        "no S3 in this topology: {:?}",
+        report.faults
+    );
+    assert!(
+        report.checked.acknowledged_commands > 30,
+        "{:?}",
+        report.checked
+    );
+    assert!(
+        report.checked.transfers > 0,
+        "transfers ran: {:?}",
+        report.checked
+    );
+}
+
 async fn run_stack(plan: Plan) -> tally_torture::report::Report {
+    run_stack_on(stack::StoreKind::S3, plan).await
+}
+
+async fn run_stack_on(kind: stack::StoreKind, plan: Plan) -> tally_torture::report::Report {
     let work = tempfile::tempdir().unwrap();
-    let report = stack::run(&plan, &binaries(), work.path(), |line| eprintln!("{line}"))
-        .await
-        .unwrap();
+    let report = stack::run_on(kind, &plan, &binaries(), work.path(), |line| {
+        eprintln!("{line}")
+    })
+    .await
+    .unwrap();
     eprintln!("{}", report.markdown());
     report
 }

@@ -77,7 +77,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = match topology.as_str() {
         "dev" => dev::run(&plan, &binaries, &work, |line| eprintln!("{line}")).await?,
         "stack" => stack::run(&plan, &binaries, &work, |line| eprintln!("{line}")).await?,
-        other => return Err(format!("unknown topology {other:?} (known: dev, stack)").into()),
+        "stack-pg" => {
+            let kind = stack::StoreKind::Postgres;
+            stack::run_on(kind, &plan, &binaries, &work, |line| eprintln!("{line}")).await?
+        }
+        other => {
+            return Err(format!("unknown topology {other:?} (known: dev, stack, stack-pg)").into())
+        }
     };
     std::fs::create_dir_all(&cli.out)?;
     let stamp = time::OffsetDateTime::now_utc()

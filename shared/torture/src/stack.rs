@@ -9,6 +9,12 @@
 //! again; Redis restarted empty; the S3 server paused (SIGSTOP … SIGCONT) and killed
 //! and started again; PostgreSQL backends terminated; a rebuild started while traffic
 //! runs; deliveries duplicated and reordered (old commits published again, shuffled).
+//!
+//! The `stack-pg` topology is the same processes with the event store (and its outbox
+//! and snapshots) in PostgreSQL (`TALLY_STORE=postgres`), in the read model's database.
+//! In place of the S3 faults, the database's backends are terminated once more often,
+//! and the commit table is locked for a while (every append and read of commits waits,
+//! as on a paused S3 server).
 
 use crate::check;
 use crate::client::account_names;
@@ -20,6 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally_es::{EventPublisher, EventStore, Outbox, Revision};
+use tally_postgres::PgEventStore;
 use tally_testkit::services::{
     free_port, fresh_database, required_env, s3_config, unique, PrivateService,
 };
@@ -43,37 +50,122 @@ const FUNCTIONS: &[&str] = &[
 
 type Shared<T> = Arc<Mutex<T>>;
 
-/// Run the `stack` topology in `work` (logs), printing progress with `progress`.
+/// Where the stack keeps its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// An S3 server of the run's own (moto, on disk): the `stack` topology.
+    S3,
+    /// PostgreSQL, in a database of its own: the `stack-pg` topology.
+    Postgres,
+}
+
+impl StoreKind {
+    /// The topology's name in reports.
+    pub fn topology(self) -> &'static str {
+        match self {
+            StoreKind::S3 => "stack",
+            StoreKind::Postgres => "stack-pg",
+        }
+    }
+}
+
+/// The run's event store, as the checker and the nemesis reach it.
+enum Store {
+    S3 {
+        server: Shared<PrivateService>,
+        store: tally_s3::S3EventStore,
+    },
+    Postgres {
+        store: PgEventStore,
+    },
+}
+
+impl Store {
+    fn events(&self) -> &dyn EventStore {
+        match self {
+            Store::S3 { store, .. } => store,
+            Store::Postgres { store, .. } => store,
+        }
+    }
+
+    fn outbox(&self) -> &dyn Outbox {
+        match self {
+            Store::S3 { store, .. } => store,
+            Store::Postgres { store, .. } => store,
+        }
+    }
+}
+
+/// The name of the database at `url`.
+fn database_of(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
+/// Run the `stack` topology (on S3) in `work` (logs), printing progress with `progress`.
 pub async fn run(
     plan: &Plan,
     binaries: &Binaries,
     work: &Path,
     progress: impl Fn(String) + Send + Sync + 'static,
 ) -> Result<Report, String> {
-    let s3 = PrivateService::durable_s3(&work.join("s3")).await;
+    run_on(StoreKind::S3, plan, binaries, work, progress).await
+}
+
+/// Run the stack topology with its events in `kind` of store.
+pub async fn run_on(
+    kind: StoreKind,
+    plan: &Plan,
+    binaries: &Binaries,
+    work: &Path,
+    progress: impl Fn(String) + Send + Sync + 'static,
+) -> Result<Report, String> {
     let broker = PrivateService::durable_broker(&work.join("broker")).await;
     let broker_address = broker.address();
     let redis = PrivateService::redis().await;
     let database_url = fresh_database().await;
-    let bucket = unique("torture");
     let topic = unique("commits");
-    let s3_endpoint = format!("http://{}", s3.address());
-    let env: Vec<(String, String)> = [
-        ("TALLY_S3_BUCKET", bucket.clone()),
-        ("TALLY_S3_ENDPOINT", s3_endpoint.clone()),
-        ("AWS_ACCESS_KEY_ID", "test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("TALLY_KAFKA_BROKERS", broker_address.clone()),
-        ("TALLY_KAFKA_TOPIC", topic.clone()),
-        ("TALLY_KAFKA_GROUP", unique("projector")),
-        ("TALLY_DATABASE_URL", database_url.clone()),
-        ("TALLY_REDIS_URL", format!("redis://{}", redis.address())),
-        ("TALLY_FAULT_INJECTION", plan.inject.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let (store_env, store) = match kind {
+        StoreKind::S3 => {
+            let s3 = PrivateService::durable_s3(&work.join("s3")).await;
+            let bucket = unique("torture");
+            let s3_endpoint = format!("http://{}", s3.address());
+            let store = tally_s3::S3EventStore::new(&s3_config(&s3_endpoint, &bucket))
+                .map_err(|e| e.to_string())?;
+            let env = vec![
+                ("TALLY_S3_BUCKET", bucket),
+                ("TALLY_S3_ENDPOINT", s3_endpoint),
+                ("AWS_ACCESS_KEY_ID", "test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "test".into()),
+                ("AWS_REGION", "us-east-1".into()),
+            ];
+            let server = Arc::new(Mutex::new(s3));
+            (env, Store::S3 { server, store })
+        }
+        StoreKind::Postgres => {
+            // In the read model's database, as `STORE=postgres make stack` and the chart
+            // run it by default: one pool per process for both.
+            let url = database_url.clone();
+            let store = PgEventStore::new(
+                tally_postgres::connect(&url, 4)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            let env = vec![("TALLY_STORE", "postgres".to_owned())];
+            (env, Store::Postgres { store })
+        }
+    };
+    let env: Vec<(String, String)> = store_env
+        .into_iter()
+        .chain([
+            ("TALLY_KAFKA_BROKERS", broker_address.clone()),
+            ("TALLY_KAFKA_TOPIC", topic.clone()),
+            ("TALLY_KAFKA_GROUP", unique("projector")),
+            ("TALLY_DATABASE_URL", database_url.clone()),
+            ("TALLY_REDIS_URL", format!("redis://{}", redis.address())),
+            ("TALLY_FAULT_INJECTION", plan.inject.clone()),
+        ])
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
 
     // The init job: bucket (with its conditional-write probe) and topic.
     let migrate = tokio::process::Command::new(binaries.path("migrate"))
@@ -121,47 +213,43 @@ pub async fn run(
         wait_ready(&base, Duration::from_secs(30)).await?;
     }
 
-    let store = tally_s3::S3EventStore::new(&s3_config(&s3_endpoint, &bucket))
-        .map_err(|e| e.to_string())?;
     let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
         brokers: broker_address.clone(),
         topic: topic.clone(),
         publish_timeout: Duration::from_secs(5),
     })
     .map_err(|e| e.to_string())?;
-    let s3 = Arc::new(Mutex::new(s3));
+    let store = Arc::new(store);
     let broker = Arc::new(Mutex::new(broker));
     let redis = Arc::new(Mutex::new(redis));
     let admin = tally_postgres::connect(&required_env("TALLY_TEST_DATABASE_URL"), 1)
         .await
         .map_err(|e| e.to_string())?;
-    let database = database_url
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let database = database_of(&database_url);
 
     let load = {
-        let (procs, s3, redis) = (procs.clone(), s3.clone(), redis.clone());
+        let (procs, redis) = (procs.clone(), redis.clone());
         let broker = broker.clone();
         let leave_out = plan.leave_out.clone();
         let (store, kafka) = (store.clone(), kafka.clone());
         let http = reqwest::Client::new();
         drive(
             plan,
-            "stack",
+            kind.topology(),
             base.clone(),
             progress,
             move |mut nemesis| async move {
                 while let Some(()) = nemesis.next_fault().await {
                     let roll = nemesis.pick(0..100);
+                    let on_s3 = matches!(*store, Store::S3 { .. });
                     let kind = match roll {
                         0..=29 => "sigkill",
                         30..=41 => "broker-killed",
                         42..=51 => "redis-restarted-empty",
-                        52..=59 => "s3-paused",
-                        60..=67 => "s3-killed",
-                        68..=79 => "postgres-backends-terminated",
+                        52..=59 if on_s3 => "s3-paused",
+                        60..=67 if on_s3 => "s3-killed",
+                        52..=59 => "event-store-locked",
+                        60..=79 => "postgres-backends-terminated",
                         80..=87 => "rebuild-during-traffic",
                         _ => "deliveries-duplicated-and-reordered",
                     };
@@ -200,29 +288,45 @@ pub async fn run(
                             r.start().await;
                         }
                         "s3-paused" => {
-                            let s = s3.lock().await;
+                            let Store::S3 { server, .. } = &*store else {
+                                continue;
+                            };
+                            let s = server.lock().await;
                             s.pause();
                             nemesis.count(kind);
                             nemesis.pause(500..3000).await;
                             s.resume();
                         }
                         "s3-killed" => {
-                            let mut s = s3.lock().await;
+                            let Store::S3 { server, .. } = &*store else {
+                                continue;
+                            };
+                            let mut s = server.lock().await;
                             s.stop().await;
                             nemesis.count(kind);
                             nemesis.pause(200..2000).await;
                             s.start().await;
                         }
+                        "event-store-locked" => {
+                            let Store::Postgres { store, .. } = &*store else {
+                                continue;
+                            };
+                            // Every append and read of commits waits behind the lock.
+                            let mut tx = store
+                                .pool()
+                                .begin()
+                                .await
+                                .map_err(|e| format!("begin: {e}"))?;
+                            sqlx::query("LOCK TABLE event_commits IN ACCESS EXCLUSIVE MODE")
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(|e| format!("lock event_commits: {e}"))?;
+                            nemesis.count(kind);
+                            nemesis.pause(500..3000).await;
+                            tx.rollback().await.map_err(|e| format!("unlock: {e}"))?;
+                        }
                         "postgres-backends-terminated" => {
-                            let terminated: i64 = sqlx::query_scalar(
-                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                             WHERE datname = $1 AND pid <> pg_backend_pid()",
-                            )
-                            .bind(&database)
-                            .fetch_one(&admin)
-                            .await
-                            .map_err(|e| format!("pg_terminate_backend: {e}"))?;
-                            if terminated > 0 {
+                            if terminate_backends(&admin, &database).await? > 0 {
                                 nemesis.count("postgres-backends-terminated");
                             }
                         }
@@ -237,7 +341,7 @@ pub async fn run(
                         }
                         _ => {
                             let published =
-                                duplicate_deliveries(&store, &kafka, &mut nemesis).await;
+                                duplicate_deliveries(store.events(), &kafka, &mut nemesis).await;
                             if published > 0 {
                                 nemesis.count("deliveries-duplicated-and-reordered");
                             }
@@ -252,7 +356,9 @@ pub async fn run(
 
     // Quiet: every server up again, every process running; wait for the outbox to
     // drain and the projection to settle.
-    s3.lock().await.resume();
+    if let Store::S3 { server, .. } = &*store {
+        server.lock().await.resume();
+    }
     let mut crashed = Vec::new();
     for p in &procs {
         let mut p = p.lock().await;
@@ -264,7 +370,7 @@ pub async fn run(
     wait_ready(&base, Duration::from_secs(30)).await?;
     let drained = Instant::now() + Duration::from_secs(60);
     while Instant::now() < drained {
-        match store.pending(10).await {
+        match store.outbox().pending(10).await {
             Ok(pending) if pending.is_empty() => break,
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
@@ -273,7 +379,7 @@ pub async fn run(
 
     let (mut verdict, settled) = settle_and_check(
         &load.ops,
-        &store,
+        store.events(),
         &base,
         &account_names(plan),
         Duration::from_secs(plan.settle_seconds),
@@ -283,17 +389,29 @@ pub async fn run(
         verdict.violate("no-crash", c);
     }
     let on_topic = consume_topic(&broker_address, &topic).await?;
-    check_topic(&mut verdict, &store, &on_topic).await?;
+    check_topic(&mut verdict, store.events(), &on_topic).await?;
     for p in &procs {
         p.lock().await.kill().await;
     }
-    Ok(Report::new("stack", plan, &load, settled, verdict))
+    Ok(Report::new(kind.topology(), plan, &load, settled, verdict))
+}
+
+/// Terminate every backend of `database` but the caller's: how many there were.
+async fn terminate_backends(admin: &sqlx::PgPool, database: &str) -> Result<i64, String> {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_one(admin)
+    .await
+    .map_err(|e| format!("pg_terminate_backend: {e}"))
 }
 
 /// Publish up to ten old commits of up to three streams again, shuffled: deliveries
 /// duplicated and out of order. Returns how many were published.
 async fn duplicate_deliveries(
-    store: &tally_s3::S3EventStore,
+    store: &dyn EventStore,
     kafka: &tally_kafka::KafkaStream,
     nemesis: &mut crate::Nemesis,
 ) -> usize {
@@ -403,7 +521,7 @@ fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>
 /// `every-commit-on-the-topic`: each commit of the store was published.
 async fn check_topic(
     verdict: &mut check::Verdict,
-    store: &tally_s3::S3EventStore,
+    store: &dyn EventStore,
     on_topic: &HashMap<String, HashSet<u64>>,
 ) -> Result<(), String> {
     for stream in store.streams().await.map_err(|e| e.to_string())? {
