@@ -12,7 +12,7 @@ help: ## list the verbs
 dev: ## every public route on :8080, embedded backends, data under ./.data (no services needed)
 	TALLY_DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(CARGO) run -p gateway
 
-stack: ## every function as its own process on the real backends (S3, Kafka, PostgreSQL, Redis), routes on :8080
+stack: ## every function as its own process on the real backends (S3, Kafka, PostgreSQL, Redis), routes on :8080 (STORE=postgres: events in PostgreSQL)
 	./scripts/stack.sh
 
 services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)

@@ -8,14 +8,16 @@
       charts/tally/ci/crd-schemas/. An object with neither fails: nothing is skipped.
 
   check_deploy.py contract --default FILE --all-features FILE --all-features-values FILE
-                           [--rebuild FILE --rebuild-values FILE] [--infra FILE]
+                           [--rebuild FILE --rebuild-values FILE]
+                           [--postgres-store FILE --postgres-store-values FILE] [--infra FILE]
       The contract between the chart, the code and the rest of the repository: one
       Deployment per function; the routes of values.yaml == openapi.json == the
       cargo-lambda router of Cargo.toml; the HTTPRoute and the Ingress send every
       public endpoint to the right Service; pod hardening, probes, RBAC, hooks; the
       rebuild Job (all-features: with rebuild.stopProjector; --rebuild: a render with
-      the rebuild's own defaults); the chart's default backends are the Services of
-      k8s/ (--infra: its kustomize build).
+      the rebuild's own defaults); the event store's settings (S3 by default;
+      --postgres-store: a render with config.store postgres, no TALLY_S3_*); the
+      chart's default backends are the Services of k8s/ (--infra: its kustomize build).
 
 Both print one line per check and end with `checks: P passed, F failed`; the exit
 status is 1 when a check failed. Run with the tools' Python (scripts/tools.sh env:
@@ -361,7 +363,7 @@ def contract(args):
                   doc["metadata"].get("annotations", {}))
     secret = next(doc for doc in default if doc["kind"] == "Secret" and "helm.sh/hook" not in
                   doc["metadata"].get("annotations", {}))
-    plain = {"HOST", "PORT", "RUST_LOG", "TALLY_S3_BUCKET", "TALLY_S3_ENDPOINT", "AWS_REGION",
+    plain = {"HOST", "PORT", "RUST_LOG", "TALLY_STORE", "TALLY_S3_BUCKET", "TALLY_S3_ENDPOINT", "AWS_REGION",
              "TALLY_KAFKA_BROKERS", "TALLY_KAFKA_TOPIC", "TALLY_KAFKA_GROUP", "TALLY_SAGA_GROUP",
              "TALLY_CURRENCY", "TALLY_MAX_AMOUNT", "TALLY_SNAPSHOT_EVERY", "TALLY_TRANSFER_DEADLINE_SECONDS"}
     credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TALLY_DATABASE_URL", "TALLY_REDIS_URL"}
@@ -370,6 +372,49 @@ def contract(args):
         [f"ConfigMap lacks {k}" for k in sorted(plain - set(config["data"]))]
         + [f"Secret lacks {k}" for k in sorted(credentials - set(secret.get("stringData", {})))]
         + [f"{k} is a credential in the ConfigMap" for k in sorted(credentials & set(config["data"]))])
+
+    # --- the event store: S3 by default; PostgreSQL (--postgres-store) without the S3 settings
+    def store_problems(docs, settings):
+        """The ConfigMaps (the release's and the hooks' copy) and Secrets of docs, rendered
+        with settings: TALLY_STORE is config.store, the TALLY_S3_* settings are there
+        for s3 only, TALLY_EVENT_STORE_URL is secrets.eventStoreUrl when set (else absent)."""
+        problems = []
+        store = settings["config"]["store"]
+        configs = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+        secrets = [doc for doc in docs if doc["kind"] == "Secret"]
+        if not configs or not secrets:
+            return [f"{len(configs)} ConfigMaps, {len(secrets)} Secrets"]
+        for doc in configs:
+            data = doc.get("data") or {}
+            s3 = sorted(k for k in data if k.startswith("TALLY_S3_"))
+            if data.get("TALLY_STORE") != store:
+                problems.append(f"{name_of(doc)}: TALLY_STORE is {data.get('TALLY_STORE')!r}, want {store!r}")
+            if store == "s3" and "TALLY_S3_BUCKET" not in data:
+                problems.append(f"{name_of(doc)}: no TALLY_S3_BUCKET (store s3)")
+            if store != "s3" and s3:
+                problems.append(f"{name_of(doc)}: {', '.join(s3)} with store {store}")
+        url = settings["secrets"].get("eventStoreUrl") or None
+        for doc in secrets:
+            data = doc.get("stringData") or {}
+            if data.get("TALLY_EVENT_STORE_URL") != url:
+                problems.append(f"{name_of(doc)}: TALLY_EVENT_STORE_URL is {data.get('TALLY_EVENT_STORE_URL')!r}, "
+                                f"want {url!r}")
+            if "TALLY_DATABASE_URL" not in data:
+                problems.append(f"{name_of(doc)}: no TALLY_DATABASE_URL (the read model's)")
+        return problems
+
+    checks.check("the default event store is S3: TALLY_STORE=s3 and the TALLY_S3_* settings in both ConfigMaps, "
+                 "no TALLY_EVENT_STORE_URL", store_problems(default, values))
+    if args.postgres_store:
+        what = Path(args.postgres_store_values).name
+        settings = merge(values, yaml.safe_load(Path(args.postgres_store_values).read_text()))
+        problems = store_problems(load_docs(args.postgres_store), settings)
+        if settings["config"]["store"] != "postgres":
+            problems.insert(0, f"{what} sets config.store {settings['config']['store']!r}, want postgres")
+        url = ("its TALLY_EVENT_STORE_URL in both Secrets" if settings["secrets"].get("eventStoreUrl")
+               else "no TALLY_EVENT_STORE_URL")
+        checks.check(f"with config.store postgres ({what}): TALLY_STORE=postgres and no TALLY_S3_* in both "
+                     f"ConfigMaps, {url}", problems)
     every_pod = [(doc, pod_of(doc)) for doc in default + everything if doc["kind"] in ("Deployment", "Job")]
     problems = []
     for docs in (default, everything):
@@ -600,10 +645,14 @@ def main():
     contract_parser.add_argument("--all-features-values", required=True, help="the values file of --all-features")
     contract_parser.add_argument("--rebuild", help="helm template with a values file that enables the rebuild")
     contract_parser.add_argument("--rebuild-values", help="the values file of --rebuild")
+    contract_parser.add_argument("--postgres-store", help="helm template with config.store postgres")
+    contract_parser.add_argument("--postgres-store-values", help="the values file of --postgres-store")
     contract_parser.add_argument("--infra", help="kubectl kustomize k8s/")
     args = parser.parse_args()
     if args.command == "contract" and bool(args.rebuild) != bool(args.rebuild_values):
         parser.error("--rebuild and --rebuild-values go together")
+    if args.command == "contract" and bool(args.postgres_store) != bool(args.postgres_store_values):
+        parser.error("--postgres-store and --postgres-store-values go together")
     if args.command == "schemas":
         return validate_schemas(args.files)
     try:

@@ -7,6 +7,7 @@
 #                                nothing is left to compile (from scratch ≈ 6 min here)
 #   PROFILE=perf make stack      optimised without LTO (`make bench` uses it)
 #   PROFILE=release make stack   the shipped build: full LTO, ≈ 30 min from scratch
+#   STORE=postgres make stack    the event store in PostgreSQL instead of S3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
 export HOST=127.0.0.1
 export RUST_LOG=${RUST_LOG:-info}
 
-echo "stack: init (bucket, topic, migrations)" >&2
+echo "stack: event store: $TALLY_STORE; init (bucket, topic, migrations)" >&2
 "$BIN/migrate" >"$LOGS/migrate.log"
 
 pids=()

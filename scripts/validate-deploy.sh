@@ -18,7 +18,9 @@
 #              openapi.json == Cargo.toml's cargo-lambda router; HTTPRoute and Ingress
 #              send each public route to its function; hardening, probes, RBAC, hooks;
 #              the rebuild Job with and without rebuild.stopProjector (all-features,
-#              rebuild values); the chart's default backends are the Services of k8s/
+#              rebuild values); TALLY_STORE and the S3 settings (default: s3; the
+#              postgres-store values: postgres, no TALLY_S3_*, TALLY_EVENT_STORE_URL);
+#              the chart's default backends are the Services of k8s/
 #   compose    scripts/validate-compose.sh (docker-compose.yml)
 #
 # The tools come from scripts/tools.sh (installed once under $TALLY_CACHE/tools).
@@ -172,14 +174,16 @@ for file in "$CHART"/ci/invalid/*.yaml; do
 done
 
 echo "== contract"
-if [ -f "$OUT/default.yaml" ] && [ -f "$OUT/all-features.yaml" ] && [ -f "$OUT/rebuild.yaml" ]; then
+if [ -f "$OUT/default.yaml" ] && [ -f "$OUT/all-features.yaml" ] && [ -f "$OUT/rebuild.yaml" ] \
+    && [ -f "$OUT/postgres-store.yaml" ]; then
   counted "chart == code == k8s/" "$PYTHON" scripts/check_deploy.py contract \
     --default "$OUT/default.yaml" --all-features "$OUT/all-features.yaml" \
     --all-features-values "$CHART/ci/all-features-values.yaml" \
     --rebuild "$OUT/rebuild.yaml" --rebuild-values "$CHART/ci/rebuild-values.yaml" \
+    --postgres-store "$OUT/postgres-store.yaml" --postgres-store-values "$CHART/ci/postgres-store-values.yaml" \
     ${INFRA:+--infra "$INFRA"}
 else
-  fail "contract: the default, all-features or rebuild render is missing"
+  fail "contract: the default, all-features, rebuild or postgres-store render is missing"
 fi
 
 echo "== docker-compose.yml"

@@ -44,6 +44,7 @@ else
   eval "$(./scripts/services.sh env)"
   . scripts/stack-env.sh
 fi
+export TALLY_STORE=${TALLY_STORE:-${STORE:-s3}}
 export TALLY_S3_BUCKET=${TALLY_S3_BUCKET:-tally}
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-tally} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-tally-secret}
 export AWS_REGION=${AWS_REGION:-us-east-1}
@@ -57,7 +58,7 @@ export RUST_LOG=${RUST_LOG:-info}
 mkdir -p "$(dirname "$ENV_FILE")"
 {
   echo "# written by scripts/watch.sh: $backends"
-  for key in TALLY_S3_BUCKET TALLY_S3_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION \
+  for key in TALLY_STORE TALLY_S3_BUCKET TALLY_S3_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION \
              TALLY_KAFKA_BROKERS TALLY_KAFKA_TOPIC TALLY_KAFKA_GROUP TALLY_DATABASE_URL TALLY_REDIS_URL \
              TALLY_CURRENCY TALLY_MAX_AMOUNT TALLY_SNAPSHOT_EVERY RUST_LOG; do
     echo "$key=${!key}"

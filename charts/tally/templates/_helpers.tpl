@@ -116,12 +116,16 @@ themselves (templates/hooks/config.yaml).
 HOST: "0.0.0.0"
 PORT: {{ .Values.containerPort | quote }}
 RUST_LOG: {{ .Values.config.logLevel | quote }}
+TALLY_STORE: {{ .Values.config.store | quote }}
+{{- /* The S3 settings only for the S3 event store: with postgres the binaries ignore them. */}}
+{{- if eq .Values.config.store "s3" }}
 TALLY_S3_BUCKET: {{ .Values.config.s3.bucket | quote }}
 {{- with .Values.config.s3.endpoint }}
 TALLY_S3_ENDPOINT: {{ . | quote }}
 {{- end }}
 {{- with .Values.config.s3.prefix }}
 TALLY_S3_PREFIX: {{ . | quote }}
+{{- end }}
 {{- end }}
 AWS_REGION: {{ .Values.config.s3.region | quote }}
 TALLY_KAFKA_BROKERS: {{ .Values.config.kafka.brokers | quote }}
@@ -145,6 +149,9 @@ TALLY_TRANSFER_DEADLINE_SECONDS: {{ .Values.config.transferDeadlineSeconds | quo
 AWS_ACCESS_KEY_ID: {{ .Values.secrets.awsAccessKeyId | quote }}
 AWS_SECRET_ACCESS_KEY: {{ .Values.secrets.awsSecretAccessKey | quote }}
 TALLY_DATABASE_URL: {{ .Values.secrets.databaseUrl | quote }}
+{{- with .Values.secrets.eventStoreUrl }}
+TALLY_EVENT_STORE_URL: {{ . | quote }}
+{{- end }}
 TALLY_REDIS_URL: {{ .Values.secrets.redisUrl | quote }}
 {{- end }}
 
