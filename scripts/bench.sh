@@ -2,12 +2,14 @@
 # `make bench`: every measurement of Tally, provisioning the services as the tests do.
 #
 #   1. the load driver (tally-bench load) against `make dev` (the gateway on the
-#      embedded backends) and against `make stack` (one process per function on S3,
-#      Kafka, PostgreSQL and Redis), with the bare backends' ceiling measured first;
+#      embedded backends), the same gateway alone on the PostgreSQL event store
+#      (dev-pg), `make stack` (one process per function on S3, Kafka, PostgreSQL and
+#      Redis) and `STORE=postgres make stack` (stack-pg: the events in PostgreSQL), the
+#      stacks with the bare backends' ceiling measured first;
 #   2. rebuilds: `admin rebuild` replaying what each load wrote into an empty
-#      PostgreSQL read model (directory store → PostgreSQL, S3 → PostgreSQL);
+#      PostgreSQL read model (from the directory, S3 and PostgreSQL stores);
 #   3. criterion micro-benchmarks (fold, commit encode/decode, 10k-event stream load
-#      with and without a snapshot from the directory store and from S3);
+#      with and without a snapshot from the directory store, S3 and PostgreSQL);
 #   4. serverless figures per function (cold start, binary size, RSS after 1k requests).
 #
 # Results: bench/results/<time>-<what>.{json,md}, and a summary on stdout.
@@ -96,6 +98,22 @@ psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_ben
 rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
 rm -rf "$data"
 
+# 1c. dev-pg: the same all-in-one gateway on the PostgreSQL event store (commands,
+# projection and queries in one process; the read model in memory, as make dev's).
+pgdev_url=postgres://postgres@127.0.0.1:5432/tally_bench_pgdev
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" -c "create database tally_bench_pgdev"
+HOST=127.0.0.1 PORT=$DEV_PORT TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url RUST_LOG=warn "$BIN/gateway" >/dev/null 2>&1 &
+pids+=($!)
+wait_healthy "http://127.0.0.1:$DEV_PORT"
+wait_routes "http://127.0.0.1:$DEV_PORT"
+"$BIN/tally-bench" --out "$OUT" load --target "dev-pg=http://127.0.0.1:$DEV_PORT" "${args[@]}"
+kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
+
+# 2c. Rebuild: the dev-pg load's PostgreSQL event store → an empty PostgreSQL read model.
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_rebuild" -c "create database tally_bench_rebuild"
+rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" || true
+
 # 1b. make stack: one process per function on the real backends; the ceiling first.
 # A bucket, topic and database of this run's own, so every run starts from nothing
 # (an earlier run's leftovers would be measured too) and the rebuild replays exactly
@@ -127,11 +145,35 @@ cleanup; pids=()
 # 2b. Rebuild: the stack's S3 bucket → its PostgreSQL read model (emptied first).
 ( . scripts/stack-env.sh; rebuild stack )
 
+# 1d. stack-pg: `STORE=postgres make stack`, the events in PostgreSQL (the run's own
+# database, beside its read model); the ceiling again, divided by the backends a command
+# on this store needs (no S3).
+pg_run_id=$run_id-pg
+export TALLY_KAFKA_TOPIC=$pg_run_id
+export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${pg_run_id//-/_}
+psql -h 127.0.0.1 -U postgres -d postgres -qc "create database ${pg_run_id//-/_}"
+STORE=postgres PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs-pg ./scripts/stack.sh &
+pids+=($!)
+wait_healthy "http://127.0.0.1:$STACK_PORT"
+wait_routes "http://127.0.0.1:$STACK_PORT"
+(
+  export STORE=postgres
+  . scripts/stack-env.sh
+  "$BIN/tally-bench" --out "$OUT" load --target "stack-pg=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"
+)
+cleanup; pids=()
+
+# 2d. Rebuild: the stack-pg event store → its PostgreSQL read model (emptied first).
+( export STORE=postgres; . scripts/stack-env.sh; rebuild stack-pg )
+
 # 3. Micro-benchmarks (skipped in quick mode: criterion's minimum runs take minutes).
 if [ -z "$QUICK" ]; then
   (
     . scripts/stack-env.sh
-    # One bucket for the 10k-event stream, seeded once per S3 server and reused.
+    # One bucket (and one database) for the 10k-event stream, seeded once and reused.
+    psql -h 127.0.0.1 -U postgres -d postgres -Atqc "select 1 from pg_database where datname = 'tally_bench_load'" | grep -q 1 \
+      || psql -h 127.0.0.1 -U postgres -d postgres -qc "create database tally_bench_load"
+    TALLY_EVENT_STORE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_load \
     TALLY_S3_BUCKET=tally-bench-load cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load 2>&1 \
       | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|load)/|time:|thrpt:' >&2
   )
@@ -146,8 +188,11 @@ runs=5 requests=1000
 # 5. The run's charts, from the JSON files it wrote (the newest of each kind).
 newest() { ls -t "$OUT"/*-"$1".json 2>/dev/null | head -n 1; }
 "$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
-  --load "dev=$(newest dev)" --load "stack=$(newest stack)" \
-  --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "stack=$OUT/$stamp-rebuild-stack.json"
+  --load "dev=$(newest dev)" --load "dev-pg=$(newest dev-pg)" \
+  --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
+  --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "dev-pg=$OUT/$stamp-rebuild-dev-pg.json" \
+  --rebuild "stack=$OUT/$stamp-rebuild-stack.json" --rebuild "stack-pg=$OUT/$stamp-rebuild-stack-pg.json"
 
 psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${run_id//-/_}" || true
+psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${pg_run_id//-/_}" || true
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2

@@ -5,6 +5,8 @@
 //! * `s3/...` — the S3 server named by `TALLY_S3_*` / `AWS_*` (`make bench` starts
 //!   one and sets them; `eval "$(scripts/services.sh env)"` does the same by hand).
 //!   The stream is seeded once per server and reused.
+//! * `pg/...` — the PostgreSQL event store at `TALLY_EVENT_STORE_URL` (`make bench`
+//!   gives it a database of its own), migrated and seeded once, then reused.
 //!
 //! "With a snapshot" starts from a snapshot 50 revisions before the end, the average
 //! tail with `TALLY_SNAPSHOT_EVERY=100`. The S3 load without a snapshot is timed once,
@@ -110,6 +112,20 @@ fn load(c: &mut Criterion) {
     rt.block_on(s3.ensure_bucket())
         .unwrap_or_else(|e| panic!("S3 server at {:?}: {e}", config.endpoint));
     bench_store(c, &rt, "s3", s3, Sampling::Timed(1));
+
+    let url = std::env::var("TALLY_EVENT_STORE_URL").unwrap_or_else(|_| {
+        panic!(
+            "the PostgreSQL load benchmark needs TALLY_EVENT_STORE_URL (a database of its \
+             own; `make bench` creates one)"
+        )
+    });
+    let pool = rt
+        .block_on(tally_postgres::connect(&url, 8))
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    rt.block_on(tally_postgres::migrate(&pool))
+        .unwrap_or_else(|e| panic!("migrating {url}: {e}"));
+    let pg = Arc::new(tally_postgres::PgEventStore::new(pool).without_outbox());
+    bench_store(c, &rt, "pg", pg, Sampling::Criterion);
 }
 
 criterion_group!(benches, load);

@@ -717,13 +717,13 @@ pub fn markdown(report: &Report) -> String {
     }
     if let Some(ceiling) = &report.ceiling {
         md.push_str(&format!(
-            "\n## ceiling: the bare backends ({} calls each; S3: {}, broker: {}, PostgreSQL)\n\n\
+            "\n## ceiling: the bare backends ({} calls each; S3: {}, broker: {}, PostgreSQL; event store: {})\n\n\
              | concurrency | S3 conditional PUT/s (p99 ms) | produce acks/s (p99 ms) | upserts/s (p99 ms) | slowest | Tally commands/s | fraction |\n\
              | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n",
-            ceiling.ops, ceiling.s3_server, ceiling.broker
+            ceiling.ops, ceiling.s3_server, ceiling.broker, ceiling.store
         ));
         for c in &ceiling.levels {
-            let (slowest, per_second) = c.slowest();
+            let (slowest, per_second) = c.slowest(&ceiling.store);
             let tally = report
                 .levels
                 .iter()

@@ -84,6 +84,7 @@ async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_th
         database_url: fresh_database().await,
         s3_server: "the test S3 server".into(),
         broker: "the test broker".into(),
+        store: "s3".into(),
     };
     let ceiling = measure(&backends, &[1, 4], 12, |_| {}).await.unwrap();
     assert_eq!(ceiling.levels.len(), 2);
@@ -97,10 +98,20 @@ async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_th
             assert!(f.errors.is_empty(), "{name}: {:?}", f.errors);
             assert!(f.per_second > 0.0);
         }
-        let (_, slowest) = level.slowest();
+        let (_, slowest) = level.slowest("s3");
         assert!(slowest <= level.s3_conditional_put.per_second);
         assert!(slowest <= level.broker_produce.per_second);
         assert!(slowest <= level.postgres_upsert.per_second);
+        // On the PostgreSQL store a command needs no S3 request.
+        let (name, on_postgres) = level.slowest("postgres");
+        assert!(!name.starts_with("S3"), "{name}");
+        assert_eq!(
+            on_postgres,
+            level
+                .broker_produce
+                .per_second
+                .min(level.postgres_upsert.per_second)
+        );
     }
 
     // In a report, the stack's commands/s is divided by the slowest backend.
