@@ -81,90 +81,90 @@ rebuild() {
 }
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+stop_all() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+# A bucket, topic and database of this run's own for each stack, so every run starts
+# from nothing (an earlier run's leftovers would be measured too) and each rebuild
+# replays exactly what its load wrote.
+run_id=bench-$(date -u +%Y%m%d%H%M%S)
+pg_run_id=$run_id-pg
+run_databases="${run_id//-/_} ${pg_run_id//-/_} tally_bench_pgdev"
+cleanup() {
+  stop_all
+  for db in $run_databases; do psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $db" >/dev/null 2>&1 || true; done
+}
 trap cleanup EXIT INT TERM
+
+# An all-in-one gateway on $DEV_PORT with the environment given, measured as target
+# NAME, then stopped.
+load_gateway() {
+  local name=$1; shift
+  env HOST=127.0.0.1 PORT="$DEV_PORT" RUST_LOG=warn "$@" "$BIN/gateway" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_healthy "http://127.0.0.1:$DEV_PORT"
+  wait_routes "http://127.0.0.1:$DEV_PORT"
+  "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$DEV_PORT" "${args[@]}"
+  stop_all
+}
+
+# A fresh, empty database for a rebuild's read model.
+fresh_rebuild_database() {
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_rebuild" -c "create database tally_bench_rebuild"
+}
+rebuild_url=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
 
 # 1a. make dev: every route in one process, embedded backends in a fresh directory.
 data=$(mktemp -d)
-HOST=127.0.0.1 PORT=$DEV_PORT TALLY_DATA_DIR=$data RUST_LOG=warn "$BIN/gateway" >/dev/null 2>&1 &
-pids+=($!)
-wait_healthy "http://127.0.0.1:$DEV_PORT"
-wait_routes "http://127.0.0.1:$DEV_PORT"
-"$BIN/tally-bench" --out "$OUT" load --target "dev=http://127.0.0.1:$DEV_PORT" "${args[@]}"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
-
+load_gateway dev TALLY_DATA_DIR="$data"
 # 2a. Rebuild: the dev load's directory store → an empty PostgreSQL read model.
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_rebuild" -c "create database tally_bench_rebuild"
-rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
+fresh_rebuild_database
+rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=$rebuild_url
 rm -rf "$data"
 
 # 1c. dev-pg: the same all-in-one gateway on the PostgreSQL event store (commands,
 # projection and queries in one process; the read model in memory, as make dev's).
 pgdev_url=postgres://postgres@127.0.0.1:5432/tally_bench_pgdev
 psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" -c "create database tally_bench_pgdev"
-HOST=127.0.0.1 PORT=$DEV_PORT TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url RUST_LOG=warn "$BIN/gateway" >/dev/null 2>&1 &
-pids+=($!)
-wait_healthy "http://127.0.0.1:$DEV_PORT"
-wait_routes "http://127.0.0.1:$DEV_PORT"
-"$BIN/tally-bench" --out "$OUT" load --target "dev-pg=http://127.0.0.1:$DEV_PORT" "${args[@]}"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true; pids=()
-
+load_gateway dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url
 # 2c. Rebuild: the dev-pg load's PostgreSQL event store → an empty PostgreSQL read model.
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_rebuild" -c "create database tally_bench_rebuild"
-rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" || true
+fresh_rebuild_database
+rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=$rebuild_url
 
-# 1b. make stack: one process per function on the real backends; the ceiling first.
-# A bucket, topic and database of this run's own, so every run starts from nothing
-# (an earlier run's leftovers would be measured too) and the rebuild replays exactly
-# what this run wrote.
-run_id=bench-$(date -u +%Y%m%d%H%M%S)
-export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
-export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
-psql -h 127.0.0.1 -U postgres -d postgres -qc "create database ${run_id//-/_}"
-PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs ./scripts/stack.sh &
-pids+=($!)
-wait_healthy "http://127.0.0.1:$STACK_PORT"
-wait_routes "http://127.0.0.1:$STACK_PORT"
 ceiling=(--ceiling)
 [ -n "$QUICK" ] && ceiling+=(--ceiling-ops 20)
-# The stack runs 2,000 operations per level, not 4,000: moto holds it near 50–70
-# commands/s, and 4,000 would take the stack alone past 2.5 min (BENCH_ARGS="--ops N"
+# The stacks run 2,000 operations per level, not 4,000: moto holds the S3 stack near
+# 50–70 commands/s, and 4,000 would take it alone past 2.5 min (BENCH_ARGS="--ops N"
 # sets both).
 stack_ops=()
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --ops "* ]] && stack_ops=(--ops 2000)
-# Transfers: 200 per level on the stack (each is a saga of several S3 writes), the
-# dev gateway keeps 1,000.
+# Transfers: 200 per level on the stacks (each is a saga of several appends), the
+# dev gateways keep 1,000.
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --transfers "* ]] && stack_ops+=(--transfers 200)
-(
+
+# `make stack` on event store STORE (s3, postgres) as target NAME, in bucket, topic and
+# database ID: the ceiling, the load, then a rebuild of what it wrote into its read
+# model (emptied first). Its variables stay in its subshell.
+load_stack() (
+  local name=$1 store=$2 id=$3
+  trap stop_all EXIT
+  export STORE=$store TALLY_STORE=$store TALLY_S3_BUCKET=$id TALLY_KAFKA_TOPIC=$id
+  export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${id//-/_}
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "create database ${id//-/_}"
+  PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs-$name ./scripts/stack.sh &
+  pids+=($!)
+  wait_healthy "http://127.0.0.1:$STACK_PORT"
+  wait_routes "http://127.0.0.1:$STACK_PORT"
   . scripts/stack-env.sh
-  "$BIN/tally-bench" --out "$OUT" load --target "stack=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"
+  "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"
+  stop_all
+  rebuild "$name"
 )
-cleanup; pids=()
 
-# 2b. Rebuild: the stack's S3 bucket → its PostgreSQL read model (emptied first).
-( . scripts/stack-env.sh; rebuild stack )
-
-# 1d. stack-pg: `STORE=postgres make stack`, the events in PostgreSQL (the run's own
-# database, beside its read model); the ceiling again, divided by the backends a command
-# on this store needs (no S3).
-pg_run_id=$run_id-pg
-export TALLY_KAFKA_TOPIC=$pg_run_id
-export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${pg_run_id//-/_}
-psql -h 127.0.0.1 -U postgres -d postgres -qc "create database ${pg_run_id//-/_}"
-STORE=postgres PROFILE=$PROFILE PORT=$STACK_PORT RUST_LOG=warn STACK_LOGS=.stack/bench-logs-pg ./scripts/stack.sh &
-pids+=($!)
-wait_healthy "http://127.0.0.1:$STACK_PORT"
-wait_routes "http://127.0.0.1:$STACK_PORT"
-(
-  export STORE=postgres
-  . scripts/stack-env.sh
-  "$BIN/tally-bench" --out "$OUT" load --target "stack-pg=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"
-)
-cleanup; pids=()
-
-# 2d. Rebuild: the stack-pg event store → its PostgreSQL read model (emptied first).
-( export STORE=postgres; . scripts/stack-env.sh; rebuild stack-pg )
+# 1b, 2b. make stack: one process per function on S3, Kafka, PostgreSQL and Redis.
+load_stack stack s3 "$run_id"
+# 1d, 2d. stack-pg: `STORE=postgres make stack`, the events in PostgreSQL (the run's
+# database, beside its read model); the ceiling's fraction is over the backends a
+# command on this store needs (no S3).
+load_stack stack-pg postgres "$pg_run_id"
 
 # 3. Micro-benchmarks (skipped in quick mode: criterion's minimum runs take minutes).
 if [ -z "$QUICK" ]; then
@@ -182,17 +182,18 @@ fi
 # 4. Serverless figures.
 runs=5 requests=1000
 [ -n "$QUICK" ] && runs=1 requests=20
-( . scripts/stack-env.sh
+( export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
+  export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
+  . scripts/stack-env.sh
   "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
 
 # 5. The run's charts, from the JSON files it wrote (the newest of each kind).
-newest() { ls -t "$OUT"/*-"$1".json 2>/dev/null | head -n 1; }
+# (A load report is <time>Z-<target>.json; <time>Z-rebuild-<target>.json is not one.)
+newest() { ls -t "$OUT"/*Z-"$1".json 2>/dev/null | head -n 1; }
 "$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
   --load "dev=$(newest dev)" --load "dev-pg=$(newest dev-pg)" \
   --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
   --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "dev-pg=$OUT/$stamp-rebuild-dev-pg.json" \
   --rebuild "stack=$OUT/$stamp-rebuild-stack.json" --rebuild "stack-pg=$OUT/$stamp-rebuild-stack-pg.json"
 
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${run_id//-/_}" || true
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists ${pg_run_id//-/_}" || true
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2

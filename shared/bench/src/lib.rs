@@ -736,11 +736,13 @@ pub fn markdown(report: &Report) -> String {
                 ),
                 None => ("—".into(), "—".into()),
             };
+            let s3 = c.s3_conditional_put.as_ref().map_or_else(
+                || "—".to_owned(),
+                |f| format!("{:.0} ({:.1})", f.per_second, f.p99_ms),
+            );
             md.push_str(&format!(
-                "| {} | {:.0} ({:.1}) | {:.0} ({:.1}) | {:.0} ({:.1}) | {slowest} | {tally} | {fraction} |\n",
+                "| {} | {s3} | {:.0} ({:.1}) | {:.0} ({:.1}) | {slowest} | {tally} | {fraction} |\n",
                 c.concurrency,
-                c.s3_conditional_put.per_second,
-                c.s3_conditional_put.p99_ms,
                 c.broker_produce.per_second,
                 c.broker_produce.p99_ms,
                 c.postgres_upsert.per_second,

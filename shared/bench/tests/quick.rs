@@ -90,7 +90,7 @@ async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_th
     assert_eq!(ceiling.levels.len(), 2);
     for level in &ceiling.levels {
         for (name, f) in [
-            ("S3", &level.s3_conditional_put),
+            ("S3", level.s3_conditional_put.as_ref().unwrap()),
             ("broker", &level.broker_produce),
             ("PostgreSQL", &level.postgres_upsert),
         ] {
@@ -99,20 +99,27 @@ async fn a_quick_ceiling_run_measures_every_backend_and_the_report_divides_by_th
             assert!(f.per_second > 0.0);
         }
         let (_, slowest) = level.slowest("s3");
-        assert!(slowest <= level.s3_conditional_put.per_second);
+        assert!(slowest <= level.s3_conditional_put.as_ref().unwrap().per_second);
         assert!(slowest <= level.broker_produce.per_second);
         assert!(slowest <= level.postgres_upsert.per_second);
-        // On the PostgreSQL store a command needs no S3 request.
-        let (name, on_postgres) = level.slowest("postgres");
-        assert!(!name.starts_with("S3"), "{name}");
-        assert_eq!(
-            on_postgres,
-            level
-                .broker_produce
-                .per_second
-                .min(level.postgres_upsert.per_second)
-        );
     }
+    // Beside a Tally on the PostgreSQL store, S3 is neither measured nor counted.
+    let on_postgres = Backends {
+        store: "postgres".into(),
+        ..backends.clone()
+    };
+    let ceiling_pg = measure(&on_postgres, &[2], 6, |_| {}).await.unwrap();
+    let level = &ceiling_pg.levels[0];
+    assert!(level.s3_conditional_put.is_none());
+    let (name, slowest) = level.slowest("postgres");
+    assert!(!name.starts_with("S3"), "{name}");
+    assert_eq!(
+        slowest,
+        level
+            .broker_produce
+            .per_second
+            .min(level.postgres_upsert.per_second)
+    );
 
     // In a report, the stack's commands/s is divided by the slowest backend.
     let (_dir, base) = dev_gateway().await;

@@ -68,7 +68,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// Every commit after `after`, which is the last revision of a commit the caller
     /// already holds (a commit boundary, or [`Revision::ZERO`] for the whole stream):
     /// what `read(stream, after + 1)` returns, and what this does by default. A store
-    /// may answer the usual case of a warm stream, nothing new, more cheaply.
+    /// may answer the usual case of a warm stream, nothing new, more cheaply — and may
+    /// then answer a gap right after `after` (no commit at `after + 1`, a later one
+    /// there: only tampering makes one) as nothing new, where `read` reports it.
     async fn read_after(
         &self,
         stream: &StreamId,

@@ -49,6 +49,9 @@ const READ_CONCURRENCY: usize = 16;
 /// How many new commits `read_after` fetches one by one, by key, before it lists the
 /// rest.
 const FOLLOW_BY_GET: usize = 3;
+/// How far before a revision a read looks for the commit holding it, before it lists
+/// the whole stream (a commit holds one event or a few).
+const LOOK_BACK: u64 = 64;
 /// Connecting to the server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// One attempt of a request, its body included.
@@ -473,6 +476,82 @@ impl S3EventStore {
     }
 }
 
+impl S3EventStore {
+    /// The commits of `stream` whose last event is at or after `from`. With
+    /// `at_boundary` the caller knows a commit ends just before `from` (`read_after`),
+    /// so when no key starts at or after `from` there is nothing to read, and no need to
+    /// look back for a commit holding it.
+    async fn read_from(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+        at_boundary: bool,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let prefix = self.stream_prefix(stream);
+        // Keys from `from` on. If none starts at `from` — the first starts later, or
+        // there is none — the commit holding `from` (if any) started before it: look
+        // back for it.
+        let start_after =
+            (from.get() > 1).then(|| self.commit_key(stream, Revision::new(from.get() - 1)));
+        let mut keys = self.list(&prefix, start_after.clone()).await?;
+        if start_after.is_some() {
+            let first = keys
+                .first()
+                .map(|(k, _)| self.revision_of(stream, k))
+                .transpose()?;
+            if first != Some(from) && !(at_boundary && first.is_none()) {
+                keys = self.from_the_holder_of(stream, &prefix, from).await?;
+            }
+        }
+        let commits: Vec<StoredCommit> = stream::iter(keys.into_iter().map(|(k, _)| self.get(k)))
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+            if from.get() <= 1 && first.revision != Revision::new(1) {
+                return Err(StoreError::Corrupt(format!(
+                    "stream `{stream}` starts at revision {}",
+                    first.revision
+                )));
+            }
+        }
+        Ok(commits
+            .into_iter()
+            .filter(|c| c.last_revision() >= from)
+            .collect())
+    }
+
+    /// The keys of `stream` from the commit that holds `from` (the last one starting at
+    /// or before it) on: a listing from [`LOOK_BACK`] revisions before `from`, or of the
+    /// whole stream when no commit starts in that window (a commit of more events than
+    /// that, or a stream that ends before it).
+    async fn from_the_holder_of(
+        &self,
+        stream: &StreamId,
+        prefix: &str,
+        from: Revision,
+    ) -> Result<Vec<(String, Option<OffsetDateTime>)>, StoreError> {
+        let back = from.get().saturating_sub(LOOK_BACK + 1);
+        let window = (back >= 1).then(|| self.commit_key(stream, Revision::new(back)));
+        let windowed = window.is_some();
+        let mut keys = self.list(prefix, window).await?;
+        let starts_in_window = match keys.first() {
+            Some((k, _)) => self.revision_of(stream, k)? <= from,
+            None => false,
+        };
+        if windowed && !starts_in_window {
+            keys = self.list(prefix, None).await?;
+        }
+        let mut revisions = Vec::with_capacity(keys.len());
+        for (k, _) in &keys {
+            revisions.push(self.revision_of(stream, k)?);
+        }
+        let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
+        Ok(keys.split_off(start))
+    }
+}
+
 /// A listing's `LastModified`.
 fn to_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp(t.secs()).ok()
@@ -503,45 +582,7 @@ impl EventStore for S3EventStore {
         stream: &StreamId,
         from: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError> {
-        let prefix = self.stream_prefix(stream);
-        // Keys from `from` on; if none starts at `from` — the first starts later, or
-        // there is none — the commit holding `from` (if any) started before it, so list
-        // from the beginning instead.
-        let start_after =
-            (from.get() > 1).then(|| self.commit_key(stream, Revision::new(from.get() - 1)));
-        let mut keys = self.list(&prefix, start_after.clone()).await?;
-        if start_after.is_some() {
-            let first = keys
-                .first()
-                .map(|(k, _)| self.revision_of(stream, k))
-                .transpose()?;
-            if first != Some(from) {
-                let all = self.list(&prefix, None).await?;
-                let mut revisions = Vec::with_capacity(all.len());
-                for (k, _) in &all {
-                    revisions.push(self.revision_of(stream, k)?);
-                }
-                let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
-                keys = all[start..].to_vec();
-            }
-        }
-        let commits: Vec<StoredCommit> = stream::iter(keys.into_iter().map(|(k, _)| self.get(k)))
-            .buffered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        if let Some(first) = commits.first() {
-            check_contiguous(stream, first.revision, &commits)?;
-            if from.get() <= 1 && first.revision != Revision::new(1) {
-                return Err(StoreError::Corrupt(format!(
-                    "stream `{stream}` starts at revision {}",
-                    first.revision
-                )));
-            }
-        }
-        Ok(commits
-            .into_iter()
-            .filter(|c| c.last_revision() >= from)
-            .collect())
+        self.read_from(stream, from, false).await
     }
 
     /// One GET of the commit's own key (not a listing): the relay's path.
@@ -583,7 +624,7 @@ impl EventStore for S3EventStore {
                 None => return Ok(commits),
             }
         }
-        commits.extend(self.read(stream, next).await?);
+        commits.extend(self.read_from(stream, next, true).await?);
         check_contiguous(stream, after.next(), &commits)?;
         Ok(commits)
     }

@@ -55,7 +55,7 @@ type Shared<T> = Arc<Mutex<T>>;
 pub enum StoreKind {
     /// An S3 server of the run's own (moto, on disk): the `stack` topology.
     S3,
-    /// PostgreSQL, in a database of its own: the `stack-pg` topology.
+    /// PostgreSQL, in the read model's database: the `stack-pg` topology.
     Postgres,
 }
 
