@@ -500,7 +500,7 @@ impl S3EventStore {
                 .map(|(k, _)| self.revision_of(stream, k))
                 .transpose()?;
             if first != Some(from) && !(at_boundary && first.is_none()) {
-                keys = self.from_the_holder_of(stream, &prefix, from).await?;
+                keys = self.keys_from_the_holder_of(stream, &prefix, from).await?;
             }
         }
         let commits: Vec<StoredCommit> = stream::iter(keys.into_iter().map(|(k, _)| self.get(k)))
@@ -526,7 +526,7 @@ impl S3EventStore {
     /// or before it) on: a listing from [`LOOK_BACK`] revisions before `from`, or of the
     /// whole stream when no commit starts in that window (a commit of more events than
     /// that, or a stream that ends before it).
-    async fn from_the_holder_of(
+    async fn keys_from_the_holder_of(
         &self,
         stream: &StreamId,
         prefix: &str,
