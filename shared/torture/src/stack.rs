@@ -312,18 +312,28 @@ pub async fn run_on(
                                 continue;
                             };
                             // Every append and read of commits waits behind the lock.
-                            let mut tx = store
-                                .pool()
-                                .begin()
-                                .await
-                                .map_err(|e| format!("begin: {e}"))?;
-                            sqlx::query("LOCK TABLE event_commits IN ACCESS EXCLUSIVE MODE")
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(|e| format!("lock event_commits: {e}"))?;
+                            // Not taken within 1 s (behind a rebuild's switch), or on a
+                            // connection just terminated: no fault this time.
+                            let Ok(mut tx) = store.pool().begin().await else {
+                                continue;
+                            };
+                            let mut locked = Ok(());
+                            for statement in [
+                                "SET LOCAL lock_timeout = '1s'",
+                                "LOCK TABLE event_commits IN ACCESS EXCLUSIVE MODE",
+                            ] {
+                                if locked.is_ok() {
+                                    locked =
+                                        sqlx::query(statement).execute(&mut *tx).await.map(|_| ());
+                                }
+                            }
+                            if locked.is_err() {
+                                continue;
+                            }
                             nemesis.count(kind);
                             nemesis.pause(500..3000).await;
-                            tx.rollback().await.map_err(|e| format!("unlock: {e}"))?;
+                            // Rolled back, or dropped with its connection: unlocked.
+                            let _ = tx.rollback().await;
                         }
                         "postgres-backends-terminated" => {
                             if terminate_backends(&admin, &database).await? > 0 {
@@ -465,9 +475,9 @@ fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| format!("a consumer: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let metadata = patiently(&format!("metadata of {topic}"), || {
+        consumer.fetch_metadata(Some(topic), timeout)
+    })?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -476,9 +486,9 @@ fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>
     let mut assignment = TopicPartitionList::new();
     let mut remaining = HashMap::new();
     for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| format!("watermarks of {topic}/{p}: {e}"))?;
+        let (low, high) = patiently(&format!("watermarks of {topic}/{p}"), || {
+            consumer.fetch_watermarks(topic, p, timeout)
+        })?;
         if high > low {
             remaining.insert(p, high);
         }
@@ -488,7 +498,7 @@ fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let mut seen: HashMap<String, HashSet<u64>> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while !remaining.is_empty() && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_secs(1)) else {
             continue;
@@ -511,11 +521,29 @@ fn read_topic(brokers: &str, topic: &str) -> Result<HashMap<String, HashSet<u64>
     }
     if !remaining.is_empty() {
         return Err(format!(
-            "{topic}: partitions {:?} were not read to their end within 120 s",
+            "{topic}: partitions {:?} were not read to their end within 300 s",
             remaining.keys().collect::<Vec<_>>()
         ));
     }
     Ok(seen)
+}
+
+/// `call`, asked up to six times: a broker still busy with what the load left (the
+/// relay, the consumers; tens of thousands of commits on the stack-pg topology) may
+/// time out an answer or two.
+fn patiently<T>(
+    what: &str,
+    mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> Result<T, String> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match call() {
+            Ok(answer) => return Ok(answer),
+            Err(e) if attempts >= 6 => return Err(format!("{what}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
 }
 
 /// `every-commit-on-the-topic`: each commit of the store was published.
