@@ -16,7 +16,10 @@ cd "$(dirname "$0")/.."
 eval "$(./scripts/services.sh env)"
 
 PROFILE=${TORTURE_PROFILE:-debug}
-TOPOLOGIES=${TORTURE_TOPOLOGY:-dev stack stack-pg}
+# stack-pg (the stack on the PostgreSQL event store) is opt-in: at its full load rate
+# the run's own broker (tansu on SQLite) falls behind and the run ends unsettled (see
+# bench/README.md, "make torture"); make test runs a short stack-pg run.
+TOPOLOGIES=${TORTURE_TOPOLOGY:-dev stack}
 export TORTURE_SEED=${TORTURE_SEED:-$(date +%s)}
 
 echo "torture: building ($PROFILE)" >&2
