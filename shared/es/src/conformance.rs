@@ -148,20 +148,19 @@ async fn assert_reads_are_contiguous_and_start_at_the_commit_holding_the_revisio
 
     let all = store.read(&alpha, Revision::new(1)).await.unwrap();
     assert_eq!(all, written, "{alpha}: commits read back as written");
-    for (from, expected) in [
-        (1, vec![1, 3, 4]),
-        (2, vec![1, 3, 4]),
-        (3, vec![3, 4]),
-        (5, vec![4]),
-        (6, vec![4]),
-        (7, vec![]),
-    ] {
-        assert_eq!(
-            revisions(&store.read(&alpha, Revision::new(from)).await.unwrap()),
-            expected,
-            "{alpha}: read from {from}"
-        );
-    }
+    assert_reads_from(
+        store,
+        &alpha,
+        &[
+            (1, &[1, 3, 4]),
+            (2, &[1, 3, 4]),
+            (3, &[3, 4]),
+            (5, &[4]),
+            (6, &[4]),
+            (7, &[]),
+        ],
+    )
+    .await;
     for (after, expected) in [
         (0, vec![1, 3, 4]),
         (2, vec![3, 4]),
@@ -231,18 +230,12 @@ async fn assert_reads_are_contiguous_and_start_at_the_commit_holding_the_revisio
     let wide = tag.stream("wide");
     store.append(&probe(&wide, 1, 100, "w1")).await.unwrap();
     store.append(&probe(&wide, 101, 1, "w101")).await.unwrap();
-    for (from, expected) in [
-        (50, vec![1, 101]),
-        (100, vec![1, 101]),
-        (101, vec![101]),
-        (102, vec![]),
-    ] {
-        assert_eq!(
-            revisions(&store.read(&wide, Revision::new(from)).await.unwrap()),
-            expected,
-            "{wide}: read from {from}"
-        );
-    }
+    assert_reads_from(
+        store,
+        &wide,
+        &[(50, &[1, 101]), (100, &[1, 101]), (101, &[101]), (102, &[])],
+    )
+    .await;
 
     let streams = store.streams().await.unwrap();
     for s in [&alpha, &beta, &long] {
@@ -257,6 +250,17 @@ async fn assert_reads_are_contiguous_and_start_at_the_commit_holding_the_revisio
         .unwrap_err();
     assert!(matches!(err, AppendError::Conflict { .. }), "{err}");
     assert_eq!(store.read(&alpha, Revision::new(1)).await.unwrap(), written);
+}
+
+/// `read(stream, from)` returns the commits starting at `expected`, for each case.
+async fn assert_reads_from(store: &dyn EventStore, stream: &StreamId, cases: &[(u64, &[u64])]) {
+    for &(from, expected) in cases {
+        assert_eq!(
+            revisions(&store.read(stream, Revision::new(from)).await.unwrap()),
+            expected,
+            "{stream}: read from {from}"
+        );
+    }
 }
 
 /// A stream with a revision missing (written around the store, as only a bug or

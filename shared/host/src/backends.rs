@@ -83,7 +83,7 @@ const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A lazily connecting pool for `url`, sized for `role`.
 fn pool(url: &str, role: Role) -> Result<tally_postgres::PgPool, BoxError> {
-    Ok(tally_postgres::connect_lazy_idle(
+    Ok(tally_postgres::connect_lazy(
         url,
         pool_size(role),
         POOL_IDLE,
@@ -189,14 +189,15 @@ impl Host {
                     .ok_or(
                         "TALLY_STORE=postgres: set TALLY_EVENT_STORE_URL (or TALLY_DATABASE_URL)",
                     )?;
-                let shared = match &read_model_pool {
-                    Some(p) if config.database_url.as_ref() == Some(url) => Some(p.clone()),
-                    _ => None,
-                };
-                let pg = tally_postgres::PgEventStore::new(match shared {
-                    Some(p) => p,
-                    None => pool(url, role)?,
-                });
+                let pg = tally_postgres::PgEventStore::new(
+                    match read_model_pool
+                        .as_ref()
+                        .filter(|_| config.event_store_shares_database())
+                    {
+                        Some(p) => p.clone(),
+                        None => pool(url, role)?,
+                    },
+                );
                 // Outbox rows only where a relay publishes them: with a broker.
                 let pg = if config.kafka_brokers.is_some() {
                     pg
@@ -489,10 +490,7 @@ impl Host {
         }
         if let Some(store) = &self.pg_store {
             // Once per database: the store may be in the read model's, migrated above.
-            let in_read_model_database = self.pg.is_some()
-                && (self.config.event_store_url.is_none()
-                    || self.config.event_store_url == self.config.database_url);
-            if !in_read_model_database {
+            if !self.config.event_store_shares_database() {
                 tally_postgres::migrate(store.pool()).await?;
             }
         }

@@ -102,6 +102,14 @@ fn default_redis_prefix() -> String {
 }
 
 impl Config {
+    /// Whether a PostgreSQL event store lives in the read model's database (no
+    /// `TALLY_EVENT_STORE_URL`, or the same URL as `TALLY_DATABASE_URL`): then one pool
+    /// and one migration serve both.
+    pub fn event_store_shares_database(&self) -> bool {
+        self.database_url.is_some()
+            && (self.event_store_url.is_none() || self.event_store_url == self.database_url)
+    }
+
     /// Read `TALLY_*` variables.
     pub fn from_env() -> Result<Self, BoxError> {
         envy::prefixed("TALLY_")

@@ -54,15 +54,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     pool.connect_with(options).await
 }
 
-/// A pool that connects on first use, so a process starts while PostgreSQL is down.
-pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let (pool, options) = pool_options(url, max_connections)?;
-    Ok(pool.connect_lazy_with(options))
-}
-
-/// [`connect_lazy`], whose connections idle for `idle` are closed (a process keeps
-/// only what it uses from the server's connections).
-pub fn connect_lazy_idle(
+/// A pool that connects on first use, so a process starts while PostgreSQL is down;
+/// connections idle for `idle` are closed (a process keeps only what it uses of the
+/// server's connections).
+pub fn connect_lazy(
     url: &str,
     max_connections: u32,
     idle: Duration,

@@ -84,14 +84,14 @@ impl Store {
     fn events(&self) -> &dyn EventStore {
         match self {
             Store::S3 { store, .. } => store,
-            Store::Postgres { store, .. } => store,
+            Store::Postgres { store } => store,
         }
     }
 
     fn outbox(&self) -> &dyn Outbox {
         match self {
             Store::S3 { store, .. } => store,
-            Store::Postgres { store, .. } => store,
+            Store::Postgres { store } => store,
         }
     }
 }
@@ -144,9 +144,8 @@ pub async fn run_on(
         StoreKind::Postgres => {
             // In the read model's database, as `STORE=postgres make stack` and the chart
             // run it by default: one pool per process for both.
-            let url = database_url.clone();
             let store = PgEventStore::new(
-                tally_postgres::connect(&url, 4)
+                tally_postgres::connect(&database_url, 4)
                     .await
                     .map_err(|e| e.to_string())?,
             );
@@ -308,7 +307,7 @@ pub async fn run_on(
                             s.start().await;
                         }
                         "event-store-locked" => {
-                            let Store::Postgres { store, .. } = &*store else {
+                            let Store::Postgres { store } = &*store else {
                                 continue;
                             };
                             // Every append and read of commits waits behind the lock.
