@@ -154,7 +154,10 @@ load_stack() (
   wait_healthy "http://127.0.0.1:$STACK_PORT"
   wait_routes "http://127.0.0.1:$STACK_PORT"
   . scripts/stack-env.sh
-  "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${args[@]}"
+  # On S3, each level's S3 requests by kind, from moto's access log.
+  local s3_log=()
+  [ "$store" = s3 ] && s3_log=(--s3-log "${TALLY_CACHE:-$HOME/.cache/tally}/run/moto.log" --s3-bucket "$id")
+  "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${s3_log[@]}" "${args[@]}"
   stop_all
   rebuild "$name"
 )

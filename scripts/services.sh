@@ -106,7 +106,8 @@ moto_up() {
   fi
   if ! port_open "$S3_PORT"; then
     log "starting moto on 127.0.0.1:$S3_PORT"
-    TALLY_CACHE=$CACHE start_bg moto "$RUN/moto.pid" "$(moto_launcher)" -H 127.0.0.1 -p "$S3_PORT"
+    # Its access log in UTC: `tally-bench load --s3-log` reads the times as such.
+    TZ=UTC TALLY_CACHE=$CACHE start_bg moto "$RUN/moto.pid" "$(moto_launcher)" -H 127.0.0.1 -p "$S3_PORT"
     echo "$MOTO_KIND" >"$RUN/moto.kind"
     wait_for moto port_open "$S3_PORT"
   fi

@@ -959,6 +959,137 @@ async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits
     store.done(&stream, Revision::new(7), "a1").await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_entries_recorded_together_share_one_object_and_a_relay_finishes_what_it_did() {
+    use tally_es::Outbox;
+    let bucket = unique("outbox-group");
+    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket);
+    store.ensure_bucket().await.unwrap();
+    let stream = StreamId::parse("grouped").unwrap();
+    // 200 commands record at once: they wait for each other's batch objects.
+    let recorded = futures::future::join_all((1..=200).map(|n| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move { store.record(&stream, Revision::new(n), "g").await }
+    }))
+    .await;
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    let objects = store.keys("outbox/").await.unwrap();
+    assert!(
+        objects.len() <= 20,
+        "200 entries recorded together are in a few objects, not one each: {}",
+        objects.len()
+    );
+    assert!(
+        objects.iter().all(|k| k.starts_with("outbox/~")),
+        "{objects:?}"
+    );
+    assert_eq!(store.pending(1000).await.unwrap().len(), 200);
+
+    // Another process (a relay) lists them: not while they are young (their writer is
+    // publishing them), but once they are a couple of seconds old; it finishes half.
+    let relay = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket);
+    assert!(
+        relay.pending(1000).await.unwrap().is_empty(),
+        "another process's batches are not read while young"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let pending = relay.pending(1000).await.unwrap();
+    assert_eq!(pending.len(), 200, "the relay reads every batch");
+    for e in pending.iter().filter(|e| e.revision.get() % 2 == 0) {
+        relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+    }
+    assert_eq!(
+        relay.pending(1000).await.unwrap().len(),
+        100,
+        "the relay lists only what it has not done"
+    );
+    // The writer does the other half: it lists only the relay's half now.
+    for n in (1..=200).filter(|n| n % 2 == 1) {
+        store.done(&stream, Revision::new(n), "g").await.unwrap();
+    }
+    let left = store.pending(1000).await.unwrap();
+    assert!(
+        left.iter().all(|e| e.revision.get() % 2 == 0),
+        "the writer lists only what it has not done: {left:?}"
+    );
+    // The relay does not know what the writer did: it lists the writer's half again
+    // (and would publish those commits once more, which consumers ignore); doing them
+    // finishes every batch it read, and it deletes them.
+    for e in relay.pending(1000).await.unwrap() {
+        relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+    }
+    for n in (1..=200).filter(|n| n % 2 == 0) {
+        store.done(&stream, Revision::new(n), "g").await.unwrap();
+    }
+    assert!(
+        store.keys("outbox/").await.unwrap().is_empty(),
+        "every batch object is gone once each of its entries is done"
+    );
+}
+
+#[tokio::test]
+async fn redis_holds_the_newest_commits_of_each_stream_of_each_store_and_says_when_it_cannot_tell()
+{
+    use tally_es::{Commit, CommitMetadata, RecentCommits, StoredCommit};
+    let redis = PrivateService::redis().await;
+    let cache = std::sync::Arc::new(
+        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
+    );
+    let recent = tally_redis::RecentInRedis::new(cache.clone(), "s3:one");
+    let other_store = tally_redis::RecentInRedis::new(cache, "s3:two");
+    let stream = StreamId::parse("recent").unwrap();
+    let at = time::OffsetDateTime::now_utc();
+    let commit = |revision: u64| -> StoredCommit {
+        Commit::new(
+            stream.clone(),
+            Revision::new(revision),
+            at,
+            vec![tally_domain::AccountEvent::Deposited {
+                amount: 1,
+                balance: revision as i64,
+            }],
+            CommitMetadata::default(),
+        )
+        .encode()
+    };
+    assert_eq!(
+        recent.after(&stream, Revision::ZERO).await,
+        None,
+        "no record"
+    );
+    for revision in 1..=20 {
+        recent.remember(&commit(revision)).await;
+    }
+    let kept = tally_redis::RECENT_KEPT as u64;
+    assert_eq!(
+        recent.after(&stream, Revision::ZERO).await,
+        None,
+        "only the newest {kept} are kept: the first ones are not there to tell"
+    );
+    let newer = recent.after(&stream, Revision::new(15)).await.unwrap();
+    assert_eq!(
+        newer.iter().map(|c| c.revision.get()).collect::<Vec<_>>(),
+        [16, 17, 18, 19, 20]
+    );
+    assert_eq!(newer[0], commit(16));
+    assert_eq!(recent.after(&stream, Revision::new(20)).await, Some(vec![]));
+    assert_eq!(
+        other_store.after(&stream, Revision::new(15)).await,
+        None,
+        "another store's commits are not this one's"
+    );
+    // A hole: 21 never reached Redis.
+    recent.remember(&commit(22)).await;
+    assert_eq!(recent.after(&stream, Revision::new(20)).await, None);
+    assert_eq!(
+        recent
+            .after(&stream, Revision::new(21))
+            .await
+            .map(|c| c.len()),
+        Some(1)
+    );
+}
+
 /// Hole 2 of issue 13: when another transaction inserted a new account's row after this
 /// one's row lock found none (a query's catch-up racing the projector, a rebuild beside
 /// the live projector), the whole run was taken for a duplicate — the commits after the

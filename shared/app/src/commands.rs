@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
-    Outbox, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
+    Outbox, RecentCommits, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError,
+    StoredCommit, StreamId,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -107,6 +108,16 @@ pub enum PublishMode {
 fn attempt_of(metadata: &CommitMetadata) -> &str {
     metadata.commit_id.as_deref().unwrap_or_default()
 }
+
+/// How many attempts of one command may decide on a warm state caught up through the
+/// [`RecentCommits`] rather than read from the store: the first, and the retries after
+/// losing a race (the winner's commit is usually in the record by then). Past these,
+/// and after an append whose outcome is unknown, an attempt reads the store.
+const RECENT_ATTEMPTS: usize = 3;
+/// After a lost race, how many times (and how long apart) the [`RecentCommits`] are
+/// asked again for the winner's commit before the store is read.
+const RECENT_WAITS: usize = 4;
+const RECENT_WAIT: Duration = Duration::from_millis(5);
 
 /// How many streams a handler keeps warm (their state after the last command).
 const WARM_STREAMS: usize = 4096;
@@ -253,6 +264,9 @@ pub struct CommandHandler<A: Aggregate> {
     /// Whether a first attempt may decide on a warm state without reading the store
     /// (see [`CommandHandler::with_trusted_warm_streams`]).
     trust_warm: bool,
+    /// Where other processes' newest commits are found without reading the store (see
+    /// [`CommandHandler::with_recent_commits`]).
+    recent: Option<Arc<dyn RecentCommits>>,
     clock: fn() -> OffsetDateTime,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -276,6 +290,7 @@ where
             )),
             max_attempts: 20,
             trust_warm: false,
+            recent: None,
             clock: now_to_the_microsecond,
             _aggregate: PhantomData,
         }
@@ -313,6 +328,19 @@ where
     /// read it saves: leave it off there.
     pub fn with_trusted_warm_streams(mut self, trust: bool) -> Self {
         self.trust_warm = trust;
+        self
+    }
+
+    /// Catch warm streams up through `recent` instead of the store, and remember every
+    /// commit there: for processes that share their streams with others (one function
+    /// per command), where a warm state is often a commit or two behind. An attempt
+    /// decides on the warm state plus what `recent` holds after it, without reading the
+    /// store, as [`CommandHandler::with_trusted_warm_streams`] does — up to
+    /// [`RECENT_ATTEMPTS`] attempts, since a loser of a race usually finds the winner's
+    /// commit there. Where `recent` cannot tell (no record, a hole, Redis down), the
+    /// store is read as without it.
+    pub fn with_recent_commits(mut self, recent: Arc<dyn RecentCommits>) -> Self {
+        self.recent = Some(recent);
         self
     }
 
@@ -355,7 +383,7 @@ where
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
                 async {
-                    let (loaded, _) = self.load(stream, false).await?;
+                    let (loaded, _) = self.load(stream, false, true).await?;
                     match self.find_ours(stream, &loaded, &attempted).await? {
                         Some(commit) => Ok(self.adopt(commit, &loaded).await),
                         None => Err(CommandError::Contention),
@@ -434,14 +462,17 @@ where
     }
 
     /// The stream's state: the warm state plus what came after it, or a cold load.
-    /// With `trust_warm`, a warm state is taken as it is, without asking the store
-    /// what came after it; the second value says whether the store was read. A decision
+    /// With `trust_warm`, a warm state is taken as it is, or caught up through the
+    /// [`RecentCommits`], without asking the store what came after it; the second value
+    /// says whether the store was read. `lost_race`: an earlier attempt lost the
+    /// append on the warm state (so a record with nothing after it is stale). A decision
     /// on an unverified state may only end in an append, which the store's conditional
     /// create checks (a stale state loses the race and reloads).
     async fn load(
         &self,
         stream: &StreamId,
         trust_warm: bool,
+        lost_race: bool,
     ) -> Result<(Loaded<A>, bool), CommandError<A::Error>> {
         let warm = self
             .warm
@@ -449,8 +480,38 @@ where
             .expect("warm streams poisoned")
             .get(stream)
             .cloned();
+        if let (Some(loaded), Some(recent), true) = (&warm, &self.recent, trust_warm) {
+            // After an append on this very state lost, the winner's commit is due in
+            // the record: its writer puts it there right after its own append, which
+            // may still be on its way. Ask again a few times before reading the store.
+            let mut found = recent.after(stream, loaded.revision).await;
+            for _ in 0..RECENT_WAITS {
+                if !(lost_race && found.as_ref().is_some_and(Vec::is_empty)) {
+                    break;
+                }
+                tokio::time::sleep(RECENT_WAIT).await;
+                found = recent.after(stream, loaded.revision).await;
+            }
+            // Still nothing newer after a lost race: the record missed the winner's
+            // commit; read the store.
+            match found {
+                Some(newer) if newer.is_empty() && !lost_race => {
+                    return Ok((loaded.clone(), false));
+                }
+                Some(newer) if !newer.is_empty() => {
+                    let mut caught_up = loaded.clone();
+                    if caught_up.extend(&newer).is_ok() {
+                        self.keep_warm(stream, caught_up.clone());
+                        return Ok((caught_up, false));
+                    }
+                }
+                _ => {}
+            }
+        }
         let loaded = match warm {
-            Some(loaded) if trust_warm && !loaded.shared => return Ok((loaded, false)),
+            Some(loaded) if trust_warm && !loaded.shared && self.recent.is_none() => {
+                return Ok((loaded, false))
+            }
             Some(mut loaded) => {
                 let newer = self.store.read_after(stream, loaded.revision).await?;
                 if newer.is_empty() && !loaded.shared {
@@ -554,9 +615,14 @@ where
         attempted: &Mutex<Vec<(String, Revision)>>,
         unknown: &AtomicBool,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
-        let first = self.trust_warm && attempted.lock().expect("attempt list poisoned").is_empty();
+        let tries = attempted.lock().expect("attempt list poisoned").len();
+        let trust = if self.recent.is_some() {
+            tries < RECENT_ATTEMPTS && !unknown.load(Ordering::SeqCst)
+        } else {
+            self.trust_warm && tries == 0
+        };
         let (mut loaded, verified) = self
-            .load(stream, first)
+            .load(stream, trust, tries > 0)
             .instrument(tracing::debug_span!("command.load"))
             .await
             .map_err(Attempt::Failed)?;
@@ -564,7 +630,10 @@ where
             .decide(stream, &loaded, command.clone(), ctx, attempted)
             .await;
         if !verified && !matches!(decided, Ok(Decided::Append(_))) {
-            (loaded, _) = self.load(stream, false).await.map_err(Attempt::Failed)?;
+            (loaded, _) = self
+                .load(stream, false, false)
+                .await
+                .map_err(Attempt::Failed)?;
             decided = self.decide(stream, &loaded, command, ctx, attempted).await;
         }
         let commit = match decided? {
@@ -588,6 +657,16 @@ where
             Ok(()) => {}
             Err(AppendError::Conflict { .. }) => {
                 tracing::debug!(%stream, revision = %commit.revision, "append conflict; reloading");
+                if let Some(outbox) = &self.outbox {
+                    // Another writer's commit holds this revision (its own entry covers
+                    // it): ours never landed, and its entry has nothing to publish.
+                    let forgotten = outbox
+                        .done(stream, commit.revision, attempt_of(&commit.metadata))
+                        .await;
+                    if let Err(e) = forgotten {
+                        tracing::debug!(%stream, error = %e, "the lost attempt's outbox entry stays for the relay");
+                    }
+                }
                 if !verified {
                     // Another process writes this stream too: read before deciding
                     // until a read finds nothing new (a failed append costs more than
@@ -753,6 +832,9 @@ where
             tracing::error!(stream = %stored.stream, revision = %stored.revision,
                 "fault injection: crashing after the append, before the publish");
             std::process::abort();
+        }
+        if let Some(recent) = &self.recent {
+            recent.remember(&stored).await;
         }
         let publisher = self.publisher.clone();
         let outbox = self.outbox.clone();

@@ -21,6 +21,7 @@
 pub mod ceiling;
 pub mod fixtures;
 pub mod picture;
+pub mod s3log;
 pub mod serverless;
 
 /// How long a worker waits for its transfer to end before counting it as still pending
@@ -46,6 +47,10 @@ pub struct Plan {
     pub lag_every: usize,
     /// Transfers per concurrency level (0: none).
     pub transfers: usize,
+    /// A pause before each level, so that what one level left in flight (publishes,
+    /// outbox deletes, lag probes) is done before the next begins: a level's S3
+    /// requests are counted from the server's log by the second.
+    pub settle_seconds: u64,
 }
 
 impl Plan {
@@ -58,6 +63,7 @@ impl Plan {
             seed: 42,
             lag_every: 10,
             transfers: 1000,
+            settle_seconds: 2,
         }
     }
 
@@ -70,6 +76,7 @@ impl Plan {
             seed: 42,
             lag_every: 5,
             transfers: 24,
+            settle_seconds: 0,
         }
     }
 }
@@ -131,6 +138,21 @@ pub struct Level {
     pub projection_lag: Figures,
     /// Lag probes that never saw the revision (within 10 s).
     pub lag_timeouts: u64,
+    /// When the level began and ended (UTC, RFC 3339).
+    pub window: [String; 2],
+    #[serde(skip)]
+    pub bounds: (time::OffsetDateTime, time::OffsetDateTime),
+    /// The S3 requests the level caused, from the S3 server's log (`--s3-log`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_requests: Option<S3Requests>,
+}
+
+/// The S3 requests of one level (see [`s3log`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct S3Requests {
+    pub by_kind: BTreeMap<String, u64>,
+    /// All of them over the commands (deposits and withdrawals) the level sent.
+    pub per_command: f64,
 }
 
 /// The transfers of one concurrency level.
@@ -171,12 +193,35 @@ impl Report {
     /// Commands (deposits and withdrawals) per second at each level, in the mixed
     /// workload.
     pub fn commands_per_second(&self, level: &Level) -> f64 {
-        let commands: u64 = ["deposit", "withdraw"]
+        self.commands(level) as f64 / level.seconds.max(1e-9)
+    }
+
+    /// Deposits and withdrawals sent in `level`.
+    pub fn commands(&self, level: &Level) -> u64 {
+        ["deposit", "withdraw"]
             .iter()
             .filter_map(|op| level.ops.get(op))
             .map(|f| f.count)
-            .sum();
-        commands as f64 / level.seconds.max(1e-9)
+            .sum()
+    }
+
+    /// Count each level's S3 requests in `log` (the S3 server's access log) to `bucket`.
+    pub fn count_s3_requests(
+        &mut self,
+        log: &std::path::Path,
+        bucket: &str,
+    ) -> std::io::Result<()> {
+        for i in 0..self.levels.len() {
+            // With what the level left in flight a second after its last answer.
+            let (from, to) = self.levels[i].bounds;
+            let by_kind = s3log::count(log, bucket, from, to + Duration::from_secs(1))?;
+            let per_command = s3log::per_command(&by_kind, self.commands(&self.levels[i]));
+            self.levels[i].s3_requests = Some(S3Requests {
+                by_kind,
+                per_command,
+            });
+        }
+        Ok(())
     }
 
     /// Non-2xx answers of every operation of every level (a refused withdrawal, 422,
@@ -426,6 +471,7 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
             "{target}: {} operations at concurrency {concurrency}",
             plan.ops
         ));
+        tokio::time::sleep(Duration::from_secs(plan.settle_seconds)).await;
         levels.push(level(&http, &ids, plan, concurrency, n as u64, &progress).await);
     }
     let mut transfers = Vec::new();
@@ -543,6 +589,7 @@ async fn level(
     let lag = Arc::new(Mutex::new((Recorder::new(), 0u64)));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
+    let began = time::OffsetDateTime::now_utc();
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
             let (http, ids, recorders, lag, done) = (
@@ -619,12 +666,20 @@ async fn level(
         .map(|(op, r)| (op.name(), r.figures(seconds)))
         .collect();
     let lag = lag.lock().expect("lag");
+    let ended = time::OffsetDateTime::now_utc();
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
     Level {
         concurrency,
         seconds,
         ops,
         projection_lag: lag.0.figures(seconds),
         lag_timeouts: lag.1,
+        window: [rfc3339(began), rfc3339(ended)],
+        bounds: (began, ended),
+        s3_requests: None,
     }
 }
 
@@ -683,6 +738,19 @@ pub fn markdown(report: &Report) -> String {
             md.push_str(&format!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {errors} |\n",
                 f.count, f.per_second, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms
+            ));
+        }
+        if let Some(s3) = &level.s3_requests {
+            let kinds = s3
+                .by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            md.push_str(&format!(
+                "\nS3 requests: {:.2} per command ({} in all: {kinds}).\n",
+                s3.per_command,
+                s3.by_kind.values().sum::<u64>()
             ));
         }
     }

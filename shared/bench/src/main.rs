@@ -2,7 +2,8 @@
 //!
 //! * `tally-bench load --target dev=http://127.0.0.1:8080 [--quick] [--ceiling]` — the
 //!   seeded HTTP workload against each target; with `--ceiling`, the bare backends
-//!   first (from `TALLY_S3_*`, `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL`).
+//!   first (from `TALLY_S3_*`, `TALLY_KAFKA_BROKERS`, `TALLY_DATABASE_URL`); with
+//!   `--s3-log FILE --s3-bucket B`, each level's S3 requests by kind.
 //! * `tally-bench serverless --bin-dir target/perf` — cold start, binary size and
 //!   resident memory per function.
 //! * `tally-bench picture --load dev=FILE --rebuild dev=FILE --name STAMP-bench` — the
@@ -108,6 +109,13 @@ struct Load {
     /// Calls per backend per level for `--ceiling`.
     #[arg(long, default_value_t = 1000)]
     ceiling_ops: usize,
+    /// The S3 server's access log (moto's, in UTC: `$TALLY_CACHE/run/moto.log`): count
+    /// each level's S3 requests to `--s3-bucket`, by kind.
+    #[arg(long, requires = "s3_bucket")]
+    s3_log: Option<PathBuf>,
+    /// The bucket the target stores its events in (with `--s3-log`).
+    #[arg(long)]
+    s3_bucket: Option<String>,
 }
 
 /// 2026-11-26T14:15:45.206Z → 2026-11-26T14-15-45Z (no ':' or '.' in file names).
@@ -166,6 +174,11 @@ async fn load(cli: Load, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
             .ok_or_else(|| format!("--target {target}: expected NAME=URL"))?;
         let mut report = run(name, url, &plan, |line| eprintln!("{line}")).await;
         report.ceiling = ceiling.clone();
+        if let (Some(log), Some(bucket)) = (&cli.s3_log, &cli.s3_bucket) {
+            report
+                .count_s3_requests(log, bucket)
+                .map_err(|e| format!("--s3-log {}: {e}", log.display()))?;
+        }
         write(out, &report.started_at, name, &report, &markdown(&report))?;
         errors += report.errors();
     }

@@ -927,6 +927,123 @@ async fn a_refusal_decided_on_a_warm_state_is_decided_again_on_a_fresh_read() {
     assert_eq!(executed.commit.revision, Revision::new(5));
 }
 
+/// A [`tally_es::RecentCommits`] in memory, as Redis keeps it: the newest commits of
+/// each stream, which a test can make lose one.
+#[derive(Default)]
+struct Recent(std::sync::Mutex<std::collections::HashMap<StreamId, Vec<StoredCommit>>>);
+
+impl Recent {
+    fn forget(&self, stream: &StreamId, revision: u64) {
+        if let Some(commits) = self.0.lock().unwrap().get_mut(stream) {
+            commits.retain(|c| c.revision != Revision::new(revision));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl tally_es::RecentCommits for Recent {
+    async fn after(&self, stream: &StreamId, after: Revision) -> Option<Vec<StoredCommit>> {
+        let map = self.0.lock().unwrap();
+        let newer: Vec<StoredCommit> = map
+            .get(stream)?
+            .iter()
+            .filter(|c| c.revision > after)
+            .cloned()
+            .collect();
+        tally_es::check_contiguous(stream, after.next(), &newer)
+            .ok()
+            .map(|()| newer)
+    }
+    async fn remember(&self, commit: &StoredCommit) {
+        let mut map = self.0.lock().unwrap();
+        let commits = map.entry(commit.stream.clone()).or_default();
+        commits.push(commit.clone());
+        commits.sort_by_key(|c| c.revision);
+    }
+}
+
+#[tokio::test]
+async fn processes_sharing_streams_catch_up_through_the_recent_commits_not_the_store() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counting) = Counting::open(dir.path());
+    let recent = Arc::new(Recent::default());
+    let process = |recent: Option<Arc<Recent>>| {
+        let handler =
+            CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(16)));
+        match recent {
+            Some(r) => handler.with_recent_commits(r),
+            None => handler,
+        }
+    };
+    let (a, b) = (process(Some(recent.clone())), process(Some(recent.clone())));
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("shared").unwrap();
+    let deposit = |n: &str| AccountCommand::Deposit {
+        amount: policy.parse(n).unwrap(),
+    };
+    let ctx = CommandContext::default();
+    open_account(&a, &id).await;
+    a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    // b is cold: it reads the store once, then follows a through the record.
+    b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+    counting.reads.store(0, Ordering::SeqCst);
+    for n in 0..3 {
+        b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+        let executed = a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+        assert_eq!(executed.commit.revision, Revision::new(5 + 2 * n));
+    }
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        0,
+        "each caught up with the other's commits without reading the store"
+    );
+    let (state, revision) = a.load_from_store(id.stream_id()).await.unwrap();
+    assert_eq!(revision, Revision::new(9));
+    assert_eq!(
+        state.balance_money().minor,
+        24_00,
+        "every deposit counted once"
+    );
+
+    // A hole in the record (a write that never reached it): the store is read.
+    b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+    b.execute(id.stream_id(), deposit("5"), &ctx).await.unwrap();
+    recent.forget(id.stream_id(), 10);
+    counting.reads.store(0, Ordering::SeqCst);
+    let executed = a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    assert_eq!(executed.commit.revision, Revision::new(12));
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "one read after the hole"
+    );
+
+    // A writer that does not record (or whose record was lost) leaves a stale record:
+    // the append on it loses, the record has nothing newer, the store decides.
+    let silent = process(None);
+    silent
+        .execute(id.stream_id(), deposit("7"), &ctx)
+        .await
+        .unwrap();
+    counting.reads.store(0, Ordering::SeqCst);
+    let executed = a.execute(id.stream_id(), deposit("1"), &ctx).await.unwrap();
+    assert_eq!(executed.commit.revision, Revision::new(14));
+    assert_eq!(
+        executed.commit.events,
+        vec![AccountEvent::Deposited {
+            amount: 100,
+            balance: 43_00
+        }],
+        "decided again on the store's state, the silent deposit included"
+    );
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "one read after the lost race"
+    );
+}
+
 /// Records the name of every span opened.
 struct SpanNames(std::sync::Mutex<Vec<&'static str>>);
 

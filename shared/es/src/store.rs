@@ -152,6 +152,25 @@ pub trait Outbox: Send + Sync + 'static {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
 }
 
+/// A shared, lossy record of the newest commits of each stream, kept beside the store
+/// so that a process whose warm state of a stream is behind can catch up without
+/// reading the store (a cache in Redis: `tally_redis`). It never decides anything: a
+/// state caught up through it is *unverified*, and only an append — which the store's
+/// conditional create checks — may be decided on it (a stale state loses the race and
+/// reloads from the store).
+#[async_trait]
+pub trait RecentCommits: Send + Sync + 'static {
+    /// The commits of `stream` after `after` (the last revision of a commit the caller
+    /// holds), if this record can tell: `Some` — possibly empty — when it holds the
+    /// stream's newest commits from `after + 1` on without a hole, `None` when it
+    /// cannot tell (no record of the stream, a hole, unreachable, corrupt).
+    async fn after(&self, stream: &StreamId, after: Revision) -> Option<Vec<StoredCommit>>;
+
+    /// Remember `commit`, which the store has accepted. Best effort: a failure only
+    /// makes a later [`RecentCommits::after`] answer `None` or stale.
+    async fn remember(&self, commit: &StoredCommit);
+}
+
 /// What a subscription delivers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Delivery {

@@ -64,6 +64,14 @@ struct StoreParts {
     s3: Option<tally_s3::S3EventStore>,
     pg: Option<tally_postgres::PgEventStore>,
     kind: &'static str,
+    /// Names this store among others behind one Redis (no credentials).
+    scope: String,
+}
+
+/// `postgres://user:password@host:5432/db` → `host:5432/db`.
+fn without_credentials(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.rsplit_once('@').map_or(rest, |(_, r)| r)
 }
 
 /// Connections of a PostgreSQL pool: the all-in-one gateway serves every route and
@@ -180,6 +188,7 @@ impl Host {
             s3,
             pg: pg_store,
             kind: store_kind,
+            scope: store_scope,
         } = match (config.store.as_deref(), config.s3()?) {
             (Some("postgres"), _) => {
                 let url = config
@@ -211,11 +220,19 @@ impl Host {
                     s3: None,
                     pg: Some(pg),
                     kind: "postgres",
+                    scope: format!("pg:{}", without_credentials(url)),
                 }
             }
             (None | Some("s3"), Some(s3_config)) => {
                 let s3 = tally_s3::S3EventStore::new(&s3_config)?;
+                let scope = format!(
+                    "s3:{}/{}/{}",
+                    s3_config.endpoint.as_deref().unwrap_or("aws"),
+                    s3_config.bucket,
+                    s3_config.prefix
+                );
                 StoreParts {
+                    scope,
                     store: Arc::new(s3.clone()),
                     outbox: Some(Arc::new(s3.clone())),
                     snapshots: Arc::new(s3.clone()),
@@ -239,6 +256,7 @@ impl Host {
                     s3: None,
                     pg: None,
                     kind: "directory",
+                    scope: format!("dir:{}", config.data_dir.display()),
                 }
             }
             (Some(other), _) => {
@@ -254,11 +272,15 @@ impl Host {
             None => (Arc::new(MemoryReadModel::default()), None, "memory"),
         };
 
-        let (cache, cache_kind): (Arc<dyn Cache>, _) = match &config.redis_url {
-            Some(url) => (
-                Arc::new(tally_redis::RedisCache::new(url, &config.redis_prefix)?),
-                "redis",
-            ),
+        let redis = match &config.redis_url {
+            Some(url) => Some(Arc::new(tally_redis::RedisCache::new(
+                url,
+                &config.redis_prefix,
+            )?)),
+            None => None,
+        };
+        let (cache, cache_kind): (Arc<dyn Cache>, _) = match &redis {
+            Some(redis) => (redis.clone(), "redis"),
             None => (Arc::new(MemoryCache::default()), "memory"),
         };
 
@@ -290,6 +312,14 @@ impl Host {
                 if let Some(outbox) = &outbox {
                     commands = commands.with_outbox(outbox.clone());
                     transfers = transfers.with_outbox(outbox.clone());
+                }
+                // Functions share their streams (one per command, and the saga): they
+                // catch warm streams up through Redis rather than the store.
+                if let Some(redis) = &redis {
+                    let recent =
+                        Arc::new(tally_redis::RecentInRedis::new(redis.clone(), &store_scope));
+                    commands = commands.with_recent_commits(recent.clone());
+                    transfers = transfers.with_recent_commits(recent);
                 }
                 (
                     Arc::new(kafka.clone()),

@@ -1,4 +1,14 @@
-//! `tally-redis`: the balance cache in Redis.
+//! `tally-redis`: the balance cache in Redis, and the record of each stream's newest
+//! commits that command functions catch their warm streams up from.
+//!
+//! Recent commits ([`RecentInRedis`]): `{prefix}recent:{store}:{stream}` is a sorted set
+//! of the stream's newest [`RECENT_KEPT`] commits (their stored JSON, scored by
+//! revision), written by the command that appended each one right after the store
+//! accepted it, and kept for [`RECENT_TTL_SECONDS`] after the last. `{store}` names the
+//! event store (bucket, database), so two stores behind one Redis and one prefix never
+//! see each other's commits. A loss (Redis restarted, a write that failed) leaves a
+//! hole or no record, which reads as "cannot tell": the command reads the store, as it
+//! would without Redis.
 //!
 //! Each account is a hash `{prefix}balance:{id}` with `rev`, `bal` and `cur`. A put is
 //! one Lua script that writes only when the cached revision is older, so a slow
@@ -30,7 +40,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::{AccountId, Currency};
-use tally_es::Revision;
+use tally_es::{RecentCommits, Revision, StoreError, StoredCommit, StreamId};
 use tokio::sync::Mutex;
 
 /// How long after an epoch began no entry is created. A command process that could
@@ -77,6 +87,11 @@ local e, age = epoch()
 local v = redis.call('HMGET', KEYS[1], 'rev', 'bal', 'cur')
 return {e, age, v[1], v[2], v[3]}
 "#;
+
+/// How many of a stream's newest commits Redis keeps for the command functions.
+pub const RECENT_KEPT: isize = 16;
+/// How long a stream's recent commits stay after the last one was written.
+pub const RECENT_TTL_SECONDS: i64 = 600;
 
 /// How a write treats an absent entry.
 #[derive(Clone, Copy)]
@@ -372,6 +387,78 @@ impl Cache for RedisCache {
                     }
                     cursor = next;
                 }
+            })
+            .await;
+    }
+}
+
+/// The newest commits of each stream of one event store, in the cache's Redis.
+pub struct RecentInRedis {
+    redis: std::sync::Arc<RedisCache>,
+    /// `{prefix}recent:{store}:`.
+    keys: String,
+}
+
+impl RecentInRedis {
+    /// The recent commits of the event store named `store` (e.g. `s3:{endpoint}/{bucket}/`)
+    /// in `redis`.
+    pub fn new(redis: std::sync::Arc<RedisCache>, store: &str) -> Self {
+        let keys = format!("{}recent:{store}:", redis.prefix);
+        Self { redis, keys }
+    }
+
+    fn recent_key(&self, stream: &StreamId) -> String {
+        format!("{}{}", self.keys, stream.as_str())
+    }
+}
+
+#[async_trait]
+impl RecentCommits for RecentInRedis {
+    /// One round trip: the commits scored after `after`, and whether there is a record
+    /// of the stream at all.
+    async fn after(&self, stream: &StreamId, after: Revision) -> Option<Vec<StoredCommit>> {
+        let key = self.recent_key(stream);
+        let (newer, known): (Vec<Vec<u8>>, bool) = self
+            .redis
+            .with(|mut c| async move {
+                redis::pipe()
+                    .zrangebyscore(&key, format!("({}", after.get()), "+inf")
+                    .exists(&key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if !known {
+            return None;
+        }
+        let commits = newer
+            .iter()
+            .map(|b| StoredCommit::from_bytes(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tracing::warn!(%stream, error = %e, "unreadable recent commit in redis"))
+            .ok()?;
+        // A hole (a commit whose write never reached Redis) cannot be told from the
+        // end of the stream: read the store.
+        let contiguous: Result<(), StoreError> =
+            tally_es::check_contiguous(stream, after.next(), &commits);
+        contiguous.ok().map(|()| commits)
+    }
+
+    async fn remember(&self, commit: &StoredCommit) {
+        let key = self.recent_key(&commit.stream);
+        let (score, body) = (commit.revision.get(), commit.to_bytes());
+        let _: Option<()> = self
+            .redis
+            .with(|mut c| async move {
+                redis::pipe()
+                    .zadd(&key, body, score)
+                    .ignore()
+                    .zremrangebyrank(&key, 0, -(RECENT_KEPT + 1))
+                    .ignore()
+                    .expire(&key, RECENT_TTL_SECONDS)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
             })
             .await;
     }

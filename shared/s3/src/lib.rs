@@ -7,7 +7,8 @@
 //!   `If-None-Match: *`: the server creates it only if the key is free, so of two writers
 //!   that loaded the same revision exactly one wins; the other gets 412 (or 409 while
 //!   the first write is in flight), which becomes [`AppendError::Conflict`].
-//! * `outbox/{stream}/{revision:020}` — the outbox (see `tally_es::Outbox`).
+//! * `outbox/~{process}-{seq}` — the outbox (see `tally_es::Outbox`): the entries a
+//!   process recorded together, one object per group (see the `outbox` module).
 //!
 //! Reads list a stream's keys from a start-after cursor and fetch the commits
 //! concurrently. Requests go through `aws-sdk-s3`, which sends them with the pooled
@@ -43,6 +44,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 mod http;
+mod outbox;
 
 /// How many commit objects a read fetches at once.
 const READ_CONCURRENCY: usize = 16;
@@ -101,6 +103,10 @@ pub struct S3EventStore {
     /// Outbox entries to delete, gathered into multi-object deletes (started on first
     /// use, inside the runtime).
     outbox_deletes: Arc<OnceLock<DeleteQueue>>,
+    /// Outbox entries to record, gathered into batch objects (started on first use).
+    outbox_records: Arc<OnceLock<outbox::RecordQueue>>,
+    /// The batch objects this process wrote or read, and their entries not done.
+    outbox_batches: Arc<outbox::Batches>,
 }
 
 /// A key to delete and where its outcome goes.
@@ -109,6 +115,10 @@ type DeleteQueue = mpsc::UnboundedSender<DeleteRequest>;
 
 /// The most keys one DeleteObjects request may carry.
 const MAX_DELETE_BATCH: usize = 1000;
+/// How long a delete waits for others to go with it: outbox objects are deleted once
+/// published, off the command's path, and a few hundred milliseconds more of an
+/// object's life cost nothing, where a request each costs one.
+const DELETE_LINGER: Duration = Duration::from_millis(500);
 
 /// The HTTP status of a failed call, if the server answered.
 fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
@@ -204,6 +214,8 @@ impl S3EventStore {
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
             outbox_deletes: Arc::default(),
+            outbox_records: Arc::default(),
+            outbox_batches: Arc::default(),
         })
     }
 
@@ -222,22 +234,6 @@ impl S3EventStore {
 
     fn snapshot_prefix(&self, stream: &StreamId) -> String {
         format!("{}snapshots/{}/", self.prefix, stream.as_str())
-    }
-
-    /// `outbox/{stream}/{revision:020}.{attempt}` (without `.{attempt}` when empty: the
-    /// entries recorded before attempts were named).
-    fn outbox_key(
-        &self,
-        stream: &StreamId,
-        revision: Revision,
-        attempt: &str,
-    ) -> Result<String, StoreError> {
-        Ok(format!(
-            "{}outbox/{}/{}",
-            self.prefix,
-            stream.as_str(),
-            tally_es::outbox_name(revision, attempt)?
-        ))
     }
 
     /// Create the bucket if it does not exist (the init step; idempotent).
@@ -385,11 +381,12 @@ impl S3EventStore {
         Ok(())
     }
 
-    /// This store without its delete queue (what the queue's own task holds, so that
-    /// the task ends when the last store is dropped).
+    /// This store without its delete and record queues (what a queue's own task holds,
+    /// so that the task ends when the last store is dropped).
     fn clone_without_queue(&self) -> Self {
         Self {
             outbox_deletes: Arc::default(),
+            outbox_records: Arc::default(),
             ..self.clone()
         }
     }
@@ -672,78 +669,49 @@ impl EventStore for S3EventStore {
 
 #[async_trait]
 impl Outbox for S3EventStore {
+    /// Recorded in a batch object with the entries recorded meanwhile (see the
+    /// `outbox` module): returns once that object is written.
     async fn record(
         &self,
         stream: &StreamId,
         revision: Revision,
         attempt: &str,
     ) -> Result<(), StoreError> {
-        self.put(
-            &self.outbox_key(stream, revision, attempt)?,
-            Bytes::new(),
-            "application/octet-stream",
-        )
-        .await
+        self.record_batched(outbox::entry_path(stream, revision, attempt)?)
+            .await
     }
 
-    /// Deletes are gathered: while one delete request is in flight, the entries done
-    /// meanwhile wait and go in the next one, a single DeleteObjects (one S3 request
-    /// for up to 1,000 entries instead of one each). Returns once the entry is gone.
+    /// The last entry of a batch deletes the batch object; deletes are gathered: while
+    /// one delete request is in flight, the ones due meanwhile wait and go in the next,
+    /// a single DeleteObjects. Returns once the entry is gone.
     async fn done(
         &self,
         stream: &StreamId,
         revision: Revision,
         attempt: &str,
     ) -> Result<(), StoreError> {
-        let key = self.outbox_key(stream, revision, attempt)?;
+        self.done_batched(outbox::entry_path(stream, revision, attempt)?)
+            .await
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.pending_batched(limit).await
+    }
+}
+
+impl S3EventStore {
+    /// Delete `key` with the deletes due meanwhile (one DeleteObjects); returns once it
+    /// is gone.
+    async fn delete_gathered(&self, key: String) -> Result<(), StoreError> {
         let queue = self.outbox_deletes.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(delete_in_batches(self.clone_without_queue(), rx));
             tx
         });
         let (tx, rx) = oneshot::channel();
-        queue
-            .send((key, tx))
-            .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the outbox delete queue stopped".into()))?
-    }
-
-    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        let prefix = format!("{}outbox/", self.prefix);
-        let page = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&prefix)
-            .max_keys(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
-            .send()
-            .await
-            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
-        let mut entries = Vec::new();
-        for object in page.contents() {
-            let Some(rest) = object.key().and_then(|k| k.strip_prefix(&prefix)) else {
-                continue;
-            };
-            let Some((stream, revision)) = rest.split_once('/') else {
-                continue;
-            };
-            let (revision, attempt) = revision.split_once('.').unwrap_or((revision, ""));
-            let (Ok(stream), Ok(revision)) = (StreamId::parse(stream), Revision::parse(revision))
-            else {
-                continue;
-            };
-            entries.push(OutboxEntry {
-                stream,
-                revision,
-                attempt: attempt.to_owned(),
-                recorded_at: object
-                    .last_modified()
-                    .and_then(to_time)
-                    .unwrap_or_else(OffsetDateTime::now_utc),
-            });
-        }
-        Ok(entries)
+        let stopped = || StoreError::Unavailable("the outbox delete queue stopped".into());
+        queue.send((key, tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -752,15 +720,20 @@ fn parse_commit(key: &str, bytes: &[u8]) -> Result<StoredCommit, StoreError> {
     StoredCommit::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
 }
 
-/// Delete what arrives on `queue`: whatever is waiting, up to [`MAX_DELETE_BATCH`]
-/// keys, in one request, then the next batch. Ends when every store is dropped.
+/// Delete what arrives on `queue`: whatever arrives within [`DELETE_LINGER`] of the
+/// first, up to [`MAX_DELETE_BATCH`] keys, in one request, then the next batch. Ends when every store is dropped.
 async fn delete_in_batches(store: S3EventStore, mut queue: mpsc::UnboundedReceiver<DeleteRequest>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
+        let linger = tokio::time::sleep(DELETE_LINGER);
+        tokio::pin!(linger);
         while batch.len() < MAX_DELETE_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+            tokio::select! {
+                next = queue.recv() => match next {
+                    Some(next) => batch.push(next),
+                    None => break,
+                },
+                () = &mut linger => break,
             }
         }
         if batch.len() == 1 {
