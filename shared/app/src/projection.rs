@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{
-    Commit, DecodeError, Delivery, EventStore, Revision, StoreError, StoredCommit, StreamId,
-    Subscription,
+    Commit, DecodeError, Delivery, EventStore, RecentCommits, Revision, StoreError, StoredCommit,
+    StreamId, Subscription,
 };
 
 /// Why a commit could not be projected. Handling rule: leave the commit
@@ -64,6 +64,9 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     read_model: Arc<dyn ReadModel>,
     cache: Arc<dyn Cache>,
+    /// What the command functions say each stream's newest commit is (see
+    /// [`Projector::sweep`]).
+    recent: Option<Arc<dyn RecentCommits>>,
     faults: Faults,
     /// Deliveries handled, for `drop-projection`.
     handled: Arc<AtomicU64>,
@@ -80,9 +83,16 @@ impl Projector {
             store,
             read_model,
             cache,
+            recent: None,
             faults: Faults::NONE,
             handled: Arc::default(),
         }
+    }
+
+    /// Inject `faults` (tests only; see [`crate::faults`]).
+    pub fn with_recent_commits(mut self, recent: Arc<dyn RecentCommits>) -> Self {
+        self.recent = Some(recent);
+        self
     }
 
     /// Inject `faults` (tests only; see [`crate::faults`]).
@@ -196,6 +206,49 @@ impl Projector {
             })
             .buffer_unordered(REBUILD_CONCURRENCY);
         while let Some((stream, caught_up)) = catch_ups.next().await {
+            report.streams += 1;
+            match caught_up {
+                Ok(applied) => report.commits += applied,
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::error!(stream = %stream, error = %e, "catch-up of this stream failed");
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The periodic safety net for commits the stream did not deliver. With recent
+    /// commits ([`Projector::with_recent_commits`]) a stream whose record shows nothing
+    /// newer than the read model is passed over — no store request; one the record
+    /// shows ahead, or does not know (idle for long, Redis lost it or is down), is
+    /// caught up from the store. Without them, or on a `full` round, every stream is
+    /// caught up as by [`Projector::catch_up_all`] (for a newest commit the record
+    /// missed: its writer could not reach Redis). So a round of a busy system costs a
+    /// store request per stream that is behind, not one per stream.
+    pub async fn sweep(&self, full: bool) -> Result<RebuildReport, ProjectionError> {
+        let Some(recent) = self.recent.as_ref().filter(|_| !full) else {
+            return self.catch_up_all().await;
+        };
+        let mut report = RebuildReport::default();
+        let mut rounds = stream::iter(self.account_streams().await?)
+            .map(|id| async move {
+                let behind = match recent.head(id.stream_id()).await {
+                    Some(head) => match self.read_model.position(&id).await {
+                        Ok(at) => head > at,
+                        Err(e) => return (id, Err(e.into())),
+                    },
+                    None => true,
+                };
+                let caught_up = if behind {
+                    self.catch_up(&id).await
+                } else {
+                    Ok(0)
+                };
+                (id, caught_up)
+            })
+            .buffer_unordered(REBUILD_CONCURRENCY);
+        while let Some((stream, caught_up)) = rounds.next().await {
             report.streams += 1;
             match caught_up {
                 Ok(applied) => report.commits += applied,

@@ -954,6 +954,10 @@ impl tally_es::RecentCommits for Recent {
             .ok()
             .map(|()| newer)
     }
+    async fn head(&self, stream: &StreamId) -> Option<Revision> {
+        let map = self.0.lock().unwrap();
+        map.get(stream)?.last().map(StoredCommit::last_revision)
+    }
     async fn remember(&self, commit: &StoredCommit) {
         let mut map = self.0.lock().unwrap();
         let commits = map.entry(commit.stream.clone()).or_default();
@@ -1042,6 +1046,81 @@ async fn processes_sharing_streams_catch_up_through_the_recent_commits_not_the_s
         1,
         "one read after the lost race"
     );
+}
+
+#[tokio::test]
+async fn the_periodic_sweep_asks_the_store_only_about_streams_the_recent_commits_show_ahead() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, counting) = Counting::open(dir.path());
+    let recent = Arc::new(Recent::default());
+    let read_model = Arc::new(MemoryReadModel::default());
+    let projector = Projector::new(
+        counting.clone(),
+        read_model.clone(),
+        Arc::new(MemoryCache::default()),
+    )
+    .with_recent_commits(recent.clone());
+    let remembering =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(16)))
+            .with_recent_commits(recent.clone());
+    let silent =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(16)));
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let deposit = AccountCommand::Deposit {
+        amount: policy.parse("3").unwrap(),
+    };
+    let ctx = CommandContext::default();
+    // Each account: opened and one deposit in the store; what the stream delivered of
+    // them to the read model differs.
+    let (ahead, current, unknown) = (
+        AccountId::parse("ahead").unwrap(),
+        AccountId::parse("current").unwrap(),
+        AccountId::parse("unknown").unwrap(),
+    );
+    for (id, handler, delivered) in [
+        (&ahead, &remembering, 1),
+        (&current, &remembering, 2),
+        (&unknown, &silent, 1),
+    ] {
+        open_account(handler, id).await;
+        handler
+            .execute(id.stream_id(), deposit.clone(), &ctx)
+            .await
+            .unwrap();
+        for stored in store.read(id.stream_id(), Revision::new(1)).await.unwrap() {
+            if stored.revision.get() <= delivered {
+                projector.handle(&stored).await.unwrap();
+            }
+        }
+    }
+    counting.reads.store(0, Ordering::SeqCst);
+    let report = projector.sweep(false).await.unwrap();
+    assert_eq!((report.streams, report.commits), (3, 2));
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        2,
+        "the stream Redis shows ahead and the one it does not know are read from the \
+         store; the one it shows in step with the read model is not"
+    );
+    let position = |id: &AccountId| {
+        let (read_model, id) = (read_model.clone(), id.clone());
+        async move { read_model.position(&id).await.unwrap().get() }
+    };
+    assert_eq!(position(&ahead).await, 2, "caught up");
+    assert_eq!(position(&current).await, 2);
+    assert_eq!(position(&unknown).await, 2, "caught up");
+
+    // The record missed a commit (its writer could not reach Redis) that the stream
+    // did not deliver either: a full round finds it.
+    silent
+        .execute(current.stream_id(), deposit.clone(), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(projector.sweep(false).await.unwrap().commits, 0);
+    assert_eq!(position(&current).await, 2, "the record shows it in step");
+    assert_eq!(projector.sweep(true).await.unwrap().commits, 1);
+    assert_eq!(position(&current).await, 3, "the full round asks the store");
 }
 
 /// Records the name of every span opened.

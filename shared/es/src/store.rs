@@ -169,6 +169,11 @@ pub trait RecentCommits: Send + Sync + 'static {
     /// Remember `commit`, which the store has accepted. Best effort: a failure only
     /// makes a later [`RecentCommits::after`] answer `None` or stale.
     async fn remember(&self, commit: &StoredCommit);
+
+    /// The last revision of the newest commit this record holds for `stream`; `None`
+    /// when it has no record of it (or cannot tell). A hint: a commit whose remember
+    /// failed is not counted.
+    async fn head(&self, stream: &StreamId) -> Option<Revision>;
 }
 
 /// What a subscription delivers.

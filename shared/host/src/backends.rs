@@ -120,19 +120,27 @@ pub struct Host {
     pub pg_store: Option<tally_postgres::PgEventStore>,
 }
 
-/// Catch every stream up from the store in the background: first after `first`, then
-/// `period` after each round ends. A round that applied anything logs `applied` as a
-/// warning (when given); a failed one is logged and retried by the next.
+/// How many periodic catch-up rounds go by between two full ones: with recent commits
+/// in Redis, a round asks the store only about the streams Redis shows ahead of the
+/// read model; every tenth (5 minutes at the default 30 s) asks about every stream, for
+/// the commits Redis does not know (see [`Projector::sweep`]).
+const FULL_SWEEP_EVERY: u64 = 10;
+
+/// Catch streams up from the store in the background ([`Projector::sweep`]): first
+/// after `first`, then `period` after each round ends; every `full_every`-th round is a
+/// full one (every stream asked of the store). A round that applied anything logs
+/// `applied` as a warning (when given); a failed one is logged and retried by the next.
 pub(crate) fn catch_up_every(
     projector: Projector,
     first: std::time::Duration,
     period: std::time::Duration,
+    full_every: u64,
     applied: Option<&'static str>,
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(first).await;
-        loop {
-            match projector.catch_up_all().await {
+        for round in 1u64.. {
+            match projector.sweep(round % full_every.max(1) == 0).await {
                 Ok(report) if report.commits > 0 => {
                     if let Some(applied) = applied {
                         tracing::warn!(commits = report.commits, "{applied}");
@@ -284,13 +292,25 @@ impl Host {
             None => (Arc::new(MemoryCache::default()), "memory"),
         };
 
+        // Where command functions share their streams (with a broker), they catch warm
+        // streams up through Redis; the projector's periodic sweep reads it too.
+        let recent = match (&redis, &config.kafka_brokers) {
+            (Some(redis), Some(_)) => Some(Arc::new(tally_redis::RecentInRedis::new(
+                redis.clone(),
+                &store_scope,
+            ))),
+            _ => None,
+        };
         let faults = Faults::parse(config.fault_injection.as_deref().unwrap_or_default())
             .map_err(|e| format!("TALLY_FAULT_INJECTION: {e}"))?;
         if faults != Faults::NONE {
             tracing::warn!(%faults, "fault injection is on: this process breaks guarantees on purpose");
         }
-        let projector =
+        let mut projector =
             Projector::new(store.clone(), read_model.clone(), cache.clone()).with_faults(faults);
+        if let Some(recent) = &recent {
+            projector = projector.with_recent_commits(recent.clone());
+        }
 
         let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) = match &config
             .kafka_brokers
@@ -315,11 +335,9 @@ impl Host {
                 }
                 // Functions share their streams (one per command, and the saga): they
                 // catch warm streams up through Redis rather than the store.
-                if let Some(redis) = &redis {
-                    let recent =
-                        Arc::new(tally_redis::RecentInRedis::new(redis.clone(), &store_scope));
+                if let Some(recent) = &recent {
                     commands = commands.with_recent_commits(recent.clone());
-                    transfers = transfers.with_recent_commits(recent);
+                    transfers = transfers.with_recent_commits(recent.clone());
                 }
                 (
                     Arc::new(kafka.clone()),
@@ -440,6 +458,7 @@ impl Host {
                 projector.clone(),
                 every,
                 every,
+                FULL_SWEEP_EVERY,
                 Some("the periodic catch-up applied commits the stream had not delivered"),
             );
         }

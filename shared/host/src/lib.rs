@@ -104,6 +104,7 @@ fn tail_store(host: &Host) {
         host.state.projector.clone(),
         Duration::ZERO,
         Duration::from_secs(1),
+        1,
         None,
     );
 }

@@ -397,6 +397,10 @@ pub struct RecentInRedis {
     redis: std::sync::Arc<RedisCache>,
     /// `{prefix}recent:{store}:`.
     keys: String,
+    /// Records a remember failed to extend: deleted as soon as Redis answers again, so
+    /// that none shows a head older than a commit it missed (a projector's sweep would
+    /// take that stream for one in step with the read model).
+    stale: std::sync::Mutex<HashSet<String>>,
 }
 
 impl RecentInRedis {
@@ -404,7 +408,31 @@ impl RecentInRedis {
     /// in `redis`.
     pub fn new(redis: std::sync::Arc<RedisCache>, store: &str) -> Self {
         let keys = format!("{}recent:{store}:", redis.prefix);
-        Self { redis, keys }
+        Self {
+            redis,
+            keys,
+            stale: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Delete the records a failed remember left behind, if there are any.
+    async fn forget_stale(&self) {
+        let stale: Vec<String> = match self.stale.lock() {
+            Ok(mut s) if !s.is_empty() => s.drain().collect(),
+            _ => return,
+        };
+        let deleted: Option<()> = self
+            .redis
+            .with(|mut c| {
+                let stale = stale.clone();
+                async move { c.del(stale).await }
+            })
+            .await;
+        if deleted.is_none() {
+            if let Ok(mut s) = self.stale.lock() {
+                s.extend(stale);
+            }
+        }
     }
 
     fn recent_key(&self, stream: &StreamId) -> String {
@@ -444,22 +472,44 @@ impl RecentCommits for RecentInRedis {
         contiguous.ok().map(|()| commits)
     }
 
+    async fn head(&self, stream: &StreamId) -> Option<Revision> {
+        self.forget_stale().await;
+        let key = self.recent_key(stream);
+        let newest: Vec<Vec<u8>> = self
+            .redis
+            .with(|mut c| async move { c.zrange(&key, -1, -1).await })
+            .await?;
+        let commit = StoredCommit::from_bytes(newest.first()?).ok()?;
+        Some(commit.last_revision())
+    }
+
+    /// A remember that fails marks the stream's record stale: it is deleted once
+    /// Redis answers again (see `stale`).
     async fn remember(&self, commit: &StoredCommit) {
+        self.forget_stale().await;
         let key = self.recent_key(&commit.stream);
         let (score, body) = (commit.revision.get(), commit.to_bytes());
-        let _: Option<()> = self
+        let written: Option<()> = self
             .redis
-            .with(|mut c| async move {
-                redis::pipe()
-                    .zadd(&key, body, score)
-                    .ignore()
-                    .zremrangebyrank(&key, 0, -(RECENT_KEPT + 1))
-                    .ignore()
-                    .expire(&key, RECENT_TTL_SECONDS)
-                    .ignore()
-                    .query_async(&mut c)
-                    .await
+            .with(|mut c| {
+                let key = key.clone();
+                async move {
+                    redis::pipe()
+                        .zadd(&key, body, score)
+                        .ignore()
+                        .zremrangebyrank(&key, 0, -(RECENT_KEPT + 1))
+                        .ignore()
+                        .expire(&key, RECENT_TTL_SECONDS)
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                }
             })
             .await;
+        if written.is_none() {
+            if let Ok(mut stale) = self.stale.lock() {
+                stale.insert(key);
+            }
+        }
     }
 }
