@@ -1090,6 +1090,46 @@ async fn redis_holds_the_newest_commits_of_each_stream_of_each_store_and_says_wh
     );
 }
 
+#[tokio::test]
+async fn a_stream_turn_in_redis_is_one_process_s_until_it_gives_it_back() {
+    use tally_es::StreamTurns;
+    let mut redis = PrivateService::redis().await;
+    let cache = std::sync::Arc::new(
+        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
+    );
+    let (one, other) = (
+        tally_redis::RecentInRedis::new(cache.clone(), "s3:one"),
+        tally_redis::RecentInRedis::new(cache.clone(), "s3:one"),
+    );
+    let stream = StreamId::parse("turned").unwrap();
+    let patience = Duration::from_millis(150);
+    let token = one.take(&stream, patience).await.expect("a free turn");
+    assert_eq!(other.take(&stream, patience).await, None, "taken");
+    other.give_back(&stream, "not-the-token").await;
+    assert_eq!(other.take(&stream, patience).await, None, "still taken");
+    // Another store's stream of the same name is another turn.
+    let elsewhere = tally_redis::RecentInRedis::new(cache, "s3:two");
+    assert!(elsewhere.take(&stream, patience).await.is_some());
+    // Given back while the other waits: the other has it.
+    let waiting = tokio::spawn(async move {
+        other
+            .take(&StreamId::parse("turned").unwrap(), Duration::from_secs(5))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    one.give_back(&stream, &token).await;
+    assert!(waiting.await.unwrap().is_some(), "the waiter takes it");
+    // Redis down: no turn, at once.
+    redis.stop().await;
+    let started = std::time::Instant::now();
+    assert_eq!(one.take(&stream, Duration::from_secs(5)).await, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Hole 2 of issue 13: when another transaction inserted a new account's row after this
 /// one's row lock found none (a query's catch-up racing the projector, a rebuild beside
 /// the live projector), the whole run was taken for a duplicate — the commits after the

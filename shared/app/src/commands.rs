@@ -11,7 +11,7 @@ use std::time::Duration;
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
     Outbox, RecentCommits, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError,
-    StoredCommit, StreamId,
+    StoredCommit, StreamId, StreamTurns,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -118,6 +118,10 @@ const RECENT_ATTEMPTS: usize = 3;
 /// asked again for the winner's commit before the store is read.
 const RECENT_WAITS: usize = 4;
 const RECENT_WAIT: Duration = Duration::from_millis(5);
+
+/// How long a command waits for its stream's turn among processes (see
+/// [`CommandHandler::with_stream_turns`]) before it goes ahead without.
+const TURN_PATIENCE: Duration = Duration::from_secs(3);
 
 /// How many streams a handler keeps warm (their state after the last command).
 const WARM_STREAMS: usize = 4096;
@@ -267,6 +271,9 @@ pub struct CommandHandler<A: Aggregate> {
     /// Where other processes' newest commits are found without reading the store (see
     /// [`CommandHandler::with_recent_commits`]).
     recent: Option<Arc<dyn RecentCommits>>,
+    /// Turn-taking per stream with other processes (see
+    /// [`CommandHandler::with_stream_turns`]).
+    turns: Option<Arc<dyn StreamTurns>>,
     clock: fn() -> OffsetDateTime,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -291,6 +298,7 @@ where
             max_attempts: 20,
             trust_warm: false,
             recent: None,
+            turns: None,
             clock: now_to_the_microsecond,
             _aggregate: PhantomData,
         }
@@ -344,6 +352,18 @@ where
         self
     }
 
+    /// Take turns per stream with the other processes that write it (`turns`), as
+    /// writers in this process take turns: a command waits (up to [`TURN_PATIENCE`])
+    /// for the one before it to append and put its commit in the recent commits, then
+    /// decides on that instead of losing the race to it — a lost race costs a failed
+    /// append and a retry. The turn is held from before the load to after the commit
+    /// is remembered. A fast path only: the store's conditional create decides, and a
+    /// command that cannot have its turn goes ahead without.
+    pub fn with_stream_turns(mut self, turns: Arc<dyn StreamTurns>) -> Self {
+        self.turns = Some(turns);
+        self
+    }
+
     /// Inject `faults` (tests only; see [`crate::faults`]).
     pub fn with_faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
@@ -366,6 +386,14 @@ where
             .lock(stream)
             .instrument(tracing::debug_span!("command.turn"))
             .await;
+        let shared_turn = match &self.turns {
+            Some(turns) => turns
+                .take(stream, TURN_PATIENCE)
+                .instrument(tracing::debug_span!("command.shared_turn"))
+                .await
+                .map(|token| (turns, token)),
+            None => None,
+        };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(2))
             .with_max_delay(Duration::from_millis(100))
@@ -393,6 +421,9 @@ where
             }
             Err(Attempt::Failed(e)) => Err(e),
         };
+        if let Some((turns, token)) = shared_turn {
+            turns.give_back(stream, &token).await;
+        }
         match outcome {
             // An append whose answer never came may still land: "nothing was written"
             // would be a lie, and a retry without the key would apply it twice.

@@ -352,6 +352,8 @@ struct Counting {
     commits_read: std::sync::atomic::AtomicUsize,
     /// Calls of `read` (a LIST on S3).
     reads: std::sync::atomic::AtomicUsize,
+    /// Appends that lost their race.
+    conflicts: std::sync::atomic::AtomicUsize,
 }
 
 impl Counting {
@@ -362,6 +364,7 @@ impl Counting {
             inner: store.clone(),
             commits_read: Default::default(),
             reads: Default::default(),
+            conflicts: Default::default(),
         });
         (store, counting)
     }
@@ -370,7 +373,12 @@ impl Counting {
 #[async_trait::async_trait]
 impl EventStore for Counting {
     async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
-        self.inner.append(commit).await
+        let appended = self.inner.append(commit).await;
+        if let Err(AppendError::Conflict { .. }) = appended {
+            self.conflicts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        appended
     }
     async fn read(
         &self,
@@ -1121,6 +1129,90 @@ async fn the_periodic_sweep_asks_the_store_only_about_streams_the_recent_commits
     assert_eq!(position(&current).await, 2, "the record shows it in step");
     assert_eq!(projector.sweep(true).await.unwrap().commits, 1);
     assert_eq!(position(&current).await, 3, "the full round asks the store");
+}
+
+/// [`tally_es::StreamTurns`] in memory, as Redis keeps them.
+#[derive(Default)]
+struct Turns(std::sync::Mutex<std::collections::HashMap<StreamId, String>>);
+
+#[async_trait::async_trait]
+impl tally_es::StreamTurns for Turns {
+    async fn take(&self, stream: &StreamId, patience: std::time::Duration) -> Option<String> {
+        let token = format!("{:016x}", fastrand::u64(..));
+        let started = std::time::Instant::now();
+        loop {
+            {
+                let mut held = self.0.lock().unwrap();
+                if !held.contains_key(stream) {
+                    held.insert(stream.clone(), token.clone());
+                    return Some(token);
+                }
+            }
+            if started.elapsed() > patience {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    async fn give_back(&self, stream: &StreamId, token: &str) {
+        let mut held = self.0.lock().unwrap();
+        if held.get(stream).map(String::as_str) == Some(token) {
+            held.remove(stream);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_that_take_turns_on_a_stream_do_not_race_for_its_revisions() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counting) = Counting::open(dir.path());
+    let (recent, turns) = (Arc::new(Recent::default()), Arc::new(Turns::default()));
+    let process = || {
+        Arc::new(
+            CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(64)))
+                .with_recent_commits(recent.clone())
+                .with_stream_turns(turns.clone()),
+        )
+    };
+    let (a, b) = (process(), process());
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    let id = AccountId::parse("turns").unwrap();
+    open_account(&a, &id).await;
+    // Both processes warm, then 2 × 25 deposits at once.
+    b.execute(
+        id.stream_id(),
+        AccountCommand::Deposit {
+            amount: policy.parse("1").unwrap(),
+        },
+        &CommandContext::default(),
+    )
+    .await
+    .unwrap();
+    let deposits = (0..50).map(|n| {
+        let (handler, id) = (if n % 2 == 0 { a.clone() } else { b.clone() }, id.clone());
+        let amount = policy.parse("1").unwrap();
+        tokio::spawn(async move {
+            handler
+                .execute(
+                    id.stream_id(),
+                    AccountCommand::Deposit { amount },
+                    &CommandContext::default(),
+                )
+                .await
+        })
+    });
+    for done in deposits.collect::<Vec<_>>() {
+        done.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        counting.conflicts.load(Ordering::SeqCst),
+        0,
+        "no append lost a race: each waited for the other process's turn"
+    );
+    let (state, revision) = a.load_from_store(id.stream_id()).await.unwrap();
+    assert_eq!(revision, Revision::new(52));
+    assert_eq!(state.balance_money().minor, 51_00);
 }
 
 /// Records the name of every span opened.

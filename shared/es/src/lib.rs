@@ -30,5 +30,6 @@ pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_M
 pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, error_chain, outbox_name, AppendError, Delivery, EventPublisher, EventStore,
-    EventStream, Outbox, OutboxEntry, PublishError, RecentCommits, StoreError, Subscription,
+    EventStream, Outbox, OutboxEntry, PublishError, RecentCommits, StoreError, StreamTurns,
+    Subscription,
 };

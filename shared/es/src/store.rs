@@ -176,6 +176,22 @@ pub trait RecentCommits: Send + Sync + 'static {
     async fn head(&self, stream: &StreamId) -> Option<Revision>;
 }
 
+/// Turn-taking per stream between processes: writers of one stream in different
+/// processes (one function per command) wait for each other instead of racing to the
+/// same revision, where the loser's append is a wasted request. A fast path only, like
+/// the in-process turns: the store's conditional create still decides, and a turn that
+/// cannot be had (the holder is slow or gone, Redis is down) is gone ahead without.
+#[async_trait]
+pub trait StreamTurns: Send + Sync + 'static {
+    /// Wait up to `patience` for `stream`'s turn; the token to give it back with, or
+    /// `None` when it could not be had. A turn left unreturned lapses by itself.
+    async fn take(&self, stream: &StreamId, patience: std::time::Duration) -> Option<String>;
+
+    /// Give back the turn taken with `token` (a lapsed one that another process has
+    /// since taken is left alone).
+    async fn give_back(&self, stream: &StreamId, token: &str);
+}
+
 /// What a subscription delivers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Delivery {

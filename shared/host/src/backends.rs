@@ -334,10 +334,15 @@ impl Host {
                     transfers = transfers.with_outbox(outbox.clone());
                 }
                 // Functions share their streams (one per command, and the saga): they
-                // catch warm streams up through Redis rather than the store.
+                // take turns per stream and catch warm streams up through Redis rather
+                // than racing and reading the store.
                 if let Some(recent) = &recent {
-                    commands = commands.with_recent_commits(recent.clone());
-                    transfers = transfers.with_recent_commits(recent.clone());
+                    commands = commands
+                        .with_recent_commits(recent.clone())
+                        .with_stream_turns(recent.clone());
+                    transfers = transfers
+                        .with_recent_commits(recent.clone())
+                        .with_stream_turns(recent.clone());
                 }
                 (
                     Arc::new(kafka.clone()),

@@ -1,6 +1,11 @@
 //! `tally-redis`: the balance cache in Redis, and the record of each stream's newest
 //! commits that command functions catch their warm streams up from.
 //!
+//! Turns ([`StreamTurns`], also [`RecentInRedis`]): `{prefix}turn:{store}:{stream}` holds
+//! the token of the process whose command on the stream goes now (`SET NX PX`, lapsing
+//! after [`TURN_LEASE`]); the others poll for it, and give up waiting (going ahead
+//! without) after the command handler's patience or as soon as Redis fails.
+//!
 //! Recent commits ([`RecentInRedis`]): `{prefix}recent:{store}:{stream}` is a sorted set
 //! of the stream's newest [`RECENT_KEPT`] commits (their stored JSON, scored by
 //! revision), written by the command that appended each one right after the store
@@ -40,7 +45,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::{AccountId, Currency};
-use tally_es::{RecentCommits, Revision, StoreError, StoredCommit, StreamId};
+use tally_es::{RecentCommits, Revision, StoreError, StoredCommit, StreamId, StreamTurns};
 use tokio::sync::Mutex;
 
 /// How long after an epoch began no entry is created. A command process that could
@@ -92,6 +97,16 @@ return {e, age, v[1], v[2], v[3]}
 pub const RECENT_KEPT: isize = 16;
 /// How long a stream's recent commits stay after the last one was written.
 pub const RECENT_TTL_SECONDS: i64 = 600;
+
+/// How long a stream's turn (see [`StreamTurns`]) lasts if its holder never gives it
+/// back (killed, or stuck past every S3 timeout).
+pub const TURN_LEASE: Duration = Duration::from_secs(10);
+
+/// Give a turn back only if it is still the giver's.
+const GIVE_BACK: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
 
 /// How a write treats an absent entry.
 #[derive(Clone, Copy)]
@@ -397,6 +412,9 @@ pub struct RecentInRedis {
     redis: std::sync::Arc<RedisCache>,
     /// `{prefix}recent:{store}:`.
     keys: String,
+    /// `{prefix}turn:{store}:`.
+    turn_keys: String,
+    give_back_script: Script,
     /// Records a remember failed to extend: deleted as soon as Redis answers again, so
     /// that none shows a head older than a commit it missed (a projector's sweep would
     /// take that stream for one in step with the read model).
@@ -408,9 +426,12 @@ impl RecentInRedis {
     /// in `redis`.
     pub fn new(redis: std::sync::Arc<RedisCache>, store: &str) -> Self {
         let keys = format!("{}recent:{store}:", redis.prefix);
+        let turn_keys = format!("{}turn:{store}:", redis.prefix);
         Self {
             redis,
             keys,
+            turn_keys,
+            give_back_script: Script::new(GIVE_BACK),
             stale: std::sync::Mutex::default(),
         }
     }
@@ -511,5 +532,55 @@ impl RecentCommits for RecentInRedis {
                 stale.insert(key);
             }
         }
+    }
+}
+
+#[async_trait]
+impl StreamTurns for RecentInRedis {
+    async fn take(&self, stream: &StreamId, patience: Duration) -> Option<String> {
+        let key = format!("{}{}", self.turn_keys, stream.as_str());
+        let token = format!("{:016x}", fastrand::u64(..));
+        let lease = u64::try_from(TURN_LEASE.as_millis()).unwrap_or(u64::MAX);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let taken: Option<String> = self
+                .redis
+                .with(|mut c| {
+                    let (key, token) = (key.clone(), token.clone());
+                    async move {
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(token)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(lease)
+                            .query_async::<Option<String>>(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            if taken.is_some() {
+                return Some(token);
+            }
+            if started.elapsed() + pause > patience {
+                tracing::debug!(%stream, "no turn within the patience; going ahead without");
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 3 / 2).min(Duration::from_millis(20));
+        }
+    }
+
+    async fn give_back(&self, stream: &StreamId, token: &str) {
+        let key = format!("{}{}", self.turn_keys, stream.as_str());
+        let script = self.give_back_script.clone();
+        let _: Option<i64> = self
+            .redis
+            .with(|mut c| {
+                let token = token.to_owned();
+                async move { script.key(key).arg(token).invoke_async(&mut c).await }
+            })
+            .await;
     }
 }
