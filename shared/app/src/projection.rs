@@ -198,24 +198,7 @@ impl Projector {
     /// [`REBUILD_CONCURRENCY`] streams at once. A stream that fails is logged and
     /// counted in `failed`; the others go on.
     pub async fn catch_up_all(&self) -> Result<RebuildReport, ProjectionError> {
-        let mut report = RebuildReport::default();
-        let mut catch_ups = stream::iter(self.account_streams().await?)
-            .map(|id| async move {
-                let caught_up = self.catch_up(&id).await;
-                (id, caught_up)
-            })
-            .buffer_unordered(REBUILD_CONCURRENCY);
-        while let Some((stream, caught_up)) = catch_ups.next().await {
-            report.streams += 1;
-            match caught_up {
-                Ok(applied) => report.commits += applied,
-                Err(e) => {
-                    report.failed += 1;
-                    tracing::error!(stream = %stream, error = %e, "catch-up of this stream failed");
-                }
-            }
-        }
-        Ok(report)
+        self.catch_up_each(|_| async { Ok(true) }).await
     }
 
     /// The periodic safety net for commits the stream did not deliver. With recent
@@ -230,25 +213,37 @@ impl Projector {
         let Some(recent) = self.recent.as_ref().filter(|_| !full) else {
             return self.catch_up_all().await;
         };
+        self.catch_up_each(|id| async move {
+            Ok(match recent.head(id.stream_id()).await {
+                Some(head) => head > self.read_model.position(&id).await?,
+                None => true,
+            })
+        })
+        .await
+    }
+
+    /// Catch up each account stream of the store that `behind` says may be behind,
+    /// [`REBUILD_CONCURRENCY`] at once; a stream that fails is logged and counted.
+    async fn catch_up_each<F, Fut>(&self, behind: F) -> Result<RebuildReport, ProjectionError>
+    where
+        F: Fn(AccountId) -> Fut,
+        Fut: std::future::Future<Output = Result<bool, ProjectionError>>,
+    {
         let mut report = RebuildReport::default();
-        let mut rounds = stream::iter(self.account_streams().await?)
-            .map(|id| async move {
-                let behind = match recent.head(id.stream_id()).await {
-                    Some(head) => match self.read_model.position(&id).await {
-                        Ok(at) => head > at,
-                        Err(e) => return (id, Err(e.into())),
-                    },
-                    None => true,
-                };
-                let caught_up = if behind {
-                    self.catch_up(&id).await
-                } else {
-                    Ok(0)
-                };
-                (id, caught_up)
+        let mut catch_ups = stream::iter(self.account_streams().await?)
+            .map(|id| {
+                let behind = behind(id.clone());
+                async move {
+                    let caught_up = match behind.await {
+                        Ok(true) => self.catch_up(&id).await,
+                        Ok(false) => Ok(0),
+                        Err(e) => Err(e),
+                    };
+                    (id, caught_up)
+                }
             })
             .buffer_unordered(REBUILD_CONCURRENCY);
-        while let Some((stream, caught_up)) = rounds.next().await {
+        while let Some((stream, caught_up)) = catch_ups.next().await {
             report.streams += 1;
             match caught_up {
                 Ok(applied) => report.commits += applied,
