@@ -102,16 +102,16 @@ pub struct S3EventStore {
     prefix: String,
     /// Outbox entries to delete, gathered into multi-object deletes (started on first
     /// use, inside the runtime).
-    outbox_deletes: Arc<OnceLock<DeleteQueue>>,
+    outbox_deletes: Arc<OnceLock<KeyQueue>>,
     /// Outbox entries to record, gathered into batch objects (started on first use).
-    outbox_records: Arc<OnceLock<outbox::RecordQueue>>,
+    outbox_records: Arc<OnceLock<KeyQueue>>,
     /// The batch objects this process wrote or read, and their entries not done.
     outbox_batches: Arc<outbox::Batches>,
 }
 
-/// A key to delete and where its outcome goes.
-type DeleteRequest = (String, oneshot::Sender<Result<(), StoreError>>);
-type DeleteQueue = mpsc::UnboundedSender<DeleteRequest>;
+/// A key (to delete, or an outbox entry to record) and where its outcome goes.
+type KeyRequest = (String, oneshot::Sender<Result<(), StoreError>>);
+type KeyQueue = mpsc::UnboundedSender<KeyRequest>;
 
 /// The most keys one DeleteObjects request may carry.
 const MAX_DELETE_BATCH: usize = 1000;
@@ -703,14 +703,30 @@ impl S3EventStore {
     /// Delete `key` with the deletes due meanwhile (one DeleteObjects); returns once it
     /// is gone.
     async fn delete_gathered(&self, key: String) -> Result<(), StoreError> {
-        let queue = self.outbox_deletes.get_or_init(|| {
+        self.through(&self.outbox_deletes, delete_in_batches, key, "delete")
+            .await
+    }
+
+    /// Hand `item` to the task behind `queue` (`task`, started on first use, inside the
+    /// runtime) and wait for its outcome.
+    async fn through<Task>(
+        &self,
+        queue: &OnceLock<KeyQueue>,
+        task: fn(S3EventStore, mpsc::UnboundedReceiver<KeyRequest>) -> Task,
+        item: String,
+        what: &str,
+    ) -> Result<(), StoreError>
+    where
+        Task: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let queue = queue.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(delete_in_batches(self.clone_without_queue(), rx));
+            tokio::spawn(task(self.clone_without_queue(), rx));
             tx
         });
         let (tx, rx) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("the outbox delete queue stopped".into());
-        queue.send((key, tx)).map_err(|_| stopped())?;
+        let stopped = || StoreError::Unavailable(format!("the outbox {what} queue stopped"));
+        queue.send((item, tx)).map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 }
@@ -722,7 +738,7 @@ fn parse_commit(key: &str, bytes: &[u8]) -> Result<StoredCommit, StoreError> {
 
 /// Delete what arrives on `queue`: whatever arrives within [`DELETE_LINGER`] of the
 /// first, up to [`MAX_DELETE_BATCH`] keys, in one request, then the next batch. Ends when every store is dropped.
-async fn delete_in_batches(store: S3EventStore, mut queue: mpsc::UnboundedReceiver<DeleteRequest>) {
+async fn delete_in_batches(store: S3EventStore, mut queue: mpsc::UnboundedReceiver<KeyRequest>) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         let linger = tokio::time::sleep(DELETE_LINGER);

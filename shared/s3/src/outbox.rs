@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tally_es::{outbox_name, OutboxEntry, Revision, StoreError, StreamId};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// What starts a batch object's name after `outbox/` (never a stream id's first
 /// character).
@@ -42,10 +42,6 @@ const UNREAD_YOUNGER_THAN: time::Duration = time::Duration::seconds(2);
 /// How long a batch with entries never done (an append whose outcome was never
 /// learned: the relay handles those) stays in this process's table.
 const FORGET_AFTER: Duration = Duration::from_secs(900);
-
-/// An entry to record (its `{stream}/{name}` path) and where its outcome goes.
-pub(crate) type RecordRequest = (String, oneshot::Sender<Result<(), StoreError>>);
-pub(crate) type RecordQueue = mpsc::UnboundedSender<RecordRequest>;
 
 /// This process's batches: the ones it wrote, and the ones a relay read.
 #[derive(Debug)]
@@ -234,7 +230,7 @@ fn parse_entry(path: &str) -> Option<(StreamId, Revision, String)> {
 /// dropped.
 pub(crate) async fn record_in_batches(
     store: S3EventStore,
-    mut queue: mpsc::UnboundedReceiver<RecordRequest>,
+    mut queue: mpsc::UnboundedReceiver<crate::KeyRequest>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -272,15 +268,8 @@ pub(crate) async fn record_in_batches(
 impl S3EventStore {
     /// Record `entry` in the next batch object; returns once that object is written.
     pub(crate) async fn record_batched(&self, entry: String) -> Result<(), StoreError> {
-        let queue = self.outbox_records.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(record_in_batches(self.clone_without_queue(), rx));
-            tx
-        });
-        let (tx, rx) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("the outbox record queue stopped".into());
-        queue.send((entry, tx)).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.through(&self.outbox_records, record_in_batches, entry, "record")
+            .await
     }
 
     /// `entry` is done: nothing, or the delete of its batch (when it was the last) or
