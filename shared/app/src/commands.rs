@@ -411,7 +411,7 @@ where
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
                 async {
-                    let (loaded, _) = self.load(stream, false, true).await?;
+                    let (loaded, _) = self.load(stream, false, false).await?;
                     match self.find_ours(stream, &loaded, &attempted).await? {
                         Some(commit) => Ok(self.adopt(commit, &loaded).await),
                         None => Err(CommandError::Contention),

@@ -456,6 +456,10 @@ impl RecentInRedis {
         }
     }
 
+    fn turn_key(&self, stream: &StreamId) -> String {
+        format!("{}{}", self.turn_keys, stream.as_str())
+    }
+
     fn recent_key(&self, stream: &StreamId) -> String {
         format!("{}{}", self.keys, stream.as_str())
     }
@@ -538,7 +542,7 @@ impl RecentCommits for RecentInRedis {
 #[async_trait]
 impl StreamTurns for RecentInRedis {
     async fn take(&self, stream: &StreamId, patience: Duration) -> Option<String> {
-        let key = format!("{}{}", self.turn_keys, stream.as_str());
+        let key = self.turn_key(stream);
         let token = format!("{:016x}", fastrand::u64(..));
         let lease = u64::try_from(TURN_LEASE.as_millis()).unwrap_or(u64::MAX);
         let started = Instant::now();
@@ -573,7 +577,7 @@ impl StreamTurns for RecentInRedis {
     }
 
     async fn give_back(&self, stream: &StreamId, token: &str) {
-        let key = format!("{}{}", self.turn_keys, stream.as_str());
+        let key = self.turn_key(stream);
         let script = self.give_back_script.clone();
         let _: Option<i64> = self
             .redis
