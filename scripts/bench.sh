@@ -140,6 +140,22 @@ stack_ops=()
 # dev gateways keep 1,000.
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --transfers "* ]] && stack_ops+=(--transfers 200)
 
+# Until the projector at $1 has every stream it saw in segments
+# (tally_segments_streams_behind 0 in its /metrics), at most 2 minutes.
+wait_segments() {
+  local start behind
+  start=$(date +%s)
+  for _ in $(seq 1 1200); do
+    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_segments_streams_behind" {print $2}')
+    if [ "${behind:-}" = 0 ]; then
+      echo "bench: every stream in segments $(( $(date +%s) - start )) s after the load" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench: streams still outside segments after 2 min (${behind:-no figure}); the rebuild reads their commits" >&2
+}
+
 # `make stack` on event store STORE (s3, postgres) as target NAME, in bucket, topic and
 # database ID: the ceiling, the load, then a rebuild of what it wrote into its read
 # model (emptied first). Its variables stay in its subshell.
@@ -158,6 +174,9 @@ load_stack() (
   local s3_log=()
   [ "$store" = s3 ] && s3_log=(--s3-log "${TALLY_CACHE:-$HOME/.cache/tally}/run/moto.log" --s3-bucket "$id")
   "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${s3_log[@]}" "${args[@]}"
+  # On S3 the projector copies each stream into segments as it settles; the rebuild
+  # reads those (the projector is the tenth function of scripts/stack.sh: port 8110).
+  [ "$store" = s3 ] && wait_segments http://127.0.0.1:8110
   stop_all
   rebuild "$name"
 )

@@ -9,6 +9,8 @@
 //! * [`history`] — a stream's state at a past revision, folded from the store.
 //! * [`transfers::Saga`] — transfers: the request, the view, and the saga that moves
 //!   the money between accounts step by step, each step an idempotent account command.
+//! * [`compaction::Compactor`] — copies streams' commits into segments in the
+//!   background, as they grow (for stores that keep history in segments).
 //! * [`relay::Relay`] — publishes what the outbox still holds: commits a crash or a
 //!   broker outage kept from the stream.
 //! * [`ports`] — the read-model and cache ports (the event store and publisher ports are
@@ -17,6 +19,7 @@
 //! No HTTP here and no concrete backend: adapters come in through the ports.
 
 pub mod commands;
+pub mod compaction;
 pub mod faults;
 pub mod history;
 mod locks;
@@ -27,6 +30,7 @@ pub mod relay;
 pub mod transfers;
 
 pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
+pub use compaction::{CompactionReport, Compactor};
 pub use faults::{Fault, Faults};
 pub use ports::{
     AccountView, Applied, Cache, CachedBalance, FillToken, Lookup, ReadModel, ReadModelError,

@@ -1,5 +1,6 @@
 //! The projector: from commits to the read model and the cache, exactly once.
 
+use crate::compaction::Compactor;
 use crate::faults::{Fault, Faults};
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
 use futures::stream::{self, StreamExt};
@@ -67,6 +68,8 @@ pub struct Projector {
     /// What the command functions say each stream's newest commit is (see
     /// [`Projector::sweep`]).
     recent: Option<Arc<dyn RecentCommits>>,
+    /// Told of every commit handled, to copy streams into segments as they grow.
+    compactor: Option<Arc<Compactor>>,
     faults: Faults,
     /// Deliveries handled, for `drop-projection`.
     handled: Arc<AtomicU64>,
@@ -84,15 +87,28 @@ impl Projector {
             read_model,
             cache,
             recent: None,
+            compactor: None,
             faults: Faults::NONE,
             handled: Arc::default(),
         }
     }
 
-    /// Inject `faults` (tests only; see [`crate::faults`]).
+    /// Read what the command functions say each stream's newest commit is (see
+    /// [`Projector::sweep`]).
     pub fn with_recent_commits(mut self, recent: Arc<dyn RecentCommits>) -> Self {
         self.recent = Some(recent);
         self
+    }
+
+    /// Tell `compactor` of every commit handled (see [`crate::compaction`]).
+    pub fn with_compactor(mut self, compactor: Arc<Compactor>) -> Self {
+        self.compactor = Some(compactor);
+        self
+    }
+
+    /// The compactor it tells of each commit, if any.
+    pub fn compactor(&self) -> Option<&Arc<Compactor>> {
+        self.compactor.as_ref()
     }
 
     /// Inject `faults` (tests only; see [`crate::faults`]).
@@ -107,6 +123,15 @@ impl Projector {
     /// acknowledge it. Anything else — the read model moved underneath, lost the rows
     /// it said it had — is an error, and the commit is not to be acknowledged.
     pub async fn handle(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
+        let outcome = self.project(stored).await?;
+        if let Some(compactor) = &self.compactor {
+            compactor.note(&stored.stream, stored.last_revision());
+        }
+        Ok(outcome)
+    }
+
+    /// [`Projector::handle`] but for noting the commit to the compactor.
+    async fn project(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
         let Some(id) = AccountId::of_stream(&stored.stream) else {
             // Another aggregate's commit on the shared topic (a transfer's): the read
             // model of accounts has nothing to do with it.

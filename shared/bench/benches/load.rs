@@ -4,13 +4,14 @@
 //! * `dir/...` — the directory store of `make dev` (a fresh temporary directory);
 //! * `s3/...` — the S3 server named by `TALLY_S3_*` / `AWS_*` (`make bench` starts
 //!   one and sets them; `eval "$(scripts/services.sh env)"` does the same by hand).
-//!   The stream is seeded once per server and reused.
+//!   The stream is seeded once per server and reused, and copied into segments (as
+//!   the projector's compactor leaves a stream once it settles).
 //! * `pg/...` — the PostgreSQL event store at `TALLY_EVENT_STORE_URL` (`make bench`
 //!   gives it a database of its own), migrated and seeded once, then reused.
 //!
 //! "With a snapshot" starts from a snapshot 50 revisions before the end, the average
-//! tail with `TALLY_SNAPSHOT_EVERY=100`. The S3 load without a snapshot is timed once,
-//! outside criterion: it is 10,000 GETs, about a minute on moto.
+//! tail with `TALLY_SNAPSHOT_EVERY=100`. (The S3 load without segments was 10,000 GETs,
+//! 23 s on moto here: too slow for criterion's ten samples, it was timed once.)
 //!
 //! `cargo bench --profile perf -p tally-bench --bench load`
 
@@ -21,28 +22,12 @@ use tally_app::CommandHandler;
 use tally_bench::fixtures::{seed_stream, STREAM_EVENTS};
 use tally_domain::Account;
 use tally_embedded::{DirEventStore, InProcessStream};
-use tally_es::{EventStore, Revision, SnapshotStore, StreamId};
+use tally_es::{Compact, EventStore, Revision, SnapshotStore, StreamId};
 
 const SNAPSHOT_TAIL: u64 = 50;
 
-/// How a load is measured.
-#[derive(Clone, Copy, PartialEq)]
-enum Sampling {
-    /// Criterion's statistics (at least 10 samples).
-    Criterion,
-    /// `n` timed loads, printed as they come: for a load so slow on the test server
-    /// (10,000 GETs on moto: about a minute) that criterion's minimum of ten samples
-    /// would take most of `make bench`'s budget.
-    Timed(usize),
-}
-
-fn bench_store<S>(
-    c: &mut Criterion,
-    rt: &tokio::runtime::Runtime,
-    name: &str,
-    store: Arc<S>,
-    without_snapshot: Sampling,
-) where
+fn bench_store<S>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, store: Arc<S>)
+where
     S: EventStore + SnapshotStore,
 {
     let stream = StreamId::parse("bench-load-10k").expect("valid id");
@@ -71,24 +56,10 @@ fn bench_store<S>(
     };
     let mut group = c.benchmark_group(format!("load/{name}"));
     group.throughput(Throughput::Elements(STREAM_EVENTS));
-    match without_snapshot {
-        Sampling::Criterion => {
-            group
-                .sample_size(10)
-                .measurement_time(Duration::from_secs(20));
-            group.bench_function("10k events, no snapshot", |b| b.iter(|| load(&plain)));
-        }
-        Sampling::Timed(n) => {
-            for run in 1..=n {
-                let start = Instant::now();
-                load(&plain);
-                println!(
-                    "load/{name}/10k events, no snapshot\n                        time:   [one load: {:.3} s] (run {run} of {n}, timed without criterion)",
-                    start.elapsed().as_secs_f64()
-                );
-            }
-        }
-    }
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.bench_function("10k events, no snapshot", |b| b.iter(|| load(&plain)));
     group
         .sample_size(50)
         .measurement_time(Duration::from_secs(5));
@@ -100,7 +71,7 @@ fn load(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(DirEventStore::open(dir.path()).expect("directory store"));
-    bench_store(c, &rt, "dir", store, Sampling::Criterion);
+    bench_store(c, &rt, "dir", store);
 
     let config = tally_s3::S3Config::from_env().unwrap_or_else(|e| {
         panic!(
@@ -111,7 +82,27 @@ fn load(c: &mut Criterion) {
     let s3 = Arc::new(tally_s3::S3EventStore::new(&config).unwrap_or_else(|e| panic!("{e}")));
     rt.block_on(s3.ensure_bucket())
         .unwrap_or_else(|e| panic!("S3 server at {:?}: {e}", config.endpoint));
-    bench_store(c, &rt, "s3", s3, Sampling::Timed(1));
+    // The stream in segments, as the projector's compactor leaves a stream once it
+    // settles: the loads read a handful of objects, not 10,000.
+    let stream = StreamId::parse("bench-load-10k").expect("valid id");
+    let compacting = Instant::now();
+    rt.block_on(async {
+        seed_stream(
+            &*s3,
+            &*s3,
+            &stream,
+            STREAM_EVENTS,
+            STREAM_EVENTS - SNAPSHOT_TAIL,
+        )
+        .await?;
+        s3.compact(&stream, None).await
+    })
+    .unwrap_or_else(|e| panic!("seeding and compacting the s3 stream failed: {e}"));
+    eprintln!(
+        "load/s3: stream seeded and in segments in {:.1} s",
+        compacting.elapsed().as_secs_f64()
+    );
+    bench_store(c, &rt, "s3", s3);
 
     let url = std::env::var("TALLY_EVENT_STORE_URL").unwrap_or_else(|_| {
         panic!(
@@ -125,7 +116,7 @@ fn load(c: &mut Criterion) {
     rt.block_on(tally_postgres::migrate(&pool))
         .unwrap_or_else(|e| panic!("migrating {url}: {e}"));
     let pg = Arc::new(tally_postgres::PgEventStore::new(pool).without_outbox());
-    bench_store(c, &rt, "pg", pg, Sampling::Criterion);
+    bench_store(c, &rt, "pg", pg);
 }
 
 criterion_group!(benches, load);

@@ -10,10 +10,13 @@
 //! need not be empty; the outbox check lists the first 1,000 pending entries, so give
 //! the suite an outbox with fewer than that of others' (a fresh bucket, database or
 //! directory, as the adapters' tests do).
+//!
+//! A store that keeps history in segments ([`Compact`]) also runs
+//! [`assert_segments_read_as_the_commits`], best with segments of a few commits.
 
 use crate::{
-    AppendError, CommitMetadata, EventStore, Outbox, Revision, Snapshot, SnapshotStore, StoreError,
-    StoredCommit, StoredEvent, StreamId,
+    AppendError, CommitMetadata, Compact, EventStore, Outbox, Revision, Snapshot, SnapshotStore,
+    StoreError, StoredCommit, StoredEvent, StreamId,
 };
 use time::OffsetDateTime;
 
@@ -383,4 +386,118 @@ async fn assert_the_newest_snapshot_wins(store: &dyn SnapshotStore, tag: &Tag) {
     store.save(&theirs).await.unwrap();
     assert_eq!(store.latest(&other).await.unwrap(), Some(theirs));
     assert_eq!(store.latest(&s).await.unwrap(), Some(ten));
+}
+
+/// For a store that keeps history in segments ([`Compact`]): every read — from any
+/// revision, after any commit boundary, of one commit — answers the same before a
+/// compaction, after one, with commits appended after the segments, and after the next
+/// compaction; compacting what is already in segments copies nothing; a compaction told
+/// of a revision past the end copies what there is. Give it a store that seals segments
+/// of a few commits (the stream is 24 commits, some of several events).
+pub async fn assert_segments_read_as_the_commits<S>(store: &S)
+where
+    S: EventStore + Compact,
+{
+    let tag = Tag::new();
+    let stream = tag.stream("segments");
+    // 24 commits: every fifth holds three events.
+    let mut next = 1;
+    let mut append_commits = |count: usize| {
+        let commits: Vec<StoredCommit> = (0..count)
+            .map(|_| {
+                let events = if next % 5 == 0 { 3 } else { 1 };
+                let commit = probe(&stream, next, events, &format!("s{next}"));
+                next += events as u64;
+                commit
+            })
+            .collect();
+        commits
+    };
+    let first = append_commits(16);
+    for c in &first {
+        store.append(c).await.unwrap();
+    }
+    assert_reads_agree(store, &stream, &first, "before any compaction").await;
+
+    let done = store.compact(&stream, None).await.unwrap();
+    let end = first.last().unwrap().last_revision();
+    assert_eq!(
+        (done.covered, done.commits),
+        (end, first.len()),
+        "{stream}: first compaction"
+    );
+    assert_reads_agree(store, &stream, &first, "after a compaction").await;
+    let again = store.compact(&stream, Some(end)).await.unwrap();
+    assert_eq!(
+        (again.covered, again.commits),
+        (end, 0),
+        "{stream}: nothing new to copy"
+    );
+
+    let second = append_commits(8);
+    for c in &second {
+        store.append(c).await.unwrap();
+    }
+    let all: Vec<StoredCommit> = first.iter().chain(&second).cloned().collect();
+    assert_reads_agree(store, &stream, &all, "with commits after the segments").await;
+
+    let end = all.last().unwrap().last_revision();
+    let past_the_end = end.advance(40);
+    let done = store.compact(&stream, Some(past_the_end)).await.unwrap();
+    assert_eq!(
+        (done.covered, done.commits),
+        (end, second.len()),
+        "{stream}: a compaction told of a revision past the end copies what there is"
+    );
+    assert_reads_agree(store, &stream, &all, "after the second compaction").await;
+}
+
+/// Every read of `stream` answers as `all` (the stream's commits, in order) says.
+async fn assert_reads_agree(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    all: &[StoredCommit],
+    when: &str,
+) {
+    let end = all.last().unwrap().last_revision().get();
+    for from in 1..=end + 2 {
+        let expected: Vec<StoredCommit> = all
+            .iter()
+            .filter(|c| c.last_revision().get() >= from)
+            .cloned()
+            .collect();
+        assert_eq!(
+            store.read(stream, Revision::new(from)).await.unwrap(),
+            expected,
+            "{stream} {when}: read from {from}"
+        );
+    }
+    let boundaries = std::iter::once(0).chain(all.iter().map(|c| c.last_revision().get()));
+    for after in boundaries {
+        let expected: Vec<StoredCommit> = all
+            .iter()
+            .filter(|c| c.revision.get() > after)
+            .cloned()
+            .collect();
+        assert_eq!(
+            store
+                .read_after(stream, Revision::new(after))
+                .await
+                .unwrap(),
+            expected,
+            "{stream} {when}: read after {after}"
+        );
+    }
+    for c in all {
+        assert_eq!(
+            store
+                .read_commit(stream, c.revision)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(c),
+            "{stream} {when}: the commit at {}",
+            c.revision
+        );
+    }
 }

@@ -29,7 +29,7 @@ pub use event::{DecodeError, DomainEvent};
 pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
 pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
-    check_contiguous, error_chain, outbox_name, AppendError, Delivery, EventPublisher, EventStore,
-    EventStream, Outbox, OutboxEntry, PublishError, RecentCommits, StoreError, StreamTurns,
-    Subscription,
+    check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
+    EventPublisher, EventStore, EventStream, Outbox, OutboxEntry, PublishError, RecentCommits,
+    StoreError, StreamTurns, Subscription,
 };

@@ -152,6 +152,34 @@ pub trait Outbox: Send + Sync + 'static {
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
 }
 
+/// What one [`Compact::compact`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// The last revision the stream's segments now hold ([`Revision::ZERO`]: none).
+    pub covered: Revision,
+    /// Commits copied into segments by this call.
+    pub commits: usize,
+    /// Segment objects written by this call.
+    pub segments: usize,
+}
+
+/// History in segments: a store that can copy a stream's commits into a few larger
+/// objects, so that reading a long stream, or every stream in a rebuild, reads a
+/// handful of objects per stream instead of one per commit. A background job (never the
+/// command path): the commits stay where they are — their keys are what decides between
+/// writers — and a read that finds no segment, or one it cannot verify, reads them.
+#[async_trait]
+pub trait Compact: Send + Sync + 'static {
+    /// Copy the commits of `stream` that no segment holds yet into segments, verified
+    /// against the commits; `known` is the newest revision the caller knows the stream
+    /// has (it lets the store fetch the new commits at once), `None` when it cannot tell.
+    async fn compact(
+        &self,
+        stream: &StreamId,
+        known: Option<Revision>,
+    ) -> Result<Compacted, StoreError>;
+}
+
 /// A shared, lossy record of the newest commits of each stream, kept beside the store
 /// so that a process whose warm state of a stream is behind can catch up without
 /// reading the store (a cache in Redis: `tally_redis`). It never decides anything: a

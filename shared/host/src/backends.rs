@@ -5,11 +5,13 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use tally_api::AppState;
 use tally_app::{
-    Cache, CommandHandler, Faults, Projector, PublishMode, Queries, ReadModel, Relay, Saga,
+    Cache, CommandHandler, Compactor, Faults, Projector, PublishMode, Queries, ReadModel, Relay,
+    Saga,
 };
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
 use tally_es::{
-    EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore, StoredCommit,
+    Compact, EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore,
+    StoredCommit,
 };
 use tally_runtime::BoxError;
 
@@ -63,6 +65,8 @@ struct StoreParts {
     snapshots: Arc<dyn SnapshotStore>,
     s3: Option<tally_s3::S3EventStore>,
     pg: Option<tally_postgres::PgEventStore>,
+    /// The store's compaction into segments, if it keeps history in segments.
+    compact: Option<Arc<dyn Compact>>,
     kind: &'static str,
     /// Names this store among others behind one Redis (no credentials).
     scope: String,
@@ -154,6 +158,27 @@ pub(crate) fn catch_up_every(
     });
 }
 
+/// How often the compactor looks for streams that are due.
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Compact the streams that are due every `period`, in the background, and say how it
+/// goes in `/metrics`: `tally_segments_streams_behind` (streams with commits their
+/// segments do not hold yet, as far as this process knows),
+/// `tally_segments_commits_total`, `tally_segments_written_total` and
+/// `tally_segments_failures_total`.
+fn compact_every(compactor: Arc<Compactor>, period: std::time::Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let report = compactor.round().await;
+            metrics::counter!("tally_segments_commits_total").increment(report.commits as u64);
+            metrics::counter!("tally_segments_written_total").increment(report.segments as u64);
+            metrics::counter!("tally_segments_failures_total").increment(report.failed as u64);
+            metrics::gauge!("tally_segments_streams_behind").set(compactor.behind() as f64);
+        }
+    });
+}
+
 /// The embedded publisher: applies each commit to this process's read model before
 /// the command answers (so a client reads its own writes without asking for a
 /// revision). Only a commit it could not apply goes on the in-process stream, where the
@@ -195,6 +220,7 @@ impl Host {
             snapshots,
             s3,
             pg: pg_store,
+            compact,
             kind: store_kind,
             scope: store_scope,
         } = match (config.store.as_deref(), config.s3()?) {
@@ -227,6 +253,7 @@ impl Host {
                     snapshots: Arc::new(pg.clone()),
                     s3: None,
                     pg: Some(pg),
+                    compact: None,
                     kind: "postgres",
                     scope: format!("pg:{}", without_credentials(url)),
                 }
@@ -244,6 +271,7 @@ impl Host {
                     store: Arc::new(s3.clone()),
                     outbox: Some(Arc::new(s3.clone())),
                     snapshots: Arc::new(s3.clone()),
+                    compact: Some(Arc::new(s3.clone())),
                     s3: Some(s3),
                     pg: None,
                     kind: "s3",
@@ -263,6 +291,7 @@ impl Host {
                     snapshots: Arc::new(dir),
                     s3: None,
                     pg: None,
+                    compact: None,
                     kind: "directory",
                     scope: format!("dir:{}", config.data_dir.display()),
                 }
@@ -310,6 +339,15 @@ impl Host {
             Projector::new(store.clone(), read_model.clone(), cache.clone()).with_faults(faults);
         if let Some(recent) = &recent {
             projector = projector.with_recent_commits(recent.clone());
+        }
+        // The process that follows the stream copies streams into segments as they
+        // grow (under the Lambda runtime nothing runs between invocations: not there).
+        if let (Some(compact), Role::Projector | Role::Gateway, false) =
+            (&compact, role, tally_runtime::lambda_mode())
+        {
+            let quiet = std::time::Duration::from_secs(config.compaction_quiet_seconds);
+            projector = projector
+                .with_compactor(Arc::new(Compactor::new(compact.clone()).with_quiet(quiet)));
         }
 
         let (stream, kafka, commands, stream_kind): (Arc<dyn EventStream>, _, _, _) = match &config
@@ -466,6 +504,9 @@ impl Host {
                 FULL_SWEEP_EVERY,
                 Some("the periodic catch-up applied commits the stream had not delivered"),
             );
+        }
+        if let Some(compactor) = projector.compactor() {
+            compact_every(compactor.clone(), COMPACT_EVERY);
         }
         Ok(tokio::spawn(
             async move { projector.run(subscription).await },

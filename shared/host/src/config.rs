@@ -66,6 +66,11 @@ pub struct Config {
     /// reaches the read model within this long.
     #[serde(default = "default_catch_up_every")]
     pub catch_up_every: u64,
+    /// A projector on a store with segments (S3) copies a stream into them once it has
+    /// been this long without a new commit (seconds), or at once past 64 new revisions
+    /// (see `tally_app::compaction`).
+    #[serde(default = "default_compaction_quiet_seconds")]
+    pub compaction_quiet_seconds: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,
 }
@@ -84,6 +89,9 @@ fn default_snapshot_every() -> u64 {
 }
 fn default_catch_up_every() -> u64 {
     30
+}
+fn default_compaction_quiet_seconds() -> u64 {
+    tally_app::compaction::QUIET.as_secs()
 }
 fn default_topic() -> String {
     "tally.commits".into()

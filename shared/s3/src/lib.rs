@@ -45,9 +45,12 @@ use tokio::sync::{mpsc, oneshot};
 
 mod http;
 mod outbox;
+mod segments;
+
+pub use segments::SEGMENT_COMMITS;
 
 /// How many commit objects a read fetches at once.
-const READ_CONCURRENCY: usize = 16;
+pub(crate) const READ_CONCURRENCY: usize = 16;
 /// How many new commits `read_after` fetches one by one, by key, before it lists the
 /// rest.
 const FOLLOW_BY_GET: usize = 3;
@@ -107,6 +110,8 @@ pub struct S3EventStore {
     outbox_records: Arc<OnceLock<KeyQueue>>,
     /// The batch objects this process wrote or read, and their entries not done.
     outbox_batches: Arc<outbox::Batches>,
+    /// How many commits a sealed segment holds (see the `segments` module).
+    segment_commits: usize,
 }
 
 /// A key (to delete, or an outbox entry to record) and where its outcome goes.
@@ -216,7 +221,16 @@ impl S3EventStore {
             outbox_deletes: Arc::default(),
             outbox_records: Arc::default(),
             outbox_batches: Arc::default(),
+            segment_commits: SEGMENT_COMMITS,
         })
+    }
+
+    /// Seal segments of `commits` commits instead of [`SEGMENT_COMMITS`] (tests, to
+    /// seal some without writing hundreds). Every process compacting one bucket must
+    /// use the same size: it decides where segments begin.
+    pub fn with_segment_commits(mut self, commits: usize) -> Self {
+        self.segment_commits = commits.max(1);
+        self
     }
 
     /// The bucket.
@@ -232,8 +246,8 @@ impl S3EventStore {
         format!("{}{:020}.json", self.stream_prefix(stream), revision.get())
     }
 
-    fn snapshot_prefix(&self, stream: &StreamId) -> String {
-        format!("{}snapshots/{}/", self.prefix, stream.as_str())
+    fn snapshot_key(&self, stream: &StreamId) -> String {
+        format!("{}snapshots/{}/latest.json", self.prefix, stream.as_str())
     }
 
     /// Create the bucket if it does not exist (the init step; idempotent).
@@ -369,6 +383,16 @@ impl S3EventStore {
             .collect())
     }
 
+    /// Write `body` at `key` (the store's own key prefix is not added), or delete the
+    /// key when `body` is `None`, around every rule of the store: for tests that play
+    /// a bug or tampering.
+    pub async fn overwrite(&self, key: &str, body: Option<Bytes>) -> Result<(), StoreError> {
+        match body {
+            Some(body) => self.put(key, body, "application/json").await,
+            None => self.delete(key).await,
+        }
+    }
+
     /// Delete `key` (S3 answers success for a key that is not there).
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.client
@@ -474,11 +498,75 @@ impl S3EventStore {
 }
 
 impl S3EventStore {
-    /// The commits of `stream` whose last event is at or after `from`. With
-    /// `at_boundary` the caller knows a commit ends just before `from` (`read_after`),
-    /// so when no key starts at or after `from` there is nothing to read, and no need to
-    /// look back for a commit holding it.
+    /// The commits of `stream` whose last event is at or after `from`: from its
+    /// segments as far as they hold them, then the commits after; from the commits
+    /// alone when it has no segments that reach `from`. `at_boundary` as for
+    /// [`S3EventStore::read_commits_from`].
     async fn read_from(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+        at_boundary: bool,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let Some((mut commits, covered)) = self.read_segments(stream, from).await? else {
+            return self.read_commits_from(stream, from, at_boundary).await;
+        };
+        commits.extend(self.read_commits_after(stream, covered).await?);
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+        }
+        Ok(commits)
+    }
+
+    /// The commits after `after` (a commit boundary), from the commit objects alone:
+    /// `read_after` without segments.
+    pub(crate) async fn read_commits_after(
+        &self,
+        stream: &StreamId,
+        after: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        if after == Revision::ZERO {
+            return self
+                .read_commits_from(stream, Revision::new(1), false)
+                .await;
+        }
+        let (mut commits, more) = self.probe_after(stream, after).await?;
+        if let Some(next) = more {
+            commits.extend(self.read_commits_from(stream, next, true).await?);
+            check_contiguous(stream, after.next(), &commits)?;
+        }
+        Ok(commits)
+    }
+
+    /// The commits after `after`, a commit boundary, probed with a GET of each next key
+    /// rather than listed: nothing new (the usual case for a warm stream) costs one 404,
+    /// which costs a server the same however many keys the bucket holds, where a
+    /// listing grows with them. Stops after [`FOLLOW_BY_GET`] commits and then returns
+    /// the revision to go on from.
+    async fn probe_after(
+        &self,
+        stream: &StreamId,
+        after: Revision,
+    ) -> Result<(Vec<StoredCommit>, Option<Revision>), StoreError> {
+        let mut commits: Vec<StoredCommit> = Vec::new();
+        let mut next = after.next();
+        while commits.len() < FOLLOW_BY_GET {
+            match self.read_commit(stream, next).await? {
+                Some(commit) => {
+                    next = commit.last_revision().next();
+                    commits.push(commit);
+                }
+                None => return Ok((commits, None)),
+            }
+        }
+        Ok((commits, Some(next)))
+    }
+
+    /// The commits of `stream` whose last event is at or after `from`, from the commit
+    /// objects. With `at_boundary` the caller knows a commit ends just before `from`
+    /// (`read_after`), so when no key starts at or after `from` there is nothing to
+    /// read, and no need to look back for a commit holding it.
+    async fn read_commits_from(
         &self,
         stream: &StreamId,
         from: Revision,
@@ -597,10 +685,8 @@ impl EventStore for S3EventStore {
         Ok(Some(commit))
     }
 
-    /// The next commit's key is probed with a GET rather than listed: nothing new (the
-    /// usual case for a warm stream) costs one 404, which costs a server the same
-    /// however many keys the bucket holds, where a listing grows with them. Each commit
-    /// found is followed the same way; past [`FOLLOW_BY_GET`] of them, the rest is
+    /// The next keys are probed with a GET (see [`S3EventStore::probe_after`]); past a
+    /// few new commits, the rest is read from the segments if they hold it, else
     /// listed and fetched concurrently.
     async fn read_after(
         &self,
@@ -610,19 +696,11 @@ impl EventStore for S3EventStore {
         if after == Revision::ZERO {
             return self.read(stream, Revision::new(1)).await;
         }
-        let mut commits: Vec<StoredCommit> = Vec::new();
-        let mut next = after.next();
-        while commits.len() < FOLLOW_BY_GET {
-            match self.read_commit(stream, next).await? {
-                Some(commit) => {
-                    next = commit.last_revision().next();
-                    commits.push(commit);
-                }
-                None => return Ok(commits),
-            }
+        let (mut commits, more) = self.probe_after(stream, after).await?;
+        if let Some(next) = more {
+            commits.extend(self.read_from(stream, next, true).await?);
+            check_contiguous(stream, after.next(), &commits)?;
         }
-        commits.extend(self.read_from(stream, next, true).await?);
-        check_contiguous(stream, after.next(), &commits)?;
         Ok(commits)
     }
 
@@ -773,29 +851,33 @@ async fn delete_in_batches(store: S3EventStore, mut queue: mpsc::UnboundedReceiv
     }
 }
 
-/// Snapshots as `snapshots/{stream}/{revision:020}.json`; older ones are deleted after a
-/// newer one is written, so finding the newest is one short listing.
+/// A stream's newest snapshot as `snapshots/{stream}/latest.json`: finding it is one
+/// GET (a listing costs a server more the more keys the bucket holds), and saving one
+/// reads it first so that an older snapshot saved late does not replace a newer one.
+/// (Snapshots named by revision, as earlier versions wrote them, are no longer read: a
+/// stream without `latest.json` loads from its commits and gets one at its next
+/// snapshot revision.)
 #[async_trait]
 impl SnapshotStore for S3EventStore {
     async fn latest(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
-        let keys = self.list(&self.snapshot_prefix(stream), None).await?;
-        let Some((key, _)) = keys.last() else {
+        let Some(bytes) = self.get_bytes_if_any(&self.snapshot_key(stream)).await? else {
             return Ok(None);
         };
-        let bytes = self.get_bytes(key).await?;
-        Ok(Snapshot::from_bytes(&bytes).ok())
+        Ok(Snapshot::from_bytes(&bytes)
+            .ok()
+            .filter(|s| s.stream == *stream))
     }
 
     async fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let prefix = self.snapshot_prefix(&snapshot.stream);
-        let key = format!("{prefix}{:020}.json", snapshot.revision.get());
-        self.put(&key, snapshot.to_bytes().into(), "application/json")
-            .await?;
-        for (old, _) in self.list(&prefix, None).await? {
-            if old < key {
-                let _ = self.delete(&old).await;
-            }
+        if self
+            .latest(&snapshot.stream)
+            .await?
+            .is_some_and(|newest| newest.revision >= snapshot.revision)
+        {
+            return Ok(());
         }
-        Ok(())
+        let key = self.snapshot_key(&snapshot.stream);
+        self.put(&key, snapshot.to_bytes().into(), "application/json")
+            .await
     }
 }
