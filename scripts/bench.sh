@@ -94,6 +94,22 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# Until the projector (or all-in-one gateway) at $1 has every stream it saw in segments
+# (tally_segments_streams_behind 0 in its /metrics), at most 2 minutes.
+wait_segments() {
+  local start behind
+  start=$(date +%s)
+  for _ in $(seq 1 1200); do
+    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_segments_streams_behind" {print $2}')
+    if [ "${behind:-}" = 0 ]; then
+      echo "bench: every stream in segments $(( $(date +%s) - start )) s after the load" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench: streams still outside segments after 2 min (${behind:-no figure}); the rebuild reads their commits" >&2
+}
+
 # An all-in-one gateway on $DEV_PORT with the environment given, measured as target
 # NAME, then stopped.
 load_gateway() {
@@ -103,6 +119,8 @@ load_gateway() {
   wait_healthy "http://127.0.0.1:$DEV_PORT"
   wait_routes "http://127.0.0.1:$DEV_PORT"
   "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$DEV_PORT" "${args[@]}"
+  # On the directory store the gateway copies each stream into segments as it settles.
+  [ "$name" = dev ] && wait_segments "http://127.0.0.1:$DEV_PORT"
   stop_all
 }
 
@@ -139,22 +157,6 @@ stack_ops=()
 # Transfers: 200 per level on the stacks (each is a saga of several appends), the
 # dev gateways keep 1,000.
 [ -z "$QUICK" ] && [[ " ${args[*]} " != *" --transfers "* ]] && stack_ops+=(--transfers 200)
-
-# Until the projector at $1 has every stream it saw in segments
-# (tally_segments_streams_behind 0 in its /metrics), at most 2 minutes.
-wait_segments() {
-  local start behind
-  start=$(date +%s)
-  for _ in $(seq 1 1200); do
-    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_segments_streams_behind" {print $2}')
-    if [ "${behind:-}" = 0 ]; then
-      echo "bench: every stream in segments $(( $(date +%s) - start )) s after the load" >&2
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "bench: streams still outside segments after 2 min (${behind:-no figure}); the rebuild reads their commits" >&2
-}
 
 # `make stack` on event store STORE (s3, postgres) as target NAME, in bucket, topic and
 # database ID: the ceiling, the load, then a rebuild of what it wrote into its read

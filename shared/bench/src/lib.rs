@@ -47,9 +47,9 @@ pub struct Plan {
     pub lag_every: usize,
     /// Transfers per concurrency level (0: none).
     pub transfers: usize,
-    /// A pause before each level, so that what one level left in flight (publishes,
-    /// outbox deletes, lag probes) is done before the next begins: a level's S3
-    /// requests are counted from the server's log by the second.
+    /// A pause before each level and before the transfers, so that what one level
+    /// left in flight (publishes, outbox deletes, lag probes) is done before the next
+    /// begins: a level's S3 requests are counted from the server's log by the second.
     pub settle_seconds: u64,
 }
 
@@ -476,6 +476,10 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
     }
     let mut transfers = Vec::new();
     if plan.transfers > 0 && ids.len() >= 2 {
+        // Apart from the last level as the levels are from each other: a level's S3
+        // requests are counted in whole seconds, and the first transfers' would
+        // otherwise fall in its last one.
+        tokio::time::sleep(Duration::from_secs(plan.settle_seconds)).await;
         for (n, &concurrency) in plan.concurrency.iter().enumerate() {
             progress(&format!(
                 "{target}: {} transfers at concurrency {concurrency}",

@@ -8,15 +8,21 @@
 //! either the whole commit or nothing. The directory is synced before the append
 //! returns. A crash leaves at most a stray temporary file, which readers ignore and
 //! [`DirEventStore::open`] removes.
+//!
+//! History in segments (`tally_es::segments`, the [`Compact`] port):
+//! `ROOT/segments/STREAM/head.json` and the sealed segments beside it. A read takes the
+//! head and the sealed files it needs, then the commit files after them; a head or a
+//! segment that does not verify is read around from the commit files.
 
 use async_trait::async_trait;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tally_es::segments::{open_sealed, SegmentHead, HEAD_NAME, SEGMENT_COMMITS};
 use tally_es::{
-    check_contiguous, AppendError, EventStore, Outbox, OutboxEntry, Revision, Snapshot,
-    SnapshotStore, StoreError, StoredCommit, StreamId,
+    check_contiguous, AppendError, Compact, Compacted, EventStore, Outbox, OutboxEntry, Revision,
+    Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
 };
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -25,6 +31,8 @@ const TMP_PREFIX: &str = ".tmp-";
 #[derive(Clone, Debug)]
 pub struct DirEventStore {
     root: Arc<PathBuf>,
+    /// How many commits a sealed segment holds (see `tally_es::segments`).
+    segment_commits: usize,
 }
 
 impl DirEventStore {
@@ -33,21 +41,32 @@ impl DirEventStore {
         let root = root.into();
         fs::create_dir_all(root.join("streams"))?;
         fs::create_dir_all(root.join("outbox"))?;
-        for stream in fs::read_dir(root.join("streams"))? {
-            let stream = stream?;
-            if !stream.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(stream.path())? {
-                let entry = entry?;
-                if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                    fs::remove_file(entry.path())?;
+        fs::create_dir_all(root.join("segments"))?;
+        for kind in ["streams", "segments"] {
+            for stream in fs::read_dir(root.join(kind))? {
+                let stream = stream?;
+                if !stream.file_type()?.is_dir() {
+                    continue;
+                }
+                for entry in fs::read_dir(stream.path())? {
+                    let entry = entry?;
+                    if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                        fs::remove_file(entry.path())?;
+                    }
                 }
             }
         }
         Ok(Self {
             root: Arc::new(root),
+            segment_commits: SEGMENT_COMMITS,
         })
+    }
+
+    /// Seal segments of `commits` commits instead of [`SEGMENT_COMMITS`] (tests). Every
+    /// process compacting one directory must use the same size.
+    pub fn with_segment_commits(mut self, commits: usize) -> Self {
+        self.segment_commits = commits.max(1);
+        self
     }
 
     /// The directory this store lives in.
@@ -101,11 +120,28 @@ impl DirEventStore {
     ) -> Result<Vec<StoredCommit>, StoreError> {
         let mut tries = 0;
         loop {
-            match self.read_listing(stream, from) {
+            match self.read_segments_then_listing(stream, from) {
                 Err(StoreError::Corrupt(_)) if tries < 2 => tries += 1,
                 read => return read,
             }
         }
+    }
+
+    /// From the stream's segments as far as they hold it, then the files after them;
+    /// from the files alone when its segments do not reach `from`.
+    fn read_segments_then_listing(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let Some((mut commits, covered)) = self.read_segments(stream, from)? else {
+            return self.read_listing(stream, from);
+        };
+        commits.extend(self.read_files_after(stream, covered)?);
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+        }
+        Ok(commits)
     }
 
     fn read_listing(
@@ -113,8 +149,29 @@ impl DirEventStore {
         stream: &StreamId,
         from: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError> {
-        let dir = self.stream_dir(stream);
-        let entries = match fs::read_dir(&dir) {
+        let revisions = self.revisions(stream)?;
+        // The commit holding `from` may start before it.
+        let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
+        let mut commits = Vec::with_capacity(revisions.len() - start);
+        for revision in &revisions[start..] {
+            commits.push(self.read_file(stream, *revision)?);
+        }
+        if let Some(first) = commits.first() {
+            check_contiguous(stream, first.revision, &commits)?;
+            if start == 0 && first.revision != Revision::new(1) {
+                return Err(StoreError::Corrupt(format!(
+                    "stream `{stream}` starts at revision {}",
+                    first.revision
+                )));
+            }
+        }
+        commits.retain(|c| c.last_revision() >= from);
+        Ok(commits)
+    }
+
+    /// The revisions of the commit files of `stream`, in order.
+    fn revisions(&self, stream: &StreamId) -> Result<Vec<Revision>, StoreError> {
+        let entries = match fs::read_dir(self.stream_dir(stream)) {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(StoreError::Unavailable(e.to_string())),
@@ -136,27 +193,123 @@ impl DirEventStore {
             revisions.push(revision);
         }
         revisions.sort();
-        // The commit holding `from` may start before it.
-        let start = revisions.partition_point(|r| *r <= from).saturating_sub(1);
-        let mut commits = Vec::with_capacity(revisions.len() - start);
-        for revision in &revisions[start..] {
-            let path = dir.join(file_name(*revision));
-            let bytes = fs::read(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            let commit = StoredCommit::from_bytes(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
-            commits.push(commit);
+        Ok(revisions)
+    }
+
+    /// The commit in file `revision` of `stream`.
+    fn read_file(&self, stream: &StreamId, revision: Revision) -> Result<StoredCommit, StoreError> {
+        let path = self.stream_dir(stream).join(file_name(revision));
+        let bytes = fs::read(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        StoredCommit::from_bytes(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))
+    }
+
+    /// The commits after `after`, a commit boundary, from their files.
+    fn read_files_after(
+        &self,
+        stream: &StreamId,
+        after: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
+        let commits = self
+            .revisions(stream)?
+            .into_iter()
+            .filter(|r| *r > after)
+            .map(|r| self.read_file(stream, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !commits.is_empty() {
+            check_contiguous(stream, after.next(), &commits)?;
         }
-        if let Some(first) = commits.first() {
-            check_contiguous(stream, first.revision, &commits)?;
-            if start == 0 && first.revision != Revision::new(1) {
+        Ok(commits)
+    }
+
+    fn segment_dir(&self, stream: &StreamId) -> PathBuf {
+        self.root.join("segments").join(stream.as_str())
+    }
+
+    /// The head of `stream`'s segments, if it has one that reads as one.
+    fn head(&self, stream: &StreamId) -> Result<Option<SegmentHead>, StoreError> {
+        let path = self.segment_dir(stream).join(HEAD_NAME);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        };
+        match SegmentHead::parse(stream, &bytes) {
+            Ok(head) => Ok(Some(head)),
+            Err(why) => {
+                tracing::warn!(path = %path.display(), why, "unreadable segment head: reading the commits");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The commits of `stream` whose last event is at or after `from` as far as its
+    /// segments hold them, and the last revision they hold; `None` when they do not
+    /// reach `from` or one of those needed is missing or does not verify.
+    fn read_segments(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Option<(Vec<StoredCommit>, Revision)>, StoreError> {
+        let Some(head) = self.head(stream)? else {
+            return Ok(None);
+        };
+        let covered = head.covered();
+        if covered < from {
+            return Ok(None);
+        }
+        let mut commits = Vec::new();
+        for entry in head.sealed_from(from) {
+            let path = self.segment_dir(stream).join(entry.name());
+            let opened = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| open_sealed(stream, &entry, &bytes));
+            match opened {
+                Ok(run) => commits.extend(run),
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), why, "a segment does not verify: reading the commits");
+                    return Ok(None);
+                }
+            }
+        }
+        commits.extend(head.commits);
+        commits.retain(|c| c.last_revision() >= from);
+        Ok(Some((commits, covered)))
+    }
+
+    fn compact_blocking(&self, stream: &StreamId) -> Result<Compacted, StoreError> {
+        let unavailable = |e: std::io::Error| StoreError::Unavailable(e.to_string());
+        let mut head = self
+            .head(stream)?
+            .unwrap_or_else(|| SegmentHead::empty(stream));
+        let covered = head.covered();
+        let new = self.read_files_after(stream, covered)?;
+        if new.is_empty() {
+            return Ok(Compacted {
+                covered,
+                ..Compacted::default()
+            });
+        }
+        let copied = new.len();
+        let sealed = head.extend(new, self.segment_commits)?;
+        let dir = self.segment_dir(stream);
+        fs::create_dir_all(&dir).map_err(unavailable)?;
+        for (entry, body) in &sealed {
+            let path = dir.join(entry.name());
+            write_whole(&dir, &path, body).map_err(unavailable)?;
+            if fs::read(&path).map_err(unavailable)? != *body {
                 return Err(StoreError::Corrupt(format!(
-                    "stream `{stream}` starts at revision {}",
-                    first.revision
+                    "{}: what reads back is not what was written",
+                    path.display()
                 )));
             }
         }
-        commits.retain(|c| c.last_revision() >= from);
-        Ok(commits)
+        write_whole(&dir, &dir.join(HEAD_NAME), &head.to_bytes()).map_err(unavailable)?;
+        Ok(Compacted {
+            covered: head.covered(),
+            commits: copied,
+            segments: sealed.len() + 1,
+        })
     }
 
     fn streams_blocking(&self) -> Result<Vec<StreamId>, StoreError> {
@@ -343,6 +496,41 @@ impl SnapshotStore for DirEventStore {
         )
         .await
         .map_err(|e: std::io::Error| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+/// Write `bytes` as the whole of `path` in `dir`: a temporary file, synced, renamed
+/// over it, and the directory synced.
+fn write_whole(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", fastrand::u64(..)));
+    let written = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir)
+}
+
+/// History in segments under `ROOT/segments/STREAM/` (see `tally_es::segments`), each
+/// file written whole (temporary file, sync, rename); the commit files stay.
+#[async_trait]
+impl Compact for DirEventStore {
+    async fn compact(
+        &self,
+        stream: &StreamId,
+        _known: Option<Revision>,
+    ) -> Result<Compacted, StoreError> {
+        let (store, stream) = (self.clone(), stream.clone());
+        blocking(
+            move || store.compact_blocking(&stream),
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
     }
 }
 

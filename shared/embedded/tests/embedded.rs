@@ -56,6 +56,76 @@ async fn the_directory_store_passes_the_store_conformance_suite() {
     tally_es::conformance::assert_store_conforms(&store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_directory_store_reads_its_segments_as_it_reads_the_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path())
+        .unwrap()
+        .with_segment_commits(3);
+    tally_es::conformance::assert_segments_read_as_the_commits(&store).await;
+}
+
+/// A sealed segment altered or gone, or a head that does not parse, is read around from
+/// the commit files; the next compaction writes them again.
+#[tokio::test]
+async fn a_missing_or_altered_segment_file_is_read_around_from_the_commits() {
+    use tally_es::Compact;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path())
+        .unwrap()
+        .with_segment_commits(4);
+    let mut written = vec![commit("seg", 1, vec![opened("seg")])];
+    for r in 2..=10 {
+        written.push(commit("seg", r, vec![deposited(1, r as i64 - 1)]));
+    }
+    for c in &written {
+        store.append(c).await.unwrap();
+    }
+    let done = store.compact(&stream("seg"), None).await.unwrap();
+    assert_eq!(
+        (done.covered, done.commits, done.segments),
+        (Revision::new(10), 10, 3)
+    );
+    let segments = dir.path().join("segments/seg");
+    let first = segments.join("00000000000000000001-00000000000000000004.json");
+    let second = segments.join("00000000000000000005-00000000000000000008.json");
+    let head = segments.join("head.json");
+    let reads_as_written = |when: &'static str| {
+        let (store, written) = (&store, &written);
+        async move {
+            for from in [1u64, 3, 6, 9, 11] {
+                assert_eq!(
+                    store
+                        .read(&stream("seg"), Revision::new(from))
+                        .await
+                        .unwrap(),
+                    written[(from as usize - 1).min(10)..].to_vec(),
+                    "{when}: read from {from}"
+                );
+            }
+        }
+    };
+    reads_as_written("as compacted").await;
+    let altered =
+        std::fs::read_to_string(&first)
+            .unwrap()
+            .replacen("\"amount\":1,", "\"amount\":9,", 1);
+    assert_ne!(altered, std::fs::read_to_string(&first).unwrap());
+    std::fs::write(&first, altered).unwrap();
+    reads_as_written("a segment altered").await;
+    std::fs::remove_file(&second).unwrap();
+    reads_as_written("a segment gone").await;
+    std::fs::write(&head, "{not json").unwrap();
+    reads_as_written("the head unreadable").await;
+    let done = store.compact(&stream("seg"), None).await.unwrap();
+    assert_eq!(
+        (done.covered, done.commits, done.segments),
+        (Revision::new(10), 10, 3)
+    );
+    assert!(second.exists());
+    reads_as_written("compacted again").await;
+}
+
 #[tokio::test]
 async fn a_commit_reads_back_whole_and_reads_start_at_the_commit_holding_the_revision() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,8 @@
 //!   key has passed [`StreamId::parse`];
 //! * the ports [`EventStore`], [`EventPublisher`] and [`EventStream`] (with
 //!   [`Subscription`]), implemented by adapter crates;
+//! * [`segments`] — history in segments (the [`Compact`] port): the layout and its
+//!   checks, shared by the stores that keep one;
 //! * [`testing`] — a given/when/then harness for any aggregate.
 
 mod aggregate;
@@ -19,6 +21,7 @@ mod commit;
 pub mod conformance;
 mod event;
 mod ids;
+pub mod segments;
 mod snapshot;
 mod store;
 pub mod testing;

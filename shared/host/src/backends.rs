@@ -288,10 +288,10 @@ impl Host {
                 StoreParts {
                     store: Arc::new(dir.clone()),
                     outbox: Some(Arc::new(dir.clone())),
-                    snapshots: Arc::new(dir),
+                    snapshots: Arc::new(dir.clone()),
                     s3: None,
                     pg: None,
-                    compact: None,
+                    compact: Some(Arc::new(dir)),
                     kind: "directory",
                     scope: format!("dir:{}", config.data_dir.display()),
                 }

@@ -47,7 +47,7 @@ mod http;
 mod outbox;
 mod segments;
 
-pub use segments::SEGMENT_COMMITS;
+pub use tally_es::segments::SEGMENT_COMMITS;
 
 /// How many commit objects a read fetches at once.
 pub(crate) const READ_CONCURRENCY: usize = 16;
