@@ -195,13 +195,22 @@ async fn the_gateway_copies_a_quiet_stream_into_segments_in_the_background() {
     let mut config = tally_host::Config::with_data_dir(dir.path());
     config.compaction_quiet_seconds = 1;
     let gw = Gateway::start_with(config).await;
-    assert_eq!(gw.post("/accounts", r#"{"ID": "quiet"}"#).await.0, 201);
+    for id in ["quiet", "payee"] {
+        assert_eq!(
+            gw.post("/accounts", &json!({"ID": id}).to_string()).await.0,
+            201
+        );
+    }
     for _ in 0..3 {
         let (s, _) = gw
             .post("/accounts/quiet/deposit", r#"{"Amount": 1.50}"#)
             .await;
         assert_eq!(s, 200);
     }
+    let (s, t, _) = cases::transfer(&gw, "quiet-1", "quiet", "payee", "1.00").await;
+    assert_eq!(s, 202);
+    let done = cases::settled(&gw, t["id"].as_str().unwrap(), 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
     let compactor = gw.embedded.state.projector.compactor().unwrap().clone();
     let head = dir.path().join("segments/quiet/head.json");
     for _ in 0..100 {
@@ -214,13 +223,23 @@ async fn the_gateway_copies_a_quiet_stream_into_segments_in_the_background() {
         head.exists() && compactor.behind() == 0,
         "in segments within 10 s"
     );
-    assert_eq!(gw.revisions("quiet").await, [1, 2, 3, 4]);
+    let mut in_segments: Vec<String> = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    in_segments.sort();
+    assert_eq!(
+        in_segments,
+        ["payee", "quiet"],
+        "account streams only, not the transfer's"
+    );
+    assert_eq!(gw.revisions("quiet").await, [1, 2, 3, 4, 5]);
     let (s, b) = gw
         .post("/accounts/quiet/withdraw", r#"{"Amount": 0.50}"#)
         .await;
     assert_eq!(
         (s, b["balance"].as_str(), b["revision"].as_u64()),
-        (200, Some("4.00"), Some(5))
+        (200, Some("3.00"), Some(6))
     );
 }
 

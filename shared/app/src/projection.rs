@@ -124,7 +124,14 @@ impl Projector {
     /// it said it had — is an error, and the commit is not to be acknowledged.
     pub async fn handle(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
         let outcome = self.project(stored).await?;
-        if let Some(compactor) = &self.compactor {
+        // Account streams only: those are what grow long and what a rebuild reads. A
+        // transfer's stream is a handful of commits read whole while its saga runs;
+        // segments would only cost it requests.
+        if let Some(compactor) = self
+            .compactor
+            .as_ref()
+            .filter(|_| AccountId::of_stream(&stored.stream).is_some())
+        {
             compactor.note(&stored.stream, stored.last_revision());
         }
         Ok(outcome)
