@@ -174,8 +174,9 @@ async fn a_refusal_is_not_retried_and_names_the_code_and_the_key() {
     let Err(StoreError::Unavailable(why)) = outcome else {
         panic!("expected Unavailable, got {outcome:?}");
     };
+    // A read asks for the stream's segment head first (`tally_es::segments`).
     assert!(
-        why.contains("AccessDenied: Access Denied") && why.contains("streams/acc-1/"),
+        why.contains("AccessDenied: Access Denied") && why.contains("segments/acc-1/head.json"),
         "says why: {why}"
     );
     assert_eq!(fake.seen.lock().unwrap().len(), 1);
