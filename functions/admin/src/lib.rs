@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use std::time::{Duration, Instant};
-use tally_app::RebuildReport;
+use tally_app::{CompactionReport, RebuildReport};
 use tally_host::{Config, Host, Role};
 use tally_runtime::BoxError;
 
@@ -40,6 +40,12 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         timeout_secs: u64,
     },
+    /// Copy every account stream's commits that no segment holds yet into segments
+    /// (S3 and the directory store). The projector does this as streams grow; this is
+    /// for streams written before it did, or where no projector runs in the background
+    /// (under the Lambda runtime: run it on a schedule). Safe beside a running
+    /// projector, and to run again.
+    Compact,
 }
 
 /// Run one command with the backends from the environment.
@@ -50,10 +56,47 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
             projector: Some(_), ..
         } => Some(tally_kube::client().await?),
         Command::Rebuild { .. } => None,
+        Command::Compact => {
+            let (report, elapsed) = compact(&host).await?;
+            println!("{}", compact_summary(&report, elapsed));
+            return Ok(());
+        }
     };
     let report = execute(cli.command, &host, client).await?;
     println!("{}", summary(&report.0, report.1));
     Ok(())
+}
+
+/// `admin compact`: every account stream of `host`'s store into segments. Fails if the
+/// store keeps none, or if any stream could not be compacted (after trying them all).
+pub async fn compact(host: &Host) -> Result<(CompactionReport, Duration), BoxError> {
+    let Some(store) = &host.compact else {
+        return Err(format!(
+            "the {} event store keeps no segments (the directory and S3 stores do)",
+            host.kinds.store
+        )
+        .into());
+    };
+    let start = Instant::now();
+    let report = tally_app::compact_every_stream(&*host.store, &**store).await?;
+    if report.failed > 0 {
+        return Err(format!(
+            "compact: {} streams could not be compacted (see the log)",
+            report.failed
+        )
+        .into());
+    }
+    Ok((report, start.elapsed()))
+}
+
+/// The one-line JSON summary `admin compact` prints.
+pub fn compact_summary(report: &CompactionReport, elapsed: Duration) -> serde_json::Value {
+    serde_json::json!({
+        "streams": report.streams,
+        "commits": report.commits,
+        "segments": report.segments,
+        "seconds": elapsed.as_secs_f64(),
+    })
 }
 
 /// Run `command` on `host`'s backends, with `client` for the cluster (when the command
@@ -68,7 +111,10 @@ pub async fn execute(
         namespace,
         scaled_object,
         timeout_secs,
-    } = command;
+    } = command
+    else {
+        return Err("execute runs `rebuild`; `compact` is `admin::compact`".into());
+    };
     let replay = replay(host);
     match (projector, client) {
         (None, _) => Ok(replay.await?),

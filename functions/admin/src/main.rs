@@ -1,6 +1,7 @@
 //! `admin`: operator commands. `admin rebuild` replays the event store into a new
 //! generation of the read model and switches readers to it; with `--projector` it also
-//! scales that Deployment to zero meanwhile and back afterwards (see `admin --help`).
+//! scales that Deployment to zero meanwhile and back afterwards; `admin compact` copies
+//! every account stream into segments (see `admin --help`).
 
 use clap::Parser;
 

@@ -30,7 +30,7 @@ pub mod relay;
 pub mod transfers;
 
 pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
-pub use compaction::{CompactionReport, Compactor};
+pub use compaction::{compact_every_stream, CompactionReport, Compactor};
 pub use faults::{Fault, Faults};
 pub use ports::{
     AccountView, Applied, Cache, CachedBalance, FillToken, Lookup, ReadModel, ReadModelError,

@@ -122,6 +122,8 @@ pub struct Host {
     pub pg: Option<tally_postgres::PgReadModel>,
     /// The PostgreSQL event store, when configured (for migrations).
     pub pg_store: Option<tally_postgres::PgEventStore>,
+    /// The store's compaction into segments, when it keeps history in segments.
+    pub compact: Option<Arc<dyn Compact>>,
 }
 
 /// How many periodic catch-up rounds go by between two full ones: with recent commits
@@ -459,6 +461,7 @@ impl Host {
             kafka,
             pg,
             pg_store,
+            compact,
         })
     }
 
