@@ -15,7 +15,7 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tally_es::{Compact, Revision, StreamId};
+use tally_es::{Compact, Compacted, Revision, StoreError, StreamId};
 
 /// Revisions not in a stream's segments that make it due at once.
 pub const COMPACT_AFTER: u64 = 64;
@@ -131,41 +131,29 @@ impl Compactor {
 
     /// Compact every stream that is due, [`COMPACT_CONCURRENCY`] at a time.
     pub async fn round(&self) -> CompactionReport {
-        let mut report = CompactionReport::default();
-        let mut compactions = stream::iter(self.due())
-            .map(|(stream, known)| async move {
-                let outcome = self.store.compact(&stream, Some(known)).await;
-                (stream, outcome)
-            })
-            .buffer_unordered(COMPACT_CONCURRENCY);
-        while let Some((stream, outcome)) = compactions.next().await {
+        let due = self.due().into_iter().map(|(s, known)| (s, Some(known)));
+        compact_each(&*self.store, due, |stream, outcome| {
             let mut tracked = self.tracked.lock().expect("compactor poisoned");
+            let Some(t) = tracked.peek_mut(stream) else {
+                return;
+            };
             match outcome {
                 Ok(done) => {
-                    report.streams += 1;
-                    report.commits += done.commits;
-                    report.segments += done.segments;
-                    if let Some(t) = tracked.peek_mut(&stream) {
-                        t.covered = t.covered.max(done.covered);
-                        t.known = match done.commits {
-                            // Nothing to copy where something was noted: the hint was
-                            // wrong; the next commit noted raises it again.
-                            0 => t.covered,
-                            _ => t.known.max(t.covered),
-                        };
-                        t.touched = Instant::now();
-                    }
+                    t.covered = t.covered.max(done.covered);
+                    t.known = match done.commits {
+                        // Nothing to copy where something was noted: the hint was
+                        // wrong; the next commit noted raises it again.
+                        0 => t.covered,
+                        _ => t.known.max(t.covered),
+                    };
                 }
                 Err(e) => {
-                    report.failed += 1;
                     tracing::warn!(%stream, error = %e, "compaction failed; tried again later");
-                    if let Some(t) = tracked.peek_mut(&stream) {
-                        t.touched = Instant::now();
-                    }
                 }
             }
-        }
-        report
+            t.touched = Instant::now();
+        })
+        .await
     }
 }
 
@@ -180,28 +168,42 @@ pub async fn compact_every_stream(
     let streams = store.streams().await?;
     let accounts = streams
         .into_iter()
-        .filter(|s| tally_domain::AccountId::of_stream(s).is_some());
+        .filter(|s| tally_domain::AccountId::of_stream(s).is_some())
+        .map(|s| (s, None));
+    Ok(compact_each(compact, accounts, |stream, outcome| {
+        if let Err(e) = outcome {
+            tracing::error!(%stream, error = %e, "compaction of this stream failed");
+        }
+    })
+    .await)
+}
+
+/// Compact each `(stream, known)` through `compact`, [`COMPACT_CONCURRENCY`] at a
+/// time, telling `each` how every one went; the totals.
+async fn compact_each(
+    compact: &dyn Compact,
+    streams: impl Iterator<Item = (StreamId, Option<Revision>)>,
+    mut each: impl FnMut(&StreamId, &Result<Compacted, StoreError>),
+) -> CompactionReport {
     let mut report = CompactionReport::default();
-    let mut compactions = stream::iter(accounts)
-        .map(|stream| async move {
-            let outcome = compact.compact(&stream, None).await;
+    let mut compactions = stream::iter(streams)
+        .map(|(stream, known)| async move {
+            let outcome = compact.compact(&stream, known).await;
             (stream, outcome)
         })
         .buffer_unordered(COMPACT_CONCURRENCY);
     while let Some((stream, outcome)) = compactions.next().await {
-        match outcome {
+        match &outcome {
             Ok(done) => {
                 report.streams += 1;
                 report.commits += done.commits;
                 report.segments += done.segments;
             }
-            Err(e) => {
-                report.failed += 1;
-                tracing::error!(%stream, error = %e, "compaction of this stream failed");
-            }
+            Err(_) => report.failed += 1,
         }
+        each(&stream, &outcome);
     }
-    Ok(report)
+    report
 }
 
 #[cfg(test)]
@@ -209,7 +211,6 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tally_es::{Compacted, StoreError};
 
     /// Records what it is asked to compact; copies up to what it is told is known.
     #[derive(Default)]
