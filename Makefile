@@ -3,19 +3,24 @@
 CARGO ?= cargo
 DATA_DIR ?= ./.data
 PORT ?= 8080
+# `make dev` answers on loopback only: its authentication is off.
+HOST ?= 127.0.0.1
 
-.PHONY: dev stack services bench torture watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
+.PHONY: dev stack token services bench torture watch up backends down kind kind-down validate test lint fmt openapi build release walkthrough clean help
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-dev: ## every public route on :8080, embedded backends, data under ./.data (no services needed)
-	TALLY_DATA_DIR=$(DATA_DIR) PORT=$(PORT) $(CARGO) run -p gateway
+dev: ## every public route on 127.0.0.1:8080, embedded backends, data under ./.data, no tokens (no services needed)
+	TALLY_DATA_DIR=$(DATA_DIR) HOST=$(HOST) PORT=$(PORT) $(CARGO) run -p gateway
 
 stack: ## every function as its own process on the real backends (S3, Kafka, PostgreSQL, Redis), routes on :8080 (STORE=postgres: events in PostgreSQL)
 	./scripts/stack.sh
 
-services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka)
+token: ## print an access token of the local identity provider for make stack (CLIENT=alice|bob|reader|tally-ops, SCOPE=...)
+	@./scripts/idp.sh token $(or $(CLIENT),alice) "$(SCOPE)"
+
+services: ## install and start the backing services on 127.0.0.1 (PostgreSQL, Redis, S3, Kafka, an OpenID Connect provider)
 	./scripts/services.sh up
 
 bench: ## load (dev, stack, ceiling), rebuild, micro-benchmarks, serverless figures; results in bench/results/ (BENCH_QUICK=1: a harness check)
@@ -65,7 +70,7 @@ build: ## debug build of every function
 release: ## stripped release build of every function
 	$(CARGO) build --workspace --release
 
-walkthrough: ## the seed's curl walk-through against a running `make dev`
+walkthrough: ## the seed's curl walk-through against a running `make dev` (make stack: TOKEN=$$(make -s token) make walkthrough)
 	./scripts/walkthrough.sh http://localhost:$(PORT)
 
 clean: ## remove build output and local data

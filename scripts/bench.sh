@@ -172,6 +172,8 @@ load_stack() (
   wait_healthy "http://127.0.0.1:$STACK_PORT"
   wait_routes "http://127.0.0.1:$STACK_PORT"
   . scripts/stack-env.sh
+  # The stack requires bearer tokens (scripts/idp.sh): the load runs as alice.
+  export TALLY_BENCH_TOKEN=$(./scripts/idp.sh token alice)
   # On S3, each level's S3 requests by kind, from moto's access log.
   local s3_log=()
   [ "$store" = s3 ] && s3_log=(--s3-log "${TALLY_CACHE:-$HOME/.cache/tally}/run/moto.log" --s3-bucket "$id")
@@ -209,6 +211,7 @@ runs=5 requests=1000
 ( export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
   export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
   . scripts/stack-env.sh
+  export TALLY_BENCH_TOKEN=$(./scripts/idp.sh token alice)
   "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
 
 # 5. The run's charts, from the JSON files it wrote (the newest of each kind).

@@ -11,7 +11,8 @@
 # scripts/moto-server, whose conditional writes are atomic; the Kafka-protocol broker is
 # tansu (crates.io), with in-memory storage here (the tests that restart a broker start
 # their own, on SQLite or S3 storage). Both are installed once under $TALLY_CACHE
-# (default ~/.cache/tally) and reused by later runs.
+# (default ~/.cache/tally) and reused by later runs. The identity provider (OpenID
+# Connect, client credentials) is oidc-provider from npm, run by scripts/idp.sh.
 set -euo pipefail
 
 CACHE=${TALLY_CACHE:-$HOME/.cache/tally}
@@ -136,6 +137,7 @@ export TALLY_REDIS_SERVER_BIN=$(command -v redis-server)
 export TALLY_MOTO_BIN=$(moto_launcher)
 export TALLY_TEST_S3_SERVER='moto $MOTO_VERSION'
 export TALLY_TEST_BROKER='tansu $TANSU_VERSION (memory storage)'
+export TALLY_TEST_OIDC_ISSUER=$("$(dirname "$0")/idp.sh" issuer)
 ENV
 }
 
@@ -145,13 +147,15 @@ case "${1:-up}" in
     redis_up
     moto_up
     tansu_up
-    log "ready: PostgreSQL :5432, Redis :6379, S3 (moto) :$S3_PORT, Kafka (tansu) :$KAFKA_PORT"
+    "$(dirname "$0")/idp.sh" up
+    log "ready: PostgreSQL :5432, Redis :6379, S3 (moto) :$S3_PORT, Kafka (tansu) :$KAFKA_PORT, OpenID Connect provider $("$(dirname "$0")/idp.sh" issuer)"
     ;;
   env) print_env ;;
   down)
     for name in moto tansu; do
       if [ -f "$RUN/$name.pid" ]; then kill "$(cat "$RUN/$name.pid")" 2>/dev/null || true; rm -f "$RUN/$name.pid"; fi
     done
+    "$(dirname "$0")/idp.sh" down
     ;;
   *) echo "usage: $0 up|env|down" >&2; exit 2 ;;
 esac

@@ -25,3 +25,10 @@ export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-tally} AWS_SECRET_ACCESS_KEY=${AWS
 export AWS_REGION=${AWS_REGION:-us-east-1}
 export TALLY_KAFKA_BROKERS=${TALLY_KAFKA_BROKERS:-$TALLY_TEST_KAFKA_BROKERS}
 export TALLY_REDIS_URL=${TALLY_REDIS_URL:-$TALLY_TEST_REDIS_URL}
+# Bearer tokens of the identity provider scripts/idp.sh runs (AUTH=off: none, as in
+# `make dev` — but `make stack` listens on loopback only either way).
+if [ "${AUTH:-on}" = off ]; then
+  unset TALLY_AUTH_ISSUER
+else
+  export TALLY_AUTH_ISSUER=${TALLY_AUTH_ISSUER:-$TALLY_TEST_OIDC_ISSUER}
+fi

@@ -8,6 +8,9 @@
 #   PROFILE=perf make stack      optimised without LTO (`make bench` uses it)
 #   PROFILE=release make stack   the shipped build: full LTO, ≈ 30 min from scratch
 #   STORE=postgres make stack    the event store in PostgreSQL instead of S3
+#   AUTH=off make stack          no bearer tokens (by default every function requires
+#                                tokens of the identity provider scripts/idp.sh runs:
+#                                TOKEN=$(make -s token))
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +60,12 @@ for _ in $(seq 1 100); do
   if curl -fsS "http://127.0.0.1:${PORT:-8080}/healthz" >/dev/null 2>&1; then break; fi
   sleep 0.1
 done
-echo "stack: public routes on http://localhost:${PORT:-8080} — try: make walkthrough" >&2
+if [ -n "${TALLY_AUTH_ISSUER:-}" ]; then
+  echo "stack: bearer tokens required (issuer $TALLY_AUTH_ISSUER); get one with: TOKEN=\$(make -s token)" >&2
+  echo "stack: public routes on http://localhost:${PORT:-8080} — try: TOKEN=\$(make -s token) make walkthrough" >&2
+else
+  echo "stack: authentication is OFF (AUTH=off)" >&2
+  echo "stack: public routes on http://localhost:${PORT:-8080} — try: make walkthrough" >&2
+fi
 wait -n "${pids[@]}"
 echo "stack: a process exited; stopping" >&2

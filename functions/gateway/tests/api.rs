@@ -675,3 +675,79 @@ async fn a_transfer_resumed_after_its_debit_left_the_key_window_debits_once() {
     let (_, b) = gw.get("/accounts/w-b/balance").await;
     assert_eq!(b["balance"], "4.00", "{b}");
 }
+
+/// Events stored at old schema versions — the fixtures kept forever — are read through
+/// the upcaster chain on every path of the running service: the projector's catch-up at
+/// start, the saga resuming a v1 transfer request (transfer and account streams), a
+/// command loading a v1 opening, the queries, and a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_stored_at_old_schema_versions_are_read_on_every_path() {
+    let fixture = |text: &str| tally_es::StoredCommit::from_bytes(text.as_bytes()).unwrap();
+    let opened_v1 = |id: &str| {
+        fixture(
+            &include_str!("../../../shared/domain/tests/fixtures/AccountOpened.v1.json")
+                .replace("account123", id),
+        )
+    };
+    let mut deposited_v1 = fixture(include_str!(
+        "../../../shared/domain/tests/fixtures/Deposited.v1.json"
+    ));
+    deposited_v1.revision = Revision::new(2);
+    deposited_v1.events[0].data = json!({"amount": 5000, "balance": 5000});
+    let requested_v1 = fixture(include_str!(
+        "../../../shared/domain/tests/transfer-fixtures/TransferRequested.v1.json"
+    ));
+    assert_eq!(requested_v1.events[0].version, 1);
+    let transfer = requested_v1.events[0].data["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let config = tally_host::Config::with_data_dir(dir.path());
+        let host = Host::build(&config, tally_host::Role::Gateway)
+            .await
+            .unwrap();
+        for commit in [
+            opened_v1("account123"),
+            deposited_v1,
+            opened_v1("account456"),
+            requested_v1,
+        ] {
+            host.store.append(&commit).await.unwrap();
+        }
+    }
+
+    let gw = Gateway::start(dir.path()).await;
+    let done = cases::settled(&gw, &transfer, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (s, b) = gw
+        .post("/accounts/account123/deposit", r#"{"Amount": 1}"#)
+        .await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("26.00")), "{b}");
+    let balances = || async {
+        let mut seen = vec![];
+        for id in ["account123", "account456"] {
+            let (_, b) = gw
+                .get(&format!("/accounts/{id}/balance?min_revision=2"))
+                .await;
+            seen.push(b["balance"].as_str().unwrap_or_default().to_owned());
+        }
+        seen
+    };
+    assert_eq!(balances().await, ["26.00", "25.00"]);
+    let (s, account) = gw.get("/accounts/account123").await;
+    assert_eq!((s, account["status"].as_str()), (200, Some("open")));
+    let report = gw.embedded.state.projector.rebuild().await.unwrap();
+    assert_eq!(report.streams, 2);
+    assert_eq!(balances().await, ["26.00", "25.00"]);
+    // What the service wrote itself is at the current versions.
+    let deposit = gw.commits("account123").await.pop().unwrap();
+    assert_eq!(
+        (
+            deposit.events[0].event_type.as_str(),
+            deposit.events[0].version
+        ),
+        ("Deposited", 1)
+    );
+}

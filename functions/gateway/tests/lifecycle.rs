@@ -155,3 +155,82 @@ fn probe(port: u16) -> std::process::ExitStatus {
         .status()
         .unwrap()
 }
+
+/// Slow and greedy clients: a flood of half-sent requests holds a bounded number of
+/// connections for a bounded time, a normal request is served meanwhile, and a body
+/// that stops arriving is answered 408 and its connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_dropped_and_never_crowd_out_a_normal_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_HEADER_TIMEOUT_MS", "1000"),
+        ("TALLY_MAX_CONNECTIONS", "100"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let gateway = tally_testkit::Function::server_with(BIN, dir.path(), &env).await;
+    let base = gateway.base_url().unwrap().to_owned();
+    let addr = base.trim_start_matches("http://").to_owned();
+
+    // 400 connections, each with half a request head, held open by the client.
+    let mut slow = Vec::new();
+    for _ in 0..400 {
+        let addr = addr.clone();
+        slow.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+            s.write_all(b"POST /accounts HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
+                .await
+                .ok()?;
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 512];
+            // The server closes it (EOF or reset); the client never would.
+            let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+            closed.ok().map(|_| started.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{base}/accounts"))
+        .header("content-type", "application/json")
+        .body(r#"{"ID": "still-served"}"#)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    eprintln!(
+        "a normal request among 400 half-sent ones: {:?}",
+        started.elapsed()
+    );
+    let mut held = vec![];
+    for task in slow {
+        held.push(
+            task.await
+                .unwrap()
+                .expect("the server closed the half-sent request"),
+        );
+    }
+    held.sort();
+    eprintln!(
+        "half-sent requests closed after {:?} .. {:?}",
+        held[0],
+        held[held.len() - 1]
+    );
+    assert!(held[held.len() - 1] < Duration::from_secs(15));
+
+    // A head in full, a body that stops half way: 408, and the connection is closed.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /accounts HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{\"ID\": ")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_string(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("/problems/request-timeout"), "{answer}");
+    drop(gateway);
+}

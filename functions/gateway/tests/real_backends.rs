@@ -713,6 +713,8 @@ async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit
                 vec![AccountEvent::Opened {
                     id: id.clone(),
                     currency: Currency::USD,
+                    owner: None,
+                    holder: None,
                 }],
             ),
             commit(
@@ -1314,6 +1316,8 @@ async fn a_run_whose_opening_another_transaction_inserted_first_still_applies_th
             AccountEvent::Opened {
                 id: id.clone(),
                 currency: Currency::USD,
+                owner: None,
+                holder: None,
             },
         ),
         commit(

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tally_testkit::cases::{self, Api};
-use tally_testkit::services::{fresh_database, required_env, unique};
+use tally_testkit::services::{fresh_database, oidc_token, required_env, unique};
 use tally_testkit::Function;
 
 /// A binary of another function, built by `cargo test --workspace` (or `make test`).
@@ -20,10 +20,13 @@ fn sibling(name: &str) -> PathBuf {
     path
 }
 
+/// What alice and bob may have: everything but operations.
+const OWNER: &str = "accounts:read accounts:write transfers:write";
+
 struct Stack {
     _functions: Vec<Function>,
-    _projector: Function,
-    _relay: Function,
+    projector: Function,
+    relay: Function,
     _saga: Function,
     gateway: Function,
     bucket: String,
@@ -48,6 +51,8 @@ impl Stack {
             ("TALLY_DATABASE_URL", fresh_database().await),
             ("TALLY_REDIS_URL", required_env("TALLY_TEST_REDIS_URL")),
             ("TALLY_REDIS_PREFIX", format!("{}:", unique("stack"))),
+            // Bearer tokens of the real identity provider, in every function.
+            ("TALLY_AUTH_ISSUER", required_env("TALLY_TEST_OIDC_ISSUER")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -79,8 +84,8 @@ impl Stack {
         let gateway = Function::server_with(env!("CARGO_BIN_EXE_gateway"), dir, &gateway_env).await;
         Self {
             _functions: functions,
-            _projector: projector,
-            _relay: relay,
+            projector,
+            relay,
             _saga: saga,
             gateway,
             bucket,
@@ -88,7 +93,14 @@ impl Stack {
         }
     }
 
-    fn api(&self) -> Api {
+    /// The gateway, as alice (a token of the identity provider).
+    async fn api(&self) -> Api {
+        self.anonymous()
+            .with_token(oidc_token("alice", OWNER).await)
+    }
+
+    /// The gateway, without a token.
+    fn anonymous(&self) -> Api {
         Api::new(self.gateway.base_url().unwrap())
     }
 
@@ -105,7 +117,7 @@ impl Stack {
 async fn the_stack_behaves_like_make_dev() {
     let dir = tempfile::tempdir().unwrap();
     let stack = Stack::start(dir.path()).await;
-    let api = stack.api();
+    let api = stack.api().await;
 
     cases::seed_walkthrough(&api, "account123").await;
     cases::balance_reads_its_own_writes(&api, "fresh").await;
@@ -135,4 +147,125 @@ async fn the_stack_behaves_like_make_dev() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(balance["balance"], "350.00", "{balance}");
+}
+
+/// Who may do what, end to end: every function checks the bearer tokens of the real
+/// identity provider (`scripts/idp.sh`) itself; an account is its opener's; operations
+/// need `ops` and are not behind the gateway; what is refused writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_stack_tokens_of_the_identity_provider_decide_who_may_do_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Stack::start(dir.path()).await;
+    let alice = stack.api().await;
+    let bob = stack.anonymous().with_token(oidc_token("bob", OWNER).await);
+    let (s, b) = alice.post("/accounts", r#"{"ID": "alices"}"#).await;
+    assert_eq!(s, 201, "{b}");
+    alice
+        .post("/accounts/alices/deposit", r#"{"Amount": 100}"#)
+        .await;
+    assert_eq!(bob.post("/accounts", r#"{"ID": "bobs"}"#).await.0, 201);
+    let before = stack.commit_keys().await;
+
+    // No token, a token altered in transit: 401 from the function behind the gateway.
+    let (s, b) = stack
+        .anonymous()
+        .post("/accounts/alices/withdraw", r#"{"Amount": 1}"#)
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("/problems/unauthenticated")),
+        "{b}"
+    );
+    let token = oidc_token("alice", OWNER).await;
+    let (head, rest) = token.split_once('.').unwrap();
+    let (payload, signature) = rest.split_once('.').unwrap();
+    let mut forged = payload.to_owned();
+    forged.replace_range(
+        ..4,
+        if &payload[..4] == "eyJz" {
+            "eyJa"
+        } else {
+            "eyJz"
+        },
+    );
+    let tampered = stack
+        .anonymous()
+        .with_token(format!("{head}.{forged}.{signature}"));
+    assert_eq!(
+        tampered
+            .post("/accounts/alices/withdraw", r#"{"Amount": 1}"#)
+            .await
+            .0,
+        401
+    );
+    // Another owner: told alice's account does not exist, on every route.
+    for path in [
+        "/accounts/alices",
+        "/accounts/alices/balance",
+        "/accounts/alices/transactions",
+    ] {
+        let (s, b) = bob.get(path).await;
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (404, Some("/problems/account-not-found")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        bob.post("/accounts/alices/withdraw", r#"{"Amount": 1}"#)
+            .await
+            .0,
+        404
+    );
+    // A token without the scope: 403 on her own account.
+    let reading = stack
+        .anonymous()
+        .with_token(oidc_token("alice", "accounts:read").await);
+    let (s, b) = reading
+        .post("/accounts/alices/withdraw", r#"{"Amount": 1}"#)
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (403, Some("/problems/insufficient-scope")),
+        "{b}"
+    );
+    assert_eq!(
+        stack.commit_keys().await,
+        before,
+        "nothing refused was written"
+    );
+
+    // Operations: not behind the gateway; on the projector's and the relay's own ports,
+    // 401 without a token, 403 without `ops`, done with it.
+    let ops = oidc_token("tally-ops", "ops accounts:read").await;
+    assert_eq!(
+        stack
+            .anonymous()
+            .with_token(ops.clone())
+            .post("/projector/catch-up", "")
+            .await
+            .0,
+        404
+    );
+    for (function, path) in [
+        (&stack.projector, "/projector/catch-up"),
+        (&stack.relay, "/relay/sweep"),
+    ] {
+        let direct = Api::new(function.base_url().unwrap());
+        assert_eq!(direct.post(path, "").await.0, 401, "{path}");
+        assert_eq!(
+            direct.with_token(token.clone()).post(path, "").await.0,
+            403,
+            "{path}"
+        );
+        let (s, b) = direct.with_token(ops.clone()).post(path, "").await;
+        assert_eq!(s, 200, "{path}: {b}");
+    }
+    // An operator reaches every account.
+    let (s, b) = stack
+        .anonymous()
+        .with_token(ops)
+        .get("/accounts/alices/balance?min_revision=2")
+        .await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("100.00")), "{b}");
 }

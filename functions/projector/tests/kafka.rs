@@ -99,6 +99,7 @@ async fn a_projector_killed_mid_stream_and_restarted_applies_every_commit_exactl
                     tally_domain::AccountCommand::Open {
                         id: account.clone(),
                         currency: policy.currency,
+                        owner: None,
                     },
                     &ctx,
                 )

@@ -47,6 +47,7 @@ async fn open_with(host: &Host, id: &str, cents: &str) -> AccountId {
     let open = AccountCommand::Open {
         id: account.clone(),
         currency: policy.currency,
+        owner: None,
     };
     commands
         .execute(account.stream_id(), open, &ctx)

@@ -20,6 +20,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 413 `payload-too-large`
     PayloadTooLarge,
+    /// 408 `request-timeout`: the body did not arrive in time; the connection is closed.
+    RequestTimeout,
     /// 422 `invalid-amount`
     InvalidAmount(String),
     /// 400 `invalid-header`
@@ -64,6 +66,12 @@ pub enum ApiError {
     /// never came; the command may have taken effect. Retry with the same
     /// `Idempotency-Key`.
     OutcomeUnknown(String),
+    /// 401 `unauthenticated`, with `WWW-Authenticate: Bearer`: no token, or one that
+    /// proves nothing.
+    Unauthenticated(tally_auth::AuthError),
+    /// 403 `insufficient-scope`: the token lacks the scope the operation needs (and, on
+    /// an account, the caller reaches it — otherwise the answer is a 404).
+    InsufficientScope(tally_auth::Scope),
     /// 500 `internal`
     Internal(String),
 }
@@ -79,6 +87,8 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("transfer-not-found", 404, "Transfer not found"),
     ("same-account", 422, "Same account"),
     ("invalid-reference", 422, "Invalid reference"),
+    ("unauthenticated", 401, "Unauthenticated"),
+    ("insufficient-scope", 403, "Insufficient scope"),
     ("not-found", 404, "Not Found"),
     ("account-not-found", 404, "Account not found"),
     ("method-not-allowed", 405, "Method Not Allowed"),
@@ -86,6 +96,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("account-closed", 409, "Account closed"),
     ("balance-not-zero", 409, "Balance not zero"),
     ("revision-mismatch", 412, "Revision mismatch"),
+    ("request-timeout", 408, "Request timeout"),
     ("payload-too-large", 413, "Payload too large"),
     ("unsupported-media-type", 415, "Unsupported media type"),
     ("invalid-request", 422, "Invalid request"),
@@ -111,6 +122,7 @@ impl ApiError {
             Self::InvalidRequest(_) => "invalid-request",
             Self::UnsupportedMediaType => "unsupported-media-type",
             Self::PayloadTooLarge => "payload-too-large",
+            Self::RequestTimeout => "request-timeout",
             Self::InvalidAmount(_) => "invalid-amount",
             Self::InvalidHeader(_) => "invalid-header",
             Self::InvalidQuery(_) => "invalid-query",
@@ -132,6 +144,9 @@ impl ApiError {
             Self::AsOfInFuture(_) => "as-of-in-future",
             Self::Unavailable(_) => "unavailable",
             Self::OutcomeUnknown(_) => "outcome-unknown",
+            Self::Unauthenticated(tally_auth::AuthError::Unavailable(_)) => "unavailable",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::InsufficientScope(_) => "insufficient-scope",
             Self::Internal(_) => "internal",
         }
     }
@@ -159,6 +174,10 @@ impl ApiError {
                 "the body is larger than {} bytes",
                 crate::extract::MAX_BODY_BYTES
             ),
+            Self::RequestTimeout => format!(
+                "the request body did not arrive within {} seconds",
+                tally_runtime::server::BODY_TIMEOUT.as_secs()
+            ),
             Self::AccountNotFound => "no account has this id".into(),
             Self::IdempotencyKeyRequired => "a transfer needs an Idempotency-Key header, so \
                 that a retry never moves the money twice"
@@ -179,6 +198,13 @@ impl ApiError {
                  or read the account before sending it again without one"
                     .into()
             }
+            Self::Unauthenticated(tally_auth::AuthError::Unavailable(_)) => {
+                "the identity provider's signing keys are out of reach; retry shortly".into()
+            }
+            Self::Unauthenticated(e) => e.to_string(),
+            Self::InsufficientScope(scope) => {
+                format!("this operation needs the `{scope}` scope, which the token lacks")
+            }
             Self::Internal(_) => "the request failed unexpectedly".into(),
         }
     }
@@ -197,14 +223,44 @@ impl IntoResponse for ApiError {
             Self::Unavailable(e) | Self::OutcomeUnknown(e) => {
                 tracing::warn!(kind, error = %e, "backend unavailable")
             }
+            Self::Unauthenticated(tally_auth::AuthError::Unavailable(e)) => {
+                tracing::warn!(kind, error = %e, "identity provider unavailable")
+            }
             Self::Internal(e) => tracing::error!(error = %e, "internal error"),
             _ => tracing::debug!(kind, "request refused"),
         }
         let mut response = problem(status, kind, title, self.detail()).into_response();
-        if matches!(self, Self::Unavailable(_) | Self::OutcomeUnknown(_)) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        match &self {
+            Self::Unavailable(_)
+            | Self::OutcomeUnknown(_)
+            | Self::Unauthenticated(tally_auth::AuthError::Unavailable(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // RFC 6750 §3: no error code when the request had no token.
+            Self::Unauthenticated(tally_auth::AuthError::Missing) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="tally""#),
+                );
+            }
+            Self::Unauthenticated(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="tally", error="invalid_token""#),
+                );
+            }
+            Self::RequestTimeout => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::InsufficientScope(scope) => {
+                let value =
+                    format!(r#"Bearer realm="tally", error="insufficient_scope", scope="{scope}""#);
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
+            }
+            _ => {}
         }
         response
     }

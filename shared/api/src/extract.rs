@@ -47,8 +47,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if declared_too_large {
             return Err(ApiError::PayloadTooLarge);
         }
-        let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        // A body that does not arrive in time is a client holding a connection: 408.
+        let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+        let bytes: Bytes = tokio::time::timeout(tally_runtime::server::BODY_TIMEOUT, read)
             .await
+            .map_err(|_| ApiError::RequestTimeout)?
             .map_err(|_| ApiError::PayloadTooLarge)?;
         // Syntax first (400), then shape (422): a request body is always an object
         // (serde would otherwise accept `[1]` for a one-field struct).

@@ -8,7 +8,10 @@
 //!   further.
 //! * `handlers` — one file per function: parse → domain → ports.
 //! * [`openapi`] — the OpenAPI 3.1 document, generated from the handlers and DTOs.
+//! * [`auth`] — who is asking: the bearer token checked on every route ([`Auth`]),
+//!   the scope each operation needs ([`Who`]).
 
+pub mod auth;
 mod dto;
 mod error;
 mod extract;
@@ -17,7 +20,8 @@ pub mod openapi;
 pub mod routes;
 mod state;
 
+pub use auth::{Auth, Who};
 pub use error::{ApiError, PROBLEM_KINDS};
 pub use extract::MAX_BODY_BYTES;
-pub use routes::{router, Route, ROUTES};
+pub use routes::{protect, router, Route, ROUTES};
 pub use state::AppState;

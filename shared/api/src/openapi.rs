@@ -76,6 +76,7 @@ pub fn value() -> serde_json::Value {
     });
     tighten_parameters(&mut doc);
     add_links(&mut doc);
+    add_security(&mut doc);
     doc["components"]["schemas"]["OpenAccountRequest"]["properties"]["ID"]["pattern"] =
         ACCOUNT_ID.into();
     doc
@@ -101,6 +102,81 @@ fn add_links(doc: &mut serde_json::Value) {
     doc["paths"]["/accounts"]["post"]["responses"]["201"]["links"] = account.into();
     doc["paths"]["/transfers"]["post"]["responses"]["202"]["links"] =
         json!({"getTransfer": by_id("getTransfer")});
+}
+
+/// The scope each operation needs (`tally_auth::Scope`).
+const SCOPES: &[(&str, &str)] = &[
+    ("openAccount", "accounts:write"),
+    ("deposit", "accounts:write"),
+    ("withdraw", "accounts:write"),
+    ("closeAccount", "accounts:write"),
+    ("getAccount", "accounts:read"),
+    ("getBalance", "accounts:read"),
+    ("listTransactions", "accounts:read"),
+    ("getStatement", "accounts:read"),
+    ("getTransfer", "accounts:read"),
+    ("requestTransfer", "transfers:write"),
+];
+
+/// Bearer tokens: the scheme, the scope of each operation, and the answers without
+/// one (401), without the scope (403), and to a body that does not arrive (408).
+fn add_security(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    doc["components"]["securitySchemes"]["bearer"] = json!({
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "An access token of the configured OpenID Connect issuer \
+            (`TALLY_AUTH_ISSUER`), for the audience `TALLY_AUTH_AUDIENCE` (default `tally`), \
+            with the operation's scope in `scope`. The subject (`sub`) that opens an account \
+            owns it; any other subject is answered 404 for it. `ops` reaches every account. \
+            Not required where authentication is off (`make dev`)."
+    });
+    let problem = |description: &str| {
+        json!({"description": description, "content": {"application/problem+json": {
+            "schema": {"$ref": "#/components/schemas/ProblemBody"}}}})
+    };
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let id = operation["operationId"].as_str().unwrap_or_default();
+            let Some((_, scope)) = SCOPES.iter().find(|(op, _)| *op == id) else {
+                continue;
+            };
+            operation["security"] = json!([{"bearer": [scope]}, {}]);
+            let has_body = operation.get("requestBody").is_some();
+            let responses = &mut operation["responses"];
+            let mut unauthenticated = problem(
+                "`unauthenticated`: no bearer token, or one that does not verify (expired, \
+                 another issuer or audience, a key the issuer does not publish, a tampered \
+                 payload). `unavailable` (503) instead if the issuer's keys are out of reach.",
+            );
+            unauthenticated["headers"] = json!({"WWW-Authenticate": {
+                "description": "`Bearer realm=\"tally\"`, with `error=\"invalid_token\"` for a bad token",
+                "schema": {"type": "string"}}});
+            responses["401"] = unauthenticated;
+            let mut forbidden = problem(&format!(
+                "`insufficient-scope`: the token lacks `{scope}` (on an account, only when the \
+                 caller owns it: another subject's account is a 404)."
+            ));
+            forbidden["headers"] = json!({"WWW-Authenticate": {
+                "description": "`Bearer realm=\"tally\", error=\"insufficient_scope\", scope=...`",
+                "schema": {"type": "string"}}});
+            responses["403"] = forbidden;
+            if has_body {
+                responses["408"] = problem(&format!(
+                    "`request-timeout`: the body did not arrive within {} seconds; the \
+                     connection is closed.",
+                    tally_runtime::server::BODY_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    }
 }
 
 /// An account id, as `tally_domain::AccountId` accepts it.

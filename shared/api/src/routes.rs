@@ -1,11 +1,12 @@
 //! The one route table.
 
 use crate::handlers;
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use tally_auth::Scope;
 
 /// A public route: the method and path the gateway exposes, and the function that
 /// serves it. Paths use `{param}` syntax (axum, matchit, cargo-lambda, OpenAPI).
@@ -105,13 +106,30 @@ fn handler(route: &Route) -> MethodRouter<AppState> {
     }
 }
 
-/// A router of the routes (public and projector) for which `include` is true.
+/// A router of the routes (public and projector) for which `include` is true, each
+/// behind the bearer-token check ([`crate::auth::authenticate`]).
 pub fn router(state: AppState, include: impl Fn(&Route) -> bool) -> Router {
     let mut router = Router::new();
     for route in ROUTES.iter().chain(PROJECTOR_ROUTES).filter(|r| include(r)) {
         router = router.route(route.path, handler(route));
     }
-    router.with_state(state)
+    protect(router, state.auth.clone()).with_state(state)
+}
+
+/// `router`'s routes behind the bearer-token check (`/healthz`, `/readyz` and
+/// `/metrics`, added later by the runtime, stay open). A router without routes (the
+/// saga's: it serves only those) is returned as it is.
+pub fn protect<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    auth: crate::Auth,
+) -> Router<S> {
+    if !router.has_routes() {
+        return router;
+    }
+    router.route_layer(axum::middleware::from_fn_with_state(
+        auth,
+        crate::auth::authenticate,
+    ))
 }
 
 /// Every function name, from the tables.
@@ -125,7 +143,8 @@ pub fn functions() -> Vec<&'static str> {
     names
 }
 
-async fn catch_up(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn catch_up(State(state): State<AppState>, who: Who) -> Result<Json<Value>, ApiError> {
+    who.require(Scope::Ops)?;
     let report = state
         .projector
         .catch_up_all()
@@ -136,7 +155,8 @@ async fn catch_up(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     ))
 }
 
-async fn rebuild(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn rebuild(State(state): State<AppState>, who: Who) -> Result<Json<Value>, ApiError> {
+    who.require(Scope::Ops)?;
     let report = state
         .projector
         .rebuild()

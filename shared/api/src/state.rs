@@ -14,4 +14,6 @@ pub struct AppState {
     pub saga: Saga,
     /// Currency and maximum of amounts; the currency of new accounts.
     pub policy: AmountPolicy,
+    /// How requests are authenticated.
+    pub auth: crate::Auth,
 }

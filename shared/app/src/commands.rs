@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
+use tally_domain::{
+    Account, AccountCommand, AccountError, Caller, Transfer, TransferCommand, TransferError,
+};
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
     Outbox, RecentCommits, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError,
@@ -35,6 +38,32 @@ pub struct CommandContext {
     /// Without it, a key older than the stream's newest [`REMEMBERED_KEYS`] keyed
     /// commands is decided again (the window clients' retries get).
     pub key_unused_through: Option<Revision>,
+    /// Who asks: checked against the loaded state ([`Guard::admits`]) before anything
+    /// else is decided.
+    pub caller: Caller,
+}
+
+/// Who may command an aggregate. The check runs on the freshly loaded state before the
+/// command, its idempotency key or its `If-Match` is looked at, so a caller that may not
+/// reach a stream learns nothing of it.
+pub trait Guard: Aggregate {
+    /// `Ok` if `caller` may send `command` to this state; otherwise the refusal.
+    fn admits(&self, caller: &Caller, command: &Self::Command) -> Result<(), Self::Error>;
+}
+
+impl Guard for Account {
+    fn admits(&self, caller: &Caller, command: &AccountCommand) -> Result<(), AccountError> {
+        Account::admits(self, caller, command)
+    }
+}
+
+impl Guard for Transfer {
+    /// A transfer's commands come from its request (checked against the debited
+    /// account when it is made) and its saga: whoever reaches the function may send
+    /// them.
+    fn admits(&self, _: &Caller, _: &TransferCommand) -> Result<(), TransferError> {
+        Ok(())
+    }
 }
 
 /// A command that took effect, now or on an earlier request with the same key.
@@ -278,7 +307,7 @@ pub struct CommandHandler<A: Aggregate> {
     _aggregate: PhantomData<fn() -> A>,
 }
 
-impl<A: Aggregate> CommandHandler<A>
+impl<A: Guard> CommandHandler<A>
 where
     A::Command: Clone,
 {
@@ -748,6 +777,10 @@ where
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
     ) -> Result<Decided<A>, Attempt<A::Error>> {
+        loaded
+            .state
+            .admits(&ctx.caller, &command)
+            .map_err(|e| Attempt::Failed(CommandError::Rejected(e)))?;
         // Did an earlier attempt of ours land after all? Then that commit is our answer.
         let ours = self
             .find_ours(stream, loaded, attempted)

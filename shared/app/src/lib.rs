@@ -29,7 +29,7 @@ pub mod queries;
 pub mod relay;
 pub mod transfers;
 
-pub use commands::{CommandContext, CommandError, CommandHandler, Executed, PublishMode};
+pub use commands::{CommandContext, CommandError, CommandHandler, Executed, Guard, PublishMode};
 pub use compaction::{compact_every_stream, CompactionReport, Compactor};
 pub use faults::{Fault, Faults};
 pub use ports::{

@@ -1,7 +1,7 @@
 //! Ports for the read side: the read model and the cache.
 
 use async_trait::async_trait;
-use tally_domain::{AccountEvent, AccountId, Currency, TransferId};
+use tally_domain::{AccountEvent, AccountId, Currency, Owner, TransferId};
 use tally_es::{Commit, Revision};
 use time::OffsetDateTime;
 
@@ -16,6 +16,8 @@ pub struct AccountView {
     pub revision: Revision,
     pub opened_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    /// The subject that opened it (`None`: opened before owners were recorded).
+    pub owner: Option<Owner>,
 }
 
 /// What a money movement was.

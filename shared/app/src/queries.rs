@@ -4,8 +4,10 @@ use crate::faults::{Fault, Faults};
 use crate::history::{self, Past};
 use crate::ports::{AccountView, Cache, CachedBalance, ReadModel, ReadModelError, TransactionView};
 use crate::projection::{ProjectionError, Projector};
-use std::sync::Arc;
-use tally_domain::{Account, AccountId, Currency};
+use lru::LruCache;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use tally_domain::{Account, AccountId, Caller, Currency, Owner};
 use tally_es::{Revision, SnapshotStore};
 use time::OffsetDateTime;
 
@@ -109,7 +111,14 @@ pub struct Queries {
     snapshots: Option<Arc<dyn SnapshotStore>>,
     read_through: bool,
     faults: Faults,
+    /// The owners of accounts seen lately. An account's owner never changes once it
+    /// is opened, so an entry never goes stale: a balance served from the cache is
+    /// authorised without another read.
+    owners: Arc<Mutex<LruCache<AccountId, Option<Owner>>>>,
 }
+
+/// How many accounts' owners [`Queries`] keeps in memory.
+pub const OWNERS_KEPT: usize = 100_000;
 
 impl Queries {
     /// Queries over `read_model` and `cache`; `projector` catches an account up from the
@@ -130,7 +139,42 @@ impl Queries {
             snapshots: None,
             read_through,
             faults: Faults::NONE,
+            owners: Arc::new(Mutex::new(LruCache::new(
+                NonZeroUsize::new(OWNERS_KEPT).expect("not zero"),
+            ))),
         }
+    }
+
+    /// Whether `caller` reaches account `id`: `false` if there is no such account or it
+    /// is another subject's. Free for callers that reach every account; for a subject,
+    /// one read of the account the first time (then its owner is remembered).
+    pub async fn reaches(&self, id: &AccountId, caller: &Caller) -> Result<bool, QueryError> {
+        if matches!(caller, Caller::Anyone | Caller::Service | Caller::Operator) {
+            return Ok(true);
+        }
+        let known = self
+            .owners
+            .lock()
+            .expect("owners poisoned")
+            .get(id)
+            .cloned();
+        let owner = match known {
+            Some(owner) => owner,
+            None => match self.account(id, None, &Caller::Service).await {
+                Ok(view) => view.owner,
+                Err(QueryError::NotFound) => return Ok(false),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(caller.reaches(owner.as_ref()))
+    }
+
+    /// Remember the owner of a view read.
+    fn seen(&self, view: &AccountView) {
+        self.owners
+            .lock()
+            .expect("owners poisoned")
+            .put(view.id.clone(), view.owner.clone());
     }
 
     /// Start as-of balances from the newest snapshot in `snapshots` at or below the
@@ -146,11 +190,14 @@ impl Queries {
         self
     }
 
-    /// The account, at least at revision `min` (read-your-writes).
+    /// The account, at least at revision `min` (read-your-writes), if `caller` reaches
+    /// it; otherwise — another subject's — `NotFound`, before anything else is said of
+    /// it.
     pub async fn account(
         &self,
         id: &AccountId,
         min: Option<Revision>,
+        caller: &Caller,
     ) -> Result<AccountView, QueryError> {
         if self.read_through {
             self.projector.catch_up(id).await?;
@@ -170,6 +217,10 @@ impl Queries {
             self.read_model.account(id).await?
         };
         let view = view.ok_or(QueryError::NotFound)?;
+        self.seen(&view);
+        if !caller.reaches(view.owner.as_ref()) {
+            return Err(QueryError::NotFound);
+        }
         if let Some(min) = min {
             if view.revision < min {
                 return Err(QueryError::RevisionNotReached {
@@ -193,11 +244,17 @@ impl Queries {
     /// asked what came after the read model's position (on S3, one GET of the next
     /// key) and that is applied before answering. So a balance older than one already
     /// acknowledged is never served; with the store unreachable too, a miss is a 503.
+    ///
+    /// Only for a `caller` that reaches the account (see [`Queries::account`]).
     pub async fn balance(
         &self,
         id: &AccountId,
         min: Option<Revision>,
+        caller: &Caller,
     ) -> Result<BalanceView, QueryError> {
+        if !self.reaches(id, caller).await? {
+            return Err(QueryError::NotFound);
+        }
         if self.faults.has(Fault::StaleBalance) {
             return self.stale_balance(id).await;
         }
@@ -211,7 +268,7 @@ impl Queries {
             }
             self.projector.catch_up(id).await?;
         }
-        let view = self.account(id, min).await?;
+        let view = self.account(id, min, caller).await?;
         let balance = CachedBalance::from(&view);
         self.cache.fill(id, balance, lookup.token).await;
         Ok(balance.into())
@@ -223,12 +280,16 @@ impl Queries {
     /// becomes a revision through the read model's index ([`ReadModel::revision_at`]),
     /// once the account has caught up with the store. Before the account existed:
     /// `NotFound`; a revision past its last: `RevisionNotReached`; a time still to come:
-    /// `FutureTime`.
+    /// `FutureTime`. Only for a `caller` that reaches the account.
     pub async fn balance_as_of(
         &self,
         id: &AccountId,
         as_of: AsOf,
+        caller: &Caller,
     ) -> Result<PastBalance, QueryError> {
+        if !self.reaches(id, caller).await? {
+            return Err(QueryError::NotFound);
+        }
         let wanted = match as_of {
             AsOf::Revision(revision) => revision,
             AsOf::Time(at) => {
@@ -290,7 +351,7 @@ impl Queries {
 
     /// `stale-balance`: the account as it was before its last movement.
     async fn stale_balance(&self, id: &AccountId) -> Result<BalanceView, QueryError> {
-        let view = self.account(id, None).await?;
+        let view = self.account(id, None, &Caller::Service).await?;
         let movements = self
             .read_model
             .transactions(id, Revision::ZERO, usize::MAX)
@@ -322,18 +383,20 @@ impl Queries {
     /// The statement of `id` for the period `[from, to)`: its opening balance and its
     /// movements ([`ReadModel::statement`]), with the account caught up from the store
     /// first (on S3 one GET of the next key), so a statement never misses a movement
-    /// already acknowledged; at least at revision `min` if given.
+    /// already acknowledged; at least at revision `min` if given. Only for a `caller`
+    /// that reaches the account.
     pub async fn statement(
         &self,
         id: &AccountId,
         from: OffsetDateTime,
         to: OffsetDateTime,
         min: Option<Revision>,
+        caller: &Caller,
     ) -> Result<Statement, QueryError> {
         if !self.read_through {
             self.projector.catch_up(id).await?;
         }
-        let account = self.account(id, min).await?;
+        let account = self.account(id, min, caller).await?;
         let (opening, mut movements) = self.read_model.statement(id, from, to).await?;
         if self.faults.has(Fault::StaleHistory) && movements.pop().is_some() {
             tracing::error!(stream = %id, "fault injection: a statement without its last movement");
@@ -345,15 +408,17 @@ impl Queries {
         })
     }
 
-    /// Transactions after revision `after`, oldest first, at most `limit`.
+    /// Transactions after revision `after`, oldest first, at most `limit`; only for a
+    /// `caller` that reaches the account.
     pub async fn transactions(
         &self,
         id: &AccountId,
         after: Revision,
         limit: usize,
         min: Option<Revision>,
+        caller: &Caller,
     ) -> Result<(AccountView, Vec<TransactionView>), QueryError> {
-        let view = self.account(id, min).await?;
+        let view = self.account(id, min, caller).await?;
         let items = self.read_model.transactions(id, after, limit).await?;
         Ok((view, items))
     }

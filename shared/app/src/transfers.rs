@@ -28,8 +28,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_domain::{
-    Account, AccountCommand, AccountId, Amount, Currency, Transfer, TransferCommand, TransferError,
-    TransferEvent, TransferFailure, TransferId, TransferStatus,
+    Account, AccountCommand, AccountId, Amount, Caller, Currency, Transfer, TransferCommand,
+    TransferError, TransferEvent, TransferFailure, TransferId, TransferStatus,
 };
 use tally_es::{Commit, Delivery, EventStore, Revision, StoreError, StoredCommit, Subscription};
 use time::OffsetDateTime;
@@ -255,7 +255,12 @@ impl Saga {
     /// the steps' idempotency keys are looked up exactly from it on. Any revision read
     /// before the request is appended will do, since no step runs before that.
     async fn seen(&self, account: &AccountId) -> Revision {
-        match tokio::time::timeout(SEEN_WITHIN, self.queries.balance(account, None)).await {
+        match tokio::time::timeout(
+            SEEN_WITHIN,
+            self.queries.balance(account, None, &Caller::Service),
+        )
+        .await
+        {
             Ok(Ok(balance)) => balance.revision,
             _ => Revision::ZERO,
         }

@@ -15,12 +15,17 @@ pub const STREAM_EVENTS: u64 = 10_000;
 pub fn account_events(n: u64) -> Vec<AccountEvent> {
     let id = AccountId::parse("bench-account").expect("valid id");
     let currency = Currency::parse("USD").expect("known currency");
-    std::iter::once(AccountEvent::Opened { id, currency })
-        .chain((1..n as i64).map(|i| AccountEvent::Deposited {
-            amount: 100,
-            balance: 100 * i,
-        }))
-        .collect()
+    std::iter::once(AccountEvent::Opened {
+        id,
+        currency,
+        owner: None,
+        holder: None,
+    })
+    .chain((1..n as i64).map(|i| AccountEvent::Deposited {
+        amount: 100,
+        balance: 100 * i,
+    }))
+    .collect()
 }
 
 /// A commit of `events` at `revision` of the bench account's stream.

@@ -430,7 +430,7 @@ pub async fn run(target: &str, base: &str, plan: &Plan, progress: impl Fn(&str))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     let http = Arc::new(Target {
-        client: reqwest::Client::builder()
+        client: with_token(reqwest::Client::builder())
             .pool_max_idle_per_host(256)
             .timeout(Duration::from_secs(30))
             .build()
@@ -823,4 +823,24 @@ pub fn markdown(report: &Report) -> String {
         }
     }
     md
+}
+
+/// `builder` sending `Authorization: Bearer $TALLY_BENCH_TOKEN` on every request, if
+/// that is set (`make bench` sets it when the functions require tokens).
+pub fn with_token(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    let Some(token) = std::env::var("TALLY_BENCH_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    else {
+        return builder;
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    match reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder.default_headers(headers)
+        }
+        Err(_) => builder,
+    }
 }

@@ -209,7 +209,7 @@ pub async fn measure(
         .timeout(Duration::from_secs(2))
         .build()
         .map_err(|e| e.to_string())?;
-    let client = reqwest::Client::builder()
+    let client = crate::with_token(reqwest::Client::builder())
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;

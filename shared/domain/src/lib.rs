@@ -13,13 +13,23 @@ pub mod account;
 mod id;
 mod idempotency;
 mod money;
+mod owner;
 pub mod transfer;
 
 pub use account::{Account, AccountCommand, AccountError, AccountEvent, AccountStatus};
 pub use id::{AccountId, AccountIdError};
 pub use idempotency::{IdempotencyKey, IdempotencyKeyError};
 pub use money::{Amount, AmountError, AmountPolicy, Currency, CurrencyError, Money};
+pub use owner::{Caller, Owner, OwnerError, OWNER_MAX_LEN};
 pub use tally_es::Revision;
+/// Check the upcaster chain of every event family (no gap, no cycle): what every
+/// function does at start-up, before it reads an event.
+pub fn check_event_schemas() -> Result<(), tally_es::ChainError> {
+    account::event_chain()?;
+    transfer::event_chain()?;
+    Ok(())
+}
+
 pub use transfer::{
     Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId,
     TransferStatus,

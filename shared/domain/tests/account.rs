@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use tally_domain::{
     Account, AccountCommand, AccountError, AccountEvent, AccountId, AccountStatus, Amount,
-    AmountPolicy, Currency, Money,
+    AmountPolicy, Caller, Currency, Money, Owner,
 };
 use tally_es::testing::AggregateTest;
 use tally_es::{Aggregate, Commit, DomainEvent, StoredCommit};
@@ -22,7 +22,13 @@ fn opened() -> AccountEvent {
     AccountEvent::Opened {
         id: id(),
         currency: Currency::USD,
+        owner: None,
+        holder: None,
     }
+}
+
+fn owner(subject: &str) -> Owner {
+    Owner::parse(subject).unwrap()
 }
 
 fn money(minor: i64) -> Money {
@@ -40,6 +46,7 @@ fn opening_an_empty_stream_opens_the_account() {
         .when(AccountCommand::Open {
             id: id(),
             currency: Currency::USD,
+            owner: None,
         })
         .then_expect_events(vec![opened()]);
     assert_eq!(state.status, AccountStatus::Open);
@@ -52,6 +59,7 @@ fn opening_an_account_twice_is_refused() {
         .when(AccountCommand::Open {
             id: id(),
             currency: Currency::USD,
+            owner: None,
         })
         .then_expect_error(AccountError::AlreadyOpen);
 }
@@ -199,6 +207,92 @@ fn every_stored_fixture_version_decodes() {
 }
 
 #[test]
+fn an_account_opened_before_owners_were_recorded_reads_as_owned_by_nobody() {
+    let fixture = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        StoredCommit::from_bytes(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let v1 = Commit::<AccountEvent>::decode(&fixture("AccountOpened.v1.json")).unwrap();
+    assert_eq!(
+        v1.events,
+        vec![AccountEvent::Opened {
+            id: id(),
+            currency: Currency::USD,
+            owner: None,
+            holder: None,
+        }]
+    );
+    // Written again, it is written at the current version.
+    let stored = v1.encode();
+    assert_eq!(stored.events[0].version, 2);
+    assert_eq!(stored.events[0].data["owner"], serde_json::Value::Null);
+    let v2 = Commit::<AccountEvent>::decode(&fixture("AccountOpened.v2.json")).unwrap();
+    let AccountEvent::Opened { owner, holder, .. } = &v2.events[0] else {
+        panic!("not an opening: {v2:?}");
+    };
+    assert_eq!(owner.as_ref().map(Owner::as_str), Some("client-a"));
+    assert_eq!(holder.as_ref().map(|h| h.key.as_str()), Some("holder-7d2f"));
+    // The decoder itself reads only the current version: v1 goes through the chain.
+    assert!(AccountEvent::decode(
+        "AccountOpened",
+        1,
+        serde_json::json!({"id": "a", "currency": "USD"})
+    )
+    .is_err());
+    tally_domain::check_event_schemas().unwrap();
+}
+
+#[test]
+fn the_subject_that_opens_an_account_owns_it_and_no_other_subject_reaches_it() {
+    let a = owner("client-a");
+    let state = Test::given_no_previous_events()
+        .when(AccountCommand::Open {
+            id: id(),
+            currency: Currency::USD,
+            owner: Some(a.clone()),
+        })
+        .then_expect_events(vec![AccountEvent::Opened {
+            id: id(),
+            currency: Currency::USD,
+            owner: Some(a.clone()),
+            holder: None,
+        }]);
+    assert_eq!(state.owner, Some(a.clone()));
+    let deposit = AccountCommand::Deposit {
+        amount: usd("1.00"),
+    };
+    assert_eq!(state.admits(&Caller::subject(a.clone()), &deposit), Ok(()));
+    assert_eq!(state.admits(&Caller::Operator, &deposit), Ok(()));
+    assert_eq!(state.admits(&Caller::Service, &deposit), Ok(()));
+    let other = Caller::subject(owner("client-b"));
+    // Another subject is told what it would be told of an account that does not exist.
+    assert_eq!(state.admits(&other, &deposit), Err(AccountError::NotFound));
+    assert_eq!(
+        state.admits(&other, &AccountCommand::Close),
+        Err(AccountError::NotFound)
+    );
+    assert!(!state.reaches(&other));
+    // Opening names the id the client chose: taken is taken, whoever asks.
+    let open = AccountCommand::Open {
+        id: id(),
+        currency: Currency::USD,
+        owner: Some(owner("client-b")),
+    };
+    assert_eq!(state.admits(&other, &open), Ok(()));
+    assert_eq!(state.handle(open), Err(AccountError::AlreadyOpen));
+    // An account opened before owners: only operators and the configured legacy owner.
+    let legacy = Account::replay(&[opened()]);
+    assert!(!legacy.reaches(&Caller::subject(a.clone())));
+    assert!(legacy.reaches(&Caller::Subject {
+        owner: a,
+        legacy: true
+    }));
+    assert!(legacy.reaches(&Caller::Operator));
+}
+
+#[test]
 fn unknown_types_and_future_versions_are_refused_not_guessed() {
     assert!(AccountEvent::decode("Teleported", 1, serde_json::json!({})).is_err());
     assert!(AccountEvent::decode("Deposited", 99, serde_json::json!({})).is_err());
@@ -211,7 +305,8 @@ fn command() -> impl Strategy<Value = AccountCommand> {
     prop_oneof![
         Just(AccountCommand::Open {
             id: id(),
-            currency: Currency::USD
+            currency: Currency::USD,
+            owner: Some(owner("client-a")),
         }),
         amount
             .clone()

@@ -27,6 +27,8 @@ fn opened_with(minor: i64) -> Vec<AccountEvent> {
     let mut events = vec![AccountEvent::Opened {
         id: account("a"),
         currency: Currency::USD,
+        owner: None,
+        holder: None,
     }];
     if minor > 0 {
         events.push(AccountEvent::Deposited {

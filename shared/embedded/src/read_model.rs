@@ -171,7 +171,9 @@ fn apply_to(
             transactions: Vec::new(),
         },
         None => match commit.events.first() {
-            Some(AccountEvent::Opened { currency, .. }) => Entry {
+            Some(AccountEvent::Opened {
+                currency, owner, ..
+            }) => Entry {
                 view: AccountView {
                     id: id.clone(),
                     currency: *currency,
@@ -180,6 +182,7 @@ fn apply_to(
                     revision: Revision::ZERO,
                     opened_at: commit.recorded_at,
                     updated_at: commit.recorded_at,
+                    owner: owner.clone(),
                 },
                 transactions: Vec::new(),
             },

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 use tally_app::{Applied, Cache, CommandContext, CommandHandler, Projector, ReadModel};
-use tally_domain::{Account, AccountCommand, AccountEvent, AccountId, AmountPolicy, Currency};
+use tally_domain::{
+    Account, AccountCommand, AccountEvent, AccountId, AmountPolicy, Caller, Currency,
+};
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
 use tally_es::{AppendError, Commit, CommitMetadata, EventStore, Revision, StoredCommit, StreamId};
 use time::OffsetDateTime;
@@ -27,6 +29,8 @@ fn opened(name: &str) -> AccountEvent {
     AccountEvent::Opened {
         id: AccountId::parse(name).unwrap(),
         currency: Currency::USD,
+        owner: None,
+        holder: None,
     }
 }
 
@@ -38,6 +42,7 @@ async fn open_account(handler: &CommandHandler<Account>, id: &AccountId) {
             AccountCommand::Open {
                 id: id.clone(),
                 currency: Currency::USD,
+                owner: None,
             },
             &CommandContext::default(),
         )
@@ -469,6 +474,74 @@ impl EventStore for Counting {
     }
 }
 
+/// A snapshot of an older schema (`account/1`, from before owners) is ignored — the
+/// stream is replayed, so its stale state never shows — and the next command past the
+/// interval writes one of the current schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_an_older_schema_is_ignored_and_a_current_one_written() {
+    use tally_es::SnapshotStore;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirEventStore::open(dir.path()).unwrap();
+    let id = AccountId::parse("old-snap").unwrap();
+    let mut events = vec![opened("old-snap")];
+    events.extend((1..=24).map(|n| deposited(100, 100 * n)));
+    for (i, event) in events.into_iter().enumerate() {
+        store
+            .append(&commit("old-snap", i as u64 + 1, vec![event]))
+            .await
+            .unwrap();
+    }
+    // What an older version kept: its own form, and (to show it is not read) a balance
+    // the stream never had.
+    store
+        .save(&tally_es::Snapshot {
+            stream: id.stream_id().clone(),
+            revision: Revision::new(25),
+            schema: "account/1".into(),
+            state: serde_json::json!({"id": "old-snap", "status": "open", "currency": "USD", "balance": 999_999}),
+            idempotency: Vec::new(),
+            taken_at: OffsetDateTime::now_utc(),
+        })
+        .await
+        .unwrap();
+    let handler =
+        CommandHandler::<Account>::new(Arc::new(store.clone()), Arc::new(InProcessStream::new(16)))
+            .with_snapshots(Arc::new(store.clone()), 10);
+    let amount = AmountPolicy::new(Currency::USD, 1_000_000_00)
+        .parse("1")
+        .unwrap();
+    let executed = handler
+        .execute(
+            id.stream_id(),
+            AccountCommand::Deposit { amount },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        executed.commit.events,
+        vec![deposited(100, 2_500)],
+        "the balance is the stream's, not the old snapshot's"
+    );
+    let mut latest = None;
+    for _ in 0..100 {
+        latest = store.latest(id.stream_id()).await.unwrap();
+        if latest.as_ref().is_some_and(|s| s.schema != "account/1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let latest = latest.unwrap();
+    assert_eq!(
+        (latest.schema.as_str(), latest.revision),
+        (
+            <Account as tally_es::Aggregate>::SNAPSHOT_SCHEMA.unwrap(),
+            Revision::new(26)
+        )
+    );
+    assert_eq!(latest.state["balance"], 2_500);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_loads_from_its_snapshot_and_remembers_older_idempotency_keys() {
     use std::sync::atomic::Ordering;
@@ -707,7 +780,9 @@ impl EventStore for AmbiguousOnce {
                 .save(&tally_es::Snapshot {
                     stream: commit.stream.clone(),
                     revision: commit.last_revision(),
-                    schema: "account/1".into(),
+                    schema: <Account as tally_es::Aggregate>::SNAPSHOT_SCHEMA
+                        .unwrap()
+                        .into(),
                     state: tally_es::Aggregate::to_snapshot(&state).unwrap(),
                     idempotency: Vec::new(),
                     taken_at: OffsetDateTime::now_utc(),
@@ -1516,7 +1591,7 @@ async fn a_balance_without_a_cache_entry_is_never_older_than_the_store() {
     cache.clear().await; // expired
     let queries = tally_app::Queries::new(read_model, cache, projector, false);
     let id = AccountId::parse("behind").unwrap();
-    let balance = queries.balance(&id, None).await.unwrap();
+    let balance = queries.balance(&id, None, &Caller::Service).await.unwrap();
     assert_eq!(
         (balance.revision, balance.balance),
         (Revision::new(3), 1500),
@@ -1634,7 +1709,7 @@ async fn a_late_delivery_never_puts_a_balance_older_than_an_acknowledged_one_in_
         cache.get(&id).await
     );
     let queries = tally_app::Queries::new(read_model, cache, projector, false);
-    let balance = queries.balance(&id, None).await.unwrap();
+    let balance = queries.balance(&id, None, &Caller::Service).await.unwrap();
     assert_eq!(
         (balance.revision, balance.balance),
         (Revision::new(3), 1500)

@@ -132,7 +132,7 @@ impl<E: DomainEvent> Commit<E> {
         let events = stored
             .events
             .iter()
-            .map(|e| E::decode(&e.event_type, e.version, e.data.clone()))
+            .map(crate::decode_event)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             stream: stored.stream.clone(),

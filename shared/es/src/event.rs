@@ -1,5 +1,6 @@
 //! Events as a schema boundary: type name, schema version, upcasting.
 
+use crate::Upcasters;
 use serde_json::Value;
 
 /// Why a stored event could not be turned back into a domain event.
@@ -38,9 +39,11 @@ impl DecodeError {
 
 /// An event type that can be stored and read back across schema versions.
 ///
-/// [`encode`](DomainEvent::encode) always writes the current version;
-/// [`decode`](DomainEvent::decode) accepts every version ever written and upcasts old
-/// ones. Keep a stored fixture of every old version in the tests, forever.
+/// [`encode`](DomainEvent::encode) always writes the current version. Old versions
+/// climb the family's [`Upcasters`] chain first (see [`crate::decode_event`], the one
+/// function every read path goes through), so [`decode`](DomainEvent::decode) reads
+/// current payloads only. Keep a stored fixture of every old version in the tests,
+/// forever.
 pub trait DomainEvent: Clone + std::fmt::Debug + Send + Sync + 'static {
     /// Stable type name, e.g. `"Deposited"`.
     fn event_type(&self) -> &'static str;
@@ -48,6 +51,11 @@ pub trait DomainEvent: Clone + std::fmt::Debug + Send + Sync + 'static {
     fn schema_version(&self) -> u32;
     /// The payload, at the current schema version.
     fn encode(&self) -> Value;
-    /// Read a payload of any known version.
+    /// Read a payload at its type's current version (the chain has upcast older ones;
+    /// a type the chain does not declare arrives at its stored version).
     fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError>;
+    /// The family's upcaster chain, built and checked once. Default: no chain.
+    fn upcasters() -> &'static Upcasters {
+        Upcasters::none()
+    }
 }

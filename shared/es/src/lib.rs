@@ -4,7 +4,8 @@
 //!
 //! * [`Aggregate`] — decide in [`Aggregate::handle`], change state in [`Aggregate::apply`];
 //! * [`DomainEvent`] — every stored event carries its type name and schema version, and
-//!   old versions are upcast when decoded;
+//!   old versions climb an [`Upcasters`] chain (checked when built: no gap, no cycle)
+//!   in [`decode_event`], the one function every read path decodes through;
 //! * [`StoredCommit`] / [`Commit`] — the unit of atomic append: one object, one or more
 //!   events, the stream revision of its first event, and metadata;
 //! * [`StreamId`] and [`Revision`] — parsed newtypes: a stream id that reaches a storage
@@ -21,18 +22,22 @@ mod commit;
 pub mod conformance;
 mod event;
 mod ids;
+mod sealed;
 pub mod segments;
 mod snapshot;
 mod store;
 pub mod testing;
+mod upcast;
 
 pub use aggregate::Aggregate;
 pub use commit::{Commit, CommitMetadata, StoredCommit, StoredEvent};
 pub use event::{DecodeError, DomainEvent};
 pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_MAX_LEN};
+pub use sealed::Sealed;
 pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
     EventPublisher, EventStore, EventStream, Outbox, OutboxEntry, PublishError, RecentCommits,
     StoreError, StreamTurns, Subscription,
 };
+pub use upcast::{decode_event, ChainError, Upcaster, Upcasters};

@@ -208,6 +208,9 @@ impl Host {
     /// Wire the backends `config` names for a process in `role`. Connections are made
     /// lazily: a backend that is down only fails the requests that need it.
     pub async fn build(config: &Config, role: Role) -> Result<Self, BoxError> {
+        // Before any event is read: every family's upcaster chain is whole.
+        tally_domain::check_event_schemas()
+            .map_err(|e| format!("the event schemas' upcaster chain: {e}"))?;
         let policy = config.policy()?;
         // The read model's pool; the event store shares it when both are in one database.
         let read_model_pool = config
@@ -441,6 +444,7 @@ impl Host {
             projector,
             saga,
             policy,
+            auth: config.auth()?,
         };
         Ok(Self {
             config: config.clone(),

@@ -73,6 +73,27 @@ pub struct Config {
     pub compaction_quiet_seconds: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,
+
+    /// Bearer tokens: the issuer (`iss`) whose tokens every route requires. Unset:
+    /// authentication is off (every request may do anything; `make dev`).
+    pub auth_issuer: Option<String>,
+    /// The audience (`aud`) tokens must name.
+    #[serde(default = "default_auth_audience")]
+    pub auth_audience: String,
+    /// The discovery document, if not at `{issuer}/.well-known/openid-configuration`.
+    pub auth_discovery_url: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf` (seconds).
+    #[serde(default = "default_auth_leeway_seconds")]
+    pub auth_leeway_seconds: u64,
+    /// The subject that owns the accounts opened before owners were recorded.
+    pub auth_legacy_owner: Option<String>,
+}
+
+fn default_auth_audience() -> String {
+    "tally".into()
+}
+fn default_auth_leeway_seconds() -> u64 {
+    30
 }
 
 fn default_data_dir() -> PathBuf {
@@ -141,6 +162,26 @@ impl Config {
             .parse(&self.max_amount)
             .map_err(|e| format!("TALLY_MAX_AMOUNT={:?}: {e}", self.max_amount))?;
         Ok(AmountPolicy::new(currency, max.minor()))
+    }
+
+    /// How requests are authenticated: bearer tokens of `TALLY_AUTH_ISSUER`, or off.
+    pub fn auth(&self) -> Result<tally_api::Auth, BoxError> {
+        let Some(issuer) = self.auth_issuer.as_deref().filter(|i| !i.is_empty()) else {
+            return Ok(tally_api::Auth::Off);
+        };
+        let mut config = tally_auth::AuthConfig::new(issuer, &self.auth_audience);
+        config.discovery_url = self.auth_discovery_url.clone();
+        config.leeway = std::time::Duration::from_secs(self.auth_leeway_seconds);
+        let legacy_owner = self
+            .auth_legacy_owner
+            .as_deref()
+            .map(tally_domain::Owner::parse)
+            .transpose()
+            .map_err(|e| format!("TALLY_AUTH_LEGACY_OWNER: {e}"))?;
+        Ok(tally_api::Auth::On {
+            verifier: std::sync::Arc::new(tally_auth::Verifier::new(config)),
+            legacy_owner,
+        })
     }
 
     /// The S3 settings, if the S3 store is configured.

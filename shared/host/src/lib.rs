@@ -68,6 +68,7 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
     }
     let host = Host::build(&config, role).await?;
     host.verify().await?;
+    say_auth(&host).await;
     tracing::info!(
         function,
         store = host.kinds.store,
@@ -99,6 +100,25 @@ pub async fn run_function_with(function: &'static str, leader: Leader) -> Result
     tally_runtime::serve(function, router, Arc::new(HostReadiness(host))).await
 }
 
+/// Say at start whether bearer tokens are checked, and fetch the issuer's keys (a
+/// provider out of reach is said now; requests wait for it and get 503 meanwhile).
+async fn say_auth(host: &Host) {
+    match &host.state.auth {
+        tally_api::Auth::Off => tracing::warn!(
+            "authentication is OFF: every request may do anything (set TALLY_AUTH_ISSUER to require bearer tokens)"
+        ),
+        tally_api::Auth::On { verifier, .. } => {
+            let config = verifier.config();
+            match verifier.prefetch().await {
+                Ok(keys) => tracing::info!(issuer = %config.issuer, audience = %config.audience, keys,
+                    "authentication is on: bearer tokens of this issuer are required"),
+                Err(e) => tracing::warn!(issuer = %config.issuer, error = %e,
+                    "authentication is on, but the issuer's keys are out of reach for now"),
+            }
+        }
+    }
+}
+
 fn tail_store(host: &Host) {
     backends::catch_up_every(
         host.state.projector.clone(),
@@ -121,6 +141,7 @@ pub async fn run_gateway() -> Result<(), BoxError> {
         return tally_runtime::serve("gateway", router, Arc::new(tally_runtime::AlwaysReady)).await;
     }
     let host = Host::build(&config, Role::Gateway).await?;
+    say_auth(&host).await;
     // The gateway is the all-in-one process: it creates what it needs (init proves the
     // store enforces conditional writes, too).
     host.init().await?;
@@ -225,9 +246,12 @@ async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
     spawn_relay_loop(relay.clone(), leader);
     let router = axum::Router::new().route(
         "/relay/sweep",
-        axum::routing::post(move || {
+        axum::routing::post(move |who: tally_api::Who| {
             let relay = relay.clone();
             async move {
+                if let Err(e) = who.require(tally_auth::Scope::Ops) {
+                    return e.into_response();
+                }
                 match relay.sweep().await {
                     Ok(r) => axum::Json(serde_json::json!({
                         "published": r.published, "abandoned": r.abandoned, "waiting": r.waiting
@@ -244,6 +268,7 @@ async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
             }
         }),
     );
+    let router = tally_api::protect(router, host.state.auth.clone());
     tally_runtime::serve("relay", router, Arc::new(HostReadiness(host))).await
 }
 
@@ -355,6 +380,8 @@ mod tests {
             vec![AccountEvent::Opened {
                 id: id.clone(),
                 currency: Currency::USD,
+                owner: None,
+                holder: None,
             }],
             CommitMetadata::default(),
         );

@@ -21,7 +21,7 @@ use tally_app::commands::floor_to_the_microsecond;
 use tally_app::{
     AccountView, Applied, ReadModel, ReadModelError, TransactionKind, TransactionView,
 };
-use tally_domain::{AccountEvent, AccountId, Currency, TransferId};
+use tally_domain::{AccountEvent, AccountId, Currency, Owner, TransferId};
 use tally_es::{Commit, Revision};
 
 mod store;
@@ -162,7 +162,7 @@ fn ceil_to_the_microsecond(t: time::OffsetDateTime) -> time::OffsetDateTime {
     }
 }
 
-/// An account row (`currency, balance, closed, revision, opened_at, updated_at`).
+/// An account row (`currency, balance, closed, revision, opened_at, updated_at, owner`).
 fn account_view(id: &AccountId, r: &sqlx::postgres::PgRow) -> Result<AccountView, ReadModelError> {
     Ok(AccountView {
         id: id.clone(),
@@ -173,6 +173,11 @@ fn account_view(id: &AccountId, r: &sqlx::postgres::PgRow) -> Result<AccountView
         revision: revision(r.get("revision")),
         opened_at: r.get("opened_at"),
         updated_at: r.get("updated_at"),
+        owner: r
+            .get::<Option<&str>, _>("owner")
+            .map(Owner::parse)
+            .transpose()
+            .map_err(|e| ReadModelError(e.to_string()))?,
     })
 }
 
@@ -192,7 +197,7 @@ struct Planned<'a> {
     /// The commits the read model lacks, starting right after its position.
     new: &'a [Commit<AccountEvent>],
     /// The `Opened` event's currency, revision and time, when the run opens the account.
-    opens: Option<(&'a str, Revision, time::OffsetDateTime)>,
+    opens: Option<(&'a str, Revision, time::OffsetDateTime, Option<&'a str>)>,
     /// The account after the run (before it: as the locked row has it).
     balance: i64,
     closed: bool,
@@ -272,9 +277,17 @@ async fn apply_in(
             continue;
         }
         let opens = match (position, next.events.first()) {
-            (Revision::ZERO, Some(AccountEvent::Opened { currency, .. })) => {
-                Some((currency.code(), next.revision, next.recorded_at))
-            }
+            (
+                Revision::ZERO,
+                Some(AccountEvent::Opened {
+                    currency, owner, ..
+                }),
+            ) => Some((
+                currency.code(),
+                next.revision,
+                next.recorded_at,
+                owner.as_ref().map(Owner::as_str),
+            )),
             (Revision::ZERO, _) => {
                 return Err(ReadModelError(format!(
                     "stream {id} does not start with AccountOpened"
@@ -298,15 +311,17 @@ async fn apply_in(
     if !opening.is_empty() {
         let opens = || opening.iter().filter_map(|p| p.opens);
         let inserted: Vec<String> = sqlx::query_scalar(&format!(
-            "INSERT INTO {accounts} (id, currency, balance, closed, revision, opened_at, updated_at)
-             SELECT id, currency, 0, FALSE, revision, at, at
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[]) AS o(id, currency, revision, at)
+            "INSERT INTO {accounts} (id, currency, balance, closed, revision, opened_at, updated_at, owner)
+             SELECT id, currency, 0, FALSE, revision, at, at, owner
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[])
+                 AS o(id, currency, revision, at, owner)
              ON CONFLICT (id) DO NOTHING RETURNING id",
         ))
         .bind(opening.iter().map(|p| p.id).collect::<Vec<_>>())
         .bind(opens().map(|o| o.0).collect::<Vec<_>>())
         .bind(opens().map(|o| db_revision(o.1)).collect::<Vec<_>>())
         .bind(opens().map(|o| o.2).collect::<Vec<_>>())
+        .bind(opens().map(|o| o.3).collect::<Vec<_>>())
         .fetch_all(&mut **tx)
         .await
         .map_err(unavailable)?;
@@ -527,7 +542,7 @@ impl ReadModel for PgReadModel {
 
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError> {
         let row = sqlx::query(
-            "SELECT currency, balance, closed, revision, opened_at, updated_at FROM accounts WHERE id = $1",
+            "SELECT currency, balance, closed, revision, opened_at, updated_at, owner FROM accounts WHERE id = $1",
         )
         .bind(id.as_str())
         .fetch_optional(&self.pool)
@@ -544,7 +559,7 @@ impl ReadModel for PgReadModel {
         at: time::OffsetDateTime,
     ) -> Result<Revision, ReadModelError> {
         let row = sqlx::query(
-            "SELECT a.currency, a.balance, a.closed, a.revision, a.opened_at, a.updated_at,
+            "SELECT a.currency, a.balance, a.closed, a.revision, a.opened_at, a.updated_at, a.owner,
                     (SELECT min(t.revision) FROM transactions t
                       WHERE t.account_id = a.id AND t.recorded_at > $2) AS first_after
              FROM accounts a WHERE a.id = $1",

@@ -5,7 +5,9 @@
 //! * under the Lambda runtime (`lambda_http`) when `AWS_LAMBDA_RUNTIME_API` is set —
 //!   `cargo lambda watch`, AWS Lambda;
 //! * otherwise as a plain HTTP server on `$HOST:$PORT` (default `0.0.0.0:8080`) — a
-//!   pod, `make dev`, tests — shutting down gracefully on SIGTERM or Ctrl-C.
+//!   pod, `make dev`, tests — bounded against slow and greedy clients ([`server`]: a
+//!   header timeout, a connection limit) and shutting down gracefully on SIGTERM or
+//!   Ctrl-C.
 //!
 //! Both modes get the same layers: `/healthz` (the process is alive), `/readyz` (its
 //! backends answer), an `x-request-id` on every request and response, a tracing span
@@ -18,6 +20,7 @@
 //! extensions do not exist in server mode.
 
 mod problem;
+pub mod server;
 mod telemetry;
 
 pub use problem::{problem, Problem};
@@ -198,13 +201,14 @@ pub async fn serve(
         Ok(p) => p.parse().map_err(|e| format!("PORT={p:?}: {e}"))?,
         Err(_) => 8080,
     };
+    let limits = server::Limits::from_env()?;
     let listener = tokio::net::TcpListener::bind((host.as_str(), port))
         .await
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
-    tracing::info!(function, mode = "http", addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    tracing::info!(function, mode = "http", addr = %listener.local_addr()?,
+        max_connections = limits.max_connections,
+        header_timeout_ms = limits.header_timeout.as_millis() as u64, "listening");
+    server::serve(listener, app, limits, shutdown_signal()).await?;
     tracing::info!(function, "stopped");
     Ok(())
 }

@@ -17,11 +17,12 @@ pub type Case<'a> = (
     &'a str,
 );
 
-/// An HTTP client for one deployment.
+/// An HTTP client for one deployment, sending a bearer token if it has one.
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     pub client: reqwest::Client,
+    pub token: Option<String>,
 }
 
 impl Api {
@@ -29,6 +30,15 @@ impl Api {
         Self {
             base: base.into(),
             client: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    /// The same deployment, with `Authorization: Bearer {token}` on every request.
+    pub fn with_token(&self, token: impl Into<String>) -> Self {
+        Self {
+            token: Some(token.into()),
+            ..self.clone()
         }
     }
 
@@ -45,6 +55,9 @@ impl Api {
             req = req
                 .header("content-type", "application/json")
                 .body(body.to_owned());
+        }
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -74,8 +87,13 @@ impl Api {
     pub async fn raw_post(&self, path: &str, body: &str) -> (u16, String) {
         let addr = self.base.trim_start_matches("http://");
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\n{authorization}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(req.as_bytes()).await.unwrap();
@@ -239,6 +257,9 @@ pub async fn bad_inputs_are_refused(api: &Api) {
     for (method, path, body, content_type, header, status, kind) in &cases {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = api.client.request(m, format!("{}{path}", api.base));
+        if let Some(token) = &api.token {
+            req = req.bearer_auth(token);
+        }
         if let Some(ct) = content_type {
             req = req.header("content-type", *ct);
         }

@@ -119,6 +119,7 @@ pub async fn seed(dir: &Path, steps: &[Step<'_>]) {
                     AccountCommand::Open {
                         id,
                         currency: policy.currency,
+                        owner: None,
                     },
                 )
             }

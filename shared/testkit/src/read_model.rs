@@ -88,6 +88,8 @@ fn opened(id: &AccountId) -> Commit<AccountEvent> {
         AccountEvent::Opened {
             id: id.clone(),
             currency: Currency::USD,
+            owner: None,
+            holder: None,
         },
     )
 }

@@ -310,3 +310,25 @@ pub fn s3_config(endpoint: &str, bucket: &str) -> tally_s3::S3Config {
 pub fn s3_store(endpoint: &str, bucket: &str) -> tally_s3::S3EventStore {
     tally_s3::S3EventStore::new(&s3_config(endpoint, bucket)).expect("an S3 endpoint URL")
 }
+
+/// An access token from the identity provider of `scripts/idp.sh` (its issuer in
+/// `TALLY_TEST_OIDC_ISSUER`): the client-credentials grant for `client` (whose secret
+/// is `{client}-secret` there) with `scope`. The end-to-end tests take their tokens
+/// from it, never minting their own.
+pub async fn oidc_token(client: &str, scope: &str) -> String {
+    let issuer = required_env("TALLY_TEST_OIDC_ISSUER");
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{issuer}/token"))
+        .basic_auth(client, Some(format!("{client}-secret")))
+        .form(&[("grant_type", "client_credentials"), ("scope", scope)])
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the identity provider at {issuer} is unreachable: {e}"))
+        .json()
+        .await
+        .expect("a JSON answer");
+    answer["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token for {client} with {scope:?}: {answer}"))
+        .to_owned()
+}

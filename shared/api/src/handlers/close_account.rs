@@ -2,10 +2,11 @@
 
 use crate::dto::{CommandResponse, ProblemBody};
 use crate::extract::{AccountPath, CommandHeaders};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use tally_auth::Scope;
 use tally_domain::AccountCommand;
 
 /// Close an account whose balance is zero. A closed account refuses every command.
@@ -29,12 +30,15 @@ use tally_domain::AccountCommand;
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     headers: CommandHeaders,
 ) -> Result<Response, ApiError> {
+    who.may(&state, Scope::AccountsWrite, &id).await?;
     let fingerprint = "close".to_owned();
     super::run_command(
         &state,
+        &who,
         &id,
         AccountCommand::Close,
         fingerprint,

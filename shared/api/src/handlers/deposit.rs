@@ -2,10 +2,11 @@
 
 use crate::dto::{AmountRequest, CommandResponse, ProblemBody};
 use crate::extract::{AccountPath, CommandHeaders, JsonBody};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use tally_auth::Scope;
 use tally_domain::AccountCommand;
 
 /// Deposit money into an open account.
@@ -32,12 +33,23 @@ use tally_domain::AccountCommand;
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     headers: CommandHeaders,
     JsonBody(request): JsonBody<AmountRequest>,
 ) -> Result<Response, ApiError> {
+    who.may(&state, Scope::AccountsWrite, &id).await?;
     let amount = super::amount(&state, &request)?;
     let fingerprint = format!("deposit {}", amount.minor());
     let command = AccountCommand::Deposit { amount };
-    super::run_command(&state, &id, command, fingerprint, headers, StatusCode::OK).await
+    super::run_command(
+        &state,
+        &who,
+        &id,
+        command,
+        fingerprint,
+        headers,
+        StatusCode::OK,
+    )
+    .await
 }

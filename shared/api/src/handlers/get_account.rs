@@ -3,11 +3,12 @@
 use super::get_balance::ReadParams;
 use crate::dto::{AccountResponse, ProblemBody};
 use crate::extract::{revision_param, AccountPath, QueryParams};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tally_auth::Scope;
 
 /// The account's details.
 #[utoipa::path(
@@ -26,11 +27,13 @@ use axum::Json;
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Response, ApiError> {
     let min = revision_param("min_revision", params.min_revision.as_deref())?;
-    let view = state.queries.account(&id, min).await?;
+    who.may(&state, Scope::AccountsRead, &id).await?;
+    let view = state.queries.account(&id, min, &who.caller).await?;
     let etag = super::etag(view.revision);
     Ok(([(header::ETAG, etag)], Json(AccountResponse::from(view))).into_response())
 }

@@ -2,13 +2,14 @@
 
 use crate::dto::{BalanceResponse, ProblemBody};
 use crate::extract::{revision_param, AccountPath, QueryParams};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use tally_app::AsOf;
+use tally_auth::Scope;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -39,6 +40,7 @@ pub(crate) struct ReadParams {
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Response, ApiError> {
@@ -70,10 +72,11 @@ pub async fn handle(
                     .into(),
             )),
         };
+    who.may(&state, Scope::AccountsRead, &id).await?;
     let (view, recorded_at) = match past {
-        None => (state.queries.balance(&id, min).await?, None),
+        None => (state.queries.balance(&id, min, &who.caller).await?, None),
         Some(as_of) => {
-            let past = state.queries.balance_as_of(&id, as_of).await?;
+            let past = state.queries.balance_as_of(&id, as_of, &who.caller).await?;
             (past.balance, Some(past.recorded_at))
         }
     };

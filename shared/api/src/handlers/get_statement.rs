@@ -3,10 +3,11 @@
 
 use crate::dto::{ProblemBody, StatementResponse, TransactionItem};
 use crate::extract::{revision_param, AccountPath, QueryParams};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
+use tally_auth::Scope;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, Duration, OffsetDateTime};
@@ -68,6 +69,7 @@ fn period_end(name: &str, value: Option<&str>, end: End) -> Result<OffsetDateTim
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     QueryParams(params): QueryParams<StatementParams>,
 ) -> Result<Json<StatementResponse>, ApiError> {
@@ -81,7 +83,11 @@ pub async fn handle(
         )));
     }
     let min = revision_param("min_revision", params.min_revision.as_deref())?;
-    let statement = state.queries.statement(&id, from, to, min).await?;
+    who.may(&state, Scope::AccountsRead, &id).await?;
+    let statement = state
+        .queries
+        .statement(&id, from, to, min, &who.caller)
+        .await?;
     let currency = statement.account.currency;
     Ok(Json(StatementResponse {
         id: id.to_string(),

@@ -1,9 +1,10 @@
 //! `GET /transfers/{id}` — the get-transfer function: a transfer read from its stream.
 
 use crate::dto::{ProblemBody, TransferResponse};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::{Path, State};
 use axum::Json;
+use tally_auth::Scope;
 use tally_domain::TransferId;
 
 /// A transfer and each of its steps, read from its own event stream (always current).
@@ -19,6 +20,7 @@ use tally_domain::TransferId;
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     Path(raw): Path<String>,
 ) -> Result<Json<TransferResponse>, ApiError> {
     let id = TransferId::parse(&raw).map_err(|e| ApiError::InvalidTransferId(e.to_string()))?;
@@ -27,5 +29,17 @@ pub async fn handle(
         .get(&id)
         .await?
         .ok_or(ApiError::TransferNotFound)?;
+    // A transfer is seen by the owners of its two accounts (and operators).
+    let mut seen = false;
+    for account in [&view.state.from, &view.state.to].into_iter().flatten() {
+        if who.reaches(&state, account).await? {
+            seen = true;
+            break;
+        }
+    }
+    if !seen {
+        return Err(ApiError::TransferNotFound);
+    }
+    who.require(Scope::AccountsRead)?;
     Ok(Json(TransferResponse::new(&view)))
 }

@@ -2,10 +2,11 @@
 
 use crate::dto::{ProblemBody, TransactionItem, TransactionsPage};
 use crate::extract::{revision_param, AccountPath, QueryParams};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
+use tally_auth::Scope;
 use tally_domain::Revision;
 
 const DEFAULT_LIMIT: usize = 20;
@@ -37,6 +38,7 @@ pub(crate) struct PageParams {
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     AccountPath(id): AccountPath,
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<TransactionsPage>, ApiError> {
@@ -54,9 +56,10 @@ pub async fn handle(
     // The cursor is opaque to clients; today it is the revision of the last item seen.
     let after = revision_param("cursor", params.cursor.as_deref())?.unwrap_or(Revision::ZERO);
     let min = revision_param("min_revision", params.min_revision.as_deref())?;
+    who.may(&state, Scope::AccountsRead, &id).await?;
     let (view, mut items) = state
         .queries
-        .transactions(&id, after, limit + 1, min)
+        .transactions(&id, after, limit + 1, min, &who.caller)
         .await?;
     let next_cursor = if items.len() > limit {
         items.truncate(limit);

@@ -13,7 +13,7 @@ pub mod withdraw;
 
 use crate::dto::CommandResponse;
 use crate::extract::CommandHeaders;
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,6 +24,7 @@ use tally_domain::{Account, AccountCommand, AccountEvent, AccountId, Revision};
 /// `Idempotency-Key` reuse detection.
 pub(crate) async fn run_command(
     state: &AppState,
+    who: &Who,
     id: &AccountId,
     command: AccountCommand,
     fingerprint: String,
@@ -37,6 +38,7 @@ pub(crate) async fn run_command(
         expected: headers.expected,
         request_id: headers.request_id,
         key_unused_through: None,
+        caller: who.caller.clone(),
     };
     // The command runs in a task of its own: a client that hangs up drops this
     // handler's future, and a command cut off between its append and its publish (or

@@ -2,10 +2,11 @@
 
 use crate::dto::{CommandResponse, OpenAccountRequest, ProblemBody};
 use crate::extract::{CommandHeaders, JsonBody};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use tally_auth::Scope;
 use tally_domain::{AccountCommand, AccountId};
 
 /// Open an account with a zero balance.
@@ -28,19 +29,29 @@ use tally_domain::{AccountCommand, AccountId};
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     headers: CommandHeaders,
     JsonBody(request): JsonBody<OpenAccountRequest>,
 ) -> Result<Response, ApiError> {
+    who.require(Scope::AccountsWrite)?;
     let id =
         AccountId::parse(&request.id).map_err(|e| ApiError::InvalidAccountId(e.to_string()))?;
     let currency = state.policy.currency;
+    let owner = who.caller.owner().cloned();
+    // The owner is part of the request: another subject's retry with the same key is
+    // another request (refused as a reused key), never handed this one's answer.
+    let fingerprint = match &owner {
+        Some(owner) => format!("open {currency} for {owner}"),
+        None => format!("open {currency}"),
+    };
     let command = AccountCommand::Open {
         id: id.clone(),
         currency,
+        owner,
     };
-    let fingerprint = format!("open {currency}");
     super::run_command(
         &state,
+        &who,
         &id,
         command,
         fingerprint,

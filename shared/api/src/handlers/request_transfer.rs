@@ -3,12 +3,13 @@
 
 use crate::dto::{ProblemBody, TransferRequestBody, TransferResponse};
 use crate::extract::{CommandHeaders, JsonBody};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, Who};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tally_app::TransferRequest;
+use tally_auth::Scope;
 use tally_domain::AccountId;
 
 /// Move money from one account to another. Answers at once with the transfer as
@@ -33,6 +34,7 @@ use tally_domain::AccountId;
 )]
 pub async fn handle(
     State(state): State<AppState>,
+    who: Who,
     headers: CommandHeaders,
     JsonBody(body): JsonBody<TransferRequestBody>,
 ) -> Result<Response, ApiError> {
@@ -47,8 +49,15 @@ pub async fn handle(
     let account = |name: &str, text: &str| {
         AccountId::parse(text).map_err(|e| ApiError::InvalidRequest(format!("{name}: {e}")))
     };
+    let from = account("from", &body.from)?;
+    // Only the debited account's owner (or an operator) moves its money; anyone else
+    // is told it does not exist.
+    if !who.reaches(&state, &from).await? {
+        return Err(ApiError::AccountNotFound);
+    }
+    who.require(Scope::TransfersWrite)?;
     let request = TransferRequest {
-        from: account("from", &body.from)?,
+        from,
         to: account("to", &body.to)?,
         amount: super::amount(&state, &body.amount())?,
         reference: body.reference,
@@ -59,9 +68,11 @@ pub async fn handle(
         let state = state.clone();
         let request_id = headers.request_id;
         async move {
+            // Transfer ids are derived from the key within the subject's namespace.
+            let namespace = who.subject.as_ref().map_or("", |s| s.as_str());
             state
                 .saga
-                .request("", key.as_str(), request, request_id)
+                .request(namespace, key.as_str(), request, request_id)
                 .await
         }
     };

@@ -2,7 +2,8 @@
 //!
 //! | type             | version | payload                                  |
 //! | ---------------- | ------- | ---------------------------------------- |
-//! | `AccountOpened`  | 1       | `{"id": "...", "currency": "USD"}`       |
+//! | `AccountOpened`  | 2       | `{"id": "...", "currency": "USD", "owner": "sub" \| null, "holder": sealed \| null}` |
+//! | `AccountOpened`  | 1       | `{"id": "...", "currency": "USD"}` — upcast to v2 with no owner and no holder |
 //! | `Deposited`      | 1       | `{"amount": 50000, "balance": 50000}`    |
 //! | `Withdrawn`      | 1       | `{"amount": 15000, "balance": 35000}`    |
 //! | `AccountClosed`  | 1       | `{}`                                     |
@@ -12,14 +13,21 @@
 //! account's counterparty is the credited one, and the other way round; a refund's is
 //! the account that refused the credit.
 //! Amounts and balances are integer minor units of the account's currency. Each event
-//! carries the balance after it, so projections stay dumb. A new schema version adds an
-//! arm to [`AccountEvent::decode`] that upcasts the old payload, and a fixture of the old
-//! version under `tests/fixtures/` that stays forever.
+//! carries the balance after it, so projections stay dumb. The owner is the subject that
+//! opened the account (none before owners were recorded); the holder's details are
+//! sealed under the holder's key ([`Sealed`]), never stored in the clear.
+//!
+//! A new schema version bumps the type's current version in [`TYPES`], adds an
+//! [`Upcaster`] from the old payload to [`STEPS`], and a fixture of the old version under
+//! `tests/fixtures/` that stays forever; [`AccountEvent::decode`] reads current payloads
+//! only.
 
+use crate::Owner;
 use crate::{AccountId, Currency, TransferId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tally_es::{DecodeError, DomainEvent};
+use std::sync::LazyLock;
+use tally_es::{ChainError, DecodeError, DomainEvent, Sealed, Upcaster, Upcasters};
 
 /// Something that happened to an account.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +35,11 @@ pub enum AccountEvent {
     Opened {
         id: AccountId,
         currency: Currency,
+        /// The subject that opened it; `None` for accounts opened before owners were
+        /// recorded (v1).
+        owner: Option<Owner>,
+        /// The holder's details, sealed under the holder's key.
+        holder: Option<Sealed>,
     },
     Deposited {
         amount: i64,
@@ -101,9 +114,46 @@ impl AccountEvent {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OpenedV1 {
+struct OpenedV2 {
     id: AccountId,
     currency: Currency,
+    owner: Option<Owner>,
+    holder: Option<Sealed>,
+}
+
+/// Every account event type: the first schema version ever stored, the current one.
+pub const TYPES: &[(&str, u32, u32)] = &[
+    ("AccountOpened", 1, 2),
+    ("Deposited", 1, 1),
+    ("Withdrawn", 1, 1),
+    ("AccountClosed", 1, 1),
+    ("TransferredOut", 1, 1),
+    ("TransferredIn", 1, 1),
+    ("TransferRefunded", 1, 1),
+];
+
+/// The upcasters of account events.
+pub const STEPS: &[Upcaster] = &[Upcaster {
+    event_type: "AccountOpened",
+    from: 1,
+    to: 2,
+    upcast: opened_v1_to_v2,
+}];
+
+/// `AccountOpened` v1 → v2: opened before owners and holders were recorded.
+fn opened_v1_to_v2(mut data: Value) -> Result<Value, String> {
+    let fields = data.as_object_mut().ok_or("not an object")?;
+    for field in ["owner", "holder"] {
+        if fields.insert(field.to_owned(), Value::Null).is_some() {
+            return Err(format!("a v1 payload has no `{field}`"));
+        }
+    }
+    Ok(data)
+}
+
+/// The chain of account events, checked: what every function checks at start-up.
+pub fn chain() -> Result<Upcasters, ChainError> {
+    Upcasters::new(TYPES, STEPS)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -136,14 +186,30 @@ impl DomainEvent for AccountEvent {
     }
 
     fn schema_version(&self) -> u32 {
-        1
+        match self {
+            Self::Opened { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    fn upcasters() -> &'static Upcasters {
+        static CHAIN: LazyLock<Upcasters> =
+            LazyLock::new(|| chain().expect("the account event chain is checked at start-up"));
+        &CHAIN
     }
 
     fn encode(&self) -> Value {
         match self {
-            Self::Opened { id, currency } => json!(OpenedV1 {
+            Self::Opened {
+                id,
+                currency,
+                owner,
+                holder,
+            } => json!(OpenedV2 {
                 id: id.clone(),
-                currency: *currency
+                currency: *currency,
+                owner: owner.clone(),
+                holder: holder.clone(),
             }),
             Self::Deposited { amount, balance } | Self::Withdrawn { amount, balance } => {
                 json!(MovedV1 {
@@ -180,11 +246,13 @@ impl DomainEvent for AccountEvent {
 
     fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
         match (event_type, version) {
-            ("AccountOpened", 1) => {
-                let p: OpenedV1 = DecodeError::payload(event_type, version, data)?;
+            ("AccountOpened", 2) => {
+                let p: OpenedV2 = DecodeError::payload(event_type, version, data)?;
                 Ok(Self::Opened {
                     id: p.id,
                     currency: p.currency,
+                    owner: p.owner,
+                    holder: p.holder,
                 })
             }
             ("Deposited", 1) => {

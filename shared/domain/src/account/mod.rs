@@ -9,9 +9,9 @@ mod snapshot;
 mod transfer;
 mod withdraw;
 
-pub use events::AccountEvent;
+pub use events::{chain as event_chain, AccountEvent};
 
-use crate::{AccountId, Amount, Currency, Money, TransferId};
+use crate::{AccountId, Amount, Caller, Currency, Money, Owner, TransferId};
 use tally_es::Aggregate;
 
 /// Where an account is in its life.
@@ -32,14 +32,19 @@ pub struct Account {
     pub currency: Option<Currency>,
     /// Balance in minor units; never negative.
     pub balance: i64,
+    /// The subject that opened it (`None`: opened before owners were recorded).
+    pub owner: Option<Owner>,
 }
 
 /// What a client can ask of an account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccountCommand {
+    /// Open the account for `owner` (the caller's subject; `None` with authentication
+    /// off).
     Open {
         id: AccountId,
         currency: Currency,
+        owner: Option<Owner>,
     },
     Deposit {
         amount: Amount,
@@ -95,6 +100,25 @@ pub enum AccountError {
 }
 
 impl Account {
+    /// Whether `caller` may send `command` to this account. A caller that does not
+    /// reach an opened account is told it does not exist (404), exactly as if it did
+    /// not: ids are not probeable. Opening is the exception: the id is the client's
+    /// choice, so an id in use is a conflict (409) whoever asks.
+    pub fn admits(&self, caller: &Caller, command: &AccountCommand) -> Result<(), AccountError> {
+        let opening = matches!(command, AccountCommand::Open { .. });
+        if opening || self.reaches(caller) {
+            Ok(())
+        } else {
+            Err(AccountError::NotFound)
+        }
+    }
+
+    /// Whether `caller` may see or act on this account (one that was never opened is
+    /// nobody's, and reads as not found anyway).
+    pub fn reaches(&self, caller: &Caller) -> bool {
+        self.status == AccountStatus::NotOpened || caller.reaches(self.owner.as_ref())
+    }
+
     /// The balance as money (zero in USD before the account is opened).
     pub fn balance_money(&self) -> Money {
         Money {
@@ -142,7 +166,11 @@ impl Aggregate for Account {
 
     fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         match command {
-            AccountCommand::Open { id, currency } => open::decide(self, id, currency),
+            AccountCommand::Open {
+                id,
+                currency,
+                owner,
+            } => open::decide(self, id, currency, owner),
             AccountCommand::Deposit { amount } => deposit::decide(self, amount),
             AccountCommand::Withdraw { amount } => withdraw::decide(self, amount),
             AccountCommand::Close => close::decide(self),
@@ -166,8 +194,14 @@ impl Aggregate for Account {
 
     fn apply(&mut self, event: &AccountEvent) {
         match event {
-            AccountEvent::Opened { id, currency } => {
+            AccountEvent::Opened {
+                id,
+                currency,
+                owner,
+                ..
+            } => {
                 self.id = Some(id.clone());
+                self.owner = owner.clone();
                 self.currency = Some(*currency);
                 self.status = AccountStatus::Open;
                 self.balance = 0;

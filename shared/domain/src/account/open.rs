@@ -1,15 +1,21 @@
 //! Opening an account: only on an empty stream.
 
 use super::{Account, AccountError, AccountEvent, AccountStatus};
-use crate::{AccountId, Currency};
+use crate::{AccountId, Currency, Owner};
 
 pub(super) fn decide(
     account: &Account,
     id: AccountId,
     currency: Currency,
+    owner: Option<Owner>,
 ) -> Result<Vec<AccountEvent>, AccountError> {
     if account.status != AccountStatus::NotOpened {
         return Err(AccountError::AlreadyOpen);
     }
-    Ok(vec![AccountEvent::Opened { id, currency }])
+    Ok(vec![AccountEvent::Opened {
+        id,
+        currency,
+        owner,
+        holder: None,
+    }])
 }

@@ -1,20 +1,23 @@
-//! The account's snapshot form (schema `account/1`). Change the schema name when this
-//! form changes: snapshots of another schema are ignored and the stream is replayed.
+//! The account's snapshot form (schema `account/2`: `account/1` plus the owner). Change
+//! the schema name when this form changes: a snapshot of another schema is ignored, the
+//! stream is replayed, and the next command past the snapshot interval writes one of
+//! the current schema.
 
 use super::{Account, AccountStatus};
-use crate::{AccountId, Currency};
+use crate::{AccountId, Currency, Owner};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub(super) const SCHEMA: &str = "account/1";
+pub(super) const SCHEMA: &str = "account/2";
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AccountV1 {
+struct AccountV2 {
     id: Option<AccountId>,
     status: String,
     currency: Option<Currency>,
     balance: i64,
+    owner: Option<Owner>,
 }
 
 pub(super) fn to_value(account: &Account) -> Value {
@@ -23,17 +26,18 @@ pub(super) fn to_value(account: &Account) -> Value {
         AccountStatus::Open => "open",
         AccountStatus::Closed => "closed",
     };
-    serde_json::to_value(AccountV1 {
+    serde_json::to_value(AccountV2 {
         id: account.id.clone(),
         status: status.to_owned(),
         currency: account.currency,
         balance: account.balance,
+        owner: account.owner.clone(),
     })
     .expect("an account always serializes")
 }
 
 pub(super) fn from_value(value: Value) -> Option<Account> {
-    let v: AccountV1 = serde_json::from_value(value).ok()?;
+    let v: AccountV2 = serde_json::from_value(value).ok()?;
     let status = match v.status.as_str() {
         "not-opened" => AccountStatus::NotOpened,
         "open" => AccountStatus::Open,
@@ -45,5 +49,6 @@ pub(super) fn from_value(value: Value) -> Option<Account> {
         status,
         currency: v.currency,
         balance: v.balance,
+        owner: v.owner,
     })
 }

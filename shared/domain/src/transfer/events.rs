@@ -3,7 +3,7 @@
 //! | type                     | payload                                                          |
 //! | ------------------------ | ---------------------------------------------------------------- |
 //! | `TransferRequested` v2   | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference", "from_at_request": 41, "to_at_request": 7}` |
-//! | `TransferRequested` v1   | as v2 without the two revisions (read as zero)                   |
+//! | `TransferRequested` v1   | as v2 without the two revisions (upcast to zero)                 |
 //! | `TransferDebited`        | `{"revision": 7}` (of `from`)                                    |
 //! | `TransferFailed`         | `{"code", "account", "detail"}` (the debit was refused)          |
 //! | `TransferCredited`       | `{"revision": 3}` (of `to`)                                      |
@@ -14,7 +14,8 @@ use super::{TransferFailure, TransferId};
 use crate::{AccountId, Currency};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tally_es::{DecodeError, DomainEvent, Revision};
+use std::sync::LazyLock;
+use tally_es::{ChainError, DecodeError, DomainEvent, Revision, Upcaster, Upcasters};
 
 /// Something that happened to a transfer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,17 +52,6 @@ pub enum TransferEvent {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RequestedV1 {
-    id: TransferId,
-    from: AccountId,
-    to: AccountId,
-    amount: i64,
-    currency: Currency,
-    reference: String,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RequestedV2 {
     id: TransferId,
     from: AccountId,
@@ -71,22 +61,6 @@ struct RequestedV2 {
     reference: String,
     from_at_request: Revision,
     to_at_request: Revision,
-}
-
-impl From<RequestedV1> for RequestedV2 {
-    /// A v1 request said nothing of the accounts' revisions: zero, the whole stream.
-    fn from(v: RequestedV1) -> Self {
-        Self {
-            id: v.id,
-            from: v.from,
-            to: v.to,
-            amount: v.amount,
-            currency: v.currency,
-            reference: v.reference,
-            from_at_request: Revision::ZERO,
-            to_at_request: Revision::ZERO,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,14 +95,40 @@ fn refused(failure: &TransferFailure) -> Value {
     })
 }
 
-const TYPES: [&str; 6] = [
-    "TransferRequested",
-    "TransferDebited",
-    "TransferFailed",
-    "TransferCredited",
-    "TransferCreditRefused",
-    "TransferReversed",
+/// Every transfer event type: the first schema version ever stored, the current one.
+pub const TYPES: &[(&str, u32, u32)] = &[
+    ("TransferRequested", 1, 2),
+    ("TransferDebited", 1, 1),
+    ("TransferFailed", 1, 1),
+    ("TransferCredited", 1, 1),
+    ("TransferCreditRefused", 1, 1),
+    ("TransferReversed", 1, 1),
 ];
+
+/// The upcasters of transfer events.
+pub const STEPS: &[Upcaster] = &[Upcaster {
+    event_type: "TransferRequested",
+    from: 1,
+    to: 2,
+    upcast: requested_v1_to_v2,
+}];
+
+/// `TransferRequested` v1 → v2: a v1 request said nothing of the accounts' revisions:
+/// zero, the whole stream.
+fn requested_v1_to_v2(mut data: Value) -> Result<Value, String> {
+    let fields = data.as_object_mut().ok_or("not an object")?;
+    for field in ["from_at_request", "to_at_request"] {
+        if fields.insert(field.to_owned(), json!(0)).is_some() {
+            return Err(format!("a v1 payload has no `{field}`"));
+        }
+    }
+    Ok(data)
+}
+
+/// The chain of transfer events, checked: what every function checks at start-up.
+pub fn chain() -> Result<Upcasters, ChainError> {
+    Upcasters::new(TYPES, STEPS)
+}
 
 impl DomainEvent for TransferEvent {
     fn event_type(&self) -> &'static str {
@@ -140,6 +140,7 @@ impl DomainEvent for TransferEvent {
             Self::CreditRefused { .. } => 4,
             Self::Reversed { .. } => 5,
         }]
+        .0
     }
 
     fn schema_version(&self) -> u32 {
@@ -147,6 +148,12 @@ impl DomainEvent for TransferEvent {
             Self::Requested { .. } => 2,
             _ => 1,
         }
+    }
+
+    fn upcasters() -> &'static Upcasters {
+        static CHAIN: LazyLock<Upcasters> =
+            LazyLock::new(|| chain().expect("the transfer event chain is checked at start-up"));
+        &CHAIN
     }
 
     fn encode(&self) -> Value {
@@ -182,15 +189,10 @@ impl DomainEvent for TransferEvent {
     }
 
     fn decode(event_type: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
-        if !TYPES.contains(&event_type) {
+        let Some(&(_, _, current)) = TYPES.iter().find(|(t, _, _)| *t == event_type) else {
             return Err(DecodeError::UnknownType(event_type.to_owned()));
-        }
-        let newest = if event_type == "TransferRequested" {
-            2
-        } else {
-            1
         };
-        if !(1..=newest).contains(&version) {
+        if version != current {
             return Err(DecodeError::UnsupportedVersion {
                 event_type: event_type.to_owned(),
                 version,
@@ -202,11 +204,7 @@ impl DomainEvent for TransferEvent {
             |data| DecodeError::payload::<RefusedV1>(event_type, version, data).map(Into::into);
         Ok(match event_type {
             "TransferRequested" => {
-                let p: RequestedV2 = if version == 1 {
-                    DecodeError::payload::<RequestedV1>(event_type, version, data)?.into()
-                } else {
-                    DecodeError::payload(event_type, version, data)?
-                };
+                let p: RequestedV2 = DecodeError::payload(event_type, version, data)?;
                 Self::Requested {
                     id: p.id,
                     from: p.from,

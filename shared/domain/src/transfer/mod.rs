@@ -15,7 +15,7 @@
 mod events;
 mod id;
 
-pub use events::TransferEvent;
+pub use events::{chain as event_chain, TransferEvent};
 pub use id::{TransferId, TransferIdError};
 
 use crate::{AccountError, AccountId, Amount, Currency};
