@@ -32,3 +32,10 @@ if [ "${AUTH:-on}" = off ]; then
 else
   export TALLY_AUTH_ISSUER=${TALLY_AUTH_ISSUER:-$TALLY_TEST_OIDC_ISSUER}
 fi
+# The key commits on the topic are signed and checked with (tally_kafka::mac): one
+# per machine, kept with the services' state.
+if [ -z "${TALLY_STREAM_KEY:-}" ]; then
+  key_file=${TALLY_CACHE:-$HOME/.cache/tally}/run/stream-key
+  [ -s "$key_file" ] || python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$key_file"
+  export TALLY_STREAM_KEY=$(cat "$key_file")
+fi

@@ -53,6 +53,11 @@ impl Stack {
             ("TALLY_REDIS_PREFIX", format!("{}:", unique("stack"))),
             // Bearer tokens of the real identity provider, in every function.
             ("TALLY_AUTH_ISSUER", required_env("TALLY_TEST_OIDC_ISSUER")),
+            // Commits on the topic signed by their producers, checked by their consumers.
+            (
+                "TALLY_STREAM_KEY",
+                "c3RhY2stdGVzdC1zdHJlYW0ta2V5LTMyLWJ5dGVzLWxvbmchIQ==".into(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -187,3 +187,246 @@ async fn a_projector_killed_mid_stream_and_restarted_applies_every_commit_exactl
     }
     drop(projector);
 }
+
+/// A fresh stream key, as an operator would make one (`openssl rand -base64 32`).
+fn stream_key() -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A commit of `id` at `revision`, as the store would hold it: what a forger puts on the
+/// topic.
+fn forged_commit(id: &str, revision: u64, events: Vec<tally_domain::AccountEvent>) -> Vec<u8> {
+    tally_es::Commit::new(
+        StreamId::parse(id).unwrap(),
+        Revision::new(revision),
+        time::OffsetDateTime::now_utc(),
+        events,
+        Default::default(),
+    )
+    .encode()
+    .to_bytes()
+}
+
+/// Integrity of the stream: messages produced to the commit topic by a stock Kafka
+/// client (not Tally's producer) — unsigned, signed under another key, or carrying a
+/// genuine message's MAC over other bytes — change nothing in the read model, while
+/// Tally's own signed commits keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_the_store_did_not_produce_changes_nothing() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tally_domain::AccountEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_database().await;
+    let bucket = unique("tally");
+    let topic = unique("commits");
+    let key = stream_key();
+    let s3 = required_env("TALLY_TEST_S3_ENDPOINT");
+    let brokers = required_env("TALLY_TEST_KAFKA_BROKERS");
+    let vars = env(&[
+        ("TALLY_DATABASE_URL", &database_url),
+        ("TALLY_S3_BUCKET", &bucket),
+        ("TALLY_S3_ENDPOINT", &s3),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("TALLY_KAFKA_BROKERS", &brokers),
+        ("TALLY_KAFKA_TOPIC", &topic),
+        ("TALLY_KAFKA_GROUP", &unique("group")),
+        ("TALLY_STREAM_KEY", &key),
+        // Only the stream brings commits here: no catch-up from the store in between.
+        ("TALLY_CATCH_UP_EVERY", "0"),
+    ]);
+    let mut config = Config::with_data_dir(dir.path());
+    config.s3_bucket = Some(bucket.clone());
+    config.s3_endpoint = Some(s3.clone());
+    config.s3_access_key_id = Some("test".into());
+    config.s3_secret_access_key = Some("test".into());
+    config.kafka_brokers = Some(brokers.clone());
+    config.kafka_topic = topic.clone();
+    config.database_url = Some(database_url.clone());
+    config.stream_key = Some(key.clone());
+    let writer = Host::build(&config, Role::Command).await.unwrap();
+    writer.init().await.unwrap();
+    let projector = Function::server_with(BIN, dir.path(), &vars).await;
+    let policy = config.policy().unwrap();
+    let ctx = tally_app::CommandContext::default();
+    let victim = AccountId::parse("victim").unwrap();
+    let run = |command| {
+        writer
+            .state
+            .commands
+            .execute(victim.stream_id(), command, &ctx)
+    };
+    run(tally_domain::AccountCommand::Open {
+        id: victim.clone(),
+        currency: policy.currency,
+        owner: None,
+    })
+    .await
+    .unwrap();
+    run(tally_domain::AccountCommand::Deposit {
+        amount: policy.parse("10").unwrap(),
+    })
+    .await
+    .unwrap();
+    let pool = tally_postgres::connect(&database_url, 2).await.unwrap();
+    let row = |id: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>("SELECT balance, revision FROM accounts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..400 {
+        if row("victim").await == Some((1000, 2)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(row("victim").await, Some((1000, 2)));
+
+    // The forger: a plain rdkafka producer that can write to the topic.
+    let stock: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let rich = forged_commit(
+        "victim",
+        3,
+        vec![AccountEvent::Deposited {
+            amount: 100_000_000,
+            balance: 100_001_000,
+        }],
+    );
+    let phantom = forged_commit(
+        "phantom",
+        1,
+        vec![AccountEvent::Opened {
+            id: AccountId::parse("phantom").unwrap(),
+            currency: policy.currency,
+            owner: None,
+            holder: None,
+        }],
+    );
+    let other_key = tally_kafka::StreamKey::parse(&stream_key()).unwrap();
+    // The MAC of a genuine message (the deposit at revision 2), over other bytes.
+    let genuine = writer
+        .store
+        .read_commit(victim.stream_id(), Revision::new(2))
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    let genuine_mac = tally_kafka::StreamKey::parse(&key).unwrap().sign(&genuine);
+    for (stream, value, mac) in [
+        ("victim", &rich, None),
+        ("victim", &rich, Some(other_key.sign(&rich))),
+        ("victim", &rich, Some(genuine_mac.clone())),
+        ("phantom", &phantom, None),
+        ("phantom", &phantom, Some(other_key.sign(&phantom))),
+    ] {
+        let mut headers = OwnedHeaders::new();
+        if let Some(mac) = &mac {
+            headers = headers.insert(Header {
+                key: tally_kafka::MAC_HEADER,
+                value: Some(mac.as_str()),
+            });
+        }
+        stock
+            .send(
+                FutureRecord::to(&topic)
+                    .key(stream)
+                    .payload(value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    // Then a genuine deposit: once it is in the read model, the forged messages before
+    // it on the partition were read (and passed over).
+    run(tally_domain::AccountCommand::Deposit {
+        amount: policy.parse("1").unwrap(),
+    })
+    .await
+    .unwrap();
+    for _ in 0..400 {
+        if row("victim").await == Some((1100, 3)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        row("victim").await,
+        Some((1100, 3)),
+        "the genuine commit 3, not the forged one"
+    );
+    assert_eq!(
+        row("phantom").await,
+        None,
+        "no account from a forged opening"
+    );
+    let movements: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transactions WHERE account_id = 'victim'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(movements, 2);
+    let metrics = reqwest::get(format!("{}/metrics", projector.base_url().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let forged: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tally_stream_forged_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        forged >= 3,
+        "the projector counted what it passed over:\n{metrics}"
+    );
+    drop(projector);
+}
+
+/// Under the Lambda runtime too: with a stream key, a batch's unsigned records (the
+/// stored fixture was never signed) are passed over, not applied.
+#[tokio::test]
+async fn under_lambda_a_record_without_a_valid_mac_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_database().await;
+    let bucket = unique("tally");
+    let s3 = required_env("TALLY_TEST_S3_ENDPOINT");
+    let key = stream_key();
+    let vars = env(&[
+        ("TALLY_DATABASE_URL", &database_url),
+        ("TALLY_S3_BUCKET", &bucket),
+        ("TALLY_S3_ENDPOINT", &s3),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("TALLY_STREAM_KEY", &key),
+    ]);
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/kafka-event.json")).unwrap();
+    let projector = Function::lambda_with(BIN, dir.path(), &vars).await;
+    let answer = projector.invoke_raw(fixture).await.unwrap();
+    assert_eq!(
+        (answer["commits"].as_u64(), answer["applied"].as_u64()),
+        (Some(0), Some(0)),
+        "{answer}"
+    );
+    let pool = tally_postgres::connect(&database_url, 1).await.unwrap();
+    let read_model = tally_postgres::PgReadModel::new(pool);
+    use tally_app::ReadModel;
+    assert!(read_model
+        .account(&AccountId::parse("fixture-acc").unwrap())
+        .await
+        .unwrap()
+        .is_none());
+}

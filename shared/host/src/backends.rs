@@ -359,10 +359,15 @@ impl Host {
             .kafka_brokers
         {
             Some(brokers) => {
+                let key = config.stream_key()?;
+                if key.is_none() {
+                    tracing::warn!("TALLY_STREAM_KEY is not set: messages on the commit topic are neither signed nor checked");
+                }
                 let kafka = tally_kafka::KafkaStream::new(tally_kafka::KafkaConfig {
                     brokers: brokers.clone(),
                     topic: config.kafka_topic.clone(),
                     publish_timeout: std::time::Duration::from_secs(10),
+                    key,
                 })?;
                 let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))
                     .with_snapshots(snapshots.clone(), config.snapshot_every)

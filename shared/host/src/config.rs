@@ -87,6 +87,10 @@ pub struct Config {
     pub auth_leeway_seconds: u64,
     /// The subject that owns the accounts opened before owners were recorded.
     pub auth_legacy_owner: Option<String>,
+
+    /// The key (base64, at least 32 bytes) every message on the commit topic is signed
+    /// with and checked against (`tally_kafka::mac`). Unset: the topic is trusted.
+    pub stream_key: Option<String>,
 }
 
 fn default_auth_audience() -> String {
@@ -182,6 +186,16 @@ impl Config {
             verifier: std::sync::Arc::new(tally_auth::Verifier::new(config)),
             legacy_owner,
         })
+    }
+
+    /// The stream key, if one is configured.
+    pub fn stream_key(&self) -> Result<Option<tally_kafka::StreamKey>, BoxError> {
+        Ok(self
+            .stream_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .map(tally_kafka::StreamKey::parse)
+            .transpose()?)
     }
 
     /// The S3 settings, if the S3 store is configured.

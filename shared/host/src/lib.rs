@@ -280,10 +280,11 @@ use axum::response::IntoResponse;
 /// skipped, so a retry is safe).
 async fn lambda_projector(host: Host) -> Result<(), BoxError> {
     let projector = host.state.projector.clone();
+    let key = host.config.stream_key()?;
     let handler = lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<aws_lambda_events::event::kafka::KafkaEvent>| {
-            let projector = projector.clone();
-            async move { handle_kafka_batch(&projector, &event.payload).await }
+            let (projector, key) = (projector.clone(), key.clone());
+            async move { handle_kafka_batch(&projector, &event.payload, key.as_ref()).await }
         },
     );
     lambda_runtime::run(handler).await
@@ -293,8 +294,9 @@ async fn lambda_projector(host: Host) -> Result<(), BoxError> {
 pub async fn handle_kafka_batch(
     projector: &tally_app::Projector,
     event: &aws_lambda_events::event::kafka::KafkaEvent,
+    key: Option<&tally_kafka::StreamKey>,
 ) -> Result<serde_json::Value, BoxError> {
-    let commits = tally_kafka::decode_lambda_batch(event)?;
+    let commits = tally_kafka::decode_lambda_batch(event, key)?;
     let (mut applied, mut duplicates, mut repaired) = (0, 0, 0);
     for commit in &commits {
         match projector.handle(commit).await? {
@@ -318,10 +320,11 @@ pub async fn handle_kafka_batch(
 async fn lambda_saga(host: Host) -> Result<(), BoxError> {
     let saga = host.state.saga.clone();
     let deadline = std::time::Duration::from_secs(host.config.transfer_deadline_seconds);
+    let key = host.config.stream_key()?;
     let handler = lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<serde_json::Value>| {
-            let saga = saga.clone();
-            async move { handle_saga_invocation(&saga, deadline, event.payload).await }
+            let (saga, key) = (saga.clone(), key.clone());
+            async move { handle_saga_invocation(&saga, deadline, event.payload, key.as_ref()).await }
         },
     );
     lambda_runtime::run(handler).await
@@ -332,13 +335,14 @@ pub async fn handle_saga_invocation(
     saga: &tally_app::transfers::Saga,
     deadline: std::time::Duration,
     payload: serde_json::Value,
+    key: Option<&tally_kafka::StreamKey>,
 ) -> Result<serde_json::Value, BoxError> {
     if payload.get("records").is_none() {
         let driven = saga.sweep(deadline).await?;
         return Ok(serde_json::json!({"swept": driven}));
     }
     let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_value(payload)?;
-    let commits = tally_kafka::decode_lambda_batch(&event)?;
+    let commits = tally_kafka::decode_lambda_batch(&event, key)?;
     let mut outcomes = std::collections::BTreeMap::<&'static str, u64>::new();
     for status in saga.try_handle_batch(&commits).await? {
         let outcome = status.map_or("skipped", |s| s.name());

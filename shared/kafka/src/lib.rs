@@ -12,6 +12,12 @@
 //!   read-model transaction committed.
 //! * [`decode_lambda_batch`] — the commits of an `aws_lambda_events` `KafkaEvent`, for
 //!   the projector under the Lambda runtime.
+//! * [`mac`] — with a [`StreamKey`] configured, every message produced carries an
+//!   HMAC of its value (`tally-mac`), and every consumer passes over a message without
+//!   a valid one: a commit the store did not produce changes nothing.
+
+pub mod mac;
+pub use mac::{StreamKey, MAC_HEADER};
 
 use async_trait::async_trait;
 use aws_lambda_events::event::kafka::KafkaEvent;
@@ -21,7 +27,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
@@ -36,6 +42,9 @@ pub struct KafkaConfig {
     pub topic: String,
     /// How long a publish may wait for the broker before it fails (the outbox covers it).
     pub publish_timeout: Duration,
+    /// The key messages are signed and checked with; `None`: neither (a warning at
+    /// start says the topic is then trusted).
+    pub key: Option<StreamKey>,
 }
 
 impl KafkaConfig {
@@ -49,6 +58,11 @@ impl KafkaConfig {
             brokers,
             topic: std::env::var("TALLY_KAFKA_TOPIC").unwrap_or_else(|_| "tally.commits".into()),
             publish_timeout: Duration::from_secs(10),
+            key: std::env::var("TALLY_STREAM_KEY")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|k| StreamKey::parse(&k))
+                .transpose()?,
         })
     }
 }
@@ -156,7 +170,7 @@ impl KafkaStream {
     }
 }
 
-fn headers(commit: &StoredCommit) -> OwnedHeaders {
+fn headers(commit: &StoredCommit, payload: &[u8], key: Option<&StreamKey>) -> OwnedHeaders {
     let types: Vec<&str> = commit
         .events
         .iter()
@@ -187,6 +201,13 @@ fn headers(commit: &StoredCommit) -> OwnedHeaders {
             value: Some(request_id.as_str()),
         });
     }
+    if let Some(key) = key {
+        let mac = key.sign(payload);
+        headers = headers.insert(Header {
+            key: MAC_HEADER,
+            value: Some(mac.as_str()),
+        });
+    }
     headers
 }
 
@@ -197,7 +218,7 @@ impl EventPublisher for KafkaStream {
         let record = FutureRecord::to(&self.config.topic)
             .key(commit.stream.as_str())
             .payload(&payload)
-            .headers(headers(commit));
+            .headers(headers(commit, &payload, self.config.key.as_ref()));
         let producer = self.current();
         let sent = producer.send(record, Duration::ZERO).await;
         match sent {
@@ -237,6 +258,7 @@ impl EventStream for KafkaStream {
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
             last: None,
+            key: self.config.key.clone(),
         }))
     }
 }
@@ -246,6 +268,8 @@ pub struct KafkaSubscription {
     consumer: Arc<StreamConsumer>,
     /// Topic, partition and offset of the last message handed out.
     last: Option<(String, i32, i64)>,
+    /// Messages without a valid MAC under it are passed over.
+    key: Option<StreamKey>,
 }
 
 #[async_trait]
@@ -259,6 +283,21 @@ impl Subscription for KafkaSubscription {
                         message.partition(),
                         message.offset(),
                     );
+                    if let Some(key) = &self.key {
+                        let mac = message.headers().and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|h| h.key == MAC_HEADER)
+                                .and_then(|h| h.value)
+                        });
+                        let value = message.payload().unwrap_or_default();
+                        if let Err(why) = key.verify(value, mac) {
+                            mac::passed_over(why, &position.0, position.1.into(), position.2);
+                            self.last = Some(position);
+                            let _ = self.commit_last();
+                            continue;
+                        }
+                    }
                     match message.payload().map(StoredCommit::from_bytes) {
                         Some(Ok(commit)) => {
                             self.last = Some(position);
@@ -303,7 +342,12 @@ impl KafkaSubscription {
 
 /// The commits of a Lambda Kafka batch, in order per partition. A record that is not a
 /// commit is an error: the batch is refused (and retried by Lambda) rather than skipped.
-pub fn decode_lambda_batch(event: &KafkaEvent) -> Result<Vec<StoredCommit>, String> {
+/// With a `key`, a record without a valid MAC is passed over (logged and counted): it
+/// is not Tally's, and refusing the batch would only have Lambda deliver it again.
+pub fn decode_lambda_batch(
+    event: &KafkaEvent,
+    key: Option<&StreamKey>,
+) -> Result<Vec<StoredCommit>, String> {
     let mut partitions: Vec<_> = event.records.iter().collect();
     partitions.sort_by(|a, b| a.0.cmp(b.0));
     let mut commits = Vec::new();
@@ -319,6 +363,19 @@ pub fn decode_lambda_batch(event: &KafkaEvent) -> Result<Vec<StoredCommit>, Stri
                 .map_err(|e| {
                     format!("{partition}@{:?}: value is not base64: {e}", record.offset)
                 })?;
+            if let Some(key) = key {
+                // Lambda gives header values as signed bytes.
+                let mac: Option<Vec<u8>> = record
+                    .headers
+                    .iter()
+                    .find_map(|h| h.get(MAC_HEADER))
+                    .map(|v| v.iter().map(|b| *b as u8).collect());
+                if let Err(why) = key.verify(&bytes, mac.as_deref()) {
+                    let topic = record.topic.as_deref().unwrap_or(partition);
+                    mac::passed_over(why, topic, record.partition, record.offset);
+                    continue;
+                }
+            }
             let commit = StoredCommit::from_bytes(&bytes)
                 .map_err(|e| format!("{partition}@{:?}: not a commit: {e}", record.offset))?;
             commits.push(commit);

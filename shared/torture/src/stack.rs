@@ -162,6 +162,8 @@ pub async fn run_on(
             ("TALLY_DATABASE_URL", database_url.clone()),
             ("TALLY_REDIS_URL", format!("redis://{}", redis.address())),
             ("TALLY_FAULT_INJECTION", plan.inject.clone()),
+            // Commits on the topic are signed and checked, as in production.
+            ("TALLY_STREAM_KEY", random_key()),
         ])
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
@@ -216,6 +218,7 @@ pub async fn run_on(
         brokers: broker_address.clone(),
         topic: topic.clone(),
         publish_timeout: Duration::from_secs(5),
+        key: None,
     })
     .map_err(|e| e.to_string())?;
     let store = Arc::new(store);
@@ -570,4 +573,11 @@ async fn check_topic(
         }
     }
     Ok(())
+}
+
+/// A stream key for one run (base64 of 32 random bytes).
+fn random_key() -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
