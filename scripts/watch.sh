@@ -42,8 +42,11 @@ else
   backends="the local services (scripts/services.sh: no compose backends answer on :9002 and :5433)"
   ./scripts/services.sh up
   eval "$(./scripts/services.sh env)"
-  . scripts/stack-env.sh
+  AUTH=off . scripts/stack-env.sh
 fi
+# The local serverless loop is `make dev`'s kind: no bearer tokens, and a topic it
+# trusts (the functions inherit this environment, not only the env file's).
+unset TALLY_AUTH_ISSUER TALLY_STREAM_KEY
 export TALLY_STORE=${TALLY_STORE:-${STORE:-s3}}
 export TALLY_S3_BUCKET=${TALLY_S3_BUCKET:-tally}
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-tally} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-tally-secret}
