@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # One image for every Tally function: each binary of the workspace at
-# /usr/local/bin/<name> (open-account, deposit, withdraw, close-account, get-account,
+# /usr/local/bin/<name> (open-account, deposit, withdraw, close-account, forget-holder, get-account,
 # get-balance, list-transactions, transfer, get-transfer, projector, transfer-saga,
 # relay, migrate, gateway, admin), on a distroless, non-root runtime. A Deployment
 # (charts/tally) or a compose service picks its binary with `command`; the default is
@@ -54,7 +54,7 @@ COPY shared ./shared
 COPY functions ./functions
 
 # The binaries every deployment expects; the build fails if one is missing.
-ARG BINARIES="open-account deposit withdraw close-account get-account get-balance list-transactions transfer get-transfer projector transfer-saga relay migrate gateway admin"
+ARG BINARIES="open-account deposit withdraw close-account forget-holder get-account get-balance list-transactions transfer get-transfer projector transfer-saga relay migrate gateway admin"
 
 # Build every binary of the workspace (release profile: stripped, full LTO), then copy
 # each executable cargo reports out of the cache-mounted target directory. The list

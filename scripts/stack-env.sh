@@ -39,3 +39,10 @@ if [ -z "${TALLY_STREAM_KEY:-}" ]; then
   [ -s "$key_file" ] || python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$key_file"
   export TALLY_STREAM_KEY=$(cat "$key_file")
 fi
+# The master key that wraps holders' data keys (tally_vault): one per machine, kept
+# with the services' state (in production: a Secret, or a KMS).
+if [ -z "${TALLY_MASTER_KEY:-}" ]; then
+  master_file=${TALLY_CACHE:-$HOME/.cache/tally}/run/master-key
+  [ -s "$master_file" ] || (umask 077; python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >"$master_file")
+  export TALLY_MASTER_KEY=$(cat "$master_file")
+fi

@@ -46,7 +46,7 @@ trap stop EXIT INT TERM
 
 port=8101
 upstreams=""
-for function in open-account deposit withdraw close-account get-account get-balance list-transactions transfer get-transfer projector relay transfer-saga; do
+for function in open-account deposit withdraw close-account forget-holder get-account get-balance list-transactions transfer get-transfer projector relay transfer-saga; do
   PORT=$port "$BIN/$function" >"$LOGS/$function.log" 2>&1 &
   pids+=($!)
   case $function in projector|relay|transfer-saga) ;; *) upstreams+="${upstreams:+,}$function=http://127.0.0.1:$port" ;; esac

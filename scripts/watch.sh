@@ -46,7 +46,7 @@ else
 fi
 # The local serverless loop is `make dev`'s kind: no bearer tokens, and a topic it
 # trusts (the functions inherit this environment, not only the env file's).
-unset TALLY_AUTH_ISSUER TALLY_STREAM_KEY
+unset TALLY_AUTH_ISSUER TALLY_STREAM_KEY TALLY_MASTER_KEY
 export TALLY_STORE=${TALLY_STORE:-${STORE:-s3}}
 export TALLY_S3_BUCKET=${TALLY_S3_BUCKET:-tally}
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-tally} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-tally-secret}

@@ -751,3 +751,131 @@ async fn events_stored_at_old_schema_versions_are_read_on_every_path() {
         ("Deposited", 1)
     );
 }
+
+/// Every file under `dir` that contains `needle`, as paths.
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if std::fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Crypto-shredding on `make dev`: a holder's details are sealed before they are
+/// stored (no file holds them in the clear), shown to the owner, and erased for good
+/// by `forget` — in the events, snapshots and segments alike, after a rebuild and a
+/// restart too — while the balance and the movements stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path()).await;
+    let (name, email) = ("Ada Lovelace-7f3a", "ada.7f3a@example.com");
+    let holder = json!({"name": name, "email": email});
+    // Bad details are refused and keep nothing (not even a key).
+    let (s, b) = gw
+        .post(
+            "/accounts",
+            &json!({"ID": "shred", "holder": {"name": name, "email": "nope"}}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (422, Some("/problems/invalid-request")),
+        "{b}"
+    );
+    assert!(
+        !dir.path().join("keys").exists()
+            || std::fs::read_dir(dir.path().join("keys")).unwrap().count() == 0
+    );
+    let (s, b) = gw
+        .post(
+            "/accounts",
+            &json!({"ID": "shred", "holder": holder}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    gw.post("/accounts/shred/deposit", r#"{"Amount": 50}"#)
+        .await;
+    gw.post("/accounts/shred/withdraw", r#"{"Amount": 20}"#)
+        .await;
+    let (s, b) = gw.get("/accounts/shred").await;
+    assert_eq!((s, &b["holder"]), (200, &holder), "{b}");
+    assert!(
+        files_containing(dir.path(), name).is_empty(),
+        "the name is never stored in the clear"
+    );
+    assert!(
+        files_containing(dir.path(), email).is_empty(),
+        "nor the email"
+    );
+    let keys: Vec<_> = std::fs::read_dir(dir.path().join("keys"))
+        .unwrap()
+        .collect();
+    assert_eq!(keys.len(), 1, "one data key, wrapped");
+
+    // If-Match does not apply: refused, and nothing is destroyed.
+    let (s, _, _) = gw
+        .send(
+            "POST",
+            "/accounts/shred/forget",
+            None,
+            &[("if-match", "\"3\"")],
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert_eq!(gw.get("/accounts/shred").await.1["holder"], holder);
+    let (s, b) = gw.post("/accounts/shred/forget", "").await;
+    assert_eq!(
+        (s, b["revision"].as_u64(), b["balance"].as_str()),
+        (200, Some(4), Some("30.00")),
+        "{b}"
+    );
+    let erased = json!({"erased": true});
+    assert_eq!(gw.get("/accounts/shred").await.1["holder"], erased);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("keys")).unwrap().count(),
+        0,
+        "the key is destroyed"
+    );
+    let (s, b) = gw.post("/accounts/shred/forget", "").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (409, Some("/problems/holder-forgotten"))
+    );
+    // The ledger stays.
+    let (_, b) = gw.get("/accounts/shred/balance?min_revision=4").await;
+    assert_eq!(b["balance"], "30.00");
+    let (_, page) = gw.get("/accounts/shred/transactions?min_revision=4").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+
+    // A rebuild and a restart show the holder erased, and the balance as it was.
+    gw.embedded.state.projector.rebuild().await.unwrap();
+    assert_eq!(gw.get("/accounts/shred").await.1["holder"], erased);
+    drop(gw);
+    let gw = Gateway::start(dir.path()).await;
+    let (_, b) = gw.get("/accounts/shred").await;
+    assert_eq!(
+        (&b["holder"], b["balance"].as_str()),
+        (&erased, Some("30.00"))
+    );
+    assert!(files_containing(dir.path(), name).is_empty());
+    assert!(files_containing(dir.path(), email).is_empty());
+    // The sealed details are still in the opening, and open to nothing.
+    let opening = gw.commits("shred").await.remove(0);
+    assert!(opening.events[0].data["holder"]["data"].is_string());
+    // An account opened without details has none to show.
+    gw.post("/accounts", r#"{"ID": "plain"}"#).await;
+    assert!(gw.get("/accounts/plain").await.1.get("holder").is_none());
+}

@@ -234,3 +234,86 @@ async fn half_sent_requests_are_dropped_and_never_crowd_out_a_normal_one() {
     assert!(answer.contains("/problems/request-timeout"), "{answer}");
     drop(gateway);
 }
+
+/// A holder's details never reach a log line, at any level: not when the account is
+/// opened or read, not when they are forgotten.
+#[tokio::test]
+async fn a_holders_details_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("TALLY_DATA_DIR", dir.path().join("data"))
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "trace")
+        .env("TALLY_LOG_SPANS", "1")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (name, email) = ("Grace Hopper-51c0", "grace.51c0@example.com");
+    let send = |method: reqwest::Method, path: &str, body: Option<String>| {
+        let mut req = client.request(method, format!("{base}{path}"));
+        if let Some(body) = body {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        req.send()
+    };
+    let opened = send(
+        reqwest::Method::POST,
+        "/accounts",
+        Some(
+            serde_json::json!({"ID": "logged", "holder": {"name": name, "email": email}})
+                .to_string(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(opened.status(), 201);
+    let read = send(reqwest::Method::GET, "/accounts/logged", None)
+        .await
+        .unwrap();
+    assert!(
+        read.text().await.unwrap().contains(name),
+        "the owner sees the details"
+    );
+    let forgot = send(reqwest::Method::POST, "/accounts/logged/forget", None)
+        .await
+        .unwrap();
+    assert_eq!(forgot.status(), 200);
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    child.wait().await.unwrap();
+    let mut logs = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(logs.lines().count() > 20, "trace logging was on");
+    assert!(!logs.contains(name), "a log line holds the name");
+    assert!(!logs.contains(email), "a log line holds the email");
+}

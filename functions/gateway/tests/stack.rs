@@ -24,6 +24,7 @@ fn sibling(name: &str) -> PathBuf {
 const OWNER: &str = "accounts:read accounts:write transfers:write";
 
 struct Stack {
+    env: Vec<(String, String)>,
     _functions: Vec<Function>,
     projector: Function,
     relay: Function,
@@ -58,6 +59,11 @@ impl Stack {
                 "TALLY_STREAM_KEY",
                 "c3RhY2stdGVzdC1zdHJlYW0ta2V5LTMyLWJ5dGVzLWxvbmchIQ==".into(),
             ),
+            // Holders' data keys are wrapped by this master key (32 bytes).
+            (
+                "TALLY_MASTER_KEY",
+                "c3RhY2stdGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGVzISE=".into(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -88,6 +94,7 @@ impl Stack {
         gateway_env.push(("TALLY_UPSTREAMS".into(), upstreams.join(",")));
         let gateway = Function::server_with(env!("CARGO_BIN_EXE_gateway"), dir, &gateway_env).await;
         Self {
+            env,
             _functions: functions,
             projector,
             relay,
@@ -273,4 +280,138 @@ async fn on_the_stack_tokens_of_the_identity_provider_decide_who_may_do_what() {
         .get("/accounts/alices/balance?min_revision=2")
         .await;
     assert_eq!((s, b["balance"].as_str()), (200, Some("100.00")), "{b}");
+}
+
+/// Crypto-shredding end to end: a holder's details, given at the opening, are in no S3
+/// object, topic message, read-model row or cache entry in the clear; after `forget`
+/// they read as erased — also after a rebuild of the read model — while the balance
+/// stays, and nothing anywhere opens to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_the_stack_a_forgotten_holder_is_in_the_clear_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let stack = Stack::start(dir.path()).await;
+    let alice = stack.api().await;
+    let (name, email) = ("Mary Somerville-9e2b", "mary.9e2b@example.com");
+    let holder = serde_json::json!({"name": name, "email": email});
+    let (s, b) = alice
+        .post(
+            "/accounts",
+            &serde_json::json!({"ID": "somerville", "holder": holder}).to_string(),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    alice
+        .post("/accounts/somerville/deposit", r#"{"Amount": 75}"#)
+        .await;
+    let (s, b) = alice.get("/accounts/somerville").await;
+    assert_eq!((s, &b["holder"]), (200, &holder), "{b}");
+    let (s, b) = alice.post("/accounts/somerville/forget", "").await;
+    assert_eq!((s, b["balance"].as_str()), (200, Some("75.00")), "{b}");
+    let (_, b) = alice.get("/accounts/somerville").await;
+    assert_eq!(b["holder"], serde_json::json!({"erased": true}));
+    let (_, b) = alice
+        .get("/accounts/somerville/balance?min_revision=3")
+        .await;
+    assert_eq!(b["balance"], "75.00");
+
+    // The projector rebuilds its read model from S3: still erased, same balance.
+    let env = |k: &str| {
+        stack
+            .env
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let ops = oidc_token("tally-ops", "ops accounts:read").await;
+    let (s, b) = Api::new(stack.projector.base_url().unwrap())
+        .with_token(ops)
+        .post("/projector/rebuild", "")
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (_, b) = alice.get("/accounts/somerville").await;
+    assert_eq!(
+        (&b["holder"], b["balance"].as_str()),
+        (&serde_json::json!({"erased": true}), Some("75.00"))
+    );
+
+    let clear = |bytes: &[u8]| {
+        let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        has(name) || has(email)
+    };
+    // Every object in the bucket: commits, segments, snapshots, the outbox, keys.
+    let s3 = tally_testkit::services::s3_store(&stack.s3_endpoint, &stack.bucket);
+    let keys = s3.keys("").await.unwrap();
+    assert!(keys.iter().any(|k| k.starts_with("streams/somerville/")));
+    for key in &keys {
+        let body = s3.object(key).await.unwrap().unwrap_or_default();
+        assert!(!clear(&body), "{key} holds the holder in the clear");
+    }
+    assert!(
+        !keys.iter().any(|k| k.starts_with("keys/")),
+        "the data key is destroyed: {keys:?}"
+    );
+    // Every message on the topic.
+    let messages = topic_messages(&env("TALLY_KAFKA_BROKERS"), &env("TALLY_KAFKA_TOPIC")).await;
+    assert!(messages.len() >= 3, "{} messages", messages.len());
+    assert!(
+        !messages.iter().any(|m| clear(m)),
+        "a message holds the holder in the clear"
+    );
+    // Every row of the read model.
+    let pool = tally_postgres::connect(&env("TALLY_DATABASE_URL"), 1)
+        .await
+        .unwrap();
+    for table in ["accounts", "transactions"] {
+        let rows: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT row_to_json(t)::text FROM {table} t"))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(
+            !rows.iter().any(|r| clear(r.as_bytes())),
+            "{table} holds the holder"
+        );
+    }
+    // Every entry in Redis under the stack's prefix.
+    let redis = redis::Client::open(env("TALLY_REDIS_URL")).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let prefix = env("TALLY_REDIS_PREFIX");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for key in keys {
+        let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!clear(&dump.unwrap_or_default()), "{key} holds the holder");
+    }
+}
+
+/// Every message value on `topic`, read from the start by a stock consumer.
+async fn topic_messages(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("scan"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut values = vec![];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            Ok(Ok(m)) => values.push(m.payload().unwrap_or_default().to_vec()),
+            Ok(Err(e)) => panic!("reading the topic: {e}"),
+            Err(_) => break,
+        }
+    }
+    values
 }

@@ -100,6 +100,7 @@ async fn a_projector_killed_mid_stream_and_restarted_applies_every_commit_exactl
                         id: account.clone(),
                         currency: policy.currency,
                         owner: None,
+                        holder: None,
                     },
                     &ctx,
                 )
@@ -263,6 +264,7 @@ async fn a_message_the_store_did_not_produce_changes_nothing() {
         id: victim.clone(),
         currency: policy.currency,
         owner: None,
+        holder: None,
     })
     .await
     .unwrap();

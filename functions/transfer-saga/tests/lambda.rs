@@ -48,6 +48,7 @@ async fn open_with(host: &Host, id: &str, cents: &str) -> AccountId {
         id: account.clone(),
         currency: policy.currency,
         owner: None,
+        holder: None,
     };
     commands
         .execute(account.stream_id(), open, &ctx)

@@ -16,6 +16,54 @@ pub struct OpenAccountRequest {
     #[serde(rename = "ID", alias = "id")]
     #[schema(example = "account123")]
     pub id: String,
+    /// The holder's details: sealed under a key of their own before they are stored,
+    /// and erased for good by `POST /accounts/{id}/forget`.
+    #[serde(default)]
+    pub holder: Option<HolderDetails>,
+}
+
+/// A holder's personal data.
+#[derive(Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HolderDetails {
+    /// 1–200 characters, no control characters.
+    #[schema(example = "Ada Lovelace", min_length = 1, max_length = 200)]
+    pub name: String,
+    /// 3–254 characters with an `@`, no spaces or control characters.
+    #[schema(example = "ada@example.com", min_length = 3, max_length = 254)]
+    pub email: String,
+}
+
+impl HolderDetails {
+    /// `Ok` if the details are within their limits.
+    pub fn check(&self) -> Result<(), String> {
+        let name = self.name.chars().count();
+        if !(1..=200).contains(&name) || self.name.chars().any(char::is_control) {
+            return Err("holder.name: 1 to 200 characters, no control characters".into());
+        }
+        let email = self.email.chars().count();
+        if !(3..=254).contains(&email)
+            || !self.email.contains('@')
+            || self
+                .email
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err("holder.email: 3 to 254 characters with an @, no spaces".into());
+        }
+        Ok(())
+    }
+}
+
+/// The holder as `GET /accounts/{id}` shows it: the details, or that they were erased.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum HolderView {
+    Details(HolderDetails),
+    Erased {
+        /// Always `true`: the holder's personal data was forgotten.
+        erased: bool,
+    },
 }
 
 /// An amount: a JSON number or a decimal string. Its schema is written out in
@@ -136,6 +184,9 @@ pub struct AccountResponse {
     pub revision: u64,
     pub opened_at: String,
     pub updated_at: String,
+    /// The holder's details, `{"erased": true}` once forgotten; absent if none were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<HolderView>,
 }
 
 impl From<AccountView> for AccountResponse {
@@ -148,6 +199,7 @@ impl From<AccountView> for AccountResponse {
             revision: v.revision.get(),
             opened_at: rfc3339(v.opened_at),
             updated_at: rfc3339(v.updated_at),
+            holder: None,
         }
     }
 }

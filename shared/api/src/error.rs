@@ -44,6 +44,8 @@ pub enum ApiError {
     AccountExists,
     /// 409 `account-closed`
     AccountClosed,
+    /// 409 `holder-forgotten`: the holder's personal data was already forgotten.
+    HolderForgotten,
     /// 422 `insufficient-funds`
     InsufficientFunds(String),
     /// 409 `balance-not-zero`
@@ -95,6 +97,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("account-already-exists", 409, "Account already exists"),
     ("account-closed", 409, "Account closed"),
     ("balance-not-zero", 409, "Balance not zero"),
+    ("holder-forgotten", 409, "Holder forgotten"),
     ("revision-mismatch", 412, "Revision mismatch"),
     ("request-timeout", 408, "Request timeout"),
     ("payload-too-large", 413, "Payload too large"),
@@ -134,6 +137,7 @@ impl ApiError {
             Self::AccountNotFound => "account-not-found",
             Self::AccountExists => "account-already-exists",
             Self::AccountClosed => "account-closed",
+            Self::HolderForgotten => "holder-forgotten",
             Self::InsufficientFunds(_) => "insufficient-funds",
             Self::BalanceNotZero(_) => "balance-not-zero",
             Self::CurrencyMismatch(_) => "currency-mismatch",
@@ -186,6 +190,7 @@ impl ApiError {
             Self::SameAccount => "a transfer needs two different accounts".into(),
             Self::AccountExists => "an account with this id already exists".into(),
             Self::AccountClosed => "the account is closed".into(),
+            Self::HolderForgotten => "the holder's personal data was already forgotten".into(),
             Self::BalanceLimit => "the balance would exceed what an account can hold".into(),
             Self::IdempotencyKeyReused => {
                 "this Idempotency-Key was already used with a different request".into()
@@ -276,6 +281,7 @@ impl From<AccountError> for ApiError {
             AccountError::BalanceNotZero { .. } => Self::BalanceNotZero(e.to_string()),
             AccountError::CurrencyMismatch { .. } => Self::CurrencyMismatch(e.to_string()),
             AccountError::BalanceOverflow => Self::BalanceLimit,
+            AccountError::AlreadyForgotten => Self::HolderForgotten,
         }
     }
 }
@@ -335,6 +341,15 @@ impl From<QueryError> for ApiError {
                 Self::Internal(e.to_string())
             }
             QueryError::Projection(e) => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<tally_vault::VaultError> for ApiError {
+    fn from(e: tally_vault::VaultError) -> Self {
+        match e {
+            tally_vault::VaultError::Store(e) => e.into(),
+            other => Self::Internal(other.to_string()),
         }
     }
 }

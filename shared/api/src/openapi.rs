@@ -23,6 +23,7 @@ use utoipa::OpenApi;
         handlers::deposit::handle,
         handlers::withdraw::handle,
         handlers::close_account::handle,
+        handlers::forget_holder::handle,
         handlers::get_balance::handle,
         handlers::list_transactions::handle,
         handlers::get_statement::handle,
@@ -31,6 +32,8 @@ use utoipa::OpenApi;
     ),
     components(schemas(
         dto::OpenAccountRequest,
+        dto::HolderDetails,
+        dto::HolderView,
         dto::AmountRequest,
         dto::AmountValue,
         dto::CommandResponse,
@@ -94,6 +97,7 @@ fn add_links(doc: &mut serde_json::Value) {
         "deposit",
         "withdraw",
         "closeAccount",
+        "forgetHolder",
         "listTransactions",
         "getStatement",
     ] {
@@ -110,6 +114,7 @@ const SCOPES: &[(&str, &str)] = &[
     ("deposit", "accounts:write"),
     ("withdraw", "accounts:write"),
     ("closeAccount", "accounts:write"),
+    ("forgetHolder", "accounts:write"),
     ("getAccount", "accounts:read"),
     ("getBalance", "accounts:read"),
     ("listTransactions", "accounts:read"),

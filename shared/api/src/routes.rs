@@ -46,6 +46,11 @@ pub const ROUTES: &[Route] = &[
         path: "/accounts/{id}/close",
     },
     Route {
+        function: "forget-holder",
+        method: "POST",
+        path: "/accounts/{id}/forget",
+    },
+    Route {
         function: "get-balance",
         method: "GET",
         path: "/accounts/{id}/balance",
@@ -93,6 +98,7 @@ fn handler(route: &Route) -> MethodRouter<AppState> {
         ("deposit", _) => post(handlers::deposit::handle),
         ("withdraw", _) => post(handlers::withdraw::handle),
         ("close-account", _) => post(handlers::close_account::handle),
+        ("forget-holder", _) => post(handlers::forget_holder::handle),
         ("get-balance", _) => get(handlers::get_balance::handle),
         ("list-transactions", "/accounts/{id}/transactions") => {
             get(handlers::list_transactions::handle)

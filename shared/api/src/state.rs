@@ -16,4 +16,7 @@ pub struct AppState {
     pub policy: AmountPolicy,
     /// How requests are authenticated.
     pub auth: crate::Auth,
+    /// Seals and opens holders' personal data; `None`: no master key (holder details are
+    /// refused).
+    pub vault: Option<tally_vault::Vault>,
 }

@@ -89,7 +89,9 @@ impl TransactionView {
             AccountEvent::TransferredIn { .. } => TransactionKind::TransferIn,
             AccountEvent::TransferredOut { .. } => TransactionKind::TransferOut,
             AccountEvent::TransferRefunded { .. } => TransactionKind::TransferRefund,
-            AccountEvent::Opened { .. } | AccountEvent::Closed => return None,
+            AccountEvent::Opened { .. }
+            | AccountEvent::Closed
+            | AccountEvent::HolderForgotten { .. } => return None,
         };
         let (amount, balance) = event.movement()?;
         Some(Self {

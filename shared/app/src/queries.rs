@@ -169,6 +169,33 @@ impl Queries {
         Ok(caller.reaches(owner.as_ref()))
     }
 
+    /// The holder's details of account `id` as its opening sealed them (`None`: none
+    /// were given, or no such account), read from the event store: the read model and
+    /// the cache never hold them. Only for a caller that reaches the account.
+    pub async fn holder(
+        &self,
+        id: &AccountId,
+        caller: &Caller,
+    ) -> Result<Option<tally_es::Sealed>, QueryError> {
+        if !self.reaches(id, caller).await? {
+            return Err(QueryError::NotFound);
+        }
+        let store = self.projector.store();
+        let Some(first) = store
+            .read_commit(id.stream_id(), Revision::new(1))
+            .await
+            .map_err(ProjectionError::from)?
+        else {
+            return Ok(None);
+        };
+        let opening = tally_es::Commit::<tally_domain::AccountEvent>::decode(&first)
+            .map_err(ProjectionError::from)?;
+        Ok(match opening.events.into_iter().next() {
+            Some(tally_domain::AccountEvent::Opened { holder, .. }) => holder,
+            _ => None,
+        })
+    }
+
     /// Remember the owner of a view read.
     fn seen(&self, view: &AccountView) {
         self.owners

@@ -47,6 +47,7 @@ fn opening_an_empty_stream_opens_the_account() {
             id: id(),
             currency: Currency::USD,
             owner: None,
+            holder: None,
         })
         .then_expect_events(vec![opened()]);
     assert_eq!(state.status, AccountStatus::Open);
@@ -60,6 +61,7 @@ fn opening_an_account_twice_is_refused() {
             id: id(),
             currency: Currency::USD,
             owner: None,
+            holder: None,
         })
         .then_expect_error(AccountError::AlreadyOpen);
 }
@@ -252,6 +254,7 @@ fn the_subject_that_opens_an_account_owns_it_and_no_other_subject_reaches_it() {
             id: id(),
             currency: Currency::USD,
             owner: Some(a.clone()),
+            holder: None,
         })
         .then_expect_events(vec![AccountEvent::Opened {
             id: id(),
@@ -279,6 +282,7 @@ fn the_subject_that_opens_an_account_owns_it_and_no_other_subject_reaches_it() {
         id: id(),
         currency: Currency::USD,
         owner: Some(owner("client-b")),
+        holder: None,
     };
     assert_eq!(state.admits(&other, &open), Ok(()));
     assert_eq!(state.handle(open), Err(AccountError::AlreadyOpen));
@@ -290,6 +294,47 @@ fn the_subject_that_opens_an_account_owns_it_and_no_other_subject_reaches_it() {
         legacy: true
     }));
     assert!(legacy.reaches(&Caller::Operator));
+}
+
+fn sealed() -> tally_es::Sealed {
+    tally_es::Sealed {
+        key: "k-000102030405060708090a0b0c0d0e0f".into(),
+        data: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+    }
+}
+
+#[test]
+fn a_holder_is_forgotten_once_and_the_ledger_stays() {
+    let opened_with_holder = AccountEvent::Opened {
+        id: id(),
+        currency: Currency::USD,
+        owner: None,
+        holder: Some(sealed()),
+    };
+    let deposited = AccountEvent::Deposited {
+        amount: 500,
+        balance: 500,
+    };
+    let state = Test::given(vec![opened_with_holder.clone(), deposited.clone()])
+        .when(AccountCommand::ForgetHolder)
+        .then_expect_events(vec![AccountEvent::HolderForgotten { balance: 500 }]);
+    assert!(state.forgotten);
+    assert_eq!(state.balance, 500, "balances and movements stay");
+    assert_eq!(state.holder_key.as_deref(), Some(sealed().key.as_str()));
+    Test::given(vec![
+        opened_with_holder,
+        deposited,
+        AccountEvent::HolderForgotten { balance: 500 },
+    ])
+    .when(AccountCommand::ForgetHolder)
+    .then_expect_error(AccountError::AlreadyForgotten);
+    Test::given_no_previous_events()
+        .when(AccountCommand::ForgetHolder)
+        .then_expect_error(AccountError::NotFound);
+    // A closed account's holder can be forgotten too.
+    Test::given(vec![opened(), AccountEvent::Closed])
+        .when(AccountCommand::ForgetHolder)
+        .then_expect_events(vec![AccountEvent::HolderForgotten { balance: 0 }]);
 }
 
 #[test]
@@ -307,7 +352,9 @@ fn command() -> impl Strategy<Value = AccountCommand> {
             id: id(),
             currency: Currency::USD,
             owner: Some(owner("client-a")),
+            holder: Some(sealed()),
         }),
+        Just(AccountCommand::ForgetHolder),
         amount
             .clone()
             .prop_map(|amount| AccountCommand::Deposit { amount }),

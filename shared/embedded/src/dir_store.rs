@@ -597,3 +597,57 @@ impl EventStore for DirEventStore {
         }
     }
 }
+
+/// Data keys as `ROOT/keys/ID`, written whole (temporary file, sync, rename); destroying
+/// one removes the file and syncs the directory, so the removal survives a crash.
+#[async_trait]
+impl tally_es::KeyStore for DirEventStore {
+    async fn put(&self, id: &str, wrapped: &[u8]) -> Result<(), StoreError> {
+        let (dir, path, bytes) = (self.keys_dir(), self.keys_dir().join(id), wrapped.to_vec());
+        blocking(
+            move || {
+                fs::create_dir_all(&dir)?;
+                write_whole(&dir, &path, &bytes)
+            },
+            |e| Err(std::io::Error::other(e)),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.keys_dir().join(id);
+        blocking(
+            move || match fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            },
+            |e| Err(StoreError::Unavailable(e)),
+        )
+        .await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), StoreError> {
+        let (dir, path) = (self.keys_dir(), self.keys_dir().join(id));
+        blocking(
+            move || {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                sync_dir(&dir)
+            },
+            |e| Err(std::io::Error::other(e)),
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+impl DirEventStore {
+    fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+}

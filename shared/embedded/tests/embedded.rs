@@ -43,6 +43,7 @@ async fn open_account(handler: &CommandHandler<Account>, id: &AccountId) {
                 id: id.clone(),
                 currency: Currency::USD,
                 owner: None,
+                holder: None,
             },
             &CommandContext::default(),
         )

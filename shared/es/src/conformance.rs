@@ -1,5 +1,5 @@
-//! The store conformance suite: what every [`EventStore`], [`Outbox`] and
-//! [`SnapshotStore`] implementation must do, as one function each adapter's tests run
+//! The store conformance suite: what every [`EventStore`], [`Outbox`], [`SnapshotStore`]
+//! and [`KeyStore`] implementation must do, as one function each adapter's tests run
 //! against its real backend (the local directory, an S3 server, PostgreSQL).
 //!
 //! ```ignore
@@ -15,16 +15,16 @@
 //! [`assert_segments_read_as_the_commits`], best with segments of a few commits.
 
 use crate::{
-    AppendError, CommitMetadata, Compact, EventStore, Outbox, Revision, Snapshot, SnapshotStore,
-    StoreError, StoredCommit, StoredEvent, StreamId,
+    AppendError, CommitMetadata, Compact, EventStore, KeyStore, Outbox, Revision, Snapshot,
+    SnapshotStore, StoreError, StoredCommit, StoredEvent, StreamId,
 };
 use time::OffsetDateTime;
 
 /// Every check of this module against `store`: one writer wins each revision under 16
-/// and under 64 concurrent writers, reads, the outbox and snapshots.
+/// and under 64 concurrent writers, reads, the outbox, snapshots and data keys.
 pub async fn assert_store_conforms<S>(store: &S)
 where
-    S: EventStore + Outbox + SnapshotStore,
+    S: EventStore + Outbox + SnapshotStore + KeyStore,
 {
     let tag = Tag::new();
     assert_one_writer_wins_each_revision(store, &tag.stream("race16"), 10, 16).await;
@@ -33,6 +33,49 @@ where
     assert_a_gap_reads_as_corrupt(store, &tag).await;
     assert_outbox_entries_are_named_by_their_attempt(store, &tag).await;
     assert_the_newest_snapshot_wins(store, &tag).await;
+    assert_a_destroyed_key_is_gone(store, &tag).await;
+}
+
+/// A key reads back as kept, is gone once destroyed (and destroying it again, or one
+/// never kept, is no error), and destroying one leaves the others.
+async fn assert_a_destroyed_key_is_gone<S: KeyStore>(store: &S, tag: &Tag) {
+    let id = |n: u8| {
+        format!(
+            "k-{:0>32}",
+            format!("{}{n}", &tag.0[2..])
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .take(30)
+                .collect::<String>()
+        )
+    };
+    let (one, two) = (id(1), id(2));
+    assert_ne!(one, two);
+    store.put(&one, b"wrapped one").await.expect("put");
+    store.put(&two, b"wrapped two").await.expect("put");
+    assert_eq!(
+        store.get(&one).await.expect("get").as_deref(),
+        Some(&b"wrapped one"[..])
+    );
+    store.destroy(&one).await.expect("destroy");
+    assert_eq!(
+        store.get(&one).await.expect("get"),
+        None,
+        "a destroyed key is gone"
+    );
+    store
+        .destroy(&one)
+        .await
+        .expect("destroying twice is no error");
+    store
+        .destroy(&id(3))
+        .await
+        .expect("destroying a key never kept is no error");
+    assert_eq!(
+        store.get(&two).await.expect("get").as_deref(),
+        Some(&b"wrapped two"[..])
+    );
+    store.destroy(&two).await.expect("destroy");
 }
 
 /// Stream names unique to one run of the suite.

@@ -37,7 +37,7 @@ pub use sealed::Sealed;
 pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
-    EventPublisher, EventStore, EventStream, Outbox, OutboxEntry, PublishError, RecentCommits,
-    StoreError, StreamTurns, Subscription,
+    EventPublisher, EventStore, EventStream, KeyStore, Outbox, OutboxEntry, PublishError,
+    RecentCommits, StoreError, StreamTurns, Subscription,
 };
 pub use upcast::{decode_event, ChainError, Upcaster, Upcasters};

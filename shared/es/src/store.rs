@@ -180,6 +180,19 @@ pub trait Compact: Send + Sync + 'static {
     ) -> Result<Compacted, StoreError>;
 }
 
+/// Where the (wrapped) data keys of personal data live, beside the events: unlike
+/// them, a key can be destroyed, and with it every value sealed under it
+/// (crypto-shredding; see `tally_vault`). Ids are checked by the caller (`k-` and hex).
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Keep `wrapped` under `id` (a new id: keys are never rewritten).
+    async fn put(&self, id: &str, wrapped: &[u8]) -> Result<(), StoreError>;
+    /// The wrapped key `id`, or `None` if it was destroyed (or never kept).
+    async fn get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Destroy key `id` for good. Destroying a key that is not there is not an error.
+    async fn destroy(&self, id: &str) -> Result<(), StoreError>;
+}
+
 /// A shared, lossy record of the newest commits of each stream, kept beside the store
 /// so that a process whose warm state of a stream is behind can catch up without
 /// reading the store (a cache in Redis: `tally_redis`). It never decides anything: a

@@ -38,7 +38,8 @@ impl Role {
     /// The role of function `name`.
     pub fn of(name: &str) -> Self {
         match name {
-            "open-account" | "deposit" | "withdraw" | "close-account" | "transfer" => Role::Command,
+            "open-account" | "deposit" | "withdraw" | "close-account" | "forget-holder"
+            | "transfer" => Role::Command,
             "transfer-saga" => Role::Saga,
             "get-account" | "get-balance" | "list-transactions" | "get-transfer" => Role::Query,
             "projector" => Role::Projector,
@@ -67,6 +68,8 @@ struct StoreParts {
     pg: Option<tally_postgres::PgEventStore>,
     /// The store's compaction into segments, if it keeps history in segments.
     compact: Option<Arc<dyn Compact>>,
+    /// Where holders' data keys live, beside the events.
+    keys: Arc<dyn tally_es::KeyStore>,
     kind: &'static str,
     /// Names this store among others behind one Redis (no credentials).
     scope: String,
@@ -226,6 +229,7 @@ impl Host {
             s3,
             pg: pg_store,
             compact,
+            keys,
             kind: store_kind,
             scope: store_scope,
         } = match (config.store.as_deref(), config.s3()?) {
@@ -257,6 +261,7 @@ impl Host {
                     outbox: Some(Arc::new(pg.clone())),
                     snapshots: Arc::new(pg.clone()),
                     s3: None,
+                    keys: Arc::new(pg.clone()),
                     pg: Some(pg),
                     compact: None,
                     kind: "postgres",
@@ -277,6 +282,7 @@ impl Host {
                     outbox: Some(Arc::new(s3.clone())),
                     snapshots: Arc::new(s3.clone()),
                     compact: Some(Arc::new(s3.clone())),
+                    keys: Arc::new(s3.clone()),
                     s3: Some(s3),
                     pg: None,
                     kind: "s3",
@@ -296,6 +302,7 @@ impl Host {
                     snapshots: Arc::new(dir.clone()),
                     s3: None,
                     pg: None,
+                    keys: Arc::new(dir.clone()),
                     compact: Some(Arc::new(dir)),
                     kind: "directory",
                     scope: format!("dir:{}", config.data_dir.display()),
@@ -450,6 +457,7 @@ impl Host {
             saga,
             policy,
             auth: config.auth()?,
+            vault: config.vault(keys)?,
         };
         Ok(Self {
             config: config.clone(),

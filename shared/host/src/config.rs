@@ -91,6 +91,11 @@ pub struct Config {
     /// The key (base64, at least 32 bytes) every message on the commit topic is signed
     /// with and checked against (`tally_kafka::mac`). Unset: the topic is trusted.
     pub stream_key: Option<String>,
+
+    /// The master key (base64, 32 bytes) that wraps the holders' data keys
+    /// (`tally_vault`). Unset: with the directory store, one is made and kept in
+    /// `TALLY_DATA_DIR/master.key` (development); elsewhere holder details are refused.
+    pub master_key: Option<String>,
 }
 
 fn default_auth_audience() -> String {
@@ -188,6 +193,39 @@ impl Config {
         })
     }
 
+    /// The vault for holders' personal data, over `keys`: the master key from
+    /// `TALLY_MASTER_KEY`, or — with the directory store — a development one kept in the
+    /// data directory; `None` otherwise.
+    pub fn vault(
+        &self,
+        keys: std::sync::Arc<dyn tally_es::KeyStore>,
+    ) -> Result<Option<tally_vault::Vault>, BoxError> {
+        let text = match self.master_key.as_deref().filter(|k| !k.is_empty()) {
+            Some(text) => text.to_owned(),
+            None if self.s3_bucket.is_none() && self.store.as_deref() != Some("postgres") => {
+                let path = self.data_dir.join("master.key");
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir_all(&self.data_dir)?;
+                        let text = tally_vault::MasterKey::generate();
+                        write_private(&path, &text)?;
+                        tracing::warn!(path = %path.display(),
+                            "a development master key was made for holders' data: set TALLY_MASTER_KEY (a Secret) in production");
+                        text
+                    }
+                    Err(e) => return Err(format!("{}: {e}", path.display()).into()),
+                }
+            }
+            None => return Ok(None),
+        };
+        let master = tally_vault::MasterKey::parse(&text)?;
+        Ok(Some(tally_vault::Vault::new(
+            keys,
+            std::sync::Arc::new(master),
+        )))
+    }
+
     /// The stream key, if one is configured.
     pub fn stream_key(&self) -> Result<Option<tally_kafka::StreamKey>, BoxError> {
         Ok(self
@@ -222,4 +260,18 @@ impl Config {
             session_token: env("AWS_SESSION_TOKEN"),
         }))
     }
+}
+
+/// Write `text` to a new file only its owner may read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }

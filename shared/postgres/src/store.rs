@@ -304,3 +304,35 @@ impl SnapshotStore for PgEventStore {
         .map_err(unavailable)
     }
 }
+
+/// Data keys in `holder_keys`; destroying one deletes its row (and a VACUUM reclaims
+/// the page in time; see `tally_vault::KeyWrap` for keeping the master key elsewhere).
+#[async_trait]
+impl tally_es::KeyStore for PgEventStore {
+    async fn put(&self, id: &str, wrapped: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO holder_keys (id, wrapped) VALUES ($1, $2)")
+            .bind(id)
+            .bind(wrapped)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        sqlx::query_scalar("SELECT wrapped FROM holder_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM holder_keys WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}

@@ -383,6 +383,12 @@ impl S3EventStore {
             .collect())
     }
 
+    /// The bytes at `key` (the store's own key prefix is not added), if any: for tools
+    /// and tests.
+    pub async fn object(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.get_bytes_if_any(key).await
+    }
+
     /// Write `body` at `key` (the store's own key prefix is not added), or delete the
     /// key when `body` is `None`, around every rule of the store: for tests that play
     /// a bug or tampering.
@@ -879,5 +885,31 @@ impl SnapshotStore for S3EventStore {
         let key = self.snapshot_key(&snapshot.stream);
         self.put(&key, snapshot.to_bytes().into(), "application/json")
             .await
+    }
+}
+
+/// Data keys as `keys/{id}` objects; destroying one deletes the object. (On a bucket
+/// with versioning, a deleted object's older versions stay: keep the keys in a bucket
+/// without it, or use a KMS — see `tally_vault::KeyWrap`.)
+#[async_trait]
+impl tally_es::KeyStore for S3EventStore {
+    async fn put(&self, id: &str, wrapped: &[u8]) -> Result<(), StoreError> {
+        let key = format!("{}keys/{id}", self.prefix);
+        self.put(
+            &key,
+            Bytes::copy_from_slice(wrapped),
+            "application/octet-stream",
+        )
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("{}keys/{id}", self.prefix);
+        Ok(self.get_bytes_if_any(&key).await?.map(|b| b.to_vec()))
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), StoreError> {
+        let key = format!("{}keys/{id}", self.prefix);
+        self.delete(&key).await
     }
 }

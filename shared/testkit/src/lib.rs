@@ -120,6 +120,7 @@ pub async fn seed(dir: &Path, steps: &[Step<'_>]) {
                         id,
                         currency: policy.currency,
                         owner: None,
+                        holder: None,
                     },
                 )
             }

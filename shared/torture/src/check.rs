@@ -359,6 +359,12 @@ pub async fn check(
                         f.closed = true;
                         (Kind::Close, None)
                     }
+                    AccountEvent::HolderForgotten { .. } => {
+                        // Not a client operation of this harness; the ledger is unmoved.
+                        f.revision = r;
+                        f.balance_at.insert(r, f.balance);
+                        continue;
+                    }
                     AccountEvent::TransferredIn {
                         amount, balance, ..
                     }

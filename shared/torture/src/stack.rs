@@ -38,6 +38,7 @@ const FUNCTIONS: &[&str] = &[
     "deposit",
     "withdraw",
     "close-account",
+    "forget-holder",
     "get-account",
     "get-balance",
     "list-transactions",

@@ -35,5 +35,7 @@ pub async fn handle(
     who.may(&state, Scope::AccountsRead, &id).await?;
     let view = state.queries.account(&id, min, &who.caller).await?;
     let etag = super::etag(view.revision);
-    Ok(([(header::ETAG, etag)], Json(AccountResponse::from(view))).into_response())
+    let mut body = AccountResponse::from(view);
+    body.holder = super::holder(&state, &who, &id).await?;
+    Ok(([(header::ETAG, etag)], Json(body)).into_response())
 }

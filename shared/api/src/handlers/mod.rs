@@ -2,6 +2,7 @@
 
 pub mod close_account;
 pub mod deposit;
+pub mod forget_holder;
 pub mod get_account;
 pub mod get_balance;
 pub mod get_statement;
@@ -95,6 +96,9 @@ impl Summary {
                 summary.balance = balance;
                 summary.amount = Some(amount);
             }
+            if let AccountEvent::HolderForgotten { balance } = event {
+                summary.balance = *balance;
+            }
         }
         summary
     }
@@ -131,6 +135,34 @@ fn respond(
     }
     response
 }
+
+/// The holder of account `id` as a client may see it: the details opened from their
+/// sealed form, `{"erased": true}` once their key is destroyed, `None` if none were given.
+pub(crate) async fn holder(
+    state: &AppState,
+    who: &Who,
+    id: &AccountId,
+) -> Result<Option<crate::dto::HolderView>, ApiError> {
+    use crate::dto::{HolderDetails, HolderView};
+    let Some(sealed) = state.queries.holder(id, &who.caller).await? else {
+        return Ok(None);
+    };
+    let vault = state
+        .vault
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("no master key here (TALLY_MASTER_KEY)".into()))?;
+    match vault.open(&sealed, HOLDER).await? {
+        tally_vault::Opened::Erased => Ok(Some(HolderView::Erased { erased: true })),
+        tally_vault::Opened::Plain(bytes) => {
+            let details: HolderDetails = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::Internal(format!("sealed holder details: {e}")))?;
+            Ok(Some(HolderView::Details(details)))
+        }
+    }
+}
+
+/// The purpose holder details are sealed for (`tally_vault`'s associated data).
+pub(crate) const HOLDER: &str = "holder";
 
 /// The amount of a deposit or withdrawal, parsed under the deployment's policy.
 pub(crate) fn amount(

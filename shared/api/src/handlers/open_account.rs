@@ -38,16 +38,36 @@ pub async fn handle(
         AccountId::parse(&request.id).map_err(|e| ApiError::InvalidAccountId(e.to_string()))?;
     let currency = state.policy.currency;
     let owner = who.caller.owner().cloned();
+    // The holder's details are sealed under a key of their own, kept before the
+    // opening is appended (a key whose opening lost a race is never used).
+    let holder = match &request.holder {
+        None => None,
+        Some(details) => {
+            details.check().map_err(ApiError::InvalidRequest)?;
+            let vault = state.vault.as_ref().ok_or_else(|| {
+                ApiError::Unavailable(
+                    "holder details need a master key (TALLY_MASTER_KEY), and this deployment has none"
+                        .into(),
+                )
+            })?;
+            let key = vault.new_key().await?;
+            let plain = serde_json::to_vec(details).expect("holder details serialize");
+            Some(vault.seal(&key, super::HOLDER, &plain))
+        }
+    };
     // The owner is part of the request: another subject's retry with the same key is
     // another request (refused as a reused key), never handed this one's answer.
     let fingerprint = match &owner {
         Some(owner) => format!("open {currency} for {owner}"),
         None => format!("open {currency}"),
     };
+    // (The holder's details stay out of the fingerprint: it is stored in the clear,
+    // and a retry seals them afresh. A retry with other details gets the first answer.)
     let command = AccountCommand::Open {
         id: id.clone(),
         currency,
         owner,
+        holder,
     };
     super::run_command(
         &state,

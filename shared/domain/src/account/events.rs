@@ -7,6 +7,7 @@
 //! | `Deposited`      | 1       | `{"amount": 50000, "balance": 50000}`    |
 //! | `Withdrawn`      | 1       | `{"amount": 15000, "balance": 35000}`    |
 //! | `AccountClosed`  | 1       | `{}`                                     |
+//! | `HolderForgotten` | 1      | `{"balance": 3000}` — the holder's key was destroyed: their details are erased; the balance is unchanged |
 //! | `TransferredOut`, `TransferredIn`, `TransferRefunded` | 1 | `{"transfer": "…", "counterparty": "b", "amount": 2500, "balance": 7500}` |
 //!
 //! A transfer's movements name the transfer and the other account: the debited
@@ -50,6 +51,12 @@ pub enum AccountEvent {
         balance: i64,
     },
     Closed,
+    /// The holder's personal data was forgotten: the key it was sealed under is
+    /// destroyed, so the sealed `holder` of the opening reads as erased everywhere.
+    /// Carries the balance (unchanged), as every event after the opening does.
+    HolderForgotten {
+        balance: i64,
+    },
     TransferredOut {
         transfer: TransferId,
         counterparty: AccountId,
@@ -85,7 +92,7 @@ impl AccountEvent {
             | Self::TransferRefunded {
                 amount, balance, ..
             } => Some((*amount, *balance)),
-            Self::Opened { .. } | Self::Closed => None,
+            Self::Opened { .. } | Self::Closed | Self::HolderForgotten { .. } => None,
         }
     }
 
@@ -127,6 +134,7 @@ pub const TYPES: &[(&str, u32, u32)] = &[
     ("Deposited", 1, 1),
     ("Withdrawn", 1, 1),
     ("AccountClosed", 1, 1),
+    ("HolderForgotten", 1, 1),
     ("TransferredOut", 1, 1),
     ("TransferredIn", 1, 1),
     ("TransferRefunded", 1, 1),
@@ -158,6 +166,12 @@ pub fn chain() -> Result<Upcasters, ChainError> {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ForgottenV1 {
+    balance: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MovedV1 {
     amount: i64,
     balance: i64,
@@ -179,6 +193,7 @@ impl DomainEvent for AccountEvent {
             Self::Deposited { .. } => "Deposited",
             Self::Withdrawn { .. } => "Withdrawn",
             Self::Closed => "AccountClosed",
+            Self::HolderForgotten { .. } => "HolderForgotten",
             Self::TransferredOut { .. } => "TransferredOut",
             Self::TransferredIn { .. } => "TransferredIn",
             Self::TransferRefunded { .. } => "TransferRefunded",
@@ -218,6 +233,7 @@ impl DomainEvent for AccountEvent {
                 })
             }
             Self::Closed => json!({}),
+            Self::HolderForgotten { balance } => json!(ForgottenV1 { balance: *balance }),
             Self::TransferredOut {
                 transfer,
                 counterparty,
@@ -270,6 +286,10 @@ impl DomainEvent for AccountEvent {
                 })
             }
             ("AccountClosed", 1) => Ok(Self::Closed),
+            ("HolderForgotten", 1) => {
+                let p: ForgottenV1 = DecodeError::payload(event_type, version, data)?;
+                Ok(Self::HolderForgotten { balance: p.balance })
+            }
             ("TransferredOut" | "TransferredIn" | "TransferRefunded", 1) => {
                 let p: TransferMovedV1 = DecodeError::payload(event_type, version, data)?;
                 let (transfer, counterparty, amount, balance) =
@@ -296,8 +316,8 @@ impl DomainEvent for AccountEvent {
                 })
             }
             (
-                "AccountOpened" | "Deposited" | "Withdrawn" | "AccountClosed" | "TransferredOut"
-                | "TransferredIn" | "TransferRefunded",
+                "AccountOpened" | "Deposited" | "Withdrawn" | "AccountClosed" | "HolderForgotten"
+                | "TransferredOut" | "TransferredIn" | "TransferRefunded",
                 _,
             ) => Err(DecodeError::UnsupportedVersion {
                 event_type: event_type.to_owned(),

@@ -12,7 +12,7 @@ mod withdraw;
 pub use events::{chain as event_chain, AccountEvent};
 
 use crate::{AccountId, Amount, Caller, Currency, Money, Owner, TransferId};
-use tally_es::Aggregate;
+use tally_es::{Aggregate, Sealed};
 
 /// Where an account is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +34,10 @@ pub struct Account {
     pub balance: i64,
     /// The subject that opened it (`None`: opened before owners were recorded).
     pub owner: Option<Owner>,
+    /// The id of the key the holder's details are sealed under, if any were given.
+    pub holder_key: Option<String>,
+    /// The holder's personal data was forgotten (`HolderForgotten`).
+    pub forgotten: bool,
 }
 
 /// What a client can ask of an account.
@@ -45,6 +49,8 @@ pub enum AccountCommand {
         id: AccountId,
         currency: Currency,
         owner: Option<Owner>,
+        /// The holder's details, sealed under their own key before they get here.
+        holder: Option<Sealed>,
     },
     Deposit {
         amount: Amount,
@@ -53,6 +59,8 @@ pub enum AccountCommand {
         amount: Amount,
     },
     Close,
+    /// Forget the holder's personal data (its key is destroyed by the caller first).
+    ForgetHolder,
     /// A transfer's debit of this account, for `to`.
     TransferOut {
         transfer: TransferId,
@@ -97,6 +105,9 @@ pub enum AccountError {
     /// 422: the balance would exceed what the account can hold.
     #[error("the balance would exceed the largest representable amount")]
     BalanceOverflow,
+    /// 409: the holder's personal data was already forgotten.
+    #[error("the holder's personal data was already forgotten")]
+    AlreadyForgotten,
 }
 
 impl Account {
@@ -170,7 +181,20 @@ impl Aggregate for Account {
                 id,
                 currency,
                 owner,
-            } => open::decide(self, id, currency, owner),
+                holder,
+            } => open::decide(self, id, currency, owner, holder),
+            AccountCommand::ForgetHolder => {
+                // Open or closed: a closed account's holder may be forgotten too.
+                if self.status == AccountStatus::NotOpened {
+                    Err(AccountError::NotFound)
+                } else if self.forgotten {
+                    Err(AccountError::AlreadyForgotten)
+                } else {
+                    Ok(vec![AccountEvent::HolderForgotten {
+                        balance: self.balance,
+                    }])
+                }
+            }
             AccountCommand::Deposit { amount } => deposit::decide(self, amount),
             AccountCommand::Withdraw { amount } => withdraw::decide(self, amount),
             AccountCommand::Close => close::decide(self),
@@ -198,10 +222,11 @@ impl Aggregate for Account {
                 id,
                 currency,
                 owner,
-                ..
+                holder,
             } => {
                 self.id = Some(id.clone());
                 self.owner = owner.clone();
+                self.holder_key = holder.as_ref().map(|h| h.key.clone());
                 self.currency = Some(*currency);
                 self.status = AccountStatus::Open;
                 self.balance = 0;
@@ -214,6 +239,7 @@ impl Aggregate for Account {
                 self.balance = *balance;
             }
             AccountEvent::Closed => self.status = AccountStatus::Closed,
+            AccountEvent::HolderForgotten { .. } => self.forgotten = true,
         }
     }
 }

@@ -2,12 +2,14 @@
 
 use super::{Account, AccountError, AccountEvent, AccountStatus};
 use crate::{AccountId, Currency, Owner};
+use tally_es::Sealed;
 
 pub(super) fn decide(
     account: &Account,
     id: AccountId,
     currency: Currency,
     owner: Option<Owner>,
+    holder: Option<Sealed>,
 ) -> Result<Vec<AccountEvent>, AccountError> {
     if account.status != AccountStatus::NotOpened {
         return Err(AccountError::AlreadyOpen);
@@ -16,6 +18,6 @@ pub(super) fn decide(
         id,
         currency,
         owner,
-        holder: None,
+        holder,
     }])
 }

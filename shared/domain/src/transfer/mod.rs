@@ -77,7 +77,9 @@ impl TransferFailure {
             AccountError::Closed => "account-closed",
             AccountError::CurrencyMismatch { .. } => "currency-mismatch",
             AccountError::BalanceOverflow => "balance-overflow",
-            AccountError::AlreadyOpen | AccountError::BalanceNotZero { .. } => "refused",
+            AccountError::AlreadyOpen
+            | AccountError::BalanceNotZero { .. }
+            | AccountError::AlreadyForgotten => "refused",
         };
         Self {
             code: code.to_owned(),
