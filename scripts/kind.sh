@@ -3,7 +3,8 @@
 #
 #   scripts/kind.sh [up]    create (or reuse) the cluster, build and load tally:dev,
 #                           deploy the infrastructure (k8s/) and the chart
-#                           (charts/tally), wait for everything, port-forward every
+#                           (charts/tally with charts/tally/values-development.yaml:
+#                           authentication off), wait for everything, port-forward every
 #                           public function to 127.0.0.1:18101.. and run the seed
 #                           walk-through against them; then keep forwarding until
 #                           Ctrl-C (KIND_FORWARD=0: stop after the walk-through)
@@ -37,7 +38,7 @@ CONTEXT=kind-$CLUSTER
 LOGS=${TALLY_CACHE:-$HOME/.cache/tally}/kind
 # The public functions, in the order of the route table (shared/api/src/routes.rs);
 # each is forwarded to BASE_PORT + its index.
-PUBLIC_FUNCTIONS=(open-account get-account deposit withdraw close-account get-balance list-transactions transfer get-transfer)
+PUBLIC_FUNCTIONS=(open-account get-account deposit withdraw close-account forget-holder get-balance list-transactions transfer get-transfer)
 INFRA=(minio kafka postgres redis)
 
 log() { echo "kind: $*" >&2; }
@@ -142,11 +143,15 @@ deploy_infra() {
 deploy_chart() {
   local image_id
   image_id=$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE")
-  log "installing the chart (release $RELEASE, image $IMAGE ${image_id:7:12})"
+  log "installing the chart (release $RELEASE, image $IMAGE ${image_id:7:12}, values-development.yaml)"
   # The pods carry the image's id: a rebuilt tally:dev rolls them, an unchanged one
   # does not (the tag alone stays `dev`).
+  # k8s/ runs no identity provider and holds the chart's built-in development
+  # credentials: values-development.yaml says so (development: true, auth.enabled:
+  # false), without which the chart refuses to render.
   "$HELM" --kube-context "$CONTEXT" upgrade --install "$RELEASE" charts/tally \
     --namespace "$NAMESPACE" \
+    -f charts/tally/values-development.yaml \
     --set image.repository="$IMAGE_REPOSITORY" \
     --set image.tag=dev \
     --set-string "podAnnotations.tally/image-id=$image_id" \

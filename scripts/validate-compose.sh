@@ -27,6 +27,12 @@
 #   ports      published ports bind 127.0.0.1
 #   gateway    the gateway's TALLY_UPSTREAMS routes every public function (the
 #              cargo-lambda router in Cargo.toml) to http://<function>:8080
+#   auth       every function service requires bearer tokens of one issuer
+#              (TALLY_AUTH_ISSUER, the same everywhere) that a service of the file
+#              serves, with a healthcheck, which every function waits for
+#              (service_healthy); every function has the same TALLY_STREAM_KEY,
+#              base64 of at least 32 bytes; and every function has the same
+#              TALLY_MASTER_KEY, base64 (standard, padded) of exactly 32 bytes
 #
 # Last line: `compose: N passed, M failed`.
 set -euo pipefail
@@ -68,6 +74,8 @@ trap 'rm -rf "$WORK"' EXIT
 
 set +e
 "$PY" - "$MODE" "$FILE" "$WORK" <<'PY'
+import base64
+import binascii
 import copy
 import io
 import json
@@ -197,7 +205,7 @@ def repo_functions():
 def rule_checks(doc):
     """{rule: [problems]} for the project's rules."""
     services = doc.get("services") or {}
-    problems = {r: [] for r in ("pinned", "profiles", "functions", "health", "oneshot", "depends", "ports", "gateway")}
+    problems = {r: [] for r in ("pinned", "profiles", "functions", "health", "oneshot", "depends", "ports", "gateway", "auth")}
     project = {n for n, s in services.items() if "build" in s or PROJECT_IMAGE.match(str(s.get("image", "")))}
 
     for name, s in services.items():
@@ -272,6 +280,80 @@ def rule_checks(doc):
                 problems["gateway"].append(f"TALLY_UPSTREAMS: {function}={url}, expected http://{function}:8080")
             if function not in services:
                 problems["gateway"].append(f"TALLY_UPSTREAMS: {function} is not a service")
+
+    problems["auth"] = auth_problems(services, [f for f in sorted(wanted) if f in services])
+    return problems
+
+
+def key_length(text):
+    """The bytes of a base64 key (standard or URL-safe alphabet, as the binaries
+    read TALLY_STREAM_KEY), or None when it is not base64."""
+    text = text.strip()
+    try:
+        return len(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return len(base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def master_key_length(text):
+    """The bytes of a master key (standard alphabet, padded, as the binaries read
+    TALLY_MASTER_KEY), or None when it is not such base64."""
+    try:
+        return len(base64.b64decode(text.strip(), validate=True))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def auth_problems(services, functions):
+    """Authentication on in every function, with one issuer that a healthy service of
+    the file serves; one stream key and one master key everywhere."""
+    problems = []
+    issuers, keys, masters = {}, {}, {}
+    for function in functions:
+        env = env_of(services[function])
+        issuer, key = str(env.get("TALLY_AUTH_ISSUER") or ""), str(env.get("TALLY_STREAM_KEY") or "")
+        master = str(env.get("TALLY_MASTER_KEY") or "")
+        if not master:
+            problems.append(f"{function}: no TALLY_MASTER_KEY (holders' data keys cannot be wrapped)")
+        else:
+            masters.setdefault(master, []).append(function)
+            length = master_key_length(master)
+            if length != 32:
+                problems.append(f"{function}: TALLY_MASTER_KEY is {'not base64' if length is None else f'{length} bytes'}, "
+                                "want base64 of exactly 32")
+        if not issuer:
+            problems.append(f"{function}: no TALLY_AUTH_ISSUER (authentication off)")
+        else:
+            issuers.setdefault(issuer, []).append(function)
+        if not key:
+            problems.append(f"{function}: no TALLY_STREAM_KEY (the commit topic unsigned)")
+        else:
+            keys.setdefault(key, []).append(function)
+            length = key_length(key)
+            if length is None or length < 32:
+                problems.append(f"{function}: TALLY_STREAM_KEY is {'not base64' if length is None else f'{length} bytes'}, "
+                                "want base64 of at least 32")
+    if len(issuers) > 1:
+        problems.append("the functions name different issuers: " + "; ".join(f"{i} ({', '.join(f)})" for i, f in issuers.items()))
+    if len(keys) > 1:
+        problems.append(f"the functions hold {len(keys)} different TALLY_STREAM_KEYs; every function needs the same one")
+    if len(masters) > 1:
+        problems.append(f"the functions hold {len(masters)} different TALLY_MASTER_KEYs; every function needs the same one")
+    for issuer in issuers:
+        m = re.match(r"^https?://([^/:]+)(?::\d+)?(/.*)?$", issuer)
+        provider = m and m.group(1)
+        if provider not in services:
+            problems.append(f"TALLY_AUTH_ISSUER {issuer}: {provider or 'its host'} is not a service of the file")
+            continue
+        hc = services[provider].get("healthcheck") or {}
+        if not hc.get("test") or hc.get("disable") or hc.get("test") == ["NONE"]:
+            problems.append(f"{provider} (the issuer) has no healthcheck")
+        problems += [f"{function}: does not wait for {provider} (the issuer; condition: service_healthy)"
+                     for function in issuers[issuer] if deps(services[function]).get(provider) != "service_healthy"]
     return problems
 
 
@@ -318,6 +400,7 @@ DESCRIPTIONS = {
     "depends": "depends_on names services, none across profiles",
     "ports": "published ports bind 127.0.0.1",
     "gateway": "the gateway proxies every public function",
+    "auth": "every function requires tokens of one healthy issuer and shares one stream key and one master key",
     "rules": "the project's rules",
 }
 
@@ -376,6 +459,24 @@ def main():
         env = doc["services"]["gateway"]["environment"]
         env["TALLY_UPSTREAMS"] = ",".join(p for p in str(env["TALLY_UPSTREAMS"]).split(",") if not p.startswith(a_function + "="))
 
+    def set_env(names, **changes):
+        """Give services their own environment (the anchor's is shared), changed:
+        a value of None removes the variable."""
+        def fn(doc):
+            for name in names:
+                env = dict(env_of(doc["services"][name]))
+                for key, value in changes.items():
+                    if value is None:
+                        env.pop(key, None)
+                    else:
+                        env[key] = value
+                doc["services"][name]["environment"] = env
+        return fn
+
+    every_function = [n for n, s in base["services"].items()
+                      if PROJECT_IMAGE.match(str(s.get("image", ""))) and binary_of(s) not in NOT_SERVICES | {"migrate"}]
+    issuer_service = re.sub(r"^https?://([^/:]+).*$", r"\1", str(env_of(base["services"][a_function]).get("TALLY_AUTH_ISSUER") or ""))
+
     cases = [
         ("ports: \"abc\" (a string, not a list)", "schema", dump(mutate(set_(["services", some_backend, "ports"], "abc")))),
         ("an unknown top-level key", "schema", dump(mutate(set_(["servicez"], {})))),
@@ -388,6 +489,21 @@ def main():
         ("a port published on every interface", "ports", dump(mutate(set_(["services", some_backend, "ports"], ["8088:8088"])))),
         (f"the gateway without {a_function}", "gateway", dump(mutate(drop_upstream))),
         (f"no {a_function} service", "functions", dump(mutate(delete(["services", a_function])))),
+        (f"{a_function} without TALLY_AUTH_ISSUER", "auth", dump(mutate(set_env([a_function], TALLY_AUTH_ISSUER=None)))),
+        (f"{a_function} without TALLY_STREAM_KEY", "auth", dump(mutate(set_env([a_function], TALLY_STREAM_KEY=None)))),
+        (f"{a_function} with a stream key of its own", "auth",
+         dump(mutate(set_env([a_function], TALLY_STREAM_KEY="b3duLWtleS1vZi1pdHMtb3duLWZvci10aGUtdGVzdHMh")))),
+        ("a stream key of 16 bytes everywhere", "auth",
+         dump(mutate(set_env(every_function, TALLY_STREAM_KEY="c2l4dGVlbi1ieXRlcy1rZXk=")))),
+        (f"{a_function} without TALLY_MASTER_KEY", "auth", dump(mutate(set_env([a_function], TALLY_MASTER_KEY=None)))),
+        (f"{a_function} with a master key of its own", "auth",
+         dump(mutate(set_env([a_function], TALLY_MASTER_KEY="b3duLW1hc3Rlci1rZXktb2YtaXRzLW93bi10ZXN0cyE=")))),
+        ("a master key of 33 bytes everywhere", "auth",
+         dump(mutate(set_env(every_function, TALLY_MASTER_KEY="dGhpcnR5LXRocmVlLWJ5dGVzLW9mLWEtbWFzdGVya2V5")))),
+        ("an issuer that no service serves", "auth",
+         dump(mutate(set_env(every_function, TALLY_AUTH_ISSUER="http://nowhere:9400")))),
+        (f"{issuer_service or 'the issuer'} without a healthcheck", "auth",
+         dump(mutate(delete(["services", issuer_service, "healthcheck"])) if issuer_service in base["services"] else text)),
         ("broken YAML", "yaml", text + "\n  - [unclosed\n"),
     ]
     for label, expect, broken in cases:

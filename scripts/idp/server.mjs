@@ -2,7 +2,8 @@
 // end-to-end tests: `oidc-provider` (npm, pinned in scripts/idp/package.json), issuing
 // client-credentials access tokens as JWTs (RS256, RFC 9068) for the audience `tally`.
 //
-// Clients (development credentials: this provider is never exposed beyond loopback):
+// Clients (development credentials: this provider is never exposed beyond loopback —
+// in docker-compose.yml, beyond the compose network and 127.0.0.1):
 //   alice, bob      accounts:read accounts:write transfers:write  (two owners)
 //   reader          accounts:read
 //   tally-ops       ops accounts:read
@@ -10,13 +11,17 @@
 // `scope` is what the request asked for, within what the client may have.
 //
 //   node scripts/idp/server.mjs            listen on $IDP_PORT (default 9400)
-//   env: IDP_PORT, IDP_KEYS (a file of private JWKs: created on first start, kept)
+//   env: IDP_PORT, IDP_KEYS (a file of private JWKs: created on first start, kept),
+//        IDP_HOST (the address to listen on, default 127.0.0.1; docker-compose.yml: 0.0.0.0),
+//        IDP_ISSUER (the issuer, the `iss` of the tokens, default http://127.0.0.1:$IDP_PORT;
+//        docker-compose.yml: http://idp:9400, the name the functions reach it by)
 import Provider from 'oidc-provider';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 
 const port = Number(process.env.IDP_PORT || 9400);
-const issuer = `http://127.0.0.1:${port}`;
+const host = process.env.IDP_HOST || '127.0.0.1';
+const issuer = process.env.IDP_ISSUER || `http://127.0.0.1:${port}`;
 const audience = process.env.IDP_AUDIENCE || 'tally';
 // RFC 8707 names a resource server by an absolute URI; its tokens carry `aud: tally`.
 const resource = 'urn:tally';
@@ -77,6 +82,6 @@ const provider = new Provider(issuer, {
   extraTokenClaims: (ctx, token) => (token.kind === 'ClientCredentials' ? { sub: token.clientId } : undefined),
 });
 provider.proxy = false;
-provider.listen(port, '127.0.0.1', () => {
-  console.log(JSON.stringify({ msg: 'identity provider listening', issuer, audience }));
+provider.listen(port, host, () => {
+  console.log(JSON.stringify({ msg: 'identity provider listening', host, port, issuer, audience }));
 });

@@ -139,6 +139,18 @@ TALLY_CURRENCY: {{ .Values.config.currency | quote }}
 TALLY_MAX_AMOUNT: {{ .Values.config.maxAmount | quote }}
 TALLY_SNAPSHOT_EVERY: {{ .Values.config.snapshotEvery | quote }}
 TALLY_TRANSFER_DEADLINE_SECONDS: {{ .Values.config.transferDeadlineSeconds | quote }}
+{{- /* Bearer tokens: none of TALLY_AUTH_* with auth off (no issuer: the binaries' "off"). */}}
+{{- if .Values.auth.enabled }}
+TALLY_AUTH_ISSUER: {{ .Values.auth.issuer | quote }}
+TALLY_AUTH_AUDIENCE: {{ .Values.auth.audience | quote }}
+{{- with .Values.auth.discoveryUrl }}
+TALLY_AUTH_DISCOVERY_URL: {{ . | quote }}
+{{- end }}
+TALLY_AUTH_LEEWAY_SECONDS: {{ .Values.auth.leewaySeconds | quote }}
+{{- with .Values.auth.legacyOwner }}
+TALLY_AUTH_LEGACY_OWNER: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := .Values.config.env }}
 {{ $key }}: {{ $value | toString | quote }}
 {{- end }}
@@ -153,6 +165,30 @@ TALLY_DATABASE_URL: {{ .Values.secrets.databaseUrl | quote }}
 TALLY_EVENT_STORE_URL: {{ . | quote }}
 {{- end }}
 TALLY_REDIS_URL: {{ .Values.secrets.redisUrl | quote }}
+{{- with .Values.secrets.streamKey }}
+TALLY_STREAM_KEY: {{ . | quote }}
+{{- end }}
+{{- with .Values.secrets.masterKey }}
+TALLY_MASTER_KEY: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+The keys in a Deployment's env, from the release's Secret (or the existing one) by
+name: TALLY_STREAM_KEY (the commit topic's HMAC key) and TALLY_MASTER_KEY (the master
+key of the holders' data keys). Without either the pod does not start
+(CreateContainerConfigError), rather than run with an unsigned topic or without
+holder details — unless development: true, where both are optional.
+*/}}
+{{- define "tally.keysEnv" -}}
+{{- range $key := list "TALLY_STREAM_KEY" "TALLY_MASTER_KEY" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tally.secretName" $ }}
+      key: {{ $key }}
+      optional: {{ $.Values.development }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -280,6 +316,44 @@ templates/validate.yaml); each failure stops the render with a message.
 {{- if and .Values.httpRoute.enabled (gt (len (include "tally.routedFunctions" . | fromJsonArray)) 16) }}
 {{- fail "httpRoute: an HTTPRoute holds at most 16 rules (one per routed function); split the functions across releases" }}
 {{- end }}
+{{- /* Who may do what: no silent "authentication off". */}}
+{{- if and .Values.auth.enabled (not .Values.auth.issuer) }}
+{{- fail "auth.issuer: required while auth.enabled is true — the OpenID Connect issuer whose bearer tokens every route requires (TALLY_AUTH_ISSUER, e.g. https://login.example.com/realms/tally); to run without authentication, set auth.enabled: false explicitly" }}
+{{- end }}
+{{- /* The chart's own Secret only: an existing Secret is yours to fill. */}}
+{{- if and (not .Values.development) (not .Values.secrets.existingSecret) }}
+{{- $found := include "tally.developmentCredentials" . | fromJsonArray }}
+{{- if $found }}
+{{- fail (printf "secrets: the built-in development credentials of k8s/ (%s) are refused outside development; set credentials of your own (or secrets.existingSecret), or development: true for a development cluster" (join ", " $found)) }}
+{{- end }}
+{{- if not .Values.secrets.streamKey }}
+{{- fail "secrets.streamKey: required — the key that signs and checks every message on the commit topic (TALLY_STREAM_KEY, base64 of at least 32 bytes: openssl rand -base64 32), or secrets.existingSecret holding TALLY_STREAM_KEY; development: true runs without one (the topic is then trusted)" }}
+{{- end }}
+{{- if not .Values.secrets.masterKey }}
+{{- fail "secrets.masterKey: required — the master key that wraps each account holder's data key (TALLY_MASTER_KEY, base64 of exactly 32 bytes: openssl rand -base64 32), or secrets.existingSecret holding TALLY_MASTER_KEY; development: true runs without one (no account can then be opened with holder details)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The values that still hold the built-in development credentials of k8s/ (MinIO's
+root user tally / tally-secret, PostgreSQL's password tally; the chart's defaults), as
+a JSON list of "<value> (<what>)". The S3 keys count with config.store s3 only (with
+postgres they are not used).
+*/}}
+{{- define "tally.developmentCredentials" -}}
+{{- $found := list }}
+{{- if and (eq .Values.config.store "s3") (eq .Values.secrets.awsSecretAccessKey "tally-secret") }}
+{{- $found = append $found "secrets.awsSecretAccessKey (MinIO's tally-secret)" }}
+{{- end }}
+{{- range $key := list "databaseUrl" "eventStoreUrl" }}
+{{- $url := get $.Values.secrets $key | default "" }}
+{{- $pattern := "^postgres(?:ql)?://[^:@/]*:([^@/]*)@.*$" }}
+{{- if and (regexMatch $pattern $url) (eq (regexReplaceAll $pattern $url "${1}") "tally") }}
+{{- $found = append $found (printf "secrets.%s (the PostgreSQL password tally)" $key) }}
+{{- end }}
+{{- end }}
+{{- $found | toJson }}
 {{- end }}
 
 {{/* The pod-level securityContext of every workload: non-root, RuntimeDefault seccomp. */}}
