@@ -773,38 +773,32 @@ fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     found
 }
 
-/// Crypto-shredding on `make dev`: a holder's details are sealed before they are
-/// stored (no file holds them in the clear), shown to the owner, and erased for good
-/// by `forget` — in the events, snapshots and segments alike, after a rebuild and a
-/// restart too — while the balance and the movements stay.
+/// Crypto-shredding on `make dev`: a holder's details, and the free text they write (a
+/// transfer's reference), are sealed before they are stored (no file holds them in
+/// the clear), shown to the owner, and erased for good by `forget` — in the events,
+/// snapshots and segments alike, after a rebuild and a restart too, for the other
+/// party of a transfer as well — while the balance and the movements stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path()).await;
     let (name, email) = ("Ada Lovelace-7f3a", "ada.7f3a@example.com");
     let holder = json!({"name": name, "email": email});
+    let keys = || match std::fs::read_dir(dir.path().join("keys")) {
+        Ok(entries) => entries.count(),
+        Err(_) => 0,
+    };
     // Bad details are refused and keep nothing (not even a key).
-    let (s, b) = gw
-        .post(
-            "/accounts",
-            &json!({"ID": "shred", "holder": {"name": name, "email": "nope"}}).to_string(),
-        )
-        .await;
+    let bad = json!({"ID": "shred", "holder": {"name": name, "email": "nope"}}).to_string();
+    let (s, b) = gw.post("/accounts", &bad).await;
     assert_eq!(
         (s, b["type"].as_str()),
         (422, Some("/problems/invalid-request")),
         "{b}"
     );
-    assert!(
-        !dir.path().join("keys").exists()
-            || std::fs::read_dir(dir.path().join("keys")).unwrap().count() == 0
-    );
-    let (s, b) = gw
-        .post(
-            "/accounts",
-            &json!({"ID": "shred", "holder": holder}).to_string(),
-        )
-        .await;
+    assert_eq!(keys(), 0);
+    let opening = json!({"ID": "shred", "holder": holder}).to_string();
+    let (s, b) = gw.post("/accounts", &opening).await;
     assert_eq!(s, 201, "{b}");
     gw.post("/accounts/shred/deposit", r#"{"Amount": 50}"#)
         .await;
@@ -812,18 +806,32 @@ async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
         .await;
     let (s, b) = gw.get("/accounts/shred").await;
     assert_eq!((s, &b["holder"]), (200, &holder), "{b}");
-    assert!(
-        files_containing(dir.path(), name).is_empty(),
-        "the name is never stored in the clear"
+    assert_eq!(keys(), 1, "one data key, wrapped");
+    // Free text the holder writes is sealed under their key too.
+    gw.post("/accounts", r#"{"ID": "payee"}"#).await;
+    let note = "tea for Ada-7f3a";
+    let body = json!({"from": "shred", "to": "payee", "amount": "5.00", "reference": note});
+    let (s, t, _) = gw
+        .send(
+            "POST",
+            "/transfers",
+            Some(&body.to_string()),
+            &[("idempotency-key", "tea-1")],
+        )
+        .await;
+    assert_eq!((s, t["reference"].as_str()), (202, Some(note)), "{t}");
+    let transfer = t["id"].as_str().unwrap().to_owned();
+    let done = cases::settled(&gw, &transfer, 30).await;
+    assert_eq!(
+        (done["status"].as_str(), done["reference"].as_str()),
+        (Some("completed"), Some(note))
     );
-    assert!(
-        files_containing(dir.path(), email).is_empty(),
-        "nor the email"
-    );
-    let keys: Vec<_> = std::fs::read_dir(dir.path().join("keys"))
-        .unwrap()
-        .collect();
-    assert_eq!(keys.len(), 1, "one data key, wrapped");
+    for clear in [name, email, note] {
+        assert!(
+            files_containing(dir.path(), clear).is_empty(),
+            "{clear} is stored in the clear"
+        );
+    }
 
     // If-Match does not apply: refused, and nothing is destroyed.
     let (s, _, _) = gw
@@ -831,7 +839,7 @@ async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
             "POST",
             "/accounts/shred/forget",
             None,
-            &[("if-match", "\"3\"")],
+            &[("if-match", "\"4\"")],
         )
         .await;
     assert_eq!(s, 400);
@@ -839,26 +847,62 @@ async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
     let (s, b) = gw.post("/accounts/shred/forget", "").await;
     assert_eq!(
         (s, b["revision"].as_u64(), b["balance"].as_str()),
-        (200, Some(4), Some("30.00")),
+        (200, Some(5), Some("25.00")),
         "{b}"
     );
     let erased = json!({"erased": true});
     assert_eq!(gw.get("/accounts/shred").await.1["holder"], erased);
-    assert_eq!(
-        std::fs::read_dir(dir.path().join("keys")).unwrap().count(),
-        0,
+    let sealed = gw.commits("shred").await.remove(0).events[0].data["holder"]["key"].clone();
+    assert!(
+        !dir.path()
+            .join("keys")
+            .join(sealed.as_str().unwrap())
+            .exists(),
         "the key is destroyed"
     );
+    assert_eq!(keys(), 1, "the payee's key stays");
     let (s, b) = gw.post("/accounts/shred/forget", "").await;
     assert_eq!(
         (s, b["type"].as_str()),
         (409, Some("/problems/holder-forgotten"))
     );
-    // The ledger stays.
-    let (_, b) = gw.get("/accounts/shred/balance?min_revision=4").await;
-    assert_eq!(b["balance"], "30.00");
-    let (_, page) = gw.get("/accounts/shred/transactions?min_revision=4").await;
-    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    // The ledger stays; the reference went with the holder, for both parties.
+    let (_, b) = gw.get("/accounts/shred/balance?min_revision=5").await;
+    assert_eq!(b["balance"], "25.00");
+    let (_, page) = gw.get("/accounts/shred/transactions?min_revision=5").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+    let (_, t) = gw.get(&format!("/transfers/{transfer}")).await;
+    assert_eq!(
+        (t["reference"].as_str(), t["reference_erased"].as_bool()),
+        (Some(""), Some(true)),
+        "{t}"
+    );
+    assert_eq!(t["amount"], "5.00");
+    // A forgotten holder writes no more free text; a transfer without it still goes.
+    let more = json!({"from": "shred", "to": "payee", "amount": "1.00", "reference": "more"});
+    let (s, b, _) = gw
+        .send(
+            "POST",
+            "/transfers",
+            Some(&more.to_string()),
+            &[("idempotency-key", "tea-2")],
+        )
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (422, Some("/problems/invalid-reference")),
+        "{b}"
+    );
+    let plain = json!({"from": "shred", "to": "payee", "amount": "1.00"});
+    let (s, _, _) = gw
+        .send(
+            "POST",
+            "/transfers",
+            Some(&plain.to_string()),
+            &[("idempotency-key", "tea-3")],
+        )
+        .await;
+    assert_eq!(s, 202);
 
     // A rebuild and a restart show the holder erased, and the balance as it was.
     gw.embedded.state.projector.rebuild().await.unwrap();
@@ -866,16 +910,16 @@ async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
     drop(gw);
     let gw = Gateway::start(dir.path()).await;
     let (_, b) = gw.get("/accounts/shred").await;
-    assert_eq!(
-        (&b["holder"], b["balance"].as_str()),
-        (&erased, Some("30.00"))
-    );
-    assert!(files_containing(dir.path(), name).is_empty());
-    assert!(files_containing(dir.path(), email).is_empty());
+    assert_eq!(b["holder"], erased);
+    for clear in [name, email, note] {
+        assert!(
+            files_containing(dir.path(), clear).is_empty(),
+            "{clear} is stored in the clear"
+        );
+    }
     // The sealed details are still in the opening, and open to nothing.
     let opening = gw.commits("shred").await.remove(0);
     assert!(opening.events[0].data["holder"]["data"].is_string());
     // An account opened without details has none to show.
-    gw.post("/accounts", r#"{"ID": "plain"}"#).await;
-    assert!(gw.get("/accounts/plain").await.1.get("holder").is_none());
+    assert!(gw.get("/accounts/payee").await.1.get("holder").is_none());
 }

@@ -277,6 +277,12 @@ async fn an_account_is_its_openers_and_other_subjects_are_told_it_does_not_exist
     let (s, b) = ops.get("/accounts/acc-a/balance?min_revision=3").await;
     assert_eq!((s, b["balance"].as_str()), (200, Some("30.00")), "{b}");
     assert_eq!(ops.get("/accounts/acc-b").await.0, 200);
+    // Forgetting a holder: never for another subject; for the owner, or `ops` alone.
+    assert_eq!(bob.post("/accounts/acc-a/forget", "").await.0, 404);
+    let ops_only = gw.api.with_token(issuer.token("ops-bot", "ops"));
+    let (s, b) = ops_only.post("/accounts/acc-a/forget", "").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(alice.post("/accounts/acc-b/forget", "").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -301,16 +301,34 @@ async fn on_the_stack_a_forgotten_holder_is_in_the_clear_nowhere() {
         .await;
     assert_eq!(s, 201, "{b}");
     alice
-        .post("/accounts/somerville/deposit", r#"{"Amount": 75}"#)
+        .post("/accounts/somerville/deposit", r#"{"Amount": 80}"#)
         .await;
     let (s, b) = alice.get("/accounts/somerville").await;
     assert_eq!((s, &b["holder"]), (200, &holder), "{b}");
+    // Free text the holder writes: a transfer's reference, sealed under their key.
+    alice.post("/accounts", r#"{"ID": "somerville-2"}"#).await;
+    let note = "for Mary's telescope-9e2b";
+    let body = serde_json::json!({"from": "somerville", "to": "somerville-2", "amount": "5.00", "reference": note});
+    let (s, t, _) = alice
+        .send(
+            "POST",
+            "/transfers",
+            Some(&body.to_string()),
+            &[("idempotency-key", "scope-1")],
+        )
+        .await;
+    assert_eq!((s, t["reference"].as_str()), (202, Some(note)), "{t}");
+    let transfer = t["id"].as_str().unwrap().to_owned();
+    let done = cases::settled(&alice, &transfer, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
     let (s, b) = alice.post("/accounts/somerville/forget", "").await;
     assert_eq!((s, b["balance"].as_str()), (200, Some("75.00")), "{b}");
+    let (_, t) = alice.get(&format!("/transfers/{transfer}")).await;
+    assert_eq!(t["reference_erased"], true, "{t}");
     let (_, b) = alice.get("/accounts/somerville").await;
     assert_eq!(b["holder"], serde_json::json!({"erased": true}));
     let (_, b) = alice
-        .get("/accounts/somerville/balance?min_revision=3")
+        .get("/accounts/somerville/balance?min_revision=4")
         .await;
     assert_eq!(b["balance"], "75.00");
 
@@ -337,7 +355,7 @@ async fn on_the_stack_a_forgotten_holder_is_in_the_clear_nowhere() {
 
     let clear = |bytes: &[u8]| {
         let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
-        has(name) || has(email)
+        has(name) || has(email) || has(note)
     };
     // Every object in the bucket: commits, segments, snapshots, the outbox, keys.
     let s3 = tally_testkit::services::s3_store(&stack.s3_endpoint, &stack.bucket);
@@ -347,10 +365,21 @@ async fn on_the_stack_a_forgotten_holder_is_in_the_clear_nowhere() {
         let body = s3.object(key).await.unwrap().unwrap_or_default();
         assert!(!clear(&body), "{key} holds the holder in the clear");
     }
+    // The holder's key is gone; the other account's stays.
+    let opening = s3
+        .object("streams/somerville/00000000000000000001.json")
+        .await
+        .unwrap()
+        .unwrap();
+    let opening: serde_json::Value = serde_json::from_slice(&opening).unwrap();
+    let key = opening["events"][0]["data"]["holder"]["key"]
+        .as_str()
+        .unwrap();
     assert!(
-        !keys.iter().any(|k| k.starts_with("keys/")),
+        !keys.contains(&format!("keys/{key}")),
         "the data key is destroyed: {keys:?}"
     );
+    assert_eq!(keys.iter().filter(|k| k.starts_with("keys/")).count(), 1);
     // Every message on the topic.
     let messages = topic_messages(&env("TALLY_KAFKA_BROKERS"), &env("TALLY_KAFKA_TOPIC")).await;
     assert!(messages.len() >= 3, "{} messages", messages.len());

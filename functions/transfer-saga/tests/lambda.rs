@@ -69,7 +69,7 @@ async fn request(host: &Host, key: &str, from: &AccountId, to: &AccountId) -> Tr
         from: from.clone(),
         to: to.clone(),
         amount: policy.parse("25.00").unwrap(),
-        reference: "rent".into(),
+        reference: None,
     };
     let (view, _) = host
         .state

@@ -389,8 +389,13 @@ pub struct TransferResponse {
     pub amount: String,
     #[schema(example = "USD")]
     pub currency: String,
+    /// The reference, `""` if none was given or it was erased.
     #[schema(example = "rent")]
     pub reference: String,
+    /// `true` once the debited account's holder was forgotten: the reference, sealed
+    /// under their key, is erased with them.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reference_erased: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<TransferFailureItem>,
     /// Every step so far, oldest first.
@@ -398,7 +403,8 @@ pub struct TransferResponse {
 }
 
 impl TransferResponse {
-    pub fn new(view: &tally_app::TransferView) -> Self {
+    /// The view, with its reference as opened (`Some(text)`, or `None`: erased).
+    pub fn new(view: &tally_app::TransferView, reference: Option<String>) -> Self {
         let t = &view.state;
         let currency = t.currency.unwrap_or(Currency::USD);
         Self {
@@ -416,7 +422,8 @@ impl TransferResponse {
                 .unwrap_or_default(),
             amount: currency.format(t.amount),
             currency: currency.code().to_owned(),
-            reference: t.reference.clone(),
+            reference_erased: reference.is_none(),
+            reference: reference.unwrap_or_default(),
             failure: t.failure.as_ref().map(|f| TransferFailureItem {
                 code: if f.code == "balance-overflow" {
                     "balance-limit".into()

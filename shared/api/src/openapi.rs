@@ -153,7 +153,12 @@ fn add_security(doc: &mut serde_json::Value) {
             let Some((_, scope)) = SCOPES.iter().find(|(op, _)| *op == id) else {
                 continue;
             };
-            operation["security"] = json!([{"bearer": [scope]}, {}]);
+            operation["security"] = if id == "forgetHolder" {
+                // The owner, or an operator with `ops` alone.
+                json!([{"bearer": [scope]}, {"bearer": ["ops"]}, {}])
+            } else {
+                json!([{"bearer": [scope]}, {}])
+            };
             let has_body = operation.get("requestBody").is_some();
             let responses = &mut operation["responses"];
             let mut unauthenticated = problem(

@@ -28,8 +28,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tally_domain::{
-    Account, AccountCommand, AccountId, Amount, Caller, Currency, Transfer, TransferCommand,
-    TransferError, TransferEvent, TransferFailure, TransferId, TransferStatus,
+    Account, AccountCommand, AccountId, Amount, Caller, Currency, Reference, Transfer,
+    TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId, TransferStatus,
 };
 use tally_es::{Commit, Delivery, EventStore, Revision, StoreError, StoredCommit, Subscription};
 use time::OffsetDateTime;
@@ -118,19 +118,16 @@ pub struct TransferRequest {
     pub from: AccountId,
     pub to: AccountId,
     pub amount: Amount,
-    pub reference: String,
+    /// Sealed under the debited account holder's key by the caller.
+    pub reference: Option<Reference>,
 }
 
 impl TransferRequest {
-    /// What describes the request for `Idempotency-Key` reuse detection.
+    /// What describes the request for `Idempotency-Key` reuse detection. Not the
+    /// reference: the fingerprint is stored in the clear, and a retry seals the
+    /// reference afresh.
     fn fingerprint(&self) -> String {
-        format!(
-            "transfer {} {} {} {:?}",
-            self.from,
-            self.to,
-            self.amount.minor(),
-            self.reference
-        )
+        format!("transfer {} {} {}", self.from, self.to, self.amount.minor(),)
     }
 }
 

@@ -31,6 +31,6 @@ pub fn check_event_schemas() -> Result<(), tally_es::ChainError> {
 }
 
 pub use transfer::{
-    Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId,
-    TransferStatus,
+    Reference, Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure,
+    TransferId, TransferStatus,
 };

@@ -3,8 +3,8 @@
 
 use tally_domain::{
     Account, AccountCommand, AccountError, AccountEvent, AccountId, Amount, AmountPolicy, Currency,
-    Money, Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId,
-    TransferStatus,
+    Money, Reference, Transfer, TransferCommand, TransferError, TransferEvent, TransferFailure,
+    TransferId, TransferStatus,
 };
 use tally_es::testing::AggregateTest;
 use tally_es::{Commit, Revision, StoredCommit};
@@ -101,6 +101,14 @@ fn a_credit_needs_an_open_account_but_a_refund_reaches_a_closed_one() {
         .then_expect_error(AccountError::NotFound);
 }
 
+/// A reference as the API stores it: sealed under the debited holder's key.
+fn sealed_rent() -> Reference {
+    Reference::Sealed(tally_es::Sealed {
+        key: "k-000102030405060708090a0b0c0d0e0f".into(),
+        data: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+    })
+}
+
 fn requested() -> TransferEvent {
     TransferEvent::Requested {
         id: transfer_id(),
@@ -108,7 +116,7 @@ fn requested() -> TransferEvent {
         to: account("b"),
         amount: 2_500,
         currency: Currency::USD,
-        reference: "rent".into(),
+        reference: Some(sealed_rent()),
         from_at_request: Revision::new(41),
         to_at_request: Revision::new(7),
     }
@@ -132,7 +140,7 @@ fn a_transfer_goes_requested_debited_completed() {
             from: account("a"),
             to: account("b"),
             amount: usd("25.00"),
-            reference: "rent".into(),
+            reference: Some(sealed_rent()),
             from_at_request: Revision::new(41),
             to_at_request: Revision::new(7),
         })
@@ -208,7 +216,7 @@ fn a_transfer_needs_two_accounts_and_a_short_reference() {
         from: account("a"),
         to: account(to),
         amount: usd("1.00"),
-        reference,
+        reference: Some(Reference::Legacy(reference)),
         from_at_request: Revision::ZERO,
         to_at_request: Revision::ZERO,
     };
@@ -241,5 +249,5 @@ fn every_stored_transfer_fixture_decodes() {
         );
         seen += 1;
     }
-    assert_eq!(seen, 7, "one fixture per event type and version");
+    assert_eq!(seen, 8, "one fixture per event type and version");
 }

@@ -137,6 +137,19 @@ impl Vault {
         })
     }
 
+    /// Key `id`, unwrapped, to seal more under it; `None` if it was destroyed.
+    pub async fn key(&self, id: &str) -> Result<Option<DataKey>, VaultError> {
+        check_key_id(id)?;
+        let Some(wrapped) = self.keys.get(id).await? else {
+            return Ok(None);
+        };
+        let key = self.wrap.unwrap(id, &wrapped)?;
+        Ok(Some(DataKey {
+            id: id.to_owned(),
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+        }))
+    }
+
     /// `plaintext` sealed under `key` for `purpose` (e.g. `"holder"`).
     pub fn seal(&self, key: &DataKey, purpose: &str, plaintext: &[u8]) -> Sealed {
         let data = seal_bytes(&key.cipher, &aad(purpose, &key.id), plaintext)

@@ -9,8 +9,9 @@ use axum::response::Response;
 use tally_auth::Scope;
 use tally_domain::AccountCommand;
 
-/// Forget the holder's personal data (crypto-shredding): the key their details are
-/// sealed under is destroyed, then `HolderForgotten` is appended. From then on every
+/// Forget the holder's personal data (crypto-shredding), as the owner (`accounts:write`)
+/// or an operator (`ops`): the key their details are sealed under is destroyed, then
+/// `HolderForgotten` is appended. From then on every
 /// copy of the details — in the events, snapshots, the topic, backups — reads as
 /// erased; the balance and the movements stay.
 #[utoipa::path(
@@ -40,15 +41,17 @@ pub async fn handle(
             "If-Match does not apply to forgetting a holder".into(),
         ));
     }
-    who.may(&state, Scope::AccountsWrite, &id).await?;
+    // The owner (with `accounts:write`), or an operator with `ops` alone.
+    let scope = if who.scopes.has(Scope::Ops) {
+        Scope::Ops
+    } else {
+        Scope::AccountsWrite
+    };
+    who.may(&state, scope, &id).await?;
     // The key first: a crash between the two leaves the details erased already, and
     // the retry appends the event (destroying a destroyed key is nothing).
     if let Some(sealed) = state.queries.holder(&id, &who.caller).await? {
-        let vault = state
-            .vault
-            .as_ref()
-            .ok_or_else(|| ApiError::Unavailable("no master key here (TALLY_MASTER_KEY)".into()))?;
-        vault.destroy(&sealed.key).await?;
+        super::vault(&state)?.destroy(&sealed.key).await?;
     }
     super::run_command(
         &state,

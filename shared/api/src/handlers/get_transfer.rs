@@ -41,5 +41,6 @@ pub async fn handle(
         return Err(ApiError::TransferNotFound);
     }
     who.require(Scope::AccountsRead)?;
-    Ok(Json(TransferResponse::new(&view)))
+    let reference = super::reference_text(&state, &view).await?;
+    Ok(Json(TransferResponse::new(&view, reference)))
 }

@@ -147,22 +147,54 @@ pub(crate) async fn holder(
     let Some(sealed) = state.queries.holder(id, &who.caller).await? else {
         return Ok(None);
     };
-    let vault = state
-        .vault
-        .as_ref()
-        .ok_or_else(|| ApiError::Unavailable("no master key here (TALLY_MASTER_KEY)".into()))?;
-    match vault.open(&sealed, HOLDER).await? {
+    match vault(state)?.open(&sealed, HOLDER).await? {
         tally_vault::Opened::Erased => Ok(Some(HolderView::Erased { erased: true })),
         tally_vault::Opened::Plain(bytes) => {
-            let details: HolderDetails = serde_json::from_slice(&bytes)
+            // `null`: the account's key was made without details (for free text).
+            let details: Option<HolderDetails> = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::Internal(format!("sealed holder details: {e}")))?;
-            Ok(Some(HolderView::Details(details)))
+            Ok(details.map(HolderView::Details))
         }
     }
 }
 
 /// The purpose holder details are sealed for (`tally_vault`'s associated data).
 pub(crate) const HOLDER: &str = "holder";
+
+/// The purpose a transfer's reference is sealed for.
+pub(crate) const REFERENCE: &str = "reference";
+
+/// The vault, or 503: this deployment has no master key.
+pub(crate) fn vault(state: &AppState) -> Result<&tally_vault::Vault, ApiError> {
+    state.vault.as_ref().ok_or_else(|| {
+        ApiError::Unavailable(
+            "personal data and free text need a master key (TALLY_MASTER_KEY), and this deployment has none"
+                .into(),
+        )
+    })
+}
+
+/// A transfer's reference as a client sees it: `Some(text)` (`""`: none given), or
+/// `None` once it is erased with the debited account's holder.
+pub(crate) async fn reference_text(
+    state: &AppState,
+    view: &tally_app::TransferView,
+) -> Result<Option<String>, ApiError> {
+    match &view.state.reference {
+        None => Ok(Some(String::new())),
+        Some(tally_domain::Reference::Legacy(text)) => Ok(Some(text.clone())),
+        Some(tally_domain::Reference::Sealed(sealed)) => {
+            match vault(state)?.open(sealed, REFERENCE).await? {
+                tally_vault::Opened::Erased => Ok(None),
+                tally_vault::Opened::Plain(bytes) => {
+                    Ok(Some(String::from_utf8(bytes).map_err(|e| {
+                        ApiError::Internal(format!("a sealed reference: {e}"))
+                    })?))
+                }
+            }
+        }
+    }
+}
 
 /// The amount of a deposit or withdrawal, parsed under the deployment's policy.
 pub(crate) fn amount(

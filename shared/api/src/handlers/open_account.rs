@@ -38,18 +38,17 @@ pub async fn handle(
         AccountId::parse(&request.id).map_err(|e| ApiError::InvalidAccountId(e.to_string()))?;
     let currency = state.policy.currency;
     let owner = who.caller.owner().cloned();
-    // The holder's details are sealed under a key of their own, kept before the
-    // opening is appended (a key whose opening lost a race is never used).
-    let holder = match &request.holder {
-        None => None,
-        Some(details) => {
-            details.check().map_err(ApiError::InvalidRequest)?;
-            let vault = state.vault.as_ref().ok_or_else(|| {
-                ApiError::Unavailable(
-                    "holder details need a master key (TALLY_MASTER_KEY), and this deployment has none"
-                        .into(),
-                )
-            })?;
+    // Every account gets the holder's own key where there is a master key: their
+    // details, if given, are sealed under it, and so is any free text they write later
+    // (a transfer's reference), so forgetting them erases all of it. The key is kept
+    // before the opening is appended (one whose opening lost a race is never used).
+    if let Some(details) = &request.holder {
+        details.check().map_err(ApiError::InvalidRequest)?;
+    }
+    let holder = match (&state.vault, &request.holder) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(super::vault(&state).err().expect("no vault")),
+        (Some(vault), details) => {
             let key = vault.new_key().await?;
             let plain = serde_json::to_vec(details).expect("holder details serialize");
             Some(vault.seal(&key, super::HOLDER, &plain))
@@ -63,13 +62,14 @@ pub async fn handle(
     };
     // (The holder's details stay out of the fingerprint: it is stored in the clear,
     // and a retry seals them afresh. A retry with other details gets the first answer.)
+    let made = holder.as_ref().map(|h| h.key.clone());
     let command = AccountCommand::Open {
         id: id.clone(),
         currency,
         owner,
         holder,
     };
-    super::run_command(
+    let answer = super::run_command(
         &state,
         &who,
         &id,
@@ -78,5 +78,20 @@ pub async fn handle(
         headers,
         StatusCode::CREATED,
     )
-    .await
+    .await;
+    // A key whose opening did not happen — refused (the id is taken, the key reused),
+    // or answered by an earlier opening with the same `Idempotency-Key` — is nobody's:
+    // destroyed, so a refused request leaves nothing behind. Kept only when the append
+    // may have landed (its outcome unknown).
+    let unused = match &answer {
+        Ok(response) => response.headers().contains_key("idempotent-replayed"),
+        Err(ApiError::OutcomeUnknown(_)) => false,
+        Err(_) => true,
+    };
+    if let (true, Some(key), Some(vault)) = (unused, made, &state.vault) {
+        if let Err(e) = vault.destroy(&key).await {
+            tracing::warn!(error = %e, "an unused data key stays (it seals nothing stored)");
+        }
+    }
+    answer
 }

@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tally_app::TransferRequest;
 use tally_auth::Scope;
-use tally_domain::AccountId;
+use tally_domain::transfer::REFERENCE_MAX_CHARS;
+use tally_domain::{AccountId, Reference};
 
 /// Move money from one account to another. Answers at once with the transfer as
 /// requested (`pending`); `GET /transfers/{id}` follows it to `completed`, `failed` or
@@ -56,11 +57,46 @@ pub async fn handle(
         return Err(ApiError::AccountNotFound);
     }
     who.require(Scope::TransfersWrite)?;
+    // Free text is sealed under the key of the debited account's holder, so that
+    // forgetting them erases it too.
+    let reference = match body.reference.as_str() {
+        "" => None,
+        text => {
+            let length = text.chars().count();
+            if length > REFERENCE_MAX_CHARS {
+                return Err(ApiError::InvalidReference(format!(
+                    "the reference is {length} characters long; at most {REFERENCE_MAX_CHARS} are allowed"
+                )));
+            }
+            let vault = super::vault(&state)?;
+            let no_key = |why: &str| {
+                ApiError::InvalidReference(format!(
+                    "the account `from` {why}: a transfer from it takes no reference"
+                ))
+            };
+            let holder = state
+                .queries
+                .holder(&from, &tally_domain::Caller::Service)
+                .await?
+                .ok_or_else(|| {
+                    no_key("keeps no key for free text (opened before keys were made)")
+                })?;
+            let key = vault
+                .key(&holder.key)
+                .await?
+                .ok_or_else(|| no_key("belongs to a holder who was forgotten"))?;
+            Some(Reference::Sealed(vault.seal(
+                &key,
+                super::REFERENCE,
+                text.as_bytes(),
+            )))
+        }
+    };
     let request = TransferRequest {
         from,
         to: account("to", &body.to)?,
         amount: super::amount(&state, &body.amount())?,
-        reference: body.reference,
+        reference,
     };
     // In a task of its own, as a command is: a client that hangs up does not cut the
     // request off between its append and its publish.
@@ -79,7 +115,12 @@ pub async fn handle(
     let (view, replayed) = tokio::spawn(work)
         .await
         .map_err(|e| ApiError::Internal(format!("the request's task failed: {e}")))??;
-    let mut response = (StatusCode::ACCEPTED, Json(TransferResponse::new(&view))).into_response();
+    let reference = super::reference_text(&state, &view).await?;
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(TransferResponse::new(&view, reference)),
+    )
+        .into_response();
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&format!("/transfers/{}", view.id)) {
         headers.insert(header::LOCATION, location);

@@ -2,7 +2,8 @@
 //!
 //! | type                     | payload                                                          |
 //! | ------------------------ | ---------------------------------------------------------------- |
-//! | `TransferRequested` v2   | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference", "from_at_request": 41, "to_at_request": 7}` |
+//! | `TransferRequested` v3   | `{"id", "from", "to", "amount": 2500, "currency": "USD", "reference": sealed \| null, "from_at_request": 41, "to_at_request": 7}` |
+//! | `TransferRequested` v2   | as v3 with the reference as text (upcast: kept as legacy text, `""` as null) |
 //! | `TransferRequested` v1   | as v2 without the two revisions (upcast to zero)                 |
 //! | `TransferDebited`        | `{"revision": 7}` (of `from`)                                    |
 //! | `TransferFailed`         | `{"code", "account", "detail"}` (the debit was refused)          |
@@ -10,7 +11,7 @@
 //! | `TransferCreditRefused`  | `{"code", "account", "detail"}`                                  |
 //! | `TransferReversed`       | `{"revision": 8}` (the refund's, of `from`)                      |
 
-use super::{TransferFailure, TransferId};
+use super::{Reference, TransferFailure, TransferId};
 use crate::{AccountId, Currency};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -26,7 +27,7 @@ pub enum TransferEvent {
         to: AccountId,
         amount: i64,
         currency: Currency,
-        reference: String,
+        reference: Option<Reference>,
         /// The revisions `from` and `to` were at, at most, when the transfer was
         /// requested (zero if unknown): every step on each comes after it, so a step's
         /// idempotency key is looked up exactly however many commands came since.
@@ -52,13 +53,13 @@ pub enum TransferEvent {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RequestedV2 {
+struct RequestedV3 {
     id: TransferId,
     from: AccountId,
     to: AccountId,
     amount: i64,
     currency: Currency,
-    reference: String,
+    reference: Option<Reference>,
     from_at_request: Revision,
     to_at_request: Revision,
 }
@@ -97,7 +98,7 @@ fn refused(failure: &TransferFailure) -> Value {
 
 /// Every transfer event type: the first schema version ever stored, the current one.
 pub const TYPES: &[(&str, u32, u32)] = &[
-    ("TransferRequested", 1, 2),
+    ("TransferRequested", 1, 3),
     ("TransferDebited", 1, 1),
     ("TransferFailed", 1, 1),
     ("TransferCredited", 1, 1),
@@ -106,12 +107,34 @@ pub const TYPES: &[(&str, u32, u32)] = &[
 ];
 
 /// The upcasters of transfer events.
-pub const STEPS: &[Upcaster] = &[Upcaster {
-    event_type: "TransferRequested",
-    from: 1,
-    to: 2,
-    upcast: requested_v1_to_v2,
-}];
+pub const STEPS: &[Upcaster] = &[
+    Upcaster {
+        event_type: "TransferRequested",
+        from: 1,
+        to: 2,
+        upcast: requested_v1_to_v2,
+    },
+    Upcaster {
+        event_type: "TransferRequested",
+        from: 2,
+        to: 3,
+        upcast: requested_v2_to_v3,
+    },
+];
+
+/// `TransferRequested` v2 → v3: the reference was text in the clear; it stays so
+/// (legacy), an empty one becomes none.
+fn requested_v2_to_v3(mut data: Value) -> Result<Value, String> {
+    let fields = data.as_object_mut().ok_or("not an object")?;
+    match fields.get("reference") {
+        Some(Value::String(text)) if text.is_empty() => {
+            fields.insert("reference".into(), Value::Null);
+        }
+        Some(Value::String(_)) => {}
+        _ => return Err("a v2 reference is text".into()),
+    }
+    Ok(data)
+}
 
 /// `TransferRequested` v1 → v2: a v1 request said nothing of the accounts' revisions:
 /// zero, the whole stream.
@@ -145,7 +168,7 @@ impl DomainEvent for TransferEvent {
 
     fn schema_version(&self) -> u32 {
         match self {
-            Self::Requested { .. } => 2,
+            Self::Requested { .. } => 3,
             _ => 1,
         }
     }
@@ -167,7 +190,7 @@ impl DomainEvent for TransferEvent {
                 reference,
                 from_at_request,
                 to_at_request,
-            } => json!(RequestedV2 {
+            } => json!(RequestedV3 {
                 id: id.clone(),
                 from: from.clone(),
                 to: to.clone(),
@@ -204,7 +227,7 @@ impl DomainEvent for TransferEvent {
             |data| DecodeError::payload::<RefusedV1>(event_type, version, data).map(Into::into);
         Ok(match event_type {
             "TransferRequested" => {
-                let p: RequestedV2 = DecodeError::payload(event_type, version, data)?;
+                let p: RequestedV3 = DecodeError::payload(event_type, version, data)?;
                 Self::Requested {
                     id: p.id,
                     from: p.from,

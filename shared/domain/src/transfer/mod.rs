@@ -24,6 +24,16 @@ use tally_es::{Aggregate, Revision};
 /// The longest accepted reference, in characters.
 pub const REFERENCE_MAX_CHARS: usize = 140;
 
+/// A transfer's reference (free text a client wrote) as stored: sealed under the
+/// debited account holder's key (so forgetting the holder erases it), or — written
+/// before references were sealed (v1, v2) — in the clear.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Reference {
+    Sealed(tally_es::Sealed),
+    Legacy(String),
+}
+
 /// Where a transfer is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransferStatus {
@@ -99,7 +109,7 @@ pub struct Transfer {
     /// Minor units of `currency`.
     pub amount: i64,
     pub currency: Option<Currency>,
-    pub reference: String,
+    pub reference: Option<Reference>,
     /// The revisions `from` and `to` were at, at most, when the transfer was requested:
     /// each step's idempotency key cannot have been used at or before it.
     pub from_at_request: Revision,
@@ -120,7 +130,8 @@ pub enum TransferCommand {
         from: AccountId,
         to: AccountId,
         amount: Amount,
-        reference: String,
+        /// Sealed by the caller (the API) under the debited account holder's key.
+        reference: Option<Reference>,
         /// The revisions `from` and `to` were at, at most, before the request (zero if
         /// unknown; never more than a revision already stored).
         from_at_request: Revision,
@@ -201,9 +212,11 @@ impl Aggregate for Transfer {
                 if from == to {
                     return Err(TransferError::SameAccount);
                 }
-                let length = reference.chars().count();
-                if length > REFERENCE_MAX_CHARS {
-                    return Err(TransferError::ReferenceTooLong(length));
+                if let Some(Reference::Legacy(text)) = &reference {
+                    let length = text.chars().count();
+                    if length > REFERENCE_MAX_CHARS {
+                        return Err(TransferError::ReferenceTooLong(length));
+                    }
                 }
                 TransferEvent::Requested {
                     id,
