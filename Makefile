@@ -34,9 +34,9 @@ watch: ## every function under `cargo lambda watch` on :9000, against `make back
 
 up: ## docker compose: the backends, the init job, every function and the gateway on 127.0.0.1:8080
 	docker compose --profile functions up -d --build --wait
-	@echo "Tally on http://127.0.0.1:8080 — try: make walkthrough"
+	@echo "Tally on http://127.0.0.1:8080 — try: TOKEN=\$$(IDP_PORT=9401 scripts/idp.sh token alice) make walkthrough"
 
-backends: ## docker compose, backends only (for make watch): S3 :9002, Kafka :9092, PostgreSQL :5433, Redis :6380
+backends: ## docker compose, backends only (for make watch): S3 :9002, Kafka :9092, PostgreSQL :5433, Redis :6380, identity provider :9401
 	docker compose up -d --wait
 
 down: ## stop docker compose and delete its data
@@ -70,7 +70,7 @@ build: ## debug build of every function
 release: ## stripped release build of every function
 	$(CARGO) build --workspace --release
 
-walkthrough: ## the seed's curl walk-through against a running `make dev` (make stack: TOKEN=$$(make -s token) make walkthrough)
+walkthrough: ## the seed's curl walk-through against a running `make dev` (make stack: TOKEN=$(make -s token) make walkthrough)
 	./scripts/walkthrough.sh http://localhost:$(PORT)
 
 clean: ## remove build output and local data

@@ -890,7 +890,7 @@ async fn a_forgotten_holder_is_erased_everywhere_and_the_ledger_stays() {
         .await;
     assert_eq!(
         (s, b["type"].as_str()),
-        (422, Some("/problems/invalid-reference")),
+        (409, Some("/problems/holder-forgotten")),
         "{b}"
     );
     let plain = json!({"from": "shred", "to": "payee", "amount": "1.00"});

@@ -17,6 +17,58 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A fresh bucket, topic and database on the test services: the projector process's
+/// environment (with `extra`), and the same backends as the configuration of a writer
+/// in this process.
+struct Backends {
+    dir: tempfile::TempDir,
+    database_url: String,
+    topic: String,
+    vars: Vec<(String, String)>,
+    config: Config,
+}
+
+async fn backends(extra: &[(&str, &str)]) -> Backends {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_database().await;
+    let bucket = unique("tally");
+    let topic = unique("commits");
+    let s3 = required_env("TALLY_TEST_S3_ENDPOINT");
+    let brokers = required_env("TALLY_TEST_KAFKA_BROKERS");
+    let group = unique("group");
+    let mut pairs = vec![
+        ("TALLY_DATABASE_URL", database_url.as_str()),
+        ("TALLY_S3_BUCKET", &bucket),
+        ("TALLY_S3_ENDPOINT", &s3),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("TALLY_KAFKA_BROKERS", &brokers),
+        ("TALLY_KAFKA_TOPIC", &topic),
+        ("TALLY_KAFKA_GROUP", &group),
+    ];
+    pairs.extend_from_slice(extra);
+    let vars = env(&pairs);
+    let mut config = Config::with_data_dir(dir.path());
+    config.s3_bucket = Some(bucket);
+    config.s3_endpoint = Some(s3);
+    config.s3_access_key_id = Some("test".into());
+    config.s3_secret_access_key = Some("test".into());
+    config.kafka_brokers = Some(brokers);
+    config.kafka_topic = topic.clone();
+    config.database_url = Some(database_url.clone());
+    config.stream_key = extra
+        .iter()
+        .find(|(k, _)| *k == "TALLY_STREAM_KEY")
+        .map(|(_, v)| v.to_string());
+    Backends {
+        dir,
+        database_url,
+        topic,
+        vars,
+        config,
+    }
+}
+
 #[tokio::test]
 async fn under_lambda_the_projector_applies_a_kafka_batch_once_in_partition_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,33 +105,13 @@ async fn under_lambda_the_projector_applies_a_kafka_batch_once_in_partition_orde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_killed_mid_stream_and_restarted_applies_every_commit_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let database_url = fresh_database().await;
-    let bucket = unique("tally");
-    let topic = unique("commits");
-    let group = unique("group");
-    let s3 = required_env("TALLY_TEST_S3_ENDPOINT");
-    let brokers = required_env("TALLY_TEST_KAFKA_BROKERS");
-    let vars = env(&[
-        ("TALLY_DATABASE_URL", &database_url),
-        ("TALLY_S3_BUCKET", &bucket),
-        ("TALLY_S3_ENDPOINT", &s3),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("TALLY_KAFKA_BROKERS", &brokers),
-        ("TALLY_KAFKA_TOPIC", &topic),
-        ("TALLY_KAFKA_GROUP", &group),
-    ]);
-
-    // The writer side, in this process: commands publishing to Kafka.
-    let mut config = Config::with_data_dir(dir.path());
-    config.s3_bucket = Some(bucket.clone());
-    config.s3_endpoint = Some(s3.clone());
-    config.s3_access_key_id = Some("test".into());
-    config.s3_secret_access_key = Some("test".into());
-    config.kafka_brokers = Some(brokers.clone());
-    config.kafka_topic = topic.clone();
-    config.database_url = Some(database_url.clone());
+    let Backends {
+        dir,
+        database_url,
+        vars,
+        config,
+        ..
+    } = backends(&[]).await;
     let writer = Host::build(&config, Role::Command).await.unwrap();
     writer.init().await.unwrap();
 
@@ -219,35 +251,20 @@ async fn a_message_the_store_did_not_produce_changes_nothing() {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use tally_domain::AccountEvent;
-    let dir = tempfile::tempdir().unwrap();
-    let database_url = fresh_database().await;
-    let bucket = unique("tally");
-    let topic = unique("commits");
     let key = stream_key();
-    let s3 = required_env("TALLY_TEST_S3_ENDPOINT");
-    let brokers = required_env("TALLY_TEST_KAFKA_BROKERS");
-    let vars = env(&[
-        ("TALLY_DATABASE_URL", &database_url),
-        ("TALLY_S3_BUCKET", &bucket),
-        ("TALLY_S3_ENDPOINT", &s3),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("TALLY_KAFKA_BROKERS", &brokers),
-        ("TALLY_KAFKA_TOPIC", &topic),
-        ("TALLY_KAFKA_GROUP", &unique("group")),
+    let Backends {
+        dir,
+        database_url,
+        topic,
+        vars,
+        config,
+    } = backends(&[
         ("TALLY_STREAM_KEY", &key),
         // Only the stream brings commits here: no catch-up from the store in between.
         ("TALLY_CATCH_UP_EVERY", "0"),
-    ]);
-    let mut config = Config::with_data_dir(dir.path());
-    config.s3_bucket = Some(bucket.clone());
-    config.s3_endpoint = Some(s3.clone());
-    config.s3_access_key_id = Some("test".into());
-    config.s3_secret_access_key = Some("test".into());
-    config.kafka_brokers = Some(brokers.clone());
-    config.kafka_topic = topic.clone();
-    config.database_url = Some(database_url.clone());
-    config.stream_key = Some(key.clone());
+    ])
+    .await;
+    let brokers = config.kafka_brokers.clone().unwrap();
     let writer = Host::build(&config, Role::Command).await.unwrap();
     writer.init().await.unwrap();
     let projector = Function::server_with(BIN, dir.path(), &vars).await;

@@ -27,10 +27,20 @@ pub struct OpenAccountRequest {
 #[serde(deny_unknown_fields)]
 pub struct HolderDetails {
     /// 1–200 characters, no control characters.
-    #[schema(example = "Ada Lovelace", min_length = 1, max_length = 200)]
+    #[schema(
+        example = "Ada Lovelace",
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
     pub name: String,
     /// 3–254 characters with an `@`, no spaces or control characters.
-    #[schema(example = "ada@example.com", min_length = 3, max_length = 254)]
+    #[schema(
+        example = "ada@example.com",
+        min_length = 3,
+        max_length = 254,
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]*@[^\s\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub email: String,
 }
 

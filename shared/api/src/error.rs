@@ -44,8 +44,12 @@ pub enum ApiError {
     AccountExists,
     /// 409 `account-closed`
     AccountClosed,
-    /// 409 `holder-forgotten`: the holder's personal data was already forgotten.
+    /// 409 `holder-forgotten`: the holder's personal data was already forgotten (or, for
+    /// a reference, the debited account's holder was).
     HolderForgotten,
+    /// 409 `no-holder-key`: the debited account keeps no key for free text (opened
+    /// before keys were made), so a transfer from it takes no reference.
+    NoHolderKey,
     /// 422 `insufficient-funds`
     InsufficientFunds(String),
     /// 409 `balance-not-zero`
@@ -98,6 +102,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("account-closed", 409, "Account closed"),
     ("balance-not-zero", 409, "Balance not zero"),
     ("holder-forgotten", 409, "Holder forgotten"),
+    ("no-holder-key", 409, "No key for free text"),
     ("revision-mismatch", 412, "Revision mismatch"),
     ("request-timeout", 408, "Request timeout"),
     ("payload-too-large", 413, "Payload too large"),
@@ -138,6 +143,7 @@ impl ApiError {
             Self::AccountExists => "account-already-exists",
             Self::AccountClosed => "account-closed",
             Self::HolderForgotten => "holder-forgotten",
+            Self::NoHolderKey => "no-holder-key",
             Self::InsufficientFunds(_) => "insufficient-funds",
             Self::BalanceNotZero(_) => "balance-not-zero",
             Self::CurrencyMismatch(_) => "currency-mismatch",
@@ -190,7 +196,12 @@ impl ApiError {
             Self::SameAccount => "a transfer needs two different accounts".into(),
             Self::AccountExists => "an account with this id already exists".into(),
             Self::AccountClosed => "the account is closed".into(),
-            Self::HolderForgotten => "the holder's personal data was already forgotten".into(),
+            Self::HolderForgotten => {
+                "the holder's personal data was forgotten: it takes no more free text".into()
+            }
+            Self::NoHolderKey => "the account `from` keeps no key for free text (it was opened \
+                before keys were made): a transfer from it takes no reference"
+                .into(),
             Self::BalanceLimit => "the balance would exceed what an account can hold".into(),
             Self::IdempotencyKeyReused => {
                 "this Idempotency-Key was already used with a different request".into()

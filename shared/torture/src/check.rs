@@ -43,6 +43,7 @@ pub const INVARIANTS: &[&str] = &[
     "no-crash",
     "history-equals-store",
     "every-transfer-ended",
+    "personal-data-sealed",
 ];
 
 /// One broken invariant.
@@ -94,6 +95,8 @@ pub struct Shown {
     pub closed: bool,
     /// (revision, kind, amount, balance after)
     pub transactions: Vec<(u64, String, i64, i64)>,
+    /// The holder as `GET /accounts/{id}` shows it.
+    pub holder: Value,
 }
 
 /// An as-of balance as the API answered it: (balance, revision answered), or the error.
@@ -136,6 +139,7 @@ impl Observed {
                 balance: body["balance"].as_str().and_then(minor).unwrap_or(-1),
                 closed: body["status"].as_str() == Some("closed"),
                 transactions: Vec::new(),
+                holder: body["holder"].clone(),
             };
             let mut cursor: Option<String> = None;
             loop {
@@ -284,6 +288,8 @@ struct Folded {
     /// Transfers' credits and refunds in, and debits out.
     transferred_in: i64,
     transferred_out: i64,
+    /// The holder was forgotten (`HolderForgotten`).
+    forgotten: bool,
 }
 
 /// Check `ops` against `store` and the read model `observed`.
@@ -327,6 +333,19 @@ pub async fn check(
                     ),
                 );
             }
+            let bytes = stored.to_bytes();
+            if let Some(marker) = crate::client::CLEAR_MARKERS
+                .iter()
+                .find(|m| bytes.windows(m.len()).any(|w| w == m.as_bytes()))
+            {
+                v.violate(
+                    "personal-data-sealed",
+                    format!(
+                        "{name}: the commit at {} holds `{marker}` in the clear",
+                        stored.revision
+                    ),
+                );
+            }
             let commit = Commit::<AccountEvent>::decode(stored).map_err(|e| e.to_string())?;
             let key = commit.metadata.idempotency_key.clone();
             if let Some(k) = &key {
@@ -359,11 +378,11 @@ pub async fn check(
                         f.closed = true;
                         (Kind::Close, None)
                     }
-                    AccountEvent::HolderForgotten { .. } => {
-                        // Not a client operation of this harness; the ledger is unmoved.
-                        f.revision = r;
-                        f.balance_at.insert(r, f.balance);
-                        continue;
+                    AccountEvent::HolderForgotten { balance } => {
+                        // The ledger is unmoved.
+                        check_step(&mut v, &name, r, f.balance, *balance);
+                        f.forgotten = true;
+                        (Kind::Forget, None)
                     }
                     AccountEvent::TransferredIn {
                         amount, balance, ..
@@ -424,6 +443,7 @@ pub async fn check(
     check_commands(&mut v, ops, &folded);
     check_reads(&mut v, ops, &folded);
     check_read_model(&mut v, observed, &folded);
+    check_holders(&mut v, ops, observed, &folded);
     check_history(&mut v, observed, &folded);
 
     // Conservation.
@@ -852,6 +872,12 @@ fn check_read_model(v: &mut Verdict, observed: &Observed, folded: &BTreeMap<Stri
             balance: f.balance,
             closed: f.closed,
             transactions: f.transactions.clone(),
+            // Judged by `check_holders`.
+            holder: observed
+                .0
+                .get(name)
+                .and_then(|s| s.as_ref())
+                .map_or(Value::Null, |s| s.holder.clone()),
         });
         let Some(shown) = observed.0.get(name) else {
             // Not read through the API (not one of the run's accounts).
@@ -931,4 +957,42 @@ fn check_history(v: &mut Verdict, observed: &Observed, folded: &BTreeMap<String,
 /// An account id for the store (the harness's names are valid ids).
 pub fn stream(name: &str) -> Option<StreamId> {
     AccountId::parse(name).ok().map(|id| id.stream_id().clone())
+}
+
+/// Every account shows its holder's details as its opening gave them, or — once
+/// forgotten (`HolderForgotten` in the store) — as erased. A forget that was sent but
+/// not acknowledged may have destroyed the key before its append failed (it destroys
+/// first, so that a crash never leaves the details readable): then either is right.
+fn check_holders(
+    v: &mut Verdict,
+    ops: &[Op],
+    observed: &Observed,
+    folded: &BTreeMap<String, Folded>,
+) {
+    let attempted: HashSet<&str> = ops
+        .iter()
+        .filter(|o| o.kind == Kind::Forget)
+        .map(|o| o.account.as_str())
+        .collect();
+    for (account, f) in folded {
+        let Some(Some(shown)) = observed.0.get(account) else {
+            continue;
+        };
+        let erased = serde_json::json!({"erased": true});
+        let details = serde_json::json!({
+            "name": crate::client::holder_name(account),
+            "email": crate::client::holder_email(account),
+        });
+        let expected = if f.forgotten { &erased } else { &details };
+        let either = !f.forgotten && attempted.contains(account.as_str()) && shown.holder == erased;
+        if shown.holder != *expected && !either {
+            v.violate(
+                "personal-data-sealed",
+                format!(
+                    "{account}: the holder shows as {}, expected {expected}",
+                    shown.holder
+                ),
+            );
+        }
+    }
 }

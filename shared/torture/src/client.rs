@@ -21,13 +21,20 @@ pub enum Kind {
     Account,
     /// `POST /transfers` from `account` to `to` (always with a key: the API requires it).
     Transfer,
+    /// `POST /accounts/{id}/forget`: the holder's details (given at the opening) erased.
+    Forget,
 }
 
 impl Kind {
     pub fn is_command(self) -> bool {
         matches!(
             self,
-            Kind::Open | Kind::Deposit | Kind::Withdraw | Kind::Close | Kind::Transfer
+            Kind::Open
+                | Kind::Deposit
+                | Kind::Withdraw
+                | Kind::Close
+                | Kind::Transfer
+                | Kind::Forget
         )
     }
 
@@ -45,6 +52,7 @@ impl Kind {
             Kind::Balance => "balance",
             Kind::Account => "account",
             Kind::Transfer => "transfer",
+            Kind::Forget => "forget",
         }
     }
 }
@@ -159,17 +167,26 @@ struct Request {
     key: Option<String>,
     if_match: Option<u64>,
     min_revision: Option<u64>,
+    /// A transfer with a reference.
+    reference: bool,
 }
 
 impl Request {
     fn method_path_body(&self) -> (&'static str, String, Option<String>) {
         let a = &self.account;
         match self.kind {
+            // Every account is opened with its holder's details (sealed; `forget` erases
+            // them), named after it so the checker can look for them in the clear.
             Kind::Open => (
                 "POST",
                 "/accounts".into(),
-                Some(format!(r#"{{"id": "{a}"}}"#)),
+                Some(format!(
+                    r#"{{"id": "{a}", "holder": {{"name": "{}", "email": "{}"}}}}"#,
+                    holder_name(a),
+                    holder_email(a)
+                )),
             ),
+            Kind::Forget => ("POST", format!("/accounts/{a}/forget"), None),
             Kind::Deposit | Kind::Withdraw => (
                 "POST",
                 format!("/accounts/{a}/{}", self.kind.name()),
@@ -183,9 +200,14 @@ impl Request {
                 "POST",
                 "/transfers".into(),
                 Some(format!(
-                    r#"{{"from": "{a}", "to": "{}", "amount": "{}"}}"#,
+                    r#"{{"from": "{a}", "to": "{}", "amount": "{}", "reference": "{}"}}"#,
                     self.to.as_deref().unwrap_or_default(),
-                    decimal(self.amount.unwrap_or(1))
+                    decimal(self.amount.unwrap_or(1)),
+                    if self.reference {
+                        reference(a)
+                    } else {
+                        String::new()
+                    }
                 )),
             ),
             Kind::Balance | Kind::Account => {
@@ -224,6 +246,9 @@ pub struct Client {
     hot: usize,
     /// Newest revision acknowledged to this client, per account.
     known: HashMap<String, u64>,
+    /// Accounts this client knows to be forgotten: their transfers carry no reference
+    /// (a forgotten holder writes no more free text).
+    forgotten: std::collections::HashSet<String>,
     history: History,
     started: Instant,
     counter: u64,
@@ -245,6 +270,7 @@ impl Client {
             accounts: account_names(plan),
             hot: plan.hot.max(1),
             known: HashMap::new(),
+            forgotten: Default::default(),
             history,
             started,
             counter: 0,
@@ -276,6 +302,8 @@ impl Client {
             // Only cold accounts are closed, so the hot ones stay in play.
             70..=71 if !self.accounts[..self.hot].contains(&account) => Kind::Close,
             70..=89 => Kind::Balance,
+            // Only cold accounts are forgotten, so the hot ones keep writing references.
+            99 if !self.accounts[..self.hot].contains(&account) => Kind::Forget,
             _ => Kind::Account,
         };
         let to = (kind == Kind::Transfer).then(|| loop {
@@ -301,13 +329,15 @@ impl Client {
             self.counter += 1;
             format!("c{}-{}-{:x}", self.id, self.counter, self.rng.u64(..))
         });
-        let if_match =
-            (kind.is_account_command() && kind != Kind::Open && self.rng.u32(0..100) < 15)
-                .then_some(known)
-                .flatten();
+        let if_match = (kind.is_account_command()
+            && !matches!(kind, Kind::Open | Kind::Forget)
+            && self.rng.u32(0..100) < 15)
+            .then_some(known)
+            .flatten();
         let min_revision = (!kind.is_command() && self.rng.bool())
             .then_some(known)
             .flatten();
+        let reference = kind == Kind::Transfer && !self.forgotten.contains(&account);
         Request {
             kind,
             account,
@@ -316,6 +346,7 @@ impl Client {
             key,
             if_match,
             min_revision,
+            reference,
         }
     }
 
@@ -424,6 +455,11 @@ impl Client {
                     }
                     _ => Outcome::Info,
                 };
+                let forgotten = (request.kind == Kind::Forget && status < 500)
+                    || op.problem.as_deref() == Some("/problems/holder-forgotten");
+                if forgotten {
+                    self.forgotten.insert(request.account.clone());
+                }
                 if op.outcome == Outcome::Ok && request.kind == Kind::Transfer {
                     op.transfer = body["id"].as_str().map(str::to_owned);
                 } else if op.outcome == Outcome::Ok {
@@ -473,3 +509,22 @@ impl Client {
         op
     }
 }
+
+/// The holder's name every opening of `account` gives (a marker no store may hold in
+/// the clear).
+pub fn holder_name(account: &str) -> String {
+    format!("Holder {account}")
+}
+
+/// The holder's email every opening of `account` gives.
+pub fn holder_email(account: &str) -> String {
+    format!("{account}@torture-holder.example")
+}
+
+/// The reference of every transfer from `account` (free text: sealed like the details).
+pub fn reference(account: &str) -> String {
+    format!("torture-reference {account}")
+}
+
+/// What no stored object may contain: a part of every holder's email and reference.
+pub const CLEAR_MARKERS: &[&str] = &["@torture-holder.example", "torture-reference "];

@@ -165,6 +165,8 @@ pub async fn run_on(
             ("TALLY_FAULT_INJECTION", plan.inject.clone()),
             // Commits on the topic are signed and checked, as in production.
             ("TALLY_STREAM_KEY", random_key()),
+            // Holders' data keys are wrapped by a master key, as in production.
+            ("TALLY_MASTER_KEY", random_key()),
         ])
         .map(|(k, v)| (k.to_owned(), v))
         .collect();

@@ -29,7 +29,9 @@ use tally_domain::{AccountId, Reference};
         (status = 400, description = "Malformed JSON, `idempotency-key-required`, or an invalid header", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid account id or amount, `same-account`, `invalid-reference`, missing fields, Idempotency-Key reused", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid account id or amount, `same-account`, `invalid-reference` (longer than 140 characters), missing fields, Idempotency-Key reused", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`account-not-found`: the caller does not reach `from` (another subject's, or, with a reference, no such account)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "With a reference: `holder-forgotten` (the holder of `from` was forgotten: no more free text) or `no-holder-key` (`from` was opened before keys were made)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable` (nothing was written) or `outcome-unknown` (retry with the same `Idempotency-Key`)", body = ProblemBody, content_type = "application/problem+json"),
     )
 )]
@@ -69,22 +71,20 @@ pub async fn handle(
                 )));
             }
             let vault = super::vault(&state)?;
-            let no_key = |why: &str| {
-                ApiError::InvalidReference(format!(
-                    "the account `from` {why}: a transfer from it takes no reference"
-                ))
-            };
+            // No such account: the transfer would fail; say so now (404).
+            state
+                .queries
+                .account(&from, None, &tally_domain::Caller::Service)
+                .await?;
             let holder = state
                 .queries
                 .holder(&from, &tally_domain::Caller::Service)
                 .await?
-                .ok_or_else(|| {
-                    no_key("keeps no key for free text (opened before keys were made)")
-                })?;
+                .ok_or(ApiError::NoHolderKey)?;
             let key = vault
                 .key(&holder.key)
                 .await?
-                .ok_or_else(|| no_key("belongs to a holder who was forgotten"))?;
+                .ok_or(ApiError::HolderForgotten)?;
             Some(Reference::Sealed(vault.seal(
                 &key,
                 super::REFERENCE,
