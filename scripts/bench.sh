@@ -179,8 +179,8 @@ load_stack() (
   [ "$store" = s3 ] && s3_log=(--s3-log "${TALLY_CACHE:-$HOME/.cache/tally}/run/moto.log" --s3-bucket "$id")
   "$BIN/tally-bench" --out "$OUT" load --target "$name=http://127.0.0.1:$STACK_PORT" "${ceiling[@]}" "${stack_ops[@]}" "${s3_log[@]}" "${args[@]}"
   # On S3 the projector copies each stream into segments as it settles; the rebuild
-  # reads those (the projector is the tenth function of scripts/stack.sh: port 8110).
-  [ "$store" = s3 ] && wait_segments http://127.0.0.1:8110
+  # reads those (the projector is the eleventh function of scripts/stack.sh: port 8111).
+  [ "$store" = s3 ] && wait_segments http://127.0.0.1:8111
   stop_all
   rebuild "$name"
 )
