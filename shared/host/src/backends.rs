@@ -457,7 +457,8 @@ impl Host {
             saga,
             policy,
             auth: config.auth()?,
-            vault: config.vault(keys)?,
+            // A development master key only beside the directory store (`make dev`).
+            vault: config.vault(keys, store_kind == "directory")?,
         };
         Ok(Self {
             config: config.clone(),

@@ -194,15 +194,16 @@ impl Config {
     }
 
     /// The vault for holders' personal data, over `keys`: the master key from
-    /// `TALLY_MASTER_KEY`, or — with the directory store — a development one kept in the
-    /// data directory; `None` otherwise.
+    /// `TALLY_MASTER_KEY`, or — where `development_key` (the directory store) — a
+    /// development one kept in the data directory; `None` otherwise.
     pub fn vault(
         &self,
         keys: std::sync::Arc<dyn tally_es::KeyStore>,
+        development_key: bool,
     ) -> Result<Option<tally_vault::Vault>, BoxError> {
         let text = match self.master_key.as_deref().filter(|k| !k.is_empty()) {
             Some(text) => text.to_owned(),
-            None if self.s3_bucket.is_none() && self.store.as_deref() != Some("postgres") => {
+            None if development_key => {
                 let path = self.data_dir.join("master.key");
                 match std::fs::read_to_string(&path) {
                     Ok(text) => text,

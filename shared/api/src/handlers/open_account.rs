@@ -45,14 +45,13 @@ pub async fn handle(
     if let Some(details) = &request.holder {
         details.check().map_err(ApiError::InvalidRequest)?;
     }
-    let holder = match (&state.vault, &request.holder) {
-        (None, None) => None,
-        (None, Some(_)) => return Err(super::vault(&state).err().expect("no vault")),
-        (Some(vault), details) => {
-            let key = vault.new_key().await?;
-            let plain = serde_json::to_vec(details).expect("holder details serialize");
-            Some(vault.seal(&key, super::HOLDER, &plain))
-        }
+    let holder = if state.vault.is_none() && request.holder.is_none() {
+        None
+    } else {
+        let vault = super::vault(&state)?;
+        let key = vault.new_key().await?;
+        let plain = serde_json::to_vec(&request.holder).expect("holder details serialize");
+        Some(vault.seal(&key, super::HOLDER, &plain))
     };
     // The owner is part of the request: another subject's retry with the same key is
     // another request (refused as a reused key), never handed this one's answer.
