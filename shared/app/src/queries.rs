@@ -115,6 +115,11 @@ pub struct Queries {
     /// is opened, so an entry never goes stale: a balance served from the cache is
     /// authorised without another read.
     owners: Arc<Mutex<LruCache<AccountId, Option<Owner>>>>,
+    /// The sealed holder details of accounts seen lately, as their opening carries
+    /// them: an opening never changes, so neither does this (forgetting destroys the
+    /// key the details are sealed under, not the sealed bytes), and a query does not
+    /// read the opening from the store again.
+    holders: Arc<Mutex<LruCache<AccountId, Option<tally_es::Sealed>>>>,
 }
 
 /// How many accounts' owners [`Queries`] keeps in memory.
@@ -140,6 +145,9 @@ impl Queries {
             read_through,
             faults: Faults::NONE,
             owners: Arc::new(Mutex::new(LruCache::new(
+                NonZeroUsize::new(OWNERS_KEPT).expect("not zero"),
+            ))),
+            holders: Arc::new(Mutex::new(LruCache::new(
                 NonZeroUsize::new(OWNERS_KEPT).expect("not zero"),
             ))),
         }
@@ -170,8 +178,9 @@ impl Queries {
     }
 
     /// The holder's details of account `id` as its opening sealed them (`None`: none
-    /// were given, or no such account), read from the event store: the read model and
-    /// the cache never hold them. Only for a caller that reaches the account.
+    /// were given, or no such account), read from the event store once and then kept,
+    /// sealed, in memory (an opening never changes): the read model and the cache never
+    /// hold them. Only for a caller that reaches the account.
     pub async fn holder(
         &self,
         id: &AccountId,
@@ -179,6 +188,15 @@ impl Queries {
     ) -> Result<Option<tally_es::Sealed>, QueryError> {
         if !self.reaches(id, caller).await? {
             return Err(QueryError::NotFound);
+        }
+        let known = self
+            .holders
+            .lock()
+            .expect("holders poisoned")
+            .get(id)
+            .cloned();
+        if let Some(known) = known {
+            return Ok(known);
         }
         let store = self.projector.store();
         let Some(first) = store
@@ -190,10 +208,15 @@ impl Queries {
         };
         let opening = tally_es::Commit::<tally_domain::AccountEvent>::decode(&first)
             .map_err(ProjectionError::from)?;
-        Ok(match opening.events.into_iter().next() {
+        let holder = match opening.events.into_iter().next() {
             Some(tally_domain::AccountEvent::Opened { holder, .. }) => holder,
             _ => None,
-        })
+        };
+        self.holders
+            .lock()
+            .expect("holders poisoned")
+            .put(id.clone(), holder.clone());
+        Ok(holder)
     }
 
     /// Remember the owner of a view read.

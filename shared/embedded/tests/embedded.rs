@@ -1600,6 +1600,49 @@ async fn a_balance_without_a_cache_entry_is_never_older_than_the_store() {
     );
 }
 
+/// A holder's sealed details come from the account's opening, which never changes: a
+/// query process reads it from the store once, not once per query (on S3 each read
+/// was a GET that competed with the commands' writes).
+#[tokio::test]
+async fn a_holder_s_opening_is_read_from_the_store_once() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, counting) = Counting::open(dir.path());
+    let sealed = tally_es::Sealed {
+        key: format!("k-{}", "a".repeat(32)),
+        data: "c2VhbGVk".into(),
+    };
+    let opening = AccountEvent::Opened {
+        id: AccountId::parse("held").unwrap(),
+        currency: Currency::USD,
+        owner: None,
+        holder: Some(sealed.clone()),
+    };
+    let c1 = commit("held", 1, vec![opening]);
+    store.append(&c1).await.unwrap();
+    let read_model = Arc::new(MemoryReadModel::default());
+    let cache = Arc::new(MemoryCache::default());
+    let projector = Projector::new(counting.clone(), read_model.clone(), cache.clone());
+    projector.handle(&c1).await.unwrap();
+    let queries = tally_app::Queries::new(read_model, cache, projector, false);
+    let id = AccountId::parse("held").unwrap();
+    counting.reads.store(0, Ordering::SeqCst);
+    for _ in 0..5 {
+        let holder = queries.holder(&id, &Caller::Service).await.unwrap();
+        assert_eq!(holder.as_ref(), Some(&sealed));
+    }
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "one read, then memory"
+    );
+    let missing = AccountId::parse("never-opened").unwrap();
+    assert!(matches!(
+        queries.holder(&missing, &Caller::Service).await,
+        Err(tally_app::QueryError::NotFound) | Ok(None)
+    ));
+}
+
 /// An outbox that, while the relay forgets an entry, lets a new command record the
 /// same revision again and append it — the relay's abandon racing a new attempt.
 struct RecordedAgainDuringDone {
