@@ -832,7 +832,7 @@ where
             .state
             .handle(command)
             .map_err(|e| Attempt::Failed(CommandError::Rejected(e)))?;
-        let commit_id = tally_es::new_commit_id();
+        let commit_id = format!("{:032x}", fastrand::u128(..));
         attempted
             .lock()
             .expect("attempt list poisoned")

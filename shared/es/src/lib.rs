@@ -36,8 +36,8 @@ pub use ids::{Revision, RevisionParseError, StreamId, StreamIdError, STREAM_ID_M
 pub use sealed::Sealed;
 pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
-    check_contiguous, commit_id_process, error_chain, new_commit_id, outbox_name, AppendError,
-    Compact, Compacted, Delivery, EventPublisher, EventStore, EventStream, KeyStore, Outbox,
-    OutboxEntry, PublishError, RecentCommits, StoreError, StreamTurns, Subscription,
+    check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
+    EventPublisher, EventStore, EventStream, KeyStore, Outbox, OutboxEntry, PublishError,
+    RecentCommits, StoreError, StreamTurns, Subscription,
 };
 pub use upcast::{decode_event, ChainError, Upcaster, Upcasters};

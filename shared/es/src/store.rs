@@ -282,25 +282,6 @@ pub fn outbox_name(revision: Revision, attempt: &str) -> Result<String, StoreErr
     })
 }
 
-/// A new commit id (an append attempt's name): 32 lowercase hex digits, the first 8 of
-/// them this process's own (random, drawn once), the rest random. An outbox may note the
-/// prefix of the ids it records so that, after a crash, only this process's commits are
-/// published again ([`commit_id_process`]).
-pub fn new_commit_id() -> String {
-    static PROCESS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let process = *PROCESS.get_or_init(|| fastrand::u32(..));
-    format!("{process:08x}{:024x}", fastrand::u128(..) >> 32)
-}
-
-/// The process part of a commit id [`new_commit_id`] made; `None` for any other id.
-pub fn commit_id_process(id: &str) -> Option<&str> {
-    (id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then(|| &id[..8])
-}
-
 /// Check that `commits` continue a stream at `expected` without gap or overlap.
 pub fn check_contiguous(
     stream: &StreamId,

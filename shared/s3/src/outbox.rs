@@ -16,20 +16,13 @@
 //!
 //! A relay (any process) lists `outbox/`, and handles the covers whose `until` is a
 //! grace period past: the process that wrote one is gone, or stuck, or its publishes
-//! failed. A cover's first line names whose commits it covers (the process part of the
-//! commit ids its process makes, `tally_es::new_commit_id`). For each stream of such a
-//! cover the relay reads the commits after the base and hands out that process's (and
-//! any whose id names no process) as entries; once it has done them all it writes the
-//! cover again with the bases moved past them (and deletes the old one), so that
-//! another relay's listing finds nothing more there. It reads the cover again 4 s,
-//! 8 s, … 512 s after `until` (an append that lands late is published at the next
-//! read), and ten minutes after `until` (long past any append that could still land)
-//! a last time, then deletes it. A commit published twice (by its writer and a relay,
-//! or by two relays) is applied once by the consumers.
-//!
-//! An entry its process has not done a second after its record (the append's outcome
-//! is unknown, or the publish failed) is written under a key of its own, as earlier
-//! versions wrote every entry, and leaves its cover: relays check those every sweep.
+//! failed. For each stream of such a cover it reads the commits after the base and
+//! hands them out as entries; once it has done them all it writes the cover again with
+//! the bases moved past what it published (and deletes the old one), so that another
+//! relay's listing finds nothing more there. Ten minutes after `until` (long past any
+//! append that could still land) it reads the streams once more and deletes the
+//! cover. A commit published twice (by its writer and a relay, or by two relays) is
+//! applied once by the consumers.
 //!
 //! Why this holds invariant 3: a record joins a cover only while `until` is more than
 //! a margin ahead (by this process's clock, measured from before the cover's PUT was
@@ -48,11 +41,11 @@
 use crate::{failed, to_time, S3EventStore};
 use bytes::Bytes;
 use futures::stream::{self as futures_stream, StreamExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tally_es::{commit_id_process, outbox_name, OutboxEntry, Revision, StoreError, StreamId};
+use tally_es::{outbox_name, OutboxEntry, Revision, StoreError, StreamId};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -70,11 +63,6 @@ const COVER_GRACE: time::Duration = time::Duration::seconds(2);
 /// How long after a cover's `until` a relay reads its streams a last time and deletes
 /// it: long past any append that could still land (the relay's abandon period).
 const COVER_LAST_READ: time::Duration = time::Duration::minutes(10);
-/// An entry this process has not done this long after its record (its append's
-/// outcome is unknown, or its publish failed) gets a key of its own,
-/// `outbox/{stream}/{revision}.{attempt}`, which relays check every sweep: a commit
-/// that lands late is published then, not at the cover's last read.
-const ESCALATE_AFTER: Duration = Duration::from_secs(1);
 /// How many streams of a cover a relay reads at once.
 const COVER_READS: usize = 16;
 /// How long a batch or cover whose every entry was done is remembered as finished, so
@@ -100,12 +88,6 @@ pub(crate) struct Covers {
 
 #[derive(Debug, Default)]
 struct Table {
-    /// The process parts of the commit ids recorded here (`tally_es::commit_id_process`);
-    /// `None` once an id without one was recorded (then a relay takes up every commit
-    /// after a base, not only this process's).
-    processes: Option<BTreeSet<String>>,
-    /// Whether an id without a process part was recorded.
-    unmarked: bool,
     /// The covers this process wrote, by key.
     mine: HashMap<String, Cover>,
     /// Stream → its newest cover of this process.
@@ -114,8 +96,8 @@ struct Table {
     joined: HashMap<String, String>,
     /// Batches and others' covers a listing read, by key.
     read: HashMap<String, Read>,
-    /// Entry path → the objects read that list it (two covers may name one stream).
-    entries: HashMap<String, HashSet<String>>,
+    /// Entry path → the object read that lists it.
+    entries: HashMap<String, String>,
     /// Objects whose every entry was done (and that were deleted), with when.
     finished: HashMap<String, Instant>,
     pruned: Option<Instant>,
@@ -140,9 +122,6 @@ struct Joined {
     revision: Revision,
     attempt: String,
     at: OffsetDateTime,
-    since: Instant,
-    /// Its own key is being written.
-    escalating: bool,
 }
 
 #[derive(Debug)]
@@ -183,15 +162,12 @@ struct CoverRead {
     until: OffsetDateTime,
     /// Per stream, the base read from and the last revision of the newest commit read.
     reach: BTreeMap<StreamId, (Revision, Revision)>,
-    /// Whose commits the cover covers (`None`: any's).
-    whose: Option<BTreeSet<String>>,
-    /// How many times this process has read it (its next read is due
-    /// [`COVER_GRACE`] × 2^reads after its end).
-    reads: u32,
 }
 
-/// What `done` came to, for one object.
+/// What `done` came to.
 pub(crate) enum Done {
+    /// Nothing to do now.
+    Nothing,
     /// Delete this key (a cover or batch whose every entry is done).
     Delete(String),
     /// A relay did every entry of another process's expired cover: write it again
@@ -200,35 +176,19 @@ pub(crate) enum Done {
         old: String,
         until: OffsetDateTime,
         bases: BTreeMap<StreamId, Revision>,
-        whose: Option<BTreeSet<String>>,
-        reads: u32,
     },
     /// Not an entry this process knows: an earlier version's single-entry key, if any.
     Unknown,
-}
-
-/// What the ticker has to do.
-struct Due {
-    /// Streams to renew, with their bases.
-    renew: BTreeMap<StreamId, Revision>,
-    /// This process's covers to delete.
-    delete: Vec<String>,
-    /// Entries pending too long (the append's outcome unknown, or the publish failed)
-    /// to write under a key of their own.
-    escalate: Vec<String>,
 }
 
 /// What a listing finds of an object.
 enum Known {
     /// Done with (deleted, or a cover written again).
     Finished,
-    /// Read: its entries not done yet; for a cover, whether that was its last read,
-    /// how many reads this process made, and when the next is due.
+    /// Read: its entries not done yet (for a cover, whether that was its last read).
     Read {
         entries: Vec<OutboxEntry>,
         last: bool,
-        reads: u32,
-        again: Option<OffsetDateTime>,
     },
     New,
 }
@@ -261,30 +221,6 @@ impl Covers {
             self.process,
             self.seq.fetch_add(1, Ordering::Relaxed)
         )
-    }
-
-    /// Note the commit id `attempt` is about to be appended under: its process part is
-    /// named in every cover written from now on.
-    fn note(&self, attempt: &str) {
-        let mut table = self.table();
-        match commit_id_process(attempt) {
-            Some(process) => {
-                let known = table.processes.get_or_insert_with(BTreeSet::new);
-                if !known.contains(process) {
-                    known.insert(process.to_owned());
-                }
-            }
-            None => table.unmarked = true,
-        }
-    }
-
-    /// Whose commits a cover written now covers: `None` for any.
-    fn whose(&self) -> Option<BTreeSet<String>> {
-        let table = self.table();
-        if table.unmarked {
-            return None;
-        }
-        table.processes.clone()
     }
 
     /// Join the entry to `stream`'s cover if one is usable now.
@@ -362,7 +298,7 @@ impl Covers {
     /// What the ticker has to do now: the streams to renew (those used within a
     /// lifetime whose newest cover is due for renewal), and the covers to delete (no
     /// record can join them and every entry of theirs is done).
-    fn due(&self) -> Due {
+    fn due(&self) -> (BTreeMap<StreamId, Revision>, Vec<String>) {
         let mut table = self.table();
         let now = Instant::now();
         let mut renew = BTreeMap::new();
@@ -398,61 +334,66 @@ impl Covers {
         for key in &delete {
             table.retire(key);
         }
-        let mut escalate = Vec::new();
-        for cover in table.mine.values_mut() {
-            for (path, joined) in &mut cover.pending {
-                if !joined.escalating && now.duration_since(joined.since) >= ESCALATE_AFTER {
-                    joined.escalating = true;
-                    escalate.push(path.clone());
-                }
-            }
-        }
-        Due {
-            renew,
-            delete,
-            escalate,
-        }
+        (renew, delete)
     }
 
-    /// The key of its own for entry `path` was written (`true`), or not: in the first
-    /// case the entry leaves its cover (whose deletion it no longer holds up).
-    fn escalated(&self, path: &str, written: bool) {
-        let mut table = self.table();
-        let Some(key) = table.joined.get(path).cloned() else {
-            return;
-        };
-        let Some(cover) = table.mine.get_mut(&key) else {
-            return;
-        };
-        if written {
-            cover.pending.remove(path);
-            table.joined.remove(path);
-        } else if let Some(joined) = cover.pending.get_mut(path) {
-            joined.escalating = false;
-        }
-    }
-
-    /// `entry` is done: what that comes to for each object that holds it.
-    fn done(&self, entry: &str) -> Vec<Done> {
+    fn done(&self, entry: &str) -> Done {
         let mut table = self.table();
         if let Some(key) = table.joined.remove(entry) {
             let now = Instant::now();
             let Some(cover) = table.mine.get_mut(&key) else {
-                return Vec::new();
+                return Done::Nothing;
             };
             cover.pending.remove(entry);
             if cover.pending.is_empty() && (cover.current == 0 || now >= cover.usable_until) {
                 table.retire(&key);
-                return vec![Done::Delete(key)];
+                return Done::Delete(key);
             }
-            return Vec::new();
+            return Done::Nothing;
         }
-        let Some(keys) = table.entries.remove(entry) else {
-            return vec![Done::Unknown];
+        let Some(key) = table.entries.remove(entry) else {
+            return Done::Unknown;
         };
-        keys.into_iter()
-            .filter_map(|key| table.done_read(&key, entry))
-            .collect()
+        let Some(read) = table.read.get_mut(&key) else {
+            return Done::Unknown;
+        };
+        read.remaining.remove(entry);
+        if !read.remaining.is_empty() {
+            return Done::Nothing;
+        }
+        match &read.cover {
+            None => {
+                table.read.remove(&key);
+                table.finished.insert(key.clone(), Instant::now());
+                Done::Delete(key)
+            }
+            Some(cover) if cover.last => {
+                table.read.remove(&key);
+                table.finished.insert(key.clone(), Instant::now());
+                Done::Delete(key)
+            }
+            Some(cover) => {
+                let moved = cover.reach.values().any(|(base, reach)| reach > base);
+                if !moved {
+                    return Done::Nothing;
+                }
+                let (until, bases) = (
+                    cover.until,
+                    cover
+                        .reach
+                        .iter()
+                        .map(|(s, (_, r))| (s.clone(), *r))
+                        .collect(),
+                );
+                table.read.remove(&key);
+                table.finished.insert(key.clone(), Instant::now());
+                Done::Advance {
+                    old: key,
+                    until,
+                    bases,
+                }
+            }
+        }
     }
 
     /// The entries recorded here and not done, oldest first.
@@ -498,12 +439,9 @@ impl Covers {
                 recorded_at: read.recorded_at,
             })
             .collect();
-        let cover = read.cover.as_ref();
         Known::Read {
             entries,
-            last: cover.is_some_and(|c| c.last),
-            reads: cover.map_or(0, |c| c.reads),
-            again: cover.map(|c| next_read(c.until, c.reads)),
+            last: read.cover.as_ref().is_some_and(|c| c.last),
         }
     }
 
@@ -519,11 +457,7 @@ impl Covers {
         table.prune();
         table.forget(key);
         for p in &paths {
-            table
-                .entries
-                .entry(p.clone())
-                .or_default()
-                .insert(key.to_owned());
+            table.entries.insert(p.clone(), key.to_owned());
         }
         table.read.insert(
             key.to_owned(),
@@ -582,43 +516,9 @@ impl Table {
                 revision,
                 attempt: attempt.to_owned(),
                 at: OffsetDateTime::now_utc() - ago,
-                since: now,
-                escalating: false,
             },
         );
         self.joined.insert(path.to_owned(), key.to_owned());
-    }
-
-    /// `entry` of object `key` (read from a listing) is done.
-    fn done_read(&mut self, key: &str, entry: &str) -> Option<Done> {
-        let read = self.read.get_mut(key)?;
-        read.remaining.remove(entry);
-        if !read.remaining.is_empty() {
-            return None;
-        }
-        let done = match &read.cover {
-            None => Done::Delete(key.to_owned()),
-            Some(cover) if cover.last => Done::Delete(key.to_owned()),
-            Some(cover) => {
-                if !cover.reach.values().any(|(base, reach)| reach > base) {
-                    return None;
-                }
-                Done::Advance {
-                    old: key.to_owned(),
-                    until: cover.until,
-                    bases: cover
-                        .reach
-                        .iter()
-                        .map(|(s, (_, r))| (s.clone(), *r))
-                        .collect(),
-                    whose: cover.whose.clone(),
-                    reads: cover.reads,
-                }
-            }
-        };
-        self.read.remove(key);
-        self.finished.insert(key.to_owned(), Instant::now());
-        Some(done)
     }
 
     /// Cover `key` of this process is about to be deleted.
@@ -634,12 +534,7 @@ impl Table {
     fn forget(&mut self, key: &str) {
         if let Some(read) = self.read.remove(key) {
             for e in read.remaining {
-                if let Some(keys) = self.entries.get_mut(&e) {
-                    keys.remove(key);
-                    if keys.is_empty() {
-                        self.entries.remove(&e);
-                    }
-                }
+                self.entries.remove(&e);
             }
         }
     }
@@ -691,51 +586,24 @@ fn parse_entry(path: &str) -> Option<(StreamId, Revision, String)> {
     ))
 }
 
-/// A cover's body: `{stream}/{base:020}` a line, after a first line naming whose commits
-/// it covers — `# commits of {p1},{p2}` (the process parts of their ids), or
-/// `# commits of any`.
-fn cover_body(streams: &BTreeMap<StreamId, Revision>, whose: Option<&BTreeSet<String>>) -> Bytes {
-    let header = match whose {
-        Some(processes) => format!(
-            "# commits of {}",
-            processes.iter().cloned().collect::<Vec<_>>().join(",")
-        ),
-        None => "# commits of any".to_owned(),
-    };
-    let lines: Vec<String> = std::iter::once(header)
-        .chain(
-            streams
-                .iter()
-                .map(|(s, base)| format!("{}/{:020}", s.as_str(), base.get())),
-        )
+/// A cover's body: `{stream}/{base:020}` a line.
+fn cover_body(streams: &BTreeMap<StreamId, Revision>) -> Bytes {
+    let lines: Vec<String> = streams
+        .iter()
+        .map(|(s, base)| format!("{}/{:020}", s.as_str(), base.get()))
         .collect();
     Bytes::from(lines.join("\n"))
 }
 
-/// A cover's body back into its streams and bases (lines that are not one are skipped)
-/// and whose commits it covers (`None`: any's, also when the body does not say).
-fn parse_cover(body: &[u8]) -> (BTreeMap<StreamId, Revision>, Option<BTreeSet<String>>) {
-    let text = String::from_utf8_lossy(body);
-    let whose = text
-        .lines()
-        .find_map(|l| l.strip_prefix("# commits of "))
-        .filter(|w| *w != "any")
-        .map(|w| w.split(',').map(str::to_owned).collect());
-    let streams = text
+/// A cover's body back into its streams and bases (lines that are not one are skipped).
+fn parse_cover(body: &[u8]) -> BTreeMap<StreamId, Revision> {
+    String::from_utf8_lossy(body)
         .lines()
         .filter_map(|l| {
             let (stream, base) = l.split_once('/')?;
             Some((StreamId::parse(stream).ok()?, Revision::parse(base).ok()?))
         })
-        .collect();
-    (streams, whose)
-}
-
-/// When a relay that read a cover `reads` times reads it again: [`COVER_GRACE`] after
-/// its end, then twice as long after it each time (4 s, 8 s, … 512 s; the last read is
-/// at [`COVER_LAST_READ`]).
-fn next_read(until: OffsetDateTime, reads: u32) -> OffsetDateTime {
-    until + COVER_GRACE * 2_i32.pow(reads.min(10))
+        .collect()
 }
 
 /// A cover's `until`, from its name (what follows `outbox/.`).
@@ -797,23 +665,11 @@ async fn tick(base: S3EventStore, covers: Weak<Covers>) {
         let Some(covers) = covers.upgrade() else {
             return;
         };
-        let Due {
-            renew,
-            delete,
-            escalate,
-        } = covers.due();
+        let (renew, delete) = covers.due();
         let store = S3EventStore {
             outbox: covers,
             ..base.clone()
         };
-        for path in escalate {
-            let key = format!("{}outbox/{path}", store.prefix);
-            let written = store.put(&key, Bytes::new(), "text/plain").await;
-            if let Err(e) = &written {
-                tracing::debug!(%key, error = %e, "outbox entry not written on its own; next tick");
-            }
-            store.outbox.escalated(&path, written.is_ok());
-        }
         if !renew.is_empty() {
             if let Err(e) = store.write_cover(&renew, &[]).await {
                 tracing::warn!(error = %e, streams = renew.len(),
@@ -844,7 +700,6 @@ impl S3EventStore {
         attempt: &str,
     ) -> Result<(), StoreError> {
         let path = entry_path(stream, revision, attempt)?;
-        self.outbox.note(attempt);
         self.outbox_ticker.get_or_init(|| {
             let base = S3EventStore {
                 outbox: Arc::new(Covers::new(self.outbox.lifetime)),
@@ -871,58 +726,37 @@ impl S3EventStore {
         let until = OffsetDateTime::now_utc()
             + time::Duration::try_from(self.outbox.lifetime).unwrap_or(time::Duration::ZERO);
         let key = self.outbox.key(&self.prefix, until);
-        let whose = self.outbox.whose();
-        self.put(&key, cover_body(streams, whose.as_ref()), "text/plain")
-            .await?;
+        self.put(&key, cover_body(streams), "text/plain").await?;
         self.outbox.written(&key, started, streams, joining)
     }
 
     /// `entry` is done: nothing, or the delete of its cover or batch (when it was the
     /// last), or of its single-entry key.
     pub(crate) async fn done_covered(&self, entry: String) -> Result<(), StoreError> {
-        for done in self.outbox.done(&entry) {
-            match done {
-                Done::Delete(key) => self.delete_gathered(key).await?,
-                Done::Advance {
-                    old,
+        match self.outbox.done(&entry) {
+            Done::Nothing => Ok(()),
+            Done::Delete(key) => self.delete_gathered(key).await,
+            Done::Advance { old, until, bases } => {
+                let key = self.outbox.key(&self.prefix, until);
+                self.put(&key, cover_body(&bases), "text/plain").await?;
+                let reach = bases.iter().map(|(s, b)| (s.clone(), (*b, *b))).collect();
+                self.outbox.keep(
+                    &key,
+                    Vec::new(),
                     until,
-                    bases,
-                    whose,
-                    reads,
-                } => self.advance(old, until, bases, whose, reads).await?,
-                Done::Unknown => {
-                    self.delete_gathered(format!("{}outbox/{entry}", self.prefix))
-                        .await?
-                }
+                    Some(CoverRead {
+                        last: false,
+                        until,
+                        reach,
+                    }),
+                );
+                self.delete_gathered(old).await
+            }
+            Done::Unknown => {
+                self.delete_gathered(format!("{}outbox/{entry}", self.prefix))
+                    .await
             }
         }
-        Ok(())
-    }
-
-    /// Write another process's expired cover `old` again with `bases` (past what was
-    /// published from it), then delete it.
-    async fn advance(
-        &self,
-        old: String,
-        until: OffsetDateTime,
-        bases: BTreeMap<StreamId, Revision>,
-        whose: Option<BTreeSet<String>>,
-        reads: u32,
-    ) -> Result<(), StoreError> {
-        let key = self.outbox.key(&self.prefix, until);
-        self.put(&key, cover_body(&bases, whose.as_ref()), "text/plain")
-            .await?;
-        let reach = bases.iter().map(|(s, b)| (s.clone(), (*b, *b))).collect();
-        let read = CoverRead {
-            last: false,
-            until,
-            reach,
-            whose,
-            reads,
-        };
-        self.outbox.keep(&key, Vec::new(), until, Some(read));
-        self.outbox.finish(&old);
-        self.delete_gathered(old).await
     }
 
     /// Up to `limit` pending entries: this process's own, then, of one listing of
@@ -939,9 +773,7 @@ impl S3EventStore {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&prefix)
-            // A whole page whatever the limit: one request either way, and a listing that
-            // is whole lets this process forget what was deleted meanwhile.
-            .max_keys(1000)
+            .max_keys(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
             .send()
             .await
             .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
@@ -980,29 +812,14 @@ impl S3EventStore {
                     continue;
                 }
                 let last = now >= until + COVER_LAST_READ;
-                // Read again, later and later, until the last read: an append the
-                // dead process sent that lands late (a paused server) is found at the
-                // next read after it lands.
                 match self.outbox.known(key) {
                     Known::Finished => {}
                     Known::Read {
                         entries: known,
                         last: read_last,
-                        ..
-                    } if !known.is_empty() && read_last == last => entries.extend(known),
-                    Known::Read {
-                        last: read_last,
-                        reads,
-                        again,
-                        ..
-                    } => {
-                        let due = again.is_some_and(|t| now >= t) || (last && !read_last);
-                        if due {
-                            entries.extend(self.read_cover(key, until, last, reads).await?);
-                        }
-                    }
-                    Known::New => {
-                        entries.extend(self.read_cover(key, until, last, 0).await?);
+                    } if read_last == last => entries.extend(known),
+                    Known::Read { .. } | Known::New => {
+                        entries.extend(self.read_cover(key, until, last).await?);
                     }
                 }
             } else if rest.starts_with(BATCH_MARK) {
@@ -1051,12 +868,11 @@ impl S3EventStore {
         key: &str,
         until: OffsetDateTime,
         last: bool,
-        reads: u32,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let Some(body) = self.get_bytes_if_any(key).await? else {
             return Ok(Vec::new());
         };
-        let (bases, whose) = parse_cover(&body);
+        let bases = parse_cover(&body);
         let read: Vec<(StreamId, Revision, Result<Vec<_>, StoreError>)> =
             futures_stream::iter(bases.into_iter().map(|(stream, base)| async move {
                 let commits = self.read_commits_after(&stream, base).await;
@@ -1070,16 +886,7 @@ impl S3EventStore {
         for (stream, base, commits) in read {
             let commits = commits?;
             let newest = commits.last().map_or(base, |c| c.last_revision());
-            // Only the commits of the process that wrote the cover (others' are theirs
-            // to cover): a cover of a busy stream would otherwise have a relay publish
-            // again what every other process published since the base.
-            for c in commits.iter().filter(|c| {
-                let id = c.metadata.commit_id.as_deref().and_then(commit_id_process);
-                match (&whose, id) {
-                    (Some(processes), Some(id)) => processes.contains(id),
-                    _ => true,
-                }
-            }) {
+            for c in &commits {
                 paths.push(entry_path(&stream, c.revision, "")?);
             }
             reach.insert(stream, (base, newest));
@@ -1087,14 +894,6 @@ impl S3EventStore {
         if last && paths.is_empty() {
             self.outbox.finish(key);
             self.delete_gathered(key.to_owned()).await?;
-            return Ok(Vec::new());
-        }
-        if paths.is_empty() && reach.values().any(|(base, newest)| newest > base) {
-            // Only others' commits since: move the bases past them now, so that the
-            // next read does not read them again.
-            let bases = reach.iter().map(|(s, (_, r))| (s.clone(), *r)).collect();
-            self.advance(key.to_owned(), until, bases, whose, reads + 1)
-                .await?;
             return Ok(Vec::new());
         }
         let entries = paths
@@ -1107,14 +906,8 @@ impl S3EventStore {
                 recorded_at: until,
             })
             .collect();
-        let read = CoverRead {
-            last,
-            until,
-            reach,
-            whose,
-            reads: reads + 1,
-        };
-        self.outbox.keep(key, paths, until, Some(read));
+        self.outbox
+            .keep(key, paths, until, Some(CoverRead { last, until, reach }));
         Ok(entries)
     }
 }
@@ -1149,15 +942,7 @@ mod tests {
     fn a_cover_reads_back_into_its_streams_and_its_until() {
         let streams: BTreeMap<StreamId, Revision> =
             [(s("a"), Revision::new(0)), (s("b.x"), Revision::new(41))].into();
-        assert_eq!(
-            parse_cover(&cover_body(&streams, None)),
-            (streams.clone(), None)
-        );
-        let whose: BTreeSet<String> = ["0000abcd".to_owned(), "ffff0000".to_owned()].into();
-        assert_eq!(
-            parse_cover(&cover_body(&streams, Some(&whose))),
-            (streams, Some(whose))
-        );
+        assert_eq!(parse_cover(&cover_body(&streams)), streams);
         let covers = Covers::new(COVER_LIFETIME);
         let until = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let key = covers.key("p/", until);
@@ -1192,7 +977,10 @@ mod tests {
             Joining::Joined
         ));
         assert_eq!(covers.mine_pending().len(), 2);
-        assert!(covers.done(&one.0).is_empty(), "still current");
+        assert!(
+            matches!(covers.done(&one.0), Done::Nothing),
+            "still current"
+        );
         // Renewed: the stream's newest cover is another; the last entry of the old
         // one deletes it.
         covers
@@ -1203,11 +991,8 @@ mod tests {
                 &[],
             )
             .unwrap();
-        assert!(matches!(covers.done(&two.0).as_slice(), [Done::Delete(k)] if k == "k1"));
-        assert!(
-            matches!(covers.done(&two.0).as_slice(), [Done::Unknown]),
-            "done twice"
-        );
+        assert!(matches!(covers.done(&two.0), Done::Delete(k) if k == "k1"));
+        assert!(matches!(covers.done(&two.0), Done::Unknown), "done twice");
         let three = entry("s", 3);
         assert!(matches!(
             covers.join(&three.0, &three.1, three.2, "a"),
@@ -1256,14 +1041,14 @@ mod tests {
             let mut table = covers.table();
             table.streams.get_mut(&s("idle")).unwrap().used = started - Duration::from_secs(1);
         }
-        let Due { renew, delete, .. } = covers.due();
+        let (renew, delete) = covers.due();
         assert_eq!(
             renew,
             [(s("busy"), Revision::new(4))].into(),
             "the stream in use, from below its highest recorded revision"
         );
         assert!(delete.is_empty(), "an entry of the cover is not done");
-        assert!(matches!(covers.done(&busy.0).as_slice(), [Done::Delete(k)] if k == "k"));
+        assert!(matches!(covers.done(&busy.0), Done::Delete(k) if k == "k"));
     }
 
     #[test]
@@ -1280,17 +1065,15 @@ mod tests {
                 last: false,
                 until,
                 reach,
-                whose: None,
-                reads: 1,
             }),
         );
         assert!(
-            matches!(covers.known("c"), Known::Read { entries, last: false, .. } if entries.len() == 1)
+            matches!(covers.known("c"), Known::Read { entries, last: false } if entries.len() == 1)
         );
-        match covers.done(&paths[0]).as_slice() {
-            [Done::Advance { old, bases, .. }] => {
+        match covers.done(&paths[0]) {
+            Done::Advance { old, bases, .. } => {
                 assert_eq!(old, "c");
-                assert_eq!(*bases, [(s("s"), Revision::new(3))].into());
+                assert_eq!(bases, [(s("s"), Revision::new(3))].into());
             }
             _ => panic!("advance"),
         }
@@ -1304,11 +1087,9 @@ mod tests {
                 last: true,
                 until,
                 reach,
-                whose: None,
-                reads: 1,
             }),
         );
-        assert!(matches!(covers.done(&paths[0]).as_slice(), [Done::Delete(k)] if k == "d"));
+        assert!(matches!(covers.done(&paths[0]), Done::Delete(k) if k == "d"));
     }
 
     #[test]
@@ -1324,61 +1105,8 @@ mod tests {
         covers.forget_unlisted(&HashSet::new());
         assert!(matches!(covers.known("read"), Known::New));
         assert!(matches!(
-            covers.done("s/00000000000000000001.a").as_slice(),
-            [Done::Unknown]
+            covers.done("s/00000000000000000001.a"),
+            Done::Unknown
         ));
-    }
-
-    #[test]
-    fn an_entry_two_covers_list_is_done_in_both() {
-        let covers = Covers::new(COVER_LIFETIME);
-        let until = OffsetDateTime::now_utc();
-        let path = "s/00000000000000000003".to_owned();
-        for key in ["c1", "c2"] {
-            let reach = [(s("s"), (Revision::new(2), Revision::new(3)))].into();
-            let read = CoverRead {
-                last: false,
-                until,
-                reach,
-                whose: None,
-                reads: 1,
-            };
-            covers.keep(key, vec![path.clone()], until, Some(read));
-        }
-        let done = covers.done(&path);
-        assert_eq!(done.len(), 2, "both covers are done with it");
-        assert!(done.iter().all(|d| matches!(d, Done::Advance { .. })));
-    }
-
-    #[test]
-    fn an_entry_pending_past_a_second_is_escalated_to_a_key_of_its_own() {
-        let covers = Covers::new(Duration::from_secs(60));
-        let one = entry("s", 1);
-        covers
-            .written(
-                "k",
-                Instant::now(),
-                &[(s("s"), Revision::ZERO)].into(),
-                std::slice::from_ref(&one),
-            )
-            .unwrap();
-        assert!(covers.due().escalate.is_empty(), "young");
-        covers
-            .table()
-            .mine
-            .get_mut("k")
-            .unwrap()
-            .pending
-            .get_mut(&one.0)
-            .unwrap()
-            .since -= ESCALATE_AFTER;
-        assert_eq!(covers.due().escalate, std::slice::from_ref(&one.0));
-        assert!(covers.due().escalate.is_empty(), "once at a time");
-        covers.escalated(&one.0, true);
-        assert!(covers.mine_pending().is_empty(), "its own key lists it now");
-        assert!(
-            matches!(covers.done(&one.0).as_slice(), [Done::Unknown]),
-            "done deletes that key"
-        );
     }
 }
