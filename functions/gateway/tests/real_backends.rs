@@ -4,7 +4,7 @@
 //! that plays an outage starts private servers it can stop.
 
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tally_domain::AccountId;
 use tally_es::{Revision, StreamId};
 use tally_host::{Config, Host, Role};
@@ -1090,171 +1090,96 @@ async fn postgres_rebuilds_a_new_generation_beside_the_live_one_and_switches_at_
     .await;
 }
 
-/// Records on streams a process is writing cost no request: they join its cover, and
-/// are done in memory; doing one twice, or one never recorded, is no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn outbox_records_on_streams_their_process_covers_write_nothing() {
-    use tally_es::{EventStore, Outbox};
-    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &unique("outbox"))
-        .with_cover_lifetime(Duration::from_secs(120));
+async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits_for_its_own() {
+    use tally_es::Outbox;
+    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &unique("outbox"));
     store.ensure_bucket().await.unwrap();
-    let streams: Vec<StreamId> = (0..20).map(|n| stream(&format!("covered-{n}"))).collect();
-    // 20 commands, one per stream, record at once: they wait for a cover or two.
-    let recorded = futures::future::join_all(streams.iter().map(|s| {
-        let store = store.clone();
-        async move { store.record(s, Revision::new(1), "a").await }
-    }))
-    .await;
-    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
-    let covers = store.keys("outbox/").await.unwrap();
-    assert!(
-        (1..=3).contains(&covers.len()) && covers.iter().all(|k| k.starts_with("outbox/.")),
-        "20 streams recorded together are in a cover or two, not an object each: {covers:?}"
-    );
-    for s in &streams {
-        store.append(&probe_commit(s, 1)).await.unwrap();
-        for n in 2..=5 {
-            store.record(s, Revision::new(n), "b").await.unwrap();
-        }
+    let stream = StreamId::parse("batched").unwrap();
+    for n in 1..=200 {
+        store.record(&stream, Revision::new(n), "a1").await.unwrap();
     }
-    assert_eq!(
-        store.keys("outbox/").await.unwrap(),
-        covers,
-        "records on covered streams write nothing"
-    );
-    assert_eq!(store.pending(1000).await.unwrap().len(), 100);
-    let work: Vec<(StreamId, u64)> = streams
-        .iter()
-        .flat_map(|s| (1..=5).map(move |n| (s.clone(), n)))
-        .collect();
-    let done = futures::future::join_all(work.into_iter().map(|(s, n)| {
-        let store = store.clone();
-        async move {
-            let attempt = if n == 1 { "a" } else { "b" };
-            store.done(&s, Revision::new(n), attempt).await
-        }
+    assert_eq!(store.pending(1000).await.unwrap().len(), 200);
+    let done = futures::future::join_all((1..=200).map(|n| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move { store.done(&stream, Revision::new(n), "a1").await }
     }))
     .await;
     assert!(done.iter().all(Result::is_ok), "{done:?}");
-    assert!(store.pending(1000).await.unwrap().is_empty());
+    assert!(
+        store.pending(1000).await.unwrap().is_empty(),
+        "each done() returned after its entry was gone"
+    );
     // Forgetting an entry that is not there is not an error (a relay and a command may
     // both be done with one commit).
-    store
-        .done(&streams[0], Revision::new(1), "a")
-        .await
-        .unwrap();
-    store
-        .done(&streams[0], Revision::new(9), "never")
-        .await
-        .unwrap();
+    store.done(&stream, Revision::new(7), "a1").await.unwrap();
 }
 
-/// A process renews the covers of the streams it keeps writing, so its records keep
-/// joining one, and deletes the covers no record can join once their entries are done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_process_renews_the_covers_it_uses_and_deletes_those_it_is_done_with() {
+async fn outbox_entries_recorded_together_share_one_object_and_a_relay_finishes_what_it_did() {
     use tally_es::Outbox;
-    let store = s3_store(
-        &required_env("TALLY_TEST_S3_ENDPOINT"),
-        &unique("outbox-renew"),
-    )
-    .with_cover_lifetime(Duration::from_secs(1));
+    let bucket = unique("outbox-group");
+    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket);
     store.ensure_bucket().await.unwrap();
-    let s = stream("renewed");
-    let until = Instant::now() + Duration::from_millis(3500);
-    let mut revision = 0;
-    let mut most = 0;
-    while Instant::now() < until {
-        revision += 1;
-        store
-            .record(&s, Revision::new(revision), "r")
-            .await
-            .unwrap();
-        store.done(&s, Revision::new(revision), "r").await.unwrap();
-        most = most.max(store.keys("outbox/").await.unwrap().len());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stream = StreamId::parse("grouped").unwrap();
+    // 200 commands record at once: they wait for each other's batch objects.
+    let recorded = futures::future::join_all((1..=200).map(|n| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move { store.record(&stream, Revision::new(n), "g").await }
+    }))
+    .await;
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    let objects = store.keys("outbox/").await.unwrap();
     assert!(
-        (1..=3).contains(&most),
-        "a stream in use has a cover or two at any time, renewed: at most {most}"
+        objects.len() <= 20,
+        "200 entries recorded together are in a few objects, not one each: {}",
+        objects.len()
     );
-    let gone = Instant::now() + Duration::from_secs(10);
-    while !store.keys("outbox/").await.unwrap().is_empty() {
-        assert!(
-            Instant::now() < gone,
-            "covers no longer in use are deleted: {:?}",
-            store.keys("outbox/").await.unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+    assert!(
+        objects.iter().all(|k| k.starts_with("outbox/~")),
+        "{objects:?}"
+    );
+    assert_eq!(store.pending(1000).await.unwrap().len(), 200);
 
-/// A relay leaves a live process's covers alone; once one of a process that died is
-/// a grace period past its end, the relay hands out every commit after each base —
-/// the dead process's and any other writer's since — and, once it has done them, writes
-/// the cover again past them, so that another relay finds nothing more there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_takes_up_the_covers_of_a_process_that_died() {
-    use std::collections::BTreeSet;
-    use tally_es::{EventStore, Outbox};
-    let bucket = unique("outbox-dead");
-    let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
-    let dead = s3_store(&endpoint, &bucket).with_cover_lifetime(Duration::from_secs(1));
-    dead.ensure_bucket().await.unwrap();
-    let streams: Vec<StreamId> = (0..5).map(|n| stream(&format!("dead-{n}"))).collect();
-    for s in &streams {
-        dead.record(s, Revision::new(1), "d").await.unwrap();
-        dead.append(&probe_commit(s, 1)).await.unwrap();
-    }
-    drop(dead);
-    let relay = s3_store(&endpoint, &bucket);
-    // Another writer appends to one of the streams after it.
-    relay.append(&probe_commit(&streams[0], 2)).await.unwrap();
-    let ours = |entries: Vec<tally_es::OutboxEntry>| -> BTreeSet<(String, u64)> {
-        entries
-            .into_iter()
-            .filter(|e| e.stream.as_str().starts_with("dead-"))
-            .map(|e| (e.stream.as_str().to_owned(), e.revision.get()))
-            .collect()
-    };
+    // Another process (a relay) lists them: not while they are young (their writer is
+    // publishing them), but once they are a couple of seconds old; it finishes half.
+    let relay = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket);
     assert!(
-        ours(relay.pending(1000).await.unwrap()).is_empty(),
-        "a cover is not taken up before it ends"
+        relay.pending(1000).await.unwrap().is_empty(),
+        "another process's batches are not read while young"
     );
-    tokio::time::sleep(Duration::from_millis(3300)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let pending = relay.pending(1000).await.unwrap();
-    assert!(pending
-        .iter()
-        .all(|e| time::OffsetDateTime::now_utc() - e.recorded_at >= time::Duration::seconds(2)));
-    let expected: BTreeSet<(String, u64)> = streams
-        .iter()
-        .map(|s| (s.as_str().to_owned(), 1))
-        .chain([(streams[0].as_str().to_owned(), 2)])
-        .collect();
-    assert_eq!(
-        ours(pending.clone()),
-        expected,
-        "every commit after each base"
-    );
-    let before = relay.keys("outbox/").await.unwrap();
-    for e in &pending {
+    assert_eq!(pending.len(), 200, "the relay reads every batch");
+    for e in pending.iter().filter(|e| e.revision.get() % 2 == 0) {
         relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
     }
-    assert!(ours(relay.pending(1000).await.unwrap()).is_empty());
-    let after = relay.keys("outbox/").await.unwrap();
     assert_eq!(
-        after.len(),
-        before.len(),
-        "each cover written again: {before:?} → {after:?}"
+        relay.pending(1000).await.unwrap().len(),
+        100,
+        "the relay lists only what it has not done"
     );
+    // The writer does the other half: it lists only the relay's half now.
+    for n in (1..=200).filter(|n| n % 2 == 1) {
+        store.done(&stream, Revision::new(n), "g").await.unwrap();
+    }
+    let left = store.pending(1000).await.unwrap();
     assert!(
-        after.iter().all(|k| !before.contains(k)),
-        "{before:?} → {after:?}"
+        left.iter().all(|e| e.revision.get() % 2 == 0),
+        "the writer lists only what it has not done: {left:?}"
     );
-    let another = s3_store(&endpoint, &bucket);
+    // The relay does not know what the writer did: it lists the writer's half again
+    // (and would publish those commits once more, which consumers ignore); doing them
+    // finishes every batch it read, and it deletes them.
+    for e in relay.pending(1000).await.unwrap() {
+        relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+    }
+    for n in (1..=200).filter(|n| n % 2 == 0) {
+        store.done(&stream, Revision::new(n), "g").await.unwrap();
+    }
     assert!(
-        ours(another.pending(1000).await.unwrap()).is_empty(),
-        "another relay finds nothing left to publish"
+        store.keys("outbox/").await.unwrap().is_empty(),
+        "every batch object is gone once each of its entries is done"
     );
 }
 

@@ -7,9 +7,8 @@
 //!   `If-None-Match: *`: the server creates it only if the key is free, so of two writers
 //!   that loaded the same revision exactly one wins; the other gets 412 (or 409 while
 //!   the first write is in flight), which becomes [`AppendError::Conflict`].
-//! * `outbox/.{until}-{process}-{seq}` — the outbox (see `tally_es::Outbox`): covers,
-//!   each naming streams a process may append to until `until` (see the `outbox`
-//!   module).
+//! * `outbox/~{process}-{seq}` — the outbox (see `tally_es::Outbox`): the entries a
+//!   process recorded together, one object per group (see the `outbox` module).
 //!
 //! Reads list a stream's keys from a start-after cursor and fetch the commits
 //! concurrently. Requests go through `aws-sdk-s3`, which sends them with the pooled
@@ -48,7 +47,6 @@ mod http;
 mod outbox;
 mod segments;
 
-pub use outbox::COVER_LIFETIME;
 pub use tally_es::segments::SEGMENT_COMMITS;
 
 /// How many commit objects a read fetches at once.
@@ -108,12 +106,10 @@ pub struct S3EventStore {
     /// Outbox entries to delete, gathered into multi-object deletes (started on first
     /// use, inside the runtime).
     outbox_deletes: Arc<OnceLock<KeyQueue>>,
-    /// Outbox entries waiting for a cover, gathered into one (started on first use).
+    /// Outbox entries to record, gathered into batch objects (started on first use).
     outbox_records: Arc<OnceLock<KeyQueue>>,
-    /// The covers this process wrote, and the objects its listings read.
-    outbox: Arc<outbox::Covers>,
-    /// The task that renews and deletes this process's covers (started on first use).
-    outbox_ticker: Arc<OnceLock<()>>,
+    /// The batch objects this process wrote or read, and their entries not done.
+    outbox_batches: Arc<outbox::Batches>,
     /// How many commits a sealed segment holds (see the `segments` module).
     segment_commits: usize,
 }
@@ -224,8 +220,7 @@ impl S3EventStore {
             prefix: config.prefix.clone(),
             outbox_deletes: Arc::default(),
             outbox_records: Arc::default(),
-            outbox: Arc::new(outbox::Covers::new(outbox::COVER_LIFETIME)),
-            outbox_ticker: Arc::default(),
+            outbox_batches: Arc::default(),
             segment_commits: SEGMENT_COMMITS,
         })
     }
@@ -235,17 +230,6 @@ impl S3EventStore {
     /// use the same size: it decides where segments begin.
     pub fn with_segment_commits(mut self, commits: usize) -> Self {
         self.segment_commits = commits.max(1);
-        self
-    }
-
-    /// Outbox covers that last `lifetime` instead of [`COVER_LIFETIME`] (10 s): a
-    /// relay publishes what a crashed process left about that long after its last
-    /// renewal. For tests; call before the first record.
-    pub fn with_cover_lifetime(mut self, lifetime: Duration) -> Self {
-        self.outbox = Arc::new(outbox::Covers::new(
-            lifetime.max(Duration::from_millis(100)),
-        ));
-        self.outbox_ticker = Arc::default();
         self
     }
 
@@ -769,32 +753,33 @@ impl EventStore for S3EventStore {
 
 #[async_trait]
 impl Outbox for S3EventStore {
-    /// Joins the stream's cover (no request), or waits for the next cover object,
-    /// written with the other streams recorded meanwhile (see the `outbox` module).
+    /// Recorded in a batch object with the entries recorded meanwhile (see the
+    /// `outbox` module): returns once that object is written.
     async fn record(
         &self,
         stream: &StreamId,
         revision: Revision,
         attempt: &str,
     ) -> Result<(), StoreError> {
-        self.record_covered(stream, revision, attempt).await
+        self.record_batched(outbox::entry_path(stream, revision, attempt)?)
+            .await
     }
 
-    /// The last entry of a cover that takes no more records deletes it; deletes are
-    /// gathered: while one delete request is in flight, the ones due meanwhile wait
-    /// and go in the next, a single DeleteObjects. Returns once the entry is gone.
+    /// The last entry of a batch deletes the batch object; deletes are gathered: while
+    /// one delete request is in flight, the ones due meanwhile wait and go in the next,
+    /// a single DeleteObjects. Returns once the entry is gone.
     async fn done(
         &self,
         stream: &StreamId,
         revision: Revision,
         attempt: &str,
     ) -> Result<(), StoreError> {
-        self.done_covered(outbox::entry_path(stream, revision, attempt)?)
+        self.done_batched(outbox::entry_path(stream, revision, attempt)?)
             .await
     }
 
     async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.pending_covered(limit).await
+        self.pending_batched(limit).await
     }
 }
 
