@@ -142,10 +142,13 @@ rm -rf "$data"
 # projection and queries in one process; the read model in memory, as make dev's).
 pgdev_url=postgres://postgres@127.0.0.1:5432/tally_bench_pgdev
 psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" -c "create database tally_bench_pgdev"
-load_gateway dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url
+# No data directory, so no development master key: one of this run's own (transfers seal
+# their references; without a key they answer 503).
+pgdev_master_key=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
+load_gateway dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_MASTER_KEY=$pgdev_master_key
 # 2c. Rebuild: the dev-pg load's PostgreSQL event store → an empty PostgreSQL read model.
 fresh_rebuild_database
-rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=$rebuild_url
+rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=$rebuild_url TALLY_MASTER_KEY=$pgdev_master_key
 
 ceiling=(--ceiling)
 [ -n "$QUICK" ] && ceiling+=(--ceiling-ops 20)
