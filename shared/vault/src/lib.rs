@@ -163,16 +163,13 @@ impl Vault {
     /// Open `sealed` (sealed for `purpose`): the plaintext, or [`Opened::Erased`] if its
     /// key was destroyed.
     pub async fn open(&self, sealed: &Sealed, purpose: &str) -> Result<Opened, VaultError> {
-        check_key_id(&sealed.key)?;
-        let Some(wrapped) = self.keys.get(&sealed.key).await? else {
+        let Some(key) = self.key(&sealed.key).await? else {
             return Ok(Opened::Erased);
         };
-        let key = self.wrap.unwrap(&sealed.key, &wrapped)?;
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key));
         let data = B64
             .decode(&sealed.data)
             .map_err(|_| VaultError::Corrupt("sealed data is not base64".into()))?;
-        open_bytes(&cipher, &aad(purpose, &sealed.key), &data).map(Opened::Plain)
+        open_bytes(&key.cipher, &aad(purpose, &key.id), &data).map(Opened::Plain)
     }
 
     /// Destroy key `key_id`: every value sealed under it is erased. Idempotent.
