@@ -13,9 +13,10 @@
       The contract between the chart, the code and the rest of the repository: one
       Deployment per function; the routes of values.yaml == openapi.json == the
       cargo-lambda router of Cargo.toml; the HTTPRoute and the Ingress send every
-      public endpoint to the right Service; pod hardening, probes, RBAC, hooks; the
-      rebuild Job (all-features: with rebuild.stopProjector; --rebuild: a render with
-      the rebuild's own defaults); the event store's settings (S3 by default;
+      public endpoint to the right Service; pod hardening, probes, RBAC, hooks (the pods
+      of the Deployments, the Jobs and the CronJobs: their jobTemplate's); the rebuild
+      Job (all-features: with rebuild.stopProjector; --rebuild: a render with the
+      rebuild's own defaults); the event store's settings (S3 by default;
       --postgres-store: a render with config.store postgres, no TALLY_S3_*); the
       chart's default backends are the Services of k8s/ (--infra: its kustomize build).
 
@@ -46,6 +47,9 @@ NOT_DEPLOYMENTS = {"gateway", "migrate", "admin"}
 # projector's): binary -> the variable naming its group.
 CONSUMER_GROUP_VARIABLES = {"transfer-saga": "TALLY_SAGA_GROUP"}
 SAMPLE_ID = "account123"
+# The kinds that run pods of the image: each gets the pod checks (hardening, tokens, the
+# settings and credentials it reads); pod_of finds their pod template.
+POD_KINDS = ("Deployment", "Job", "CronJob")
 
 
 class Checks:
@@ -155,7 +159,10 @@ def values_routes(values):
 
 
 def pod_of(doc):
-    """The pod template of a Deployment or a Job."""
+    """The pod template of a Deployment or a Job; of a CronJob, that of the Jobs it
+    creates (spec.jobTemplate.spec.template)."""
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]
     return doc["spec"]["template"]
 
 
@@ -202,8 +209,10 @@ def contract(args):
          for crate in crates if crate not in NOT_DEPLOYMENTS and crate not in deployed_binaries])
 
     jobs = objects(default, "Job")
-    run_binaries = deployed_binaries | {  # the hook Jobs, and the rebuild Job of all-features
-        c["command"][0].rsplit("/", 1)[-1] for job in jobs + objects(everything, "Job")
+    # The hook Jobs, and the rebuild Job and the compaction CronJob of all-features.
+    run_binaries = deployed_binaries | {
+        c["command"][0].rsplit("/", 1)[-1]
+        for job in jobs + objects(everything, "Job") + objects(everything, "CronJob")
         for c in pod_of(job)["spec"]["containers"]}
     checks.check("every binary the chart runs is a crate in functions/",
                  [f"/usr/local/bin/{b}: no functions/{b}" for b in sorted(run_binaries) if b not in crates])
@@ -415,12 +424,12 @@ def contract(args):
                else "no TALLY_EVENT_STORE_URL")
         checks.check(f"with config.store postgres ({what}): TALLY_STORE=postgres and no TALLY_S3_* in both "
                      f"ConfigMaps, {url}", problems)
-    every_pod = [(doc, pod_of(doc)) for doc in default + everything if doc["kind"] in ("Deployment", "Job")]
+    every_pod = [(doc, pod_of(doc)) for doc in default + everything if doc["kind"] in POD_KINDS]
     problems = []
     for docs in (default, everything):
         rendered = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
         for doc in docs:
-            if doc["kind"] not in ("Deployment", "Job"):
+            if doc["kind"] not in POD_KINDS:
                 continue
             for container in pod_of(doc)["spec"]["containers"]:
                 refs = sorted((kind, ref[key]["name"]) for ref in container.get("envFrom", [])
@@ -495,7 +504,8 @@ def contract(args):
         if doc["kind"] == "Deployment" and "checksum/config" not in pod["metadata"].get("annotations", {}):
             problems.append(f"{who}: no checksum/config annotation")
     problems = sorted(set(problems), key=problems.index)  # the default and all-features renders repeat
-    checks.check(f"{len(every_pod)} pods: non-root 65532, read-only root, no privilege escalation, no capability, "
+    kinds = ", ".join(f"{sum(doc['kind'] == kind for doc, _ in every_pod)} {kind}" for kind in POD_KINDS)
+    checks.check(f"{len(every_pod)} pods ({kinds}): non-root 65532, read-only root, no privilege escalation, no capability, "
                  f"RuntimeDefault seccomp; a token only for {', '.join(sorted(api_users))}; probes /healthz, /readyz", problems)
 
     # --- the relay: leader election through a Lease, with RBAC

@@ -313,6 +313,10 @@ templates/validate.yaml); each failure stops the render with a message.
 {{- fail (printf "rebuild.projector: %q is not an enabled function of kind consumer" .Values.rebuild.projector) }}
 {{- end }}
 {{- end }}
+{{- /* `admin compact` fails on a store without segments: every run of the CronJob would. */}}
+{{- if and .Values.compaction.enabled (ne .Values.config.store "s3") }}
+{{- fail (printf "compaction.enabled: the %s event store (config.store) keeps no segments, so every run of `admin compact` would fail; compaction applies to config.store s3 only — set compaction.enabled: false" .Values.config.store) }}
+{{- end }}
 {{- if and .Values.httpRoute.enabled (gt (len (include "tally.routedFunctions" . | fromJsonArray)) 16) }}
 {{- fail "httpRoute: an HTTPRoute holds at most 16 rules (one per routed function); split the functions across releases" }}
 {{- end }}
