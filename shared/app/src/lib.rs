@@ -37,7 +37,8 @@ pub use ports::{
     TransactionKind, TransactionView,
 };
 pub use projection::{
-    ProjectionError, Projector, RebuildReport, REBUILD_BATCH, REBUILD_CONCURRENCY,
+    BatchReport, ProjectionError, Projector, RebuildReport, PROJECTION_BATCH, REBUILD_BATCH,
+    REBUILD_CONCURRENCY,
 };
 pub use queries::{AsOf, BalanceView, PastBalance, Queries, QueryError, Statement};
 pub use relay::{Relay, RelayReport};

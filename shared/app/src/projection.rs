@@ -4,6 +4,7 @@ use crate::compaction::Compactor;
 use crate::faults::{Fault, Faults};
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
 use futures::stream::{self, StreamExt};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tally_domain::{AccountEvent, AccountId};
@@ -41,6 +42,10 @@ const CATCH_UP_ROUNDS: usize = 3;
 /// How many streams a rebuild or catch-up reads from the store at once.
 pub const REBUILD_CONCURRENCY: usize = 8;
 
+/// How many delivered commits the projector applies together at most (one
+/// [`Projector::handle_batch`]).
+pub const PROJECTION_BATCH: usize = 256;
+
 /// How many streams a rebuild applies to the read model together (one
 /// [`ReadModel::apply_runs`]: one transaction on PostgreSQL).
 pub const REBUILD_BATCH: usize = 64;
@@ -57,6 +62,20 @@ pub struct RebuildReport {
     pub events: usize,
     /// Streams that could not be caught up (see the log).
     pub failed: usize,
+}
+
+/// What [`Projector::handle_batch`] did, in commits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Commits delivered.
+    pub commits: usize,
+    /// Commits of streams whose run applied whole.
+    pub applied: usize,
+    /// Commits the read model already held (or not an account's, or dropped by the
+    /// `drop-projection` fault).
+    pub duplicates: usize,
+    /// Commits of streams made sure of from the store (a gap before or inside the run).
+    pub repaired: usize,
 }
 
 /// Applies account commits to a read model, then writes balances through to a cache.
@@ -145,14 +164,7 @@ impl Projector {
             return Ok(Applied::Duplicate);
         };
         let commit = Commit::<AccountEvent>::decode(stored)?;
-        if self.faults.has(Fault::DropProjection)
-            && self
-                .handled
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(3)
-        {
-            tracing::error!(stream = %stored.stream, revision = %stored.revision,
-                "fault injection: this delivery is acknowledged without being applied");
+        if self.dropped_by_fault(stored) {
             return Ok(Applied::Duplicate);
         }
         let outcome = self.read_model.apply(&commit).await?;
@@ -169,20 +181,127 @@ impl Projector {
             }
         }
         // Not applied by this call: make sure it is there before it is acknowledged.
-        let wanted = commit.last_revision();
-        let mut at = self.read_model.position(&id).await?;
+        self.ensure_applied(&id, commit.last_revision()).await?;
+        Ok(outcome)
+    }
+
+    /// `drop-projection` (tests only): every third delivery is to be acknowledged
+    /// without being applied.
+    fn dropped_by_fault(&self, stored: &StoredCommit) -> bool {
+        let dropped = self.faults.has(Fault::DropProjection)
+            && self
+                .handled
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(3);
+        if dropped {
+            tracing::error!(stream = %stored.stream, revision = %stored.revision,
+                "fault injection: this delivery is acknowledged without being applied");
+        }
+        dropped
+    }
+
+    /// Make sure the read model holds `id` up to `wanted`, catching up from the store if
+    /// it does not; [`ProjectionError::Behind`] if it still does not after that.
+    async fn ensure_applied(
+        &self,
+        id: &AccountId,
+        wanted: Revision,
+    ) -> Result<(), ProjectionError> {
+        let mut at = self.read_model.position(id).await?;
         if at < wanted {
-            self.catch_up(&id).await?;
-            at = self.read_model.position(&id).await?;
+            self.catch_up(id).await?;
+            at = self.read_model.position(id).await?;
         }
         if at < wanted {
             return Err(ProjectionError::Behind {
-                stream: stored.stream.clone(),
+                stream: id.stream_id().clone(),
                 at,
                 wanted,
             });
         }
-        Ok(outcome)
+        Ok(())
+    }
+
+    /// Handle delivered commits together, as [`Projector::handle`] would one after
+    /// another, in fewer round trips: the account commits are grouped by stream (in
+    /// revision order, duplicates dropped) and applied with one
+    /// [`ReadModel::apply_runs`] — one transaction on PostgreSQL instead of one per
+    /// commit —, then each stream applied is written through to the cache once. A
+    /// stream whose run did not apply whole (a gap before it or inside it, or the
+    /// read model already ahead) is made sure of as `handle` does: caught up from the
+    /// store if behind. Returns only once the read model holds every commit of the
+    /// batch: the caller may then acknowledge all of them.
+    pub async fn handle_batch(
+        &self,
+        batch: &[StoredCommit],
+    ) -> Result<BatchReport, ProjectionError> {
+        let mut report = BatchReport {
+            commits: batch.len(),
+            ..BatchReport::default()
+        };
+        let mut runs: Vec<(AccountId, Vec<Commit<AccountEvent>>)> = Vec::new();
+        let mut run_of: HashMap<&StreamId, usize> = HashMap::new();
+        for stored in batch {
+            let Some(id) = AccountId::of_stream(&stored.stream) else {
+                // Another aggregate's commit (see `project`).
+                report.duplicates += 1;
+                continue;
+            };
+            let commit = Commit::<AccountEvent>::decode(stored)?;
+            if self.dropped_by_fault(stored) {
+                report.duplicates += 1;
+                continue;
+            }
+            let run = *run_of.entry(&stored.stream).or_insert_with(|| {
+                runs.push((id, Vec::new()));
+                runs.len() - 1
+            });
+            runs[run].1.push(commit);
+        }
+        // Each run in revision order, once per revision; `whole` ends at the first break
+        // in contiguity (what follows it is the store's to fill in).
+        let mut wanted = Vec::with_capacity(runs.len());
+        let mut whole = Vec::with_capacity(runs.len());
+        for (_, commits) in &mut runs {
+            commits.sort_by_key(|c| c.revision);
+            commits.dedup_by_key(|c| c.revision);
+            let contiguous = 1 + commits
+                .windows(2)
+                .take_while(|pair| pair[1].revision == pair[0].last_revision().next())
+                .count();
+            wanted.push(commits.last().map_or(Revision::ZERO, Commit::last_revision));
+            whole.push(contiguous == commits.len());
+            commits.truncate(contiguous);
+        }
+        let slices: Vec<&[Commit<AccountEvent>]> = runs.iter().map(|(_, c)| c.as_slice()).collect();
+        let outcomes = self.read_model.apply_runs(&slices).await?;
+        let mut written = Vec::new();
+        for (i, ((id, commits), outcome)) in runs.iter().zip(outcomes).enumerate() {
+            match outcome {
+                Applied::Applied if whole[i] => {
+                    report.applied += commits.len();
+                    written.push(commits.last().expect("a run is never empty"));
+                }
+                _ => {
+                    // Not all applied by this call: make sure before acknowledging.
+                    if outcome == Applied::Duplicate && whole[i] {
+                        report.duplicates += commits.len();
+                    } else {
+                        report.repaired += commits.len();
+                    }
+                    self.ensure_applied(id, wanted[i]).await?;
+                }
+            }
+        }
+        stream::iter(written)
+            .for_each_concurrent(REBUILD_CONCURRENCY, |last| self.write_through(last))
+            .await;
+        if let Some(compactor) = &self.compactor {
+            for ((id, _), last) in runs.iter().zip(&wanted) {
+                compactor.note(id.stream_id(), *last);
+            }
+        }
+        Ok(report)
     }
 
     /// The event store it reads.
@@ -369,30 +488,46 @@ impl Projector {
         })
     }
 
-    /// Follow `subscription` until it closes: handle each commit, then acknowledge it;
-    /// on a lag, catch every stream up from the store. A commit that cannot be applied
-    /// (the read model is down) is retried with backoff, never passed over: acknowledging
-    /// a later message would move the consumer offset past it.
+    /// Follow `subscription` until it closes: take the next delivery and whatever else
+    /// it already holds (up to [`PROJECTION_BATCH`]), handle them as one batch
+    /// ([`Projector::handle_batch`]), then acknowledge them; on a lag, catch every
+    /// stream up from the store. A batch that cannot be applied (the read model is down)
+    /// is retried with backoff, never passed over: acknowledging a later message would
+    /// move the consumer offset past it.
     pub async fn run(&self, mut subscription: Box<dyn Subscription>) {
-        while let Some(delivery) = subscription.next().await {
-            match delivery {
-                Delivery::Commit(commit) => {
-                    let mut delay = std::time::Duration::from_millis(50);
-                    while let Err(e) = self.handle(&commit).await {
-                        tracing::error!(stream = %commit.stream, revision = %commit.revision, error = %e,
-                            retry_in_ms = delay.as_millis() as u64, "projection failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
-                    }
-                    if let Err(e) = subscription.ack(&commit).await {
-                        tracing::warn!(stream = %commit.stream, error = %e, "ack failed; the commit may be delivered again");
+        while let Some(first) = subscription.next().await {
+            let mut batch = Vec::new();
+            let mut lagged = None;
+            let mut next = Some(first);
+            while let Some(delivery) = next.take() {
+                match delivery {
+                    Delivery::Commit(commit) => batch.push(commit),
+                    Delivery::Lagged { missed } => {
+                        lagged = Some(missed);
+                        break;
                     }
                 }
-                Delivery::Lagged { missed } => {
-                    tracing::warn!(missed, "subscription lagged; catching up from the store");
-                    if let Err(e) = self.catch_up_all().await {
-                        tracing::error!(error = %e, "catch-up failed");
-                    }
+                if batch.len() < PROJECTION_BATCH {
+                    next = subscription.try_next().await;
+                }
+            }
+            if let Some(last) = batch.last() {
+                let mut delay = std::time::Duration::from_millis(50);
+                while let Err(e) = self.handle_batch(&batch).await {
+                    tracing::error!(commits = batch.len(), first_stream = %batch[0].stream, error = %e,
+                        retry_in_ms = delay.as_millis() as u64, "projection failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+                tracing::debug!(commits = batch.len(), "batch projected");
+                if let Err(e) = subscription.ack(last).await {
+                    tracing::warn!(stream = %last.stream, error = %e, "ack failed; the commits may be delivered again");
+                }
+            }
+            if let Some(missed) = lagged {
+                tracing::warn!(missed, "subscription lagged; catching up from the store");
+                if let Err(e) = self.catch_up_all().await {
+                    tracing::error!(error = %e, "catch-up failed");
                 }
             }
         }

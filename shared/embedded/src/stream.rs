@@ -38,6 +38,18 @@ impl Subscription for InProcessSubscription {
         }
     }
 
+    async fn try_next(&mut self) -> Option<Delivery> {
+        match self.0.try_recv() {
+            Ok(commit) => Some(Delivery::Commit(commit)),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                Some(Delivery::Lagged { missed })
+            }
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => {
+                None
+            }
+        }
+    }
+
     async fn ack(&mut self, _commit: &StoredCommit) -> Result<(), PublishError> {
         Ok(())
     }

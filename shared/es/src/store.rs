@@ -248,8 +248,15 @@ pub enum Delivery {
 pub trait Subscription: Send + 'static {
     /// The next delivery; `None` when the stream is closed for good.
     async fn next(&mut self) -> Option<Delivery>;
-    /// Record that `commit` was handled, so it is not delivered to this group again
-    /// (a consumer offset). Call only after its effects are durable.
+    /// A delivery this subscriber already holds, without waiting for one: `None` when
+    /// none is at hand now (not a closed stream). What lets a consumer handle what
+    /// arrived together as one batch. The default holds nothing.
+    async fn try_next(&mut self) -> Option<Delivery> {
+        None
+    }
+    /// Record that `commit` — the last delivery handed out — and every delivery before
+    /// it were handled, so none is delivered to this group again (consumer offsets).
+    /// Call only after the effects of all of them are durable.
     async fn ack(&mut self, commit: &StoredCommit) -> Result<(), PublishError>;
 }
 

@@ -275,8 +275,9 @@ async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
 use axum::response::IntoResponse;
 
 /// The projector under the Lambda runtime: each invocation is a Kafka batch
-/// (`aws_lambda_events` `KafkaEvent`). Commits are applied in order per partition; if
-/// any fails, the invocation fails and Lambda retries the batch (duplicates are
+/// (`aws_lambda_events` `KafkaEvent`), applied as one [`tally_app::Projector::handle_batch`]
+/// (in revision order per stream, one read-model transaction); if it fails, the
+/// invocation fails and Lambda retries the batch (duplicates are
 /// skipped, so a retry is safe).
 async fn lambda_projector(host: Host) -> Result<(), BoxError> {
     let projector = host.state.projector.clone();
@@ -290,24 +291,21 @@ async fn lambda_projector(host: Host) -> Result<(), BoxError> {
     lambda_runtime::run(handler).await
 }
 
-/// Apply one Lambda Kafka batch; returns counts by outcome.
+/// Apply one Lambda Kafka batch; returns counts by outcome (see
+/// [`tally_app::BatchReport`]).
 pub async fn handle_kafka_batch(
     projector: &tally_app::Projector,
     event: &aws_lambda_events::event::kafka::KafkaEvent,
     key: Option<&tally_kafka::StreamKey>,
 ) -> Result<serde_json::Value, BoxError> {
     let commits = tally_kafka::decode_lambda_batch(event, key)?;
-    let (mut applied, mut duplicates, mut repaired) = (0, 0, 0);
-    for commit in &commits {
-        match projector.handle(commit).await? {
-            tally_app::Applied::Applied => applied += 1,
-            tally_app::Applied::Duplicate => duplicates += 1,
-            tally_app::Applied::Gap { .. } => repaired += 1,
-        }
-    }
-    Ok(
-        serde_json::json!({"commits": commits.len(), "applied": applied, "duplicates": duplicates, "gaps_repaired": repaired}),
-    )
+    let report = projector.handle_batch(&commits).await?;
+    Ok(serde_json::json!({
+        "commits": report.commits,
+        "applied": report.applied,
+        "duplicates": report.duplicates,
+        "gaps_repaired": report.repaired,
+    }))
 }
 
 /// The transfer saga under the Lambda runtime. An invocation is either a Kafka batch

@@ -9,7 +9,8 @@
 //!   duplicate from a retry costs nothing, and a producer that fails fatally is replaced.
 //! * [`KafkaStream::subscribe`] — a consumer in a consumer group, auto-commit off: the
 //!   offset of a message is committed only when the projector acknowledges it, after its
-//!   read-model transaction committed.
+//!   read-model transaction committed; `try_next` hands out what librdkafka already
+//!   fetched, so a projector applies a burst as one batch and acknowledges it once.
 //! * [`decode_lambda_batch`] — the commits of an `aws_lambda_events` `KafkaEvent`, for
 //!   the projector under the Lambda runtime.
 //! * [`mac`] — with a [`StreamKey`] configured, every message produced carries an
@@ -22,14 +23,16 @@ pub use mac::{StreamKey, MAC_HEADER};
 use async_trait::async_trait;
 use aws_lambda_events::event::kafka::KafkaEvent;
 use base64::Engine;
+use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tally_es::{Delivery, EventPublisher, EventStream, PublishError, StoredCommit, Subscription};
@@ -257,17 +260,24 @@ impl EventStream for KafkaStream {
             .map_err(kafka)?;
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
-            last: None,
+            pending: BTreeMap::new(),
+            unacked: false,
             key: self.config.key.clone(),
         }))
     }
 }
 
-/// A consumer-group member. Offsets are committed by [`Subscription::ack`] only.
+/// A consumer-group member. Offsets are committed by [`Subscription::ack`] — every
+/// partition's, up to the last message handed out — and, while no commit handed out
+/// waits for its acknowledgement, when a message is passed over.
 pub struct KafkaSubscription {
     consumer: Arc<StreamConsumer>,
-    /// Topic, partition and offset of the last message handed out.
-    last: Option<(String, i32, i64)>,
+    /// The offset to commit per topic and partition (one past the last message handed
+    /// out or passed over), for those not committed yet.
+    pending: BTreeMap<(String, i32), i64>,
+    /// A commit was handed out and not acknowledged yet: a message passed over meanwhile
+    /// is committed with it, not before (its offset would cover the unhandled commit).
+    unacked: bool,
     /// Messages without a valid MAC under it are passed over.
     key: Option<StreamKey>,
 }
@@ -276,41 +286,11 @@ pub struct KafkaSubscription {
 impl Subscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Delivery> {
         loop {
-            match self.consumer.recv().await {
+            let consumer = self.consumer.clone();
+            match consumer.recv().await {
                 Ok(message) => {
-                    let position = (
-                        message.topic().to_owned(),
-                        message.partition(),
-                        message.offset(),
-                    );
-                    if let Some(key) = &self.key {
-                        let mac = message.headers().and_then(|headers| {
-                            headers
-                                .iter()
-                                .find(|h| h.key == MAC_HEADER)
-                                .and_then(|h| h.value)
-                        });
-                        let value = message.payload().unwrap_or_default();
-                        if let Err(why) = key.verify(value, mac) {
-                            mac::passed_over(why, &position.0, position.1.into(), position.2);
-                            self.last = Some(position);
-                            let _ = self.commit_last();
-                            continue;
-                        }
-                    }
-                    match message.payload().map(StoredCommit::from_bytes) {
-                        Some(Ok(commit)) => {
-                            self.last = Some(position);
-                            return Some(Delivery::Commit(commit));
-                        }
-                        other => {
-                            // Not a commit: nothing the store accepted is lost by passing
-                            // it (projections read commits from the store, not from here).
-                            tracing::error!(topic = %position.0, partition = position.1, offset = position.2,
-                                error = ?other.map(|r| r.err()), "undecodable message on the commit topic; skipping");
-                            self.last = Some(position);
-                            let _ = self.commit_last();
-                        }
+                    if let Some(delivery) = self.accept(&message) {
+                        return Some(delivery);
                     }
                 }
                 Err(e) => {
@@ -321,19 +301,87 @@ impl Subscription for KafkaSubscription {
         }
     }
 
+    /// A message librdkafka already fetched: `recv` polls its queue before it waits, and
+    /// a receive given up while waiting has taken nothing from it.
+    async fn try_next(&mut self) -> Option<Delivery> {
+        loop {
+            let consumer = self.consumer.clone();
+            match consumer.recv().now_or_never()? {
+                Ok(message) => {
+                    if let Some(delivery) = self.accept(&message) {
+                        return Some(delivery);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka receive failed");
+                    return None;
+                }
+            }
+        }
+    }
+
     async fn ack(&mut self, _commit: &StoredCommit) -> Result<(), PublishError> {
-        self.commit_last()
+        self.unacked = false;
+        self.commit_pending()
     }
 }
 
 impl KafkaSubscription {
-    fn commit_last(&self) -> Result<(), PublishError> {
-        let Some((topic, partition, offset)) = &self.last else {
+    /// What to make of one message: the commit to hand out, or `None` when it is passed
+    /// over (no valid MAC under the key, or not a commit: nothing the store accepted is
+    /// lost by passing it — projections read commits from the store, not from here).
+    fn accept(&mut self, message: &BorrowedMessage<'_>) -> Option<Delivery> {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        self.pending
+            .insert((topic.to_owned(), partition), offset + 1);
+        if let Some(key) = &self.key {
+            let mac = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == MAC_HEADER)
+                    .and_then(|h| h.value)
+            });
+            if let Err(why) = key.verify(message.payload().unwrap_or_default(), mac) {
+                mac::passed_over(why, topic, partition.into(), offset);
+                self.passed_over();
+                return None;
+            }
+        }
+        match message.payload().map(StoredCommit::from_bytes) {
+            Some(Ok(commit)) => {
+                self.unacked = true;
+                Some(Delivery::Commit(commit))
+            }
+            other => {
+                tracing::error!(topic, partition, offset, error = ?other.map(|r| r.err()),
+                    "undecodable message on the commit topic; skipping");
+                self.passed_over();
+                None
+            }
+        }
+    }
+
+    /// A message was passed over: commit its offset now unless a commit handed out
+    /// before it waits for its acknowledgement.
+    fn passed_over(&mut self) {
+        if !self.unacked {
+            if let Err(e) = self.commit_pending() {
+                tracing::warn!(error = %e, "offset commit failed; the message may be delivered again");
+            }
+        }
+    }
+
+    /// Commit every partition's pending offset (asynchronously: a failure the broker
+    /// reports later only means a redelivery, which the projections skip).
+    fn commit_pending(&mut self) -> Result<(), PublishError> {
+        if self.pending.is_empty() {
             return Ok(());
-        };
+        }
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
-            .map_err(kafka)?;
+        for ((topic, partition), offset) in std::mem::take(&mut self.pending) {
+            list.add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .map_err(kafka)?;
+        }
         self.consumer
             .commit(&list, CommitMode::Async)
             .map_err(kafka)
