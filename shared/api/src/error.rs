@@ -28,6 +28,10 @@ pub enum ApiError {
     InvalidHeader(String),
     /// 400 `invalid-query`
     InvalidQuery(String),
+    /// 422 `conflicting-query`: query parameters each well-formed that do not go
+    /// together (`as_of` with `as_of_revision`, a period that ends before it starts), a
+    /// rule across parameters that OpenAPI cannot state.
+    ConflictingQuery(String),
     /// 400 `idempotency-key-required`: a transfer without `Idempotency-Key`.
     IdempotencyKeyRequired,
     /// 400 `invalid-transfer-id`
@@ -88,6 +92,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("malformed-json", 400, "Malformed JSON"),
     ("invalid-header", 400, "Invalid header"),
     ("invalid-query", 400, "Invalid query parameter"),
+    ("conflicting-query", 422, "Conflicting query parameters"),
     ("idempotency-key-required", 400, "Idempotency key required"),
     ("invalid-transfer-id", 400, "Invalid transfer id"),
     ("transfer-not-found", 404, "Transfer not found"),
@@ -134,6 +139,7 @@ impl ApiError {
             Self::InvalidAmount(_) => "invalid-amount",
             Self::InvalidHeader(_) => "invalid-header",
             Self::InvalidQuery(_) => "invalid-query",
+            Self::ConflictingQuery(_) => "conflicting-query",
             Self::IdempotencyKeyRequired => "idempotency-key-required",
             Self::InvalidTransferId(_) => "invalid-transfer-id",
             Self::TransferNotFound => "transfer-not-found",
@@ -169,6 +175,7 @@ impl ApiError {
             | Self::InvalidAmount(d)
             | Self::InvalidHeader(d)
             | Self::InvalidQuery(d)
+            | Self::ConflictingQuery(d)
             | Self::InvalidTransferId(d)
             | Self::InvalidReference(d)
             | Self::InsufficientFunds(d)

@@ -446,15 +446,16 @@ pub async fn as_of_balances_agree_with_a_fold_of_the_store(
         (format!("as_of={future}"), 422, "as-of-in-future"),
         ("as_of=yesterday".to_owned(), 400, "invalid-query"),
         ("as_of_revision=two".to_owned(), 400, "invalid-query"),
+        // Each well-formed, but not together: a 422, not a 400.
         (
             "as_of_revision=1&as_of=2026-12-01T00:00:00Z".to_owned(),
-            400,
-            "invalid-query",
+            422,
+            "conflicting-query",
         ),
         (
             "as_of_revision=1&min_revision=1".to_owned(),
-            400,
-            "invalid-query",
+            422,
+            "conflicting-query",
         ),
     ] {
         let (s, b) = api.get(&format!("/accounts/{id}/balance?{query}")).await;
@@ -581,13 +582,13 @@ pub async fn statements_agree_with_a_fold_of_the_store(
     for (query, status, kind) in [
         ("to=2026-12-31", 400, "invalid-query"),
         ("from=2026-12-01", 400, "invalid-query"),
-        ("from=2026-12-31&to=2026-12-01", 400, "invalid-query"),
+        ("from=2026-12-31&to=2026-12-01", 422, "conflicting-query"),
         ("from=2026-13-01&to=2026-12-31", 400, "invalid-query"),
         ("from=yesterday&to=2026-12-31", 400, "invalid-query"),
         (
             "from=2026-12-01T10:00:00Z&to=2026-12-01T10:00:00Z",
-            400,
-            "invalid-query",
+            422,
+            "conflicting-query",
         ),
     ] {
         let (s, b) = api.get(&format!("/accounts/{id}/statement?{query}")).await;

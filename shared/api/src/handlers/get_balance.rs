@@ -34,7 +34,7 @@ pub(crate) struct ReadParams {
         (status = 200, body = BalanceResponse, headers(("ETag" = String))),
         (status = 400, body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, description = "No such account, or it did not exist yet at `as_of` / `as_of_revision` 0", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "min_revision or as_of_revision is beyond the account's last revision (`revision-not-reached`), or as_of is in the future (`as-of-in-future`)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "min_revision or as_of_revision is beyond the account's last revision (`revision-not-reached`), as_of is in the future (`as-of-in-future`), or parameters that do not go together: as_of with as_of_revision, min_revision with either (`conflicting-query`)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, body = ProblemBody, content_type = "application/problem+json"),
     )
 )]
@@ -63,11 +63,11 @@ pub async fn handle(
             (Some(r), None, None) => Some(AsOf::Revision(r)),
             (None, Some(t), None) => Some(AsOf::Time(t)),
             (Some(_), Some(_), _) => {
-                return Err(ApiError::InvalidQuery(
+                return Err(ApiError::ConflictingQuery(
                     "give as_of_revision or as_of, not both".into(),
                 ))
             }
-            (_, _, Some(_)) => return Err(ApiError::InvalidQuery(
+            (_, _, Some(_)) => return Err(ApiError::ConflictingQuery(
                 "min_revision asks for the present; it does not go with as_of or as_of_revision"
                     .into(),
             )),

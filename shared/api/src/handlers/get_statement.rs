@@ -61,9 +61,9 @@ fn period_end(name: &str, value: Option<&str>, end: End) -> Result<OffsetDateTim
     ),
     responses(
         (status = 200, body = StatementResponse),
-        (status = 400, description = "A missing or malformed `from` or `to`, or a period that ends before it starts", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "A missing or malformed `from` or `to`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 404, body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "A period that does not end after it starts (`conflicting-query`), or min_revision beyond the account's last revision (`revision-not-reached`)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, body = ProblemBody, content_type = "application/problem+json"),
     )
 )]
@@ -76,7 +76,7 @@ pub async fn handle(
     let from = period_end("from", params.from.as_deref(), End::From)?;
     let to = period_end("to", params.to.as_deref(), End::To)?;
     if to <= from {
-        return Err(ApiError::InvalidQuery(format!(
+        return Err(ApiError::ConflictingQuery(format!(
             "the period must end after it starts (from {}, to {})",
             crate::dto::rfc3339(from),
             crate::dto::rfc3339(to)
