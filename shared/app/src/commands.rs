@@ -163,15 +163,17 @@ const WARM_COMMITS: usize = 256;
 struct Loaded<A: Aggregate> {
     state: A,
     revision: Revision,
-    /// The commits after `commits_from` (read, or appended by this process).
-    commits: Vec<Commit<A::Event>>,
+    /// The commits after `commits_from` (read, or appended by this process), shared:
+    /// a command clones its stream's warm state (and puts it back), which with the
+    /// commits themselves cost a deep copy of up to [`WARM_COMMITS`] commits each time.
+    commits: Vec<Arc<Commit<A::Event>>>,
     /// The revision before the first of `commits`: the snapshot's, or where the warm
     /// state was last folded.
     commits_from: Revision,
     /// The revision of the stored snapshot this state started from (zero without one).
     snapshot_revision: Revision,
-    /// Idempotency keys of commits up to `commits_from`.
-    remembered: Vec<RememberedKey>,
+    /// Idempotency keys of commits up to `commits_from` (shared, as `commits`).
+    remembered: Arc<Vec<RememberedKey>>,
     /// Another process wrote this stream lately: ask the store what came after this
     /// state before the next command instead of trusting it (cleared once a read finds
     /// nothing new).
@@ -207,7 +209,7 @@ impl<A: Aggregate> Loaded<A> {
             self.state.apply(e);
         }
         self.revision = commit.last_revision();
-        self.commits.push(commit);
+        self.commits.push(Arc::new(commit));
     }
 
     /// Fold the decoded commits into remembered keys once there are many of them.
@@ -216,7 +218,7 @@ impl<A: Aggregate> Loaded<A> {
             return;
         }
         let last = self.commits.pop().expect("commits");
-        self.remembered = self.keys_after(&last, REMEMBERED_KEYS);
+        self.remembered = Arc::new(self.keys_after(&last, REMEMBERED_KEYS));
         self.commits.clear();
         self.commits_from = self.revision;
     }
@@ -228,7 +230,7 @@ impl<A: Aggregate> Loaded<A> {
             .rev()
             .find(|c| c.metadata.idempotency_key.as_deref() == Some(key))
         {
-            return Some(KeyHit::Commit(c));
+            return Some(KeyHit::Commit(c.as_ref()));
         }
         self.remembered
             .iter()
@@ -251,8 +253,13 @@ impl<A: Aggregate> Loaded<A> {
 
     /// The keys to remember in a snapshot taken after `commit`: the newest `keep`.
     fn keys_after(&self, commit: &Commit<A::Event>, keep: usize) -> Vec<RememberedKey> {
-        let mut keys = self.remembered.clone();
-        for c in self.commits.iter().chain(std::iter::once(commit)) {
+        let mut keys = self.remembered.as_ref().clone();
+        for c in self
+            .commits
+            .iter()
+            .map(Arc::as_ref)
+            .chain(std::iter::once(commit))
+        {
             if let Some(key) = &c.metadata.idempotency_key {
                 keys.push(RememberedKey {
                     key: key.clone(),
@@ -490,7 +497,7 @@ where
             if *revision > loaded.commits_from {
                 if let Some(c) = loaded.commits.iter().find(|c| c.revision == *revision) {
                     if is_ours(c) {
-                        return Ok(Some(c.clone()));
+                        return Ok(Some(c.as_ref().clone()));
                     }
                 }
             } else if let Some(found) = self.store.read_commit(stream, *revision).await? {
@@ -618,7 +625,7 @@ where
             commits: Vec::with_capacity(stored.len()),
             commits_from: revision,
             snapshot_revision: revision,
-            remembered,
+            remembered: Arc::new(remembered),
             shared: false,
         };
         loaded.extend(&stored)?;
