@@ -248,3 +248,58 @@ async fn a_gateway_on_the_postgres_store_walks_the_seed_flow_and_leaves_no_outbo
     );
     server.abort();
 }
+
+/// Issue 16 (dev-pg ≥ 4,000 commands/s): each append was a statement and a transaction
+/// of its own — a round trip and a WAL flush per command. Appends that arrive together
+/// now share one (`tx` is the inserting transaction's id), and within a group each row
+/// is still decided alone: a revision taken before the group, or twice in it, loses;
+/// every winner has its outbox row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_that_arrive_together_share_a_transaction_and_each_is_decided_alone() {
+    let store = store_with(8).await;
+    store
+        .append(&commit("grouped-taken", 1, 1, "first"))
+        .await
+        .unwrap();
+    let mut appends = Vec::new();
+    for n in 0..64 {
+        appends.push(commit(&format!("grouped-{n}"), 1, 1 + n % 3, "a"));
+    }
+    appends.push(commit("grouped-taken", 1, 1, "late")); // taken before the group
+    appends.push(commit("grouped-0", 1, 1, "b")); // twice in the group
+    let outcomes = futures::future::join_all(appends.iter().map(|c| {
+        let store = store.clone();
+        async move { store.append(c).await }
+    }))
+    .await;
+    let won = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(won, 64, "{outcomes:?}");
+    assert!(
+        matches!(outcomes[64], Err(tally_es::AppendError::Conflict { .. })),
+        "{:?}",
+        outcomes[64]
+    );
+    assert!(
+        outcomes[0].is_ok() != outcomes[65].is_ok(),
+        "one of two appends of grouped-0@1 wins"
+    );
+    for n in 0..64 {
+        let read = store
+            .read(&stream(&format!("grouped-{n}")), Revision::new(1))
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 1, "grouped-{n}");
+    }
+    // 65 winners (the taken one's first included), one outbox row each.
+    assert_eq!(store.pending(1000).await.unwrap().len(), 65);
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT tx::text) FROM event_commits WHERE stream LIKE 'grouped-%' AND stream <> 'grouped-taken'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(
+        transactions < 64,
+        "64 appends at once took {transactions} transactions"
+    );
+}

@@ -1,11 +1,15 @@
 //! The event store on PostgreSQL: the store a user without S3 picks.
 //!
 //! One row per commit in `event_commits`, keyed by `(stream, revision)`: an append is
-//! one `INSERT ... ON CONFLICT DO NOTHING`, so of any number of writers racing for a
+//! an `INSERT ... ON CONFLICT DO NOTHING`, so of any number of writers racing for a
 //! revision exactly one inserts its row and the others see a conflict. The same
 //! statement inserts the commit's outbox row (a data-modifying CTE): a commit never
-//! exists without its note that it must be published, nor the note without the commit,
-//! and an append is one round trip. [`Outbox::record`] is therefore a no-op here: the
+//! exists without its note that it must be published, nor the note without the commit.
+//! Appends are committed in groups: the appends of one process that arrive while
+//! [`FLUSHES`] statements are in flight go together in the next one (each row decided
+//! on its own by the unique key, the rows in key order so two groups never deadlock), so
+//! under load many commits share one round trip and one WAL flush, and alone an append
+//! is still one statement. [`Outbox::record`] is therefore a no-op here: the
 //! append records (unless the store is [`PgEventStore::without_outbox`], for a process
 //! on the in-process stream, where no relay would ever remove the rows). Snapshots are one row per stream, replaced only by a newer one.
 //!
@@ -16,10 +20,12 @@
 
 use async_trait::async_trait;
 use sqlx::{PgPool, Row};
+use std::sync::{Arc, Mutex};
 use tally_es::{
     check_contiguous, error_chain, AppendError, EventStore, Outbox, OutboxEntry, Revision,
     Snapshot, SnapshotStore, StoreError, StoredCommit, StreamId,
 };
+use tokio::sync::{oneshot, Semaphore};
 
 /// A place in the global order of commits: after the commit at `position` of
 /// transaction `tx`. [`GlobalPosition::START`] is before every commit.
@@ -42,12 +48,150 @@ impl GlobalPosition {
 pub struct PgEventStore {
     pool: PgPool,
     outbox: bool,
+    group: Arc<GroupCommit>,
+}
+
+/// How many group statements of one store may be in flight at once.
+pub const FLUSHES: usize = 4;
+/// The most appends one group statement carries.
+const MAX_GROUP: usize = 256;
+
+/// Appends waiting for a statement, and the permits to send one.
+struct GroupCommit {
+    queue: Mutex<Vec<Pending>>,
+    flushes: Arc<Semaphore>,
+}
+
+/// One append waiting in the group: its row, and where its outcome goes (`true`: its
+/// row was inserted; `false`: the revision was taken).
+struct Pending {
+    stream: String,
+    revision: i64,
+    last_revision: i64,
+    body: Vec<u8>,
+    attempt: String,
+    outcome: oneshot::Sender<Result<bool, String>>,
+}
+
+impl GroupCommit {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            flushes: Arc::new(Semaphore::new(FLUSHES)),
+        }
+    }
+
+    fn take(&self) -> Vec<Pending> {
+        let mut queue = self.queue.lock().expect("group queue poisoned");
+        let n = queue.len().min(MAX_GROUP);
+        queue.drain(..n).collect()
+    }
+
+    /// Send what waits, if a flush may start: in a task of its own, so an append whose
+    /// caller gave up never strands the others of its group. A flush goes on while
+    /// appends keep arriving; it gives its permit back only on an empty queue, and looks
+    /// once more after that — an append that found no permit was queued before, and is
+    /// taken by that look.
+    fn kick(self: &Arc<Self>, pool: &PgPool, outbox: bool) {
+        let Ok(permit) = self.flushes.clone().try_acquire_owned() else {
+            return;
+        };
+        let (group, pool) = (self.clone(), pool.clone());
+        tokio::spawn(async move {
+            let mut permit = Some(permit);
+            loop {
+                let batch = group.take();
+                if batch.is_empty() {
+                    drop(permit.take());
+                    if group.queue.lock().expect("group queue poisoned").is_empty() {
+                        return;
+                    }
+                    match group.flushes.clone().try_acquire_owned() {
+                        Ok(again) => permit = Some(again),
+                        Err(_) => return,
+                    }
+                    continue;
+                }
+                flush(&pool, outbox, batch).await;
+            }
+        });
+    }
+}
+
+/// One statement for `batch`: each row inserted unless its revision is taken, with its
+/// outbox row (`outbox`), in `(stream, revision)` order. A second append of one revision
+/// in the same batch is not sent: it loses to the first, whatever becomes of that.
+async fn flush(pool: &PgPool, outbox: bool, mut batch: Vec<Pending>) {
+    batch.sort_by(|a, b| (&a.stream, a.revision).cmp(&(&b.stream, b.revision)));
+    let (mut sent, mut doubles) = (Vec::with_capacity(batch.len()), Vec::new());
+    for pending in batch {
+        match sent.last() {
+            Some(last) if key(last) == key(&pending) => doubles.push(pending),
+            _ => sent.push(pending),
+        }
+    }
+    let inserted = sqlx::query(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[]) \
+                 WITH ORDINALITY AS t(stream, revision, last_revision, body, attempt, n)), \
+         c AS ( \
+             INSERT INTO event_commits (stream, revision, last_revision, body) \
+             SELECT stream, revision, last_revision, body FROM input ORDER BY n \
+             ON CONFLICT DO NOTHING RETURNING stream, revision), \
+         o AS ( \
+             INSERT INTO event_outbox (stream, revision, attempt) \
+             SELECT c.stream, c.revision, input.attempt FROM c JOIN input USING (stream, revision) \
+             WHERE $6 ON CONFLICT DO NOTHING) \
+         SELECT stream, revision FROM c",
+    )
+    .bind(sent.iter().map(|p| p.stream.clone()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|p| p.revision).collect::<Vec<_>>())
+    .bind(sent.iter().map(|p| p.last_revision).collect::<Vec<_>>())
+    .bind(
+        sent.iter_mut()
+            .map(|p| std::mem::take(&mut p.body))
+            .collect::<Vec<_>>(),
+    )
+    .bind(sent.iter().map(|p| p.attempt.clone()).collect::<Vec<_>>())
+    .bind(outbox)
+    .fetch_all(pool)
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|row| {
+                (
+                    row.get::<String, _>("stream"),
+                    row.get::<i64, _>("revision"),
+                )
+            })
+            .collect::<std::collections::HashSet<_>>()
+    })
+    .map_err(|e| error_chain(&e));
+    for pending in sent {
+        let outcome = inserted
+            .as_ref()
+            .map(|rows| rows.contains(&(pending.stream.clone(), pending.revision)))
+            .map_err(Clone::clone);
+        let _ = pending.outcome.send(outcome);
+    }
+    for pending in doubles {
+        let outcome = inserted.as_ref().map(|_| false).map_err(Clone::clone);
+        let _ = pending.outcome.send(outcome);
+    }
+}
+
+fn key(pending: &Pending) -> (&str, i64) {
+    (&pending.stream, pending.revision)
 }
 
 impl PgEventStore {
     /// A store whose appends record an outbox row for a relay to publish.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, outbox: true }
+        Self {
+            pool,
+            outbox: true,
+            group: Arc::new(GroupCommit::new()),
+        }
     }
 
     /// A store whose appends record no outbox row: for a process that publishes on an
@@ -112,32 +256,30 @@ fn bigint(revision: Revision) -> i64 {
 #[async_trait]
 impl EventStore for PgEventStore {
     async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
-        let attempt = commit.metadata.commit_id.clone().unwrap_or_default();
-        let inserted: i64 = sqlx::query_scalar(
-            "WITH c AS ( \
-                 INSERT INTO event_commits (stream, revision, last_revision, body) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING stream, revision), \
-             o AS ( \
-                 INSERT INTO event_outbox (stream, revision, attempt) \
-                 SELECT stream, revision, $5 FROM c WHERE $6 ON CONFLICT DO NOTHING) \
-             SELECT count(*) FROM c",
-        )
-        .bind(commit.stream.as_str())
-        .bind(bigint(commit.revision))
-        .bind(bigint(commit.last_revision()))
-        .bind(commit.to_bytes())
-        .bind(attempt)
-        .bind(self.outbox)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| AppendError::Unavailable(error_chain(&e)))?;
-        if inserted == 1 {
-            Ok(())
-        } else {
-            Err(AppendError::Conflict {
+        let (outcome, answer) = oneshot::channel();
+        self.group
+            .queue
+            .lock()
+            .expect("group queue poisoned")
+            .push(Pending {
+                stream: commit.stream.as_str().to_owned(),
+                revision: bigint(commit.revision),
+                last_revision: bigint(commit.last_revision()),
+                body: commit.to_bytes(),
+                attempt: commit.metadata.commit_id.clone().unwrap_or_default(),
+                outcome,
+            });
+        self.group.kick(&self.pool, self.outbox);
+        match answer.await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(AppendError::Conflict {
                 stream: commit.stream.clone(),
                 revision: commit.revision,
-            })
+            }),
+            Ok(Err(e)) => Err(AppendError::Unavailable(e)),
+            Err(_) => Err(AppendError::Unavailable(
+                "the group statement carrying this append ended without an answer".into(),
+            )),
         }
     }
 
