@@ -1480,18 +1480,32 @@ async fn an_append_whose_answer_never_came_says_its_outcome_is_unknown_and_a_key
     assert_eq!(all.len(), 2, "the deposit is in the store once");
 }
 
-/// A memory read model that is emptied (as a rebuild's TRUNCATE did) right after the
-/// first time someone reads a position from it.
-struct EmptiedAfterFirstPosition {
+/// A memory read model that counts its writes (one per `apply`, `apply_all` or
+/// `apply_runs`: a transaction each on PostgreSQL) and, when `empty_at_first_position`
+/// is set, is emptied (as a rebuild's TRUNCATE did) right after the first time someone
+/// reads a position from it.
+#[derive(Default)]
+struct Instrumented {
     inner: MemoryReadModel,
-    emptied: std::sync::atomic::AtomicBool,
+    writes: std::sync::atomic::AtomicUsize,
+    empty_at_first_position: std::sync::atomic::AtomicBool,
+}
+
+impl Instrumented {
+    fn wrote(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[async_trait::async_trait]
-impl ReadModel for EmptiedAfterFirstPosition {
+impl ReadModel for Instrumented {
     async fn position(&self, id: &AccountId) -> Result<Revision, tally_app::ReadModelError> {
         let position = self.inner.position(id).await?;
-        if !self.emptied.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .empty_at_first_position
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             self.inner.clear().await?;
         }
         Ok(position)
@@ -1500,7 +1514,22 @@ impl ReadModel for EmptiedAfterFirstPosition {
         &self,
         commit: &Commit<AccountEvent>,
     ) -> Result<Applied, tally_app::ReadModelError> {
+        self.wrote();
         self.inner.apply(commit).await
+    }
+    async fn apply_all(
+        &self,
+        commits: &[Commit<AccountEvent>],
+    ) -> Result<Applied, tally_app::ReadModelError> {
+        self.wrote();
+        self.inner.apply_all(commits).await
+    }
+    async fn apply_runs(
+        &self,
+        runs: &[&[Commit<AccountEvent>]],
+    ) -> Result<Vec<Applied>, tally_app::ReadModelError> {
+        self.wrote();
+        self.inner.apply_runs(runs).await
     }
     async fn account(
         &self,
@@ -1555,9 +1584,10 @@ async fn a_delivery_is_handled_only_once_the_read_model_holds_it_even_if_emptied
     }
     let inner = MemoryReadModel::default();
     inner.apply(&Commit::decode(&c1).unwrap()).await.unwrap();
-    let read_model = Arc::new(EmptiedAfterFirstPosition {
+    let read_model = Arc::new(Instrumented {
         inner,
-        emptied: Default::default(),
+        empty_at_first_position: true.into(),
+        ..Default::default()
     });
     let projector = Projector::new(
         Arc::new(store.clone()),
@@ -1760,84 +1790,6 @@ async fn a_late_delivery_never_puts_a_balance_older_than_an_acknowledged_one_in_
     );
 }
 
-/// A memory read model that counts its writes (one per `apply`, `apply_all` or
-/// `apply_runs`: a transaction each on PostgreSQL).
-#[derive(Default)]
-struct CountedWrites {
-    inner: MemoryReadModel,
-    writes: std::sync::atomic::AtomicUsize,
-}
-
-impl CountedWrites {
-    fn wrote(&self) {
-        self.writes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-#[async_trait::async_trait]
-impl ReadModel for CountedWrites {
-    async fn position(&self, id: &AccountId) -> Result<Revision, tally_app::ReadModelError> {
-        self.inner.position(id).await
-    }
-    async fn apply(
-        &self,
-        commit: &Commit<AccountEvent>,
-    ) -> Result<Applied, tally_app::ReadModelError> {
-        self.wrote();
-        self.inner.apply(commit).await
-    }
-    async fn apply_all(
-        &self,
-        commits: &[Commit<AccountEvent>],
-    ) -> Result<Applied, tally_app::ReadModelError> {
-        self.wrote();
-        self.inner.apply_all(commits).await
-    }
-    async fn apply_runs(
-        &self,
-        runs: &[&[Commit<AccountEvent>]],
-    ) -> Result<Vec<Applied>, tally_app::ReadModelError> {
-        self.wrote();
-        self.inner.apply_runs(runs).await
-    }
-    async fn account(
-        &self,
-        id: &AccountId,
-    ) -> Result<Option<tally_app::AccountView>, tally_app::ReadModelError> {
-        self.inner.account(id).await
-    }
-    async fn transactions(
-        &self,
-        id: &AccountId,
-        after: Revision,
-        limit: usize,
-    ) -> Result<Vec<tally_app::TransactionView>, tally_app::ReadModelError> {
-        self.inner.transactions(id, after, limit).await
-    }
-    async fn clear(&self) -> Result<(), tally_app::ReadModelError> {
-        self.inner.clear().await
-    }
-    async fn begin_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
-        self.inner.begin_rebuild().await
-    }
-    async fn apply_runs_rebuilding(
-        &self,
-        runs: &[&[Commit<AccountEvent>]],
-    ) -> Result<Vec<Applied>, tally_app::ReadModelError> {
-        self.inner.apply_runs_rebuilding(runs).await
-    }
-    async fn finish_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
-        self.inner.finish_rebuild().await
-    }
-    async fn abandon_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
-        self.inner.abandon_rebuild().await
-    }
-    async fn ready(&self) -> Result<(), tally_app::ReadModelError> {
-        Ok(())
-    }
-}
-
 /// Issue 16: the projector applied one delivery per read-model write (a PostgreSQL
 /// transaction each), so on the stack its lag grew with the command rate. What arrived
 /// together is now one write — duplicates, an out-of-order delivery and gaps (before a
@@ -1888,7 +1840,7 @@ async fn the_projector_applies_what_arrived_together_in_one_write() {
             .unwrap();
     }
     drop(stream_in); // closed once delivered: `run` returns
-    let read_model = Arc::new(CountedWrites::default());
+    let read_model = Arc::new(Instrumented::default());
     let projector = Projector::new(
         Arc::new(store.clone()),
         read_model.clone(),
