@@ -78,6 +78,17 @@ pub struct BatchReport {
     pub repaired: usize,
 }
 
+/// One stream's delivered commits in a batch (see [`Projector::handle_batch`]).
+struct Run {
+    id: AccountId,
+    /// In revision order, once each, up to the first break in contiguity.
+    commits: Vec<Commit<AccountEvent>>,
+    /// The last revision delivered (past a break too): what the read model must hold.
+    wanted: Revision,
+    /// No break: `commits` is every delivered commit of the stream.
+    whole: bool,
+}
+
 /// Applies account commits to a read model, then writes balances through to a cache.
 #[derive(Clone)]
 pub struct Projector {
@@ -140,49 +151,116 @@ impl Projector {
     /// is skipped; a gap is repaired from the store before anything newer is applied.
     /// Returns only once the read model holds the commit: the caller may then
     /// acknowledge it. Anything else — the read model moved underneath, lost the rows
-    /// it said it had — is an error, and the commit is not to be acknowledged.
+    /// it said it had — is an error, and the commit is not to be acknowledged. The
+    /// outcome is the read model's apply of it (`Duplicate` for another aggregate's
+    /// commit).
     pub async fn handle(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
-        let outcome = self.project(stored).await?;
+        let (_, outcomes) = self.project(std::slice::from_ref(stored)).await?;
+        Ok(outcomes.into_iter().next().unwrap_or(Applied::Duplicate))
+    }
+
+    /// Handle delivered commits together, as [`Projector::handle`] would one after
+    /// another, in fewer round trips: the account commits are grouped by stream (in
+    /// revision order, duplicates dropped) and applied with one
+    /// [`ReadModel::apply_runs`] — one transaction on PostgreSQL instead of one per
+    /// commit —, then each stream applied is written through to the cache once. A
+    /// stream whose run did not apply whole (a gap before it or inside it, or the
+    /// read model already ahead) is made sure of as `handle` does: caught up from the
+    /// store if behind. Returns only once the read model holds every commit of the
+    /// batch: the caller may then acknowledge all of them.
+    pub async fn handle_batch(
+        &self,
+        batch: &[StoredCommit],
+    ) -> Result<BatchReport, ProjectionError> {
+        Ok(self.project(batch).await?.0)
+    }
+
+    /// What [`Projector::handle`] and [`Projector::handle_batch`] do: the report, and
+    /// the read model's outcome for each stream's run, in the order the streams first
+    /// appear in `batch`.
+    async fn project(
+        &self,
+        batch: &[StoredCommit],
+    ) -> Result<(BatchReport, Vec<Applied>), ProjectionError> {
+        let mut report = BatchReport {
+            commits: batch.len(),
+            ..BatchReport::default()
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        let mut run_of: HashMap<&StreamId, usize> = HashMap::new();
+        for stored in batch {
+            let Some(id) = AccountId::of_stream(&stored.stream) else {
+                // Another aggregate's commit on the shared topic (a transfer's): the
+                // read model of accounts has nothing to do with it.
+                report.duplicates += 1;
+                continue;
+            };
+            let commit = Commit::<AccountEvent>::decode(stored)?;
+            if self.dropped_by_fault(stored) {
+                report.duplicates += 1;
+                continue;
+            }
+            let run = *run_of.entry(&stored.stream).or_insert_with(|| {
+                runs.push(Run {
+                    id,
+                    commits: Vec::new(),
+                    wanted: Revision::ZERO,
+                    whole: true,
+                });
+                runs.len() - 1
+            });
+            runs[run].commits.push(commit);
+        }
+        // Each run in revision order, once per revision, cut at the first break in
+        // contiguity (what follows it is the store's to fill in).
+        for run in &mut runs {
+            run.commits.sort_by_key(|c| c.revision);
+            run.commits.dedup_by_key(|c| c.revision);
+            let contiguous = 1 + run
+                .commits
+                .windows(2)
+                .take_while(|pair| pair[1].revision == pair[0].last_revision().next())
+                .count();
+            run.wanted = run
+                .commits
+                .last()
+                .map_or(Revision::ZERO, Commit::last_revision);
+            run.whole = contiguous == run.commits.len();
+            run.commits.truncate(contiguous);
+        }
+        let slices: Vec<&[Commit<AccountEvent>]> =
+            runs.iter().map(|run| run.commits.as_slice()).collect();
+        let outcomes = self.read_model.apply_runs(&slices).await?;
+        let mut written = Vec::new();
+        for (run, outcome) in runs.iter().zip(&outcomes) {
+            match outcome {
+                Applied::Applied if run.whole => {
+                    report.applied += run.commits.len();
+                    written.push(run.commits.last().expect("a run is never empty"));
+                }
+                _ => {
+                    // Not all applied by this call: make sure before acknowledging.
+                    if *outcome == Applied::Duplicate && run.whole {
+                        report.duplicates += run.commits.len();
+                    } else {
+                        report.repaired += run.commits.len();
+                    }
+                    self.ensure_applied(&run.id, run.wanted).await?;
+                }
+            }
+        }
+        stream::iter(written)
+            .for_each_concurrent(REBUILD_CONCURRENCY, |last| self.write_through(last))
+            .await;
         // Account streams only: those are what grow long and what a rebuild reads. A
         // transfer's stream is a handful of commits read whole while its saga runs;
         // segments would only cost it requests.
-        if let Some(compactor) = self
-            .compactor
-            .as_ref()
-            .filter(|_| AccountId::of_stream(&stored.stream).is_some())
-        {
-            compactor.note(&stored.stream, stored.last_revision());
-        }
-        Ok(outcome)
-    }
-
-    /// [`Projector::handle`] but for noting the commit to the compactor.
-    async fn project(&self, stored: &StoredCommit) -> Result<Applied, ProjectionError> {
-        let Some(id) = AccountId::of_stream(&stored.stream) else {
-            // Another aggregate's commit on the shared topic (a transfer's): the read
-            // model of accounts has nothing to do with it.
-            return Ok(Applied::Duplicate);
-        };
-        let commit = Commit::<AccountEvent>::decode(stored)?;
-        if self.dropped_by_fault(stored) {
-            return Ok(Applied::Duplicate);
-        }
-        let outcome = self.read_model.apply(&commit).await?;
-        match outcome {
-            Applied::Applied => {
-                self.write_through(&commit).await;
-                return Ok(outcome);
-            }
-            Applied::Duplicate => {}
-            Applied::Gap { expected } => {
-                tracing::info!(stream = %stored.stream, %expected, got = %stored.revision,
-                    "gap in delivery; repairing from the store");
-                self.catch_up(&id).await?;
+        if let Some(compactor) = &self.compactor {
+            for run in &runs {
+                compactor.note(run.id.stream_id(), run.wanted);
             }
         }
-        // Not applied by this call: make sure it is there before it is acknowledged.
-        self.ensure_applied(&id, commit.last_revision()).await?;
-        Ok(outcome)
+        Ok((report, outcomes))
     }
 
     /// `drop-projection` (tests only): every third delivery is to be acknowledged
@@ -220,88 +298,6 @@ impl Projector {
             });
         }
         Ok(())
-    }
-
-    /// Handle delivered commits together, as [`Projector::handle`] would one after
-    /// another, in fewer round trips: the account commits are grouped by stream (in
-    /// revision order, duplicates dropped) and applied with one
-    /// [`ReadModel::apply_runs`] — one transaction on PostgreSQL instead of one per
-    /// commit —, then each stream applied is written through to the cache once. A
-    /// stream whose run did not apply whole (a gap before it or inside it, or the
-    /// read model already ahead) is made sure of as `handle` does: caught up from the
-    /// store if behind. Returns only once the read model holds every commit of the
-    /// batch: the caller may then acknowledge all of them.
-    pub async fn handle_batch(
-        &self,
-        batch: &[StoredCommit],
-    ) -> Result<BatchReport, ProjectionError> {
-        let mut report = BatchReport {
-            commits: batch.len(),
-            ..BatchReport::default()
-        };
-        let mut runs: Vec<(AccountId, Vec<Commit<AccountEvent>>)> = Vec::new();
-        let mut run_of: HashMap<&StreamId, usize> = HashMap::new();
-        for stored in batch {
-            let Some(id) = AccountId::of_stream(&stored.stream) else {
-                // Another aggregate's commit (see `project`).
-                report.duplicates += 1;
-                continue;
-            };
-            let commit = Commit::<AccountEvent>::decode(stored)?;
-            if self.dropped_by_fault(stored) {
-                report.duplicates += 1;
-                continue;
-            }
-            let run = *run_of.entry(&stored.stream).or_insert_with(|| {
-                runs.push((id, Vec::new()));
-                runs.len() - 1
-            });
-            runs[run].1.push(commit);
-        }
-        // Each run in revision order, once per revision; `whole` ends at the first break
-        // in contiguity (what follows it is the store's to fill in).
-        let mut wanted = Vec::with_capacity(runs.len());
-        let mut whole = Vec::with_capacity(runs.len());
-        for (_, commits) in &mut runs {
-            commits.sort_by_key(|c| c.revision);
-            commits.dedup_by_key(|c| c.revision);
-            let contiguous = 1 + commits
-                .windows(2)
-                .take_while(|pair| pair[1].revision == pair[0].last_revision().next())
-                .count();
-            wanted.push(commits.last().map_or(Revision::ZERO, Commit::last_revision));
-            whole.push(contiguous == commits.len());
-            commits.truncate(contiguous);
-        }
-        let slices: Vec<&[Commit<AccountEvent>]> = runs.iter().map(|(_, c)| c.as_slice()).collect();
-        let outcomes = self.read_model.apply_runs(&slices).await?;
-        let mut written = Vec::new();
-        for (i, ((id, commits), outcome)) in runs.iter().zip(outcomes).enumerate() {
-            match outcome {
-                Applied::Applied if whole[i] => {
-                    report.applied += commits.len();
-                    written.push(commits.last().expect("a run is never empty"));
-                }
-                _ => {
-                    // Not all applied by this call: make sure before acknowledging.
-                    if outcome == Applied::Duplicate && whole[i] {
-                        report.duplicates += commits.len();
-                    } else {
-                        report.repaired += commits.len();
-                    }
-                    self.ensure_applied(id, wanted[i]).await?;
-                }
-            }
-        }
-        stream::iter(written)
-            .for_each_concurrent(REBUILD_CONCURRENCY, |last| self.write_through(last))
-            .await;
-        if let Some(compactor) = &self.compactor {
-            for ((id, _), last) in runs.iter().zip(&wanted) {
-                compactor.note(id.stream_id(), *last);
-            }
-        }
-        Ok(report)
     }
 
     /// The event store it reads.
