@@ -122,7 +122,7 @@ impl GroupCommit {
 /// outbox row (`outbox`), in `(stream, revision)` order. A second append of one revision
 /// in the same batch is not sent: it loses to the first, whatever becomes of that.
 async fn flush(pool: &PgPool, outbox: bool, mut batch: Vec<Pending>) {
-    batch.sort_by(|a, b| (&a.stream, a.revision).cmp(&(&b.stream, b.revision)));
+    batch.sort_by(|a, b| key(a).cmp(&key(b)));
     let (mut sent, mut doubles) = (Vec::with_capacity(batch.len()), Vec::new());
     for pending in batch {
         match sent.last() {
