@@ -150,16 +150,40 @@ async fn the_global_order_waits_for_a_transaction_that_commits_late_and_skips_no
     .unwrap();
     store.append(&commit("later", 1, 1, "l")).await.unwrap();
 
-    let read = store
+    // (Another test's transaction may hold the server-wide horizon before `early` for a
+    // moment: read until it is final. `slow`'s stays open throughout, so `later` cannot
+    // be.)
+    let mut read = store
         .read_all_after(GlobalPosition::START, 100)
         .await
         .unwrap();
+    for _ in 0..100 {
+        if !read.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        read = store
+            .read_all_after(GlobalPosition::START, 100)
+            .await
+            .unwrap();
+    }
     let names: Vec<&str> = read.iter().map(|(_, c)| c.stream.as_str()).collect();
     assert_eq!(names, ["early"], "nothing past a transaction still running");
     let (mark, _) = read[0];
 
     late.commit().await.unwrap();
-    let read = store.read_all_after(mark, 100).await.unwrap();
+    // `pg_snapshot_xmin` is the whole server's: a transaction of another test running
+    // at once (the tests of this file share the server) may hold the horizon back for
+    // a moment after `later` committed. Read again until both are final, a few seconds
+    // at most; then they must be there, in order.
+    let mut read = store.read_all_after(mark, 100).await.unwrap();
+    for _ in 0..100 {
+        if read.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        read = store.read_all_after(mark, 100).await.unwrap();
+    }
     let names: Vec<&str> = read.iter().map(|(_, c)| c.stream.as_str()).collect();
     assert_eq!(
         names,
