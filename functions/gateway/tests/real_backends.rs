@@ -1379,3 +1379,78 @@ async fn the_transfer_saga_starts_while_the_store_is_down() {
         "the saga starts at once, and resumes pending transfers once the store answers"
     );
 }
+
+/// The record of destroyed data keys in Redis, under the kept keys of two processes: a
+/// destroy in one is seen by the other's next use at once; Redis restarting empty
+/// begins another epoch, under which nothing kept before is used; with Redis out of
+/// reach a use asks the key store and a destroy deletes nothing.
+#[tokio::test]
+async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_restart() {
+    use std::sync::Arc;
+    use tally_es::{KeyStore, Revocations, StoreError};
+    let mut redis = PrivateService::redis().await;
+    let url = format!("redis://{}", redis.address());
+    let record = || {
+        Arc::new(tally_redis::RevocationsInRedis::new(Arc::new(
+            tally_redis::RedisCache::new(&url, "t:").unwrap(),
+        )))
+    };
+    let store: Arc<dyn KeyStore> = Arc::new(tally_vault::MemoryKeyStore::default());
+    let (record_a, record_b) = (record(), record());
+    let a = tally_vault::KeptKeys::new(store.clone(), record_a.clone());
+    let b = tally_vault::KeptKeys::new(store.clone(), record_b.clone());
+    for id in ["k-1", "k-2"] {
+        a.put(id, id.as_bytes()).await.unwrap();
+    }
+    let (epoch, marked) = record_a.check("k-1").await.unwrap();
+    assert!(!marked);
+    assert_eq!(record_b.check("k-1").await.unwrap(), (epoch.clone(), false));
+    assert!(a.get("k-1").await.unwrap().is_some());
+    assert!(b.get("k-1").await.unwrap().is_some());
+
+    b.destroy("k-1").await.unwrap();
+    assert_eq!(
+        a.get("k-1").await.unwrap(),
+        None,
+        "destroyed in b, erased in a"
+    );
+    assert_eq!(record_a.check("k-1").await.unwrap(), (epoch.clone(), true));
+
+    redis.stop().await;
+    assert!(
+        a.get("k-2").await.unwrap().is_some(),
+        "Redis down: the key store says"
+    );
+    assert!(matches!(
+        b.destroy("k-2").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(store.get("k-2").await.unwrap().is_some(), "nothing deleted");
+
+    redis.start().await;
+    let mut after = None;
+    for _ in 0..50 {
+        if let Ok(reading) = record_a.check("k-1").await {
+            after = Some(reading);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (new_epoch, marked) = after.expect("the record is back within 5 s");
+    assert_ne!(
+        new_epoch, epoch,
+        "a Redis restarted empty begins another epoch"
+    );
+    assert!(!marked, "the marks went with the old epoch");
+    assert_eq!(a.get("k-1").await.unwrap(), None, "so the key store says");
+    let mut destroyed = b.destroy("k-2").await;
+    for _ in 0..50 {
+        if destroyed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        destroyed = b.destroy("k-2").await;
+    }
+    destroyed.expect("a destroy once Redis is back");
+    assert_eq!(a.get("k-2").await.unwrap(), None);
+}

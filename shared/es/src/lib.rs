@@ -38,6 +38,6 @@ pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
     EventPublisher, EventStore, EventStream, KeyStore, Outbox, OutboxEntry, PublishError,
-    RecentCommits, StoreError, StreamTurns, Subscription,
+    RecentCommits, Revocations, StoreError, StreamTurns, Subscription,
 };
 pub use upcast::{decode_event, ChainError, Upcaster, Upcasters};

@@ -193,6 +193,23 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn destroy(&self, id: &str) -> Result<(), StoreError>;
 }
 
+/// A shared record of the data keys destroyed, which lets each process keep the keys it
+/// read in memory and still use none once it is destroyed anywhere (see
+/// `tally_vault::KeptKeys`; in Redis: `tally_redis::RevocationsInRedis`).
+///
+/// The record has an **epoch**, a random value it takes when it begins — the first use,
+/// or after it was lost (Redis restarted empty, evicted it) — and keeps: marks are never
+/// removed within an epoch, so the same epoch seen twice means no mark made between the
+/// two readings was lost.
+#[async_trait]
+pub trait Revocations: Send + Sync + 'static {
+    /// One reading: the record's epoch (begun now if there was none) and whether it
+    /// marks `key_id` destroyed.
+    async fn check(&self, key_id: &str) -> Result<(String, bool), StoreError>;
+    /// Mark `key_id` destroyed (beginning the record if there was none). Idempotent.
+    async fn revoke(&self, key_id: &str) -> Result<(), StoreError>;
+}
+
 /// A shared, lossy record of the newest commits of each stream, kept beside the store
 /// so that a process whose warm state of a stream is behind can catch up without
 /// reading the store (a cache in Redis: `tally_redis`). It never decides anything: a

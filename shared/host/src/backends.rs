@@ -342,6 +342,17 @@ impl Host {
             ))),
             _ => None,
         };
+        // With Redis, each process keeps the data keys it read, checking Redis's record
+        // of destroyed keys on every use instead of reading the key store (an S3 GET per
+        // `GET /accounts/{id}`); every process of a deployment shares that Redis, the
+        // ones that destroy keys (forget-holder, open-account) included.
+        let keys: Arc<dyn tally_es::KeyStore> = match &redis {
+            Some(redis) => Arc::new(tally_vault::KeptKeys::new(
+                keys,
+                Arc::new(tally_redis::RevocationsInRedis::new(redis.clone())),
+            )),
+            None => keys,
+        };
         let faults = Faults::parse(config.fault_injection.as_deref().unwrap_or_default())
             .map_err(|e| format!("TALLY_FAULT_INJECTION: {e}"))?;
         if faults != Faults::NONE {

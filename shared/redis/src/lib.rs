@@ -45,7 +45,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::{AccountId, Currency};
-use tally_es::{RecentCommits, Revision, StoreError, StoredCommit, StreamId, StreamTurns};
+use tally_es::{
+    RecentCommits, Revision, Revocations, StoreError, StoredCommit, StreamId, StreamTurns,
+};
 use tokio::sync::Mutex;
 
 /// How long after an epoch began no entry is created. A command process that could
@@ -586,5 +588,75 @@ impl StreamTurns for RecentInRedis {
                 async move { script.key(key).arg(token).invoke_async(&mut c).await }
             })
             .await;
+    }
+}
+
+/// The record of destroyed data keys ([`Revocations`], read by `tally_vault::KeptKeys`
+/// on every use of a kept key) in the cache's Redis: one hash, `{prefix}revoked-keys`,
+/// whose field `epoch` is the record's epoch and whose other fields are the key ids
+/// destroyed. One hash, so that losing it (a restart, an eviction) loses the epoch with
+/// the marks; its fields never expire. Each call is one round trip (`MULTI`: begin the
+/// epoch if there is none, then read or mark).
+pub struct RevocationsInRedis {
+    redis: std::sync::Arc<RedisCache>,
+    key: String,
+}
+
+impl RevocationsInRedis {
+    /// The record in `redis`, under its prefix.
+    pub fn new(redis: std::sync::Arc<RedisCache>) -> Self {
+        let key = format!("{}revoked-keys", redis.prefix);
+        Self { redis, key }
+    }
+}
+
+/// The hash field of the record's epoch (key ids begin with `k-`).
+const REVOKED_EPOCH: &str = "epoch";
+
+fn unreachable_record() -> StoreError {
+    StoreError::Unavailable("the record of destroyed keys (Redis) is out of reach".into())
+}
+
+#[async_trait]
+impl Revocations for RevocationsInRedis {
+    async fn check(&self, key_id: &str) -> Result<(String, bool), StoreError> {
+        let ((epoch, mark),): ((Option<String>, Option<String>),) = self
+            .redis
+            .with(|mut c| {
+                let (key, id) = (self.key.clone(), key_id.to_owned());
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .hset_nx(&key, REVOKED_EPOCH, fresh_epoch())
+                        .ignore()
+                        .hmget(&key, &[REVOKED_EPOCH, id.as_str()])
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await
+            .ok_or_else(unreachable_record)?;
+        let epoch =
+            epoch.ok_or_else(|| StoreError::Unavailable("the record has no epoch".into()))?;
+        Ok((epoch, mark.is_some()))
+    }
+
+    async fn revoke(&self, key_id: &str) -> Result<(), StoreError> {
+        self.redis
+            .with(|mut c| {
+                let (key, id) = (self.key.clone(), key_id.to_owned());
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .hset_nx(&key, REVOKED_EPOCH, fresh_epoch())
+                        .ignore()
+                        .hset(&key, id, 1)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
+                }
+            })
+            .await
+            .ok_or_else(unreachable_record)
     }
 }

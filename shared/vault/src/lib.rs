@@ -20,6 +20,9 @@ use base64::Engine;
 use std::sync::Arc;
 use tally_es::{KeyStore, Sealed, StoreError};
 
+mod kept;
+pub use kept::{KeptKeys, MemoryRevocations, KEPT_FOR, KEYS_KEPT};
+
 const NONCE: usize = 12;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
