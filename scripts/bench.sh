@@ -18,6 +18,8 @@
 #   BENCH_QUICK=1 make bench     a handful of operations, debug build: checks the harness
 #   BENCH_ARGS="--ops 10000"     more `tally-bench load` flags (tally-bench load --help)
 #   BENCH_PROFILE=release        measure the shipped build (full LTO: ≈ 11 min more to build here)
+#   BENCH_ONLY="stack"           only these parts (dev dev-pg stack stack-pg micro serverless);
+#                                the run's chart is drawn only when every part runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,8 @@ DEV_PORT=${BENCH_DEV_PORT:-18080}
 STACK_PORT=${BENCH_STACK_PORT:-18090}
 OUT=${BENCH_OUT:-bench/results}
 args=(${BENCH_ARGS:-})
+ONLY=${BENCH_ONLY:-}
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 [ -n "$QUICK" ] && args+=(--quick)
 started=$(date +%s)
 
@@ -43,7 +47,7 @@ export TALLY_BENCH_S3_SERVER=$TALLY_TEST_S3_SERVER TALLY_BENCH_BROKER=$TALLY_TES
 
 echo "bench: building ($PROFILE)" >&2
 if [ "$PROFILE" = debug ]; then cargo build --workspace --bins; else cargo build --profile "$PROFILE" --workspace --bins; fi
-[ -n "$QUICK" ] || cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load --no-run >&2
+[ -n "$QUICK" ] || ! want micro || cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load --no-run >&2
 
 wait_healthy() {
   for _ in $(seq 1 300); do
@@ -131,24 +135,28 @@ fresh_rebuild_database() {
 rebuild_url=postgres://postgres@127.0.0.1:5432/tally_bench_rebuild
 
 # 1a. make dev: every route in one process, embedded backends in a fresh directory.
-data=$(mktemp -d)
-load_gateway dev TALLY_DATA_DIR="$data"
-# 2a. Rebuild: the dev load's directory store → an empty PostgreSQL read model.
-fresh_rebuild_database
-rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=$rebuild_url
-rm -rf "$data"
+if want dev; then
+  data=$(mktemp -d)
+  load_gateway dev TALLY_DATA_DIR="$data"
+  # 2a. Rebuild: the dev load's directory store → an empty PostgreSQL read model.
+  fresh_rebuild_database
+  rebuild dev TALLY_DATA_DIR="$data" TALLY_DATABASE_URL=$rebuild_url
+  rm -rf "$data"
+fi
 
-# 1c. dev-pg: the same all-in-one gateway on the PostgreSQL event store (commands,
-# projection and queries in one process; the read model in memory, as make dev's).
-pgdev_url=postgres://postgres@127.0.0.1:5432/tally_bench_pgdev
-psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" -c "create database tally_bench_pgdev"
-# No data directory, so no development master key: one of this run's own (transfers seal
-# their references; without a key they answer 503).
-pgdev_master_key=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
-load_gateway dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_MASTER_KEY=$pgdev_master_key
-# 2c. Rebuild: the dev-pg load's PostgreSQL event store → an empty PostgreSQL read model.
-fresh_rebuild_database
-rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=$rebuild_url TALLY_MASTER_KEY=$pgdev_master_key
+if want dev-pg; then
+  # 1c. dev-pg: the same all-in-one gateway on the PostgreSQL event store (commands,
+  # projection and queries in one process; the read model in memory, as make dev's).
+  pgdev_url=postgres://postgres@127.0.0.1:5432/tally_bench_pgdev
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists tally_bench_pgdev" -c "create database tally_bench_pgdev"
+  # No data directory, so no development master key: one of this run's own (transfers seal
+  # their references; without a key they answer 503).
+  pgdev_master_key=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
+  load_gateway dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_MASTER_KEY=$pgdev_master_key
+  # 2c. Rebuild: the dev-pg load's PostgreSQL event store → an empty PostgreSQL read model.
+  fresh_rebuild_database
+  rebuild dev-pg TALLY_STORE=postgres TALLY_EVENT_STORE_URL=$pgdev_url TALLY_DATABASE_URL=$rebuild_url TALLY_MASTER_KEY=$pgdev_master_key
+fi
 
 ceiling=(--ceiling)
 [ -n "$QUICK" ] && ceiling+=(--ceiling-ops 20)
@@ -189,14 +197,14 @@ load_stack() (
 )
 
 # 1b, 2b. make stack: one process per function on S3, Kafka, PostgreSQL and Redis.
-load_stack stack s3 "$run_id"
+want stack && load_stack stack s3 "$run_id"
 # 1d, 2d. stack-pg: `STORE=postgres make stack`, the events in PostgreSQL (the run's
 # database, beside its read model); the ceiling's fraction is over the backends a
 # command on this store needs (no S3).
-load_stack stack-pg postgres "$pg_run_id"
+want stack-pg && load_stack stack-pg postgres "$pg_run_id"
 
 # 3. Micro-benchmarks (skipped in quick mode: criterion's minimum runs take minutes).
-if [ -z "$QUICK" ]; then
+if [ -z "$QUICK" ] && want micro; then
   (
     . scripts/stack-env.sh
     # One bucket (and one database) for the 10k-event stream, seeded once and reused.
@@ -209,21 +217,25 @@ if [ -z "$QUICK" ]; then
 fi
 
 # 4. Serverless figures.
-runs=5 requests=1000
-[ -n "$QUICK" ] && runs=1 requests=20
-( export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
-  export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
-  . scripts/stack-env.sh
-  export TALLY_BENCH_TOKEN=$(./scripts/idp.sh token alice)
-  "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
+if want serverless; then
+  runs=5 requests=1000
+  [ -n "$QUICK" ] && runs=1 requests=20
+  ( export TALLY_S3_BUCKET=$run_id TALLY_KAFKA_TOPIC=$run_id
+    export TALLY_DATABASE_URL=postgres://postgres@127.0.0.1:5432/${run_id//-/_}
+    . scripts/stack-env.sh
+    export TALLY_BENCH_TOKEN=$(./scripts/idp.sh token alice)
+    "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
+fi
 
 # 5. The run's charts, from the JSON files it wrote (the newest of each kind).
-# (A load report is <time>Z-<target>.json; <time>Z-rebuild-<target>.json is not one.)
-newest() { ls -t "$OUT"/*Z-"$1".json 2>/dev/null | head -n 1; }
-"$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
-  --load "dev=$(newest dev)" --load "dev-pg=$(newest dev-pg)" \
-  --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
-  --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "dev-pg=$OUT/$stamp-rebuild-dev-pg.json" \
-  --rebuild "stack=$OUT/$stamp-rebuild-stack.json" --rebuild "stack-pg=$OUT/$stamp-rebuild-stack-pg.json"
+if [ -z "$ONLY" ]; then
+  # (A load report is <time>Z-<target>.json; <time>Z-rebuild-<target>.json is not one.)
+  newest() { ls -t "$OUT"/*Z-"$1".json 2>/dev/null | head -n 1; }
+  "$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
+    --load "dev=$(newest dev)" --load "dev-pg=$(newest dev-pg)" \
+    --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
+    --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "dev-pg=$OUT/$stamp-rebuild-dev-pg.json" \
+    --rebuild "stack=$OUT/$stamp-rebuild-stack.json" --rebuild "stack-pg=$OUT/$stamp-rebuild-stack-pg.json"
+fi
 
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2
