@@ -571,7 +571,12 @@ async fn check_topic(
         if !missing.is_empty() {
             verdict.violate(
                 "every-commit-on-the-topic",
-                format!("{stream}: the commits at {missing:?} are not on the topic"),
+                format!(
+                    "{stream}: {} commits are not on the topic, at {:?}{}",
+                    missing.len(),
+                    &missing[..missing.len().min(20)],
+                    if missing.len() > 20 { " …" } else { "" }
+                ),
             );
         }
     }
