@@ -608,55 +608,49 @@ impl RevocationsInRedis {
         let key = format!("{}revoked-keys", redis.prefix);
         Self { redis, key }
     }
+
+    /// One round trip, atomic: begin the record's epoch if there is none, then what
+    /// `then` adds to the pipeline (given the record's key).
+    async fn in_record<T: redis::FromRedisValue>(
+        &self,
+        then: impl FnOnce(&mut redis::Pipeline, &str),
+    ) -> Result<T, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_nx(&self.key, REVOKED_EPOCH, fresh_epoch())
+            .ignore();
+        then(&mut pipe, &self.key);
+        self.redis
+            .with(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+            .ok_or_else(|| {
+                StoreError::Unavailable(
+                    "the record of destroyed keys (Redis) is out of reach".into(),
+                )
+            })
+    }
 }
 
 /// The hash field of the record's epoch (key ids begin with `k-`).
 const REVOKED_EPOCH: &str = "epoch";
 
-fn unreachable_record() -> StoreError {
-    StoreError::Unavailable("the record of destroyed keys (Redis) is out of reach".into())
-}
-
 #[async_trait]
 impl Revocations for RevocationsInRedis {
     async fn check(&self, key_id: &str) -> Result<(String, bool), StoreError> {
         let ((epoch, mark),): ((Option<String>, Option<String>),) = self
-            .redis
-            .with(|mut c| {
-                let (key, id) = (self.key.clone(), key_id.to_owned());
-                async move {
-                    redis::pipe()
-                        .atomic()
-                        .hset_nx(&key, REVOKED_EPOCH, fresh_epoch())
-                        .ignore()
-                        .hmget(&key, &[REVOKED_EPOCH, id.as_str()])
-                        .query_async(&mut c)
-                        .await
-                }
+            .in_record(|pipe, key| {
+                pipe.hmget(key, &[REVOKED_EPOCH, key_id]);
             })
-            .await
-            .ok_or_else(unreachable_record)?;
+            .await?;
         let epoch =
             epoch.ok_or_else(|| StoreError::Unavailable("the record has no epoch".into()))?;
         Ok((epoch, mark.is_some()))
     }
 
     async fn revoke(&self, key_id: &str) -> Result<(), StoreError> {
-        self.redis
-            .with(|mut c| {
-                let (key, id) = (self.key.clone(), key_id.to_owned());
-                async move {
-                    redis::pipe()
-                        .atomic()
-                        .hset_nx(&key, REVOKED_EPOCH, fresh_epoch())
-                        .ignore()
-                        .hset(&key, id, 1)
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                }
-            })
-            .await
-            .ok_or_else(unreachable_record)
+        self.in_record(|pipe, key| {
+            pipe.hset(key, key_id, 1).ignore();
+        })
+        .await
     }
 }
