@@ -1381,9 +1381,11 @@ async fn the_transfer_saga_starts_while_the_store_is_down() {
 }
 
 /// The record of destroyed data keys in Redis, under the kept keys of two processes: a
-/// destroy in one is seen by the other's next use at once; Redis restarting empty
-/// begins another epoch, under which nothing kept before is used; with Redis out of
-/// reach a use asks the key store and a destroy deletes nothing.
+/// destroy in one is seen by the other's next use at once; with Redis out of reach a use
+/// asks the key store and a destroy deletes nothing; and a Redis that comes back —
+/// here empty, with the record's epoch field put back as a snapshot would restore it,
+/// without the newest marks — is another epoch all the same (its `run_id`), under which
+/// nothing kept before is used.
 #[tokio::test]
 async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_restart() {
     use std::sync::Arc;
@@ -1399,7 +1401,7 @@ async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_resta
     let (record_a, record_b) = (record(), record());
     let a = tally_vault::KeptKeys::new(store.clone(), record_a.clone());
     let b = tally_vault::KeptKeys::new(store.clone(), record_b.clone());
-    for id in ["k-1", "k-2"] {
+    for id in ["k-1", "k-2", "k-3"] {
         a.put(id, id.as_bytes()).await.unwrap();
     }
     let (epoch, marked) = record_a.check("k-1").await.unwrap();
@@ -1407,6 +1409,7 @@ async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_resta
     assert_eq!(record_b.check("k-1").await.unwrap(), (epoch.clone(), false));
     assert!(a.get("k-1").await.unwrap().is_some());
     assert!(b.get("k-1").await.unwrap().is_some());
+    assert!(a.get("k-3").await.unwrap().is_some(), "k-3 is kept in a");
 
     b.destroy("k-1").await.unwrap();
     assert_eq!(
@@ -1417,32 +1420,50 @@ async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_resta
     assert_eq!(record_a.check("k-1").await.unwrap(), (epoch.clone(), true));
 
     redis.stop().await;
-    assert!(
-        a.get("k-2").await.unwrap().is_some(),
-        "Redis down: the key store says"
-    );
     assert!(matches!(
         b.destroy("k-2").await,
         Err(StoreError::Unavailable(_))
     ));
     assert!(store.get("k-2").await.unwrap().is_some(), "nothing deleted");
 
+    // Redis comes back with the record's epoch field as it was (a restored snapshot),
+    // but not the mark of k-3's destroy, which the old server took with it.
     redis.start().await;
+    let field = epoch.rsplit('/').next().unwrap().to_owned();
+    let mut restored = String::new();
+    for _ in 0..50 {
+        restored = raw_redis(
+            &redis.address(),
+            &["HSET", "t:revoked-keys", "epoch", &field],
+        )
+        .await;
+        if restored.starts_with(':') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(restored.starts_with(':'), "HSET answered {restored:?}");
+    store.destroy("k-3").await.unwrap();
     let mut after = None;
     for _ in 0..50 {
-        if let Ok(reading) = record_a.check("k-1").await {
+        if let Ok(reading) = record_a.check("k-3").await {
             after = Some(reading);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (new_epoch, marked) = after.expect("the record is back within 5 s");
-    assert_ne!(
-        new_epoch, epoch,
-        "a Redis restarted empty begins another epoch"
+    assert!(!marked);
+    assert!(
+        new_epoch.ends_with(&field),
+        "the field was restored: {new_epoch}"
     );
-    assert!(!marked, "the marks went with the old epoch");
-    assert_eq!(a.get("k-1").await.unwrap(), None, "so the key store says");
+    assert_ne!(new_epoch, epoch, "another server, another epoch");
+    assert_eq!(
+        a.get("k-3").await.unwrap(),
+        None,
+        "the key kept under the old server is not used: the key store says"
+    );
     let mut destroyed = b.destroy("k-2").await;
     for _ in 0..50 {
         if destroyed.is_ok() {
@@ -1453,4 +1474,27 @@ async fn kept_data_keys_are_never_used_after_a_destroy_even_across_a_redis_resta
     }
     destroyed.expect("a destroy once Redis is back");
     assert_eq!(a.get("k-2").await.unwrap(), None);
+}
+
+/// One command to the Redis at `address` in its wire protocol; the first line of the
+/// answer (`""` if it could not connect).
+async fn raw_redis(address: &str, args: &[&str]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut conn) = tokio::net::TcpStream::connect(address).await else {
+        return String::new();
+    };
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    if conn.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut answer = vec![0u8; 512];
+    let n = conn.read(&mut answer).await.unwrap_or(0);
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }

@@ -200,7 +200,8 @@ pub trait KeyStore: Send + Sync + 'static {
 /// The record has an **epoch**, a random value it takes when it begins — the first use,
 /// or after it was lost (Redis restarted empty, evicted it) — and keeps: marks are never
 /// removed within an epoch, so the same epoch seen twice means no mark made between the
-/// two readings was lost.
+/// two readings was lost. A record restored from an older copy (a snapshot, a replica
+/// that was behind) must report another epoch too.
 #[async_trait]
 pub trait Revocations: Send + Sync + 'static {
     /// One reading: the record's epoch (begun now if there was none) and whether it

@@ -597,6 +597,12 @@ impl StreamTurns for RecentInRedis {
 /// destroyed. One hash, so that losing it (a restart, an eviction) loses the epoch with
 /// the marks; its fields never expire. Each call is one round trip (`MULTI`: begin the
 /// epoch if there is none, then read or mark).
+///
+/// The epoch [`Revocations::check`] reports is the server's `run_id` (from `INFO
+/// server`) with that field: a Redis that comes back from a snapshot or an append-only
+/// file, or a replica promoted in its place, may hold the hash as it was before the
+/// newest marks — with the same field — but never the same `run_id`, so nothing kept
+/// under the old server is trusted under the new one.
 pub struct RevocationsInRedis {
     redis: std::sync::Arc<RedisCache>,
     key: String,
@@ -637,14 +643,22 @@ const REVOKED_EPOCH: &str = "epoch";
 #[async_trait]
 impl Revocations for RevocationsInRedis {
     async fn check(&self, key_id: &str) -> Result<(String, bool), StoreError> {
-        let ((epoch, mark),): ((Option<String>, Option<String>),) = self
+        let ((epoch, mark), info): ((Option<String>, Option<String>), String) = self
             .in_record(|pipe, key| {
-                pipe.hmget(key, &[REVOKED_EPOCH, key_id]);
+                pipe.hmget(key, &[REVOKED_EPOCH, key_id])
+                    .cmd("INFO")
+                    .arg("server");
             })
             .await?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| StoreError::Unavailable("Redis did not say its run_id".into()))?;
         let epoch =
             epoch.ok_or_else(|| StoreError::Unavailable("the record has no epoch".into()))?;
-        Ok((epoch, mark.is_some()))
+        Ok((format!("{run_id}/{epoch}"), mark.is_some()))
     }
 
     async fn revoke(&self, key_id: &str) -> Result<(), StoreError> {
