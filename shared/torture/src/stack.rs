@@ -125,6 +125,7 @@ pub async fn run_on(
     let redis = PrivateService::redis().await;
     let database_url = fresh_database().await;
     let topic = unique("commits");
+    let stream_key = random_key();
     let (store_env, store) = match kind {
         StoreKind::S3 => {
             let s3 = PrivateService::durable_s3(&work.join("s3")).await;
@@ -164,7 +165,7 @@ pub async fn run_on(
             ("TALLY_REDIS_URL", format!("redis://{}", redis.address())),
             ("TALLY_FAULT_INJECTION", plan.inject.clone()),
             // Commits on the topic are signed and checked, as in production.
-            ("TALLY_STREAM_KEY", random_key()),
+            ("TALLY_STREAM_KEY", stream_key.clone()),
             // Holders' data keys are wrapped by a master key, as in production.
             ("TALLY_MASTER_KEY", random_key()),
         ])
@@ -221,7 +222,9 @@ pub async fn run_on(
         brokers: broker_address.clone(),
         topic: topic.clone(),
         publish_timeout: Duration::from_secs(5),
-        key: None,
+        // Signed like the functions' publishes, so that the duplicated and reordered
+        // deliveries reach the consumers (an unsigned message is passed over).
+        key: Some(tally_kafka::StreamKey::parse(&stream_key)?),
     })
     .map_err(|e| e.to_string())?;
     let store = Arc::new(store);
