@@ -38,7 +38,7 @@ pub const KEPT_FOR: Duration = Duration::from_secs(300);
 pub const KEYS_KEPT: usize = 100_000;
 
 struct Kept {
-    wrapped: Arc<[u8]>,
+    wrapped: Vec<u8>,
     epoch: String,
     at: Instant,
 }
@@ -92,7 +92,7 @@ impl KeyStore for KeptKeys {
             let mut kept = self.kept();
             match kept.get(id) {
                 Some(k) if k.epoch == epoch && k.at.elapsed() < KEPT_FOR => {
-                    return Ok(Some(k.wrapped.to_vec()));
+                    return Ok(Some(k.wrapped.clone()));
                 }
                 Some(_) => {
                     kept.pop(id);
@@ -106,7 +106,7 @@ impl KeyStore for KeptKeys {
             self.kept().put(
                 id.to_owned(),
                 Kept {
-                    wrapped: Arc::from(w.as_slice()),
+                    wrapped: w.clone(),
                     epoch,
                     at,
                 },
@@ -290,7 +290,7 @@ mod tests {
         a.kept().put(
             "k-1".into(),
             Kept {
-                wrapped: Arc::from(wrapped.as_slice()),
+                wrapped,
                 epoch,
                 at: Instant::now(),
             },
