@@ -167,12 +167,18 @@ async fn flush(pool: &PgPool, outbox: bool, mut batch: Vec<Pending>) {
             .collect::<std::collections::HashSet<_>>()
     })
     .map_err(|e| error_chain(&e));
-    for pending in sent {
-        let outcome = inserted
+    for Pending {
+        stream,
+        revision,
+        outcome,
+        ..
+    } in sent
+    {
+        let inserted = inserted
             .as_ref()
-            .map(|rows| rows.contains(&(pending.stream.clone(), pending.revision)))
+            .map(|rows| rows.contains(&(stream, revision)))
             .map_err(Clone::clone);
-        let _ = pending.outcome.send(outcome);
+        let _ = outcome.send(inserted);
     }
     for pending in doubles {
         let outcome = inserted.as_ref().map(|_| false).map_err(Clone::clone);
