@@ -488,6 +488,12 @@ async fn the_memory_read_model_rebuilds_a_new_generation_beside_the_live_one() {
         .await;
 }
 
+#[tokio::test]
+async fn the_memory_read_model_runs_one_rebuild_at_a_time() {
+    let read_model = tally_embedded::MemoryReadModel::default();
+    tally_testkit::read_model::one_rebuild_runs_at_a_time(&read_model, &read_model).await;
+}
+
 /// Hole 1 of issue 13: on `make dev` a client that hung up between the append and the
 /// publish cancelled the handler, and the commit never reached the read model (nor the
 /// cache) until a restart. `delay-publish` holds the publish back long enough to hang

@@ -1090,6 +1090,100 @@ async fn postgres_rebuilds_a_new_generation_beside_the_live_one_and_switches_at_
     .await;
 }
 
+/// Two processes' read models on one database: one rebuild at a time between them.
+#[tokio::test]
+async fn postgres_runs_one_rebuild_at_a_time_across_processes() {
+    let url = fresh_database().await;
+    let one = tally_postgres::connect(&url, 4).await.unwrap();
+    tally_postgres::migrate(&one).await.unwrap();
+    let other = tally_postgres::connect(&url, 4).await.unwrap();
+    tally_testkit::read_model::one_rebuild_runs_at_a_time(
+        &tally_postgres::PgReadModel::new(one),
+        &tally_postgres::PgReadModel::new(other),
+    )
+    .await;
+}
+
+/// A rebuild whose session ended (its process killed, its connection terminated) holds
+/// nothing: the next rebuild begins and drops what it left; the one that lost its
+/// session cannot switch to a generation that is no longer its own.
+#[tokio::test]
+async fn postgres_a_rebuild_that_lost_its_session_gives_way_and_cannot_switch() {
+    use tally_app::{Applied, ReadModel, RebuildBegun};
+    let url = fresh_database().await;
+    let admin = tally_postgres::connect(&url, 2).await.unwrap();
+    tally_postgres::migrate(&admin).await.unwrap();
+    let dying = tally_postgres::PgReadModel::new(tally_postgres::connect(&url, 2).await.unwrap());
+    let next = tally_postgres::PgReadModel::new(tally_postgres::connect(&url, 2).await.unwrap());
+    let id = tally_domain::AccountId::parse("lost-session").unwrap();
+    let opened = tally_es::Commit::new(
+        id.stream_id().clone(),
+        Revision::new(1),
+        time::OffsetDateTime::now_utc(),
+        vec![tally_domain::AccountEvent::Opened {
+            id: id.clone(),
+            currency: tally_domain::Currency::USD,
+            owner: None,
+            holder: None,
+        }],
+        tally_es::CommitMetadata::default(),
+    );
+
+    assert_eq!(dying.begin_rebuild().await.unwrap(), RebuildBegun::Started);
+    assert_eq!(
+        dying
+            .apply_runs_rebuilding(&[std::slice::from_ref(&opened)])
+            .await
+            .unwrap(),
+        vec![Applied::Applied]
+    );
+    assert_eq!(
+        next.begin_rebuild().await.unwrap(),
+        RebuildBegun::AnotherRunning
+    );
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+         WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(terminated, 1, "the rebuild's session holds the lock");
+    // PostgreSQL releases the lock as the terminated backend exits.
+    let mut begun = RebuildBegun::AnotherRunning;
+    for _ in 0..50 {
+        begun = next.begin_rebuild().await.unwrap();
+        if begun == RebuildBegun::Started {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        begun,
+        RebuildBegun::Started,
+        "the lock went with the session"
+    );
+    let leftover: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts_next")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(leftover, 0, "the dead rebuild's generation was dropped");
+    assert!(
+        dying.finish_rebuild().await.is_err(),
+        "a rebuild without its session does not switch to another's generation"
+    );
+    dying.abandon_rebuild().await.unwrap_err();
+    // The live rebuild is untouched by the dead one's failed switch and abandon.
+    assert_eq!(
+        next.apply_runs_rebuilding(&[std::slice::from_ref(&opened)])
+            .await
+            .unwrap(),
+        vec![Applied::Applied]
+    );
+    next.finish_rebuild().await.unwrap();
+    assert_eq!(next.position(&id).await.unwrap(), Revision::new(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits_for_its_own() {
     use tally_es::Outbox;

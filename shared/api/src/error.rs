@@ -58,6 +58,9 @@ pub enum ApiError {
     InsufficientFunds(String),
     /// 409 `balance-not-zero`
     BalanceNotZero(String),
+    /// 409 `rebuild-running`: `POST /projector/rebuild` while another rebuild of the
+    /// read model runs (one at a time, across processes).
+    RebuildRunning,
     /// 422 `currency-mismatch`
     CurrencyMismatch(String),
     /// 422 `balance-limit`
@@ -108,6 +111,7 @@ pub const PROBLEM_KINDS: &[(&str, u16, &str)] = &[
     ("balance-not-zero", 409, "Balance not zero"),
     ("holder-forgotten", 409, "Holder forgotten"),
     ("no-holder-key", 409, "No key for free text"),
+    ("rebuild-running", 409, "Rebuild running"),
     ("revision-mismatch", 412, "Revision mismatch"),
     ("request-timeout", 408, "Request timeout"),
     ("payload-too-large", 413, "Payload too large"),
@@ -150,6 +154,7 @@ impl ApiError {
             Self::AccountClosed => "account-closed",
             Self::HolderForgotten => "holder-forgotten",
             Self::NoHolderKey => "no-holder-key",
+            Self::RebuildRunning => "rebuild-running",
             Self::InsufficientFunds(_) => "insufficient-funds",
             Self::BalanceNotZero(_) => "balance-not-zero",
             Self::CurrencyMismatch(_) => "currency-mismatch",
@@ -210,6 +215,9 @@ impl ApiError {
                 before keys were made): a transfer from it takes no reference"
                 .into(),
             Self::BalanceLimit => "the balance would exceed what an account can hold".into(),
+            Self::RebuildRunning => "another rebuild of the read model is running (one at a \
+                time): wait for it to end"
+                .into(),
             Self::IdempotencyKeyReused => {
                 "this Idempotency-Key was already used with a different request".into()
             }

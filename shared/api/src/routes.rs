@@ -163,11 +163,10 @@ async fn catch_up(State(state): State<AppState>, who: Who) -> Result<Json<Value>
 
 async fn rebuild(State(state): State<AppState>, who: Who) -> Result<Json<Value>, ApiError> {
     who.require(Scope::Ops)?;
-    let report = state
-        .projector
-        .rebuild()
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let report = state.projector.rebuild().await.map_err(|e| match e {
+        tally_app::ProjectionError::RebuildRunning => ApiError::RebuildRunning,
+        e => ApiError::Unavailable(e.to_string()),
+    })?;
     Ok(Json(json!({
         "streams": report.streams, "commits": report.commits, "events": report.events
     })))

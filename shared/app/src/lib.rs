@@ -34,7 +34,7 @@ pub use compaction::{compact_every_stream, CompactionReport, Compactor};
 pub use faults::{Fault, Faults};
 pub use ports::{
     AccountView, Applied, Cache, CachedBalance, FillToken, Lookup, ReadModel, ReadModelError,
-    TransactionKind, TransactionView,
+    RebuildBegun, TransactionKind, TransactionView,
 };
 pub use projection::{
     BatchReport, ProjectionError, Projector, RebuildReport, PROJECTION_BATCH, REBUILD_BATCH,

@@ -123,6 +123,16 @@ pub enum Applied {
 #[error("read model unavailable: {0}")]
 pub struct ReadModelError(pub String);
 
+/// What [`ReadModel::begin_rebuild`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildBegun {
+    /// This caller's rebuild has begun: it ends with `finish_rebuild` or
+    /// `abandon_rebuild`.
+    Started,
+    /// Another rebuild is running; nothing changed.
+    AnotherRunning,
+}
+
 /// A projection of account streams, updated commit by commit.
 ///
 /// `apply` is atomic and idempotent: it applies a commit if and only if the commit's
@@ -213,11 +223,15 @@ pub trait ReadModel: Send + Sync + 'static {
     async fn clear(&self) -> Result<(), ReadModelError>;
     /// Start a rebuild: a new, empty generation beside the live one. Readers, `apply`
     /// and the live projector keep using the live generation until
-    /// [`ReadModel::finish_rebuild`]; an earlier rebuild left unfinished is dropped. A
-    /// read model may set aside, in the new generation, checks that a rebuild's loads
-    /// cannot fail (every account is inserted before its movements) and restore them
-    /// when it finishes.
-    async fn begin_rebuild(&self) -> Result<(), ReadModelError>;
+    /// [`ReadModel::finish_rebuild`]. One rebuild at a time, across every process
+    /// sharing the read model: while one runs, another is refused
+    /// ([`RebuildBegun::AnotherRunning`], nothing changes) — two would fill one new
+    /// generation, and the second's start would drop what the first had replayed. A
+    /// rebuild whose process died is no longer running: its leftover generation is
+    /// dropped. A read model may set aside, in the new generation, checks that a
+    /// rebuild's loads cannot fail (every account is inserted before its movements) and
+    /// restore them when it finishes.
+    async fn begin_rebuild(&self) -> Result<RebuildBegun, ReadModelError>;
     /// [`ReadModel::apply_runs`], into the generation being rebuilt.
     async fn apply_runs_rebuilding(
         &self,
@@ -228,7 +242,9 @@ pub trait ReadModel: Send + Sync + 'static {
     /// rebuild) takes the newer rows from the live one, so no reader sees an account go
     /// back; then the old generation is dropped.
     async fn finish_rebuild(&self) -> Result<(), ReadModelError>;
-    /// Drop the generation being rebuilt (the replay failed); the live one is untouched.
+    /// Drop the generation being rebuilt (the replay failed, or the rebuild was
+    /// cancelled) and end the rebuild, so that another can begin; the live one is
+    /// untouched. Nothing to do when no rebuild of this caller's is running.
     async fn abandon_rebuild(&self) -> Result<(), ReadModelError>;
     /// Whether queries can be served now.
     async fn ready(&self) -> Result<(), ReadModelError>;

@@ -2,7 +2,7 @@
 
 use crate::compaction::Compactor;
 use crate::faults::{Fault, Faults};
-use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError};
+use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError, RebuildBegun};
 use futures::stream::{self, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,10 @@ pub enum ProjectionError {
     ReadModel(#[from] ReadModelError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// Another rebuild of this read model is running (in this process or another).
+    /// Handling rule: 409; wait for it to end, then ask again if still needed.
+    #[error("another rebuild of the read model is running")]
+    RebuildRunning,
     /// The read model is still behind a commit after catching up from the store (it
     /// kept moving underneath: emptied, or rows dropped). Handling rule: do not
     /// acknowledge the commit; retry.
@@ -421,19 +425,37 @@ impl Projector {
         &self,
         mut progress: impl FnMut(&RebuildReport),
     ) -> Result<RebuildReport, ProjectionError> {
-        self.read_model.begin_rebuild().await?;
-        let report = match self.replay_every_stream(&mut progress).await {
-            Ok(report) => report,
+        if self.read_model.begin_rebuild().await? == RebuildBegun::AnotherRunning {
+            return Err(ProjectionError::RebuildRunning);
+        }
+        // From here the rebuild ends in a finish or an abandon, also when this future
+        // is dropped halfway (a client that hung up on `POST /projector/rebuild`):
+        // otherwise it would hold the read model's one rebuild until the process ends.
+        let mut unfinished = Unfinished(Some(self.read_model.clone()));
+        let replayed = self.replay_every_stream(&mut progress).await;
+        let finished = match replayed {
+            Ok(report) => self
+                .read_model
+                .finish_rebuild()
+                .await
+                .map(|()| report)
+                .map_err(ProjectionError::from),
+            Err(e) => Err(e),
+        };
+        match finished {
+            Ok(report) => {
+                unfinished.0 = None;
+                self.cache.clear().await;
+                Ok(report)
+            }
             Err(e) => {
+                unfinished.0 = None;
                 if let Err(dropped) = self.read_model.abandon_rebuild().await {
                     tracing::warn!(error = %dropped, "the failed rebuild's generation was not dropped");
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-        self.read_model.finish_rebuild().await?;
-        self.cache.clear().await;
-        Ok(report)
+        }
     }
 
     /// The rebuild's replay: every stream of the store into the new generation.
@@ -548,6 +570,26 @@ impl Projector {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(stream = %id, error = %e, "cache write-through skipped"),
+        }
+    }
+}
+
+/// A rebuild begun and not yet finished or abandoned: dropped so (its future was
+/// cancelled), it abandons the rebuild on a task of its own.
+struct Unfinished(Option<Arc<dyn ReadModel>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(read_model) = self.0.take() else {
+            return;
+        };
+        tracing::warn!("a rebuild was stopped halfway; abandoning it");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = read_model.abandon_rebuild().await {
+                    tracing::warn!(error = %e, "the stopped rebuild's generation was not dropped");
+                }
+            });
         }
     }
 }

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use tally_app::{AccountView, Applied, ReadModel, ReadModelError, TransactionView};
+use tally_app::{AccountView, Applied, ReadModel, ReadModelError, RebuildBegun, TransactionView};
 use tally_domain::{AccountEvent, AccountId};
 use tally_es::{Commit, Revision};
 
@@ -68,9 +68,13 @@ impl ReadModel for MemoryReadModel {
         Ok(())
     }
 
-    async fn begin_rebuild(&self) -> Result<(), ReadModelError> {
-        *self.next.lock().map_err(poisoned)? = Some(Accounts::new());
-        Ok(())
+    async fn begin_rebuild(&self) -> Result<RebuildBegun, ReadModelError> {
+        let mut next = self.next.lock().map_err(poisoned)?;
+        if next.is_some() {
+            return Ok(RebuildBegun::AnotherRunning);
+        }
+        *next = Some(Accounts::new());
+        Ok(RebuildBegun::Started)
     }
 
     async fn apply_runs_rebuilding(

@@ -332,6 +332,125 @@ async fn a_rebuild_from_the_store_gives_identical_views() {
     }
 }
 
+/// A store whose reads wait while its gate is shut.
+struct Gated {
+    inner: DirEventStore,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl EventStore for Gated {
+    async fn append(&self, commit: &StoredCommit) -> Result<(), AppendError> {
+        self.inner.append(commit).await
+    }
+    async fn read(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|open| *open).await;
+        self.inner.read(stream, from).await
+    }
+    async fn streams(&self) -> Result<Vec<StreamId>, tally_es::StoreError> {
+        self.inner.streams().await
+    }
+    async fn ready(&self) -> Result<(), tally_es::StoreError> {
+        self.inner.ready().await
+    }
+}
+
+/// Three accounts in a store under `dir`, and a projector whose store reads wait for
+/// the gate (the sender opens it), over a read model of its own.
+async fn gated_projector(
+    dir: &std::path::Path,
+) -> (
+    Projector,
+    Arc<MemoryReadModel>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let store = DirEventStore::open(dir).unwrap();
+    for n in 0..3 {
+        let name = format!("gated-{n}");
+        store
+            .append(&commit(&name, 1, vec![opened(&name)]))
+            .await
+            .unwrap();
+        store
+            .append(&commit(&name, 2, vec![deposited(100 + n, 100 + n)]))
+            .await
+            .unwrap();
+    }
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let read_model = Arc::new(MemoryReadModel::default());
+    let projector = Projector::new(
+        Arc::new(Gated { inner: store, open }),
+        read_model.clone(),
+        Arc::new(MemoryCache::default()),
+    );
+    (projector, read_model, gate)
+}
+
+/// Two rebuilds asked at once (`POST /projector/rebuild` twice): the second is refused
+/// while the first replays — it used to start a new generation under the first, which
+/// then switched over without what it had replayed before — and the first ends whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_while_one_runs_is_refused_and_the_first_ends_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (projector, read_model, gate) = gated_projector(dir.path()).await;
+    let projector = Arc::new(projector);
+    let first = tokio::spawn({
+        let projector = projector.clone();
+        async move { projector.rebuild().await }
+    });
+    // The first has begun and waits on the store.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!first.is_finished());
+    let second = tokio::time::timeout(std::time::Duration::from_secs(2), projector.rebuild())
+        .await
+        .expect("refused at once, not begun beside the first");
+    assert!(matches!(
+        second,
+        Err(tally_app::ProjectionError::RebuildRunning)
+    ));
+    gate.send(true).unwrap();
+    let report = first.await.unwrap().unwrap();
+    assert_eq!((report.streams, report.commits), (3, 6));
+    for n in 0..3 {
+        let id = AccountId::parse(&format!("gated-{n}")).unwrap();
+        let view = read_model.account(&id).await.unwrap().expect("rebuilt");
+        assert_eq!((view.revision, view.balance), (Revision::new(2), 100 + n));
+    }
+    // It has ended: the next one runs.
+    projector.rebuild().await.unwrap();
+}
+
+/// A rebuild stopped halfway (the client of `POST /projector/rebuild` hung up, so its
+/// handler's future was dropped) is abandoned: it does not hold the read model's one
+/// rebuild until the process ends, and the live generation is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_stopped_halfway_is_abandoned_and_the_next_one_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (projector, read_model, gate) = gated_projector(dir.path()).await;
+    let stopped =
+        tokio::time::timeout(std::time::Duration::from_millis(100), projector.rebuild()).await;
+    assert!(stopped.is_err(), "the rebuild was still replaying");
+    gate.send(true).unwrap();
+    let id = AccountId::parse("gated-1").unwrap();
+    assert_eq!(read_model.position(&id).await.unwrap(), Revision::ZERO);
+    // The abandon runs on a task of its own.
+    let mut rebuilt = projector.rebuild().await;
+    for _ in 0..50 {
+        if !matches!(rebuilt, Err(tally_app::ProjectionError::RebuildRunning)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        rebuilt = projector.rebuild().await;
+    }
+    assert_eq!(rebuilt.unwrap().streams, 3);
+    assert_eq!(read_model.position(&id).await.unwrap(), Revision::new(2));
+}
+
 /// Four handlers over one store stand for four processes: their per-process locks do not
 /// see each other, so only the store's create-if-absent keeps them apart, and the losers
 /// of each race decide again.
@@ -1548,7 +1667,7 @@ impl ReadModel for Instrumented {
     async fn clear(&self) -> Result<(), tally_app::ReadModelError> {
         self.inner.clear().await
     }
-    async fn begin_rebuild(&self) -> Result<(), tally_app::ReadModelError> {
+    async fn begin_rebuild(&self) -> Result<tally_app::RebuildBegun, tally_app::ReadModelError> {
         self.inner.begin_rebuild().await
     }
     async fn apply_runs_rebuilding(

@@ -11,15 +11,16 @@
 //! deploy (the `migrate` function), not at every function's start-up.
 
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use sqlx::PgPool;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 use tally_app::commands::floor_to_the_microsecond;
 use tally_app::{
-    AccountView, Applied, ReadModel, ReadModelError, TransactionKind, TransactionView,
+    AccountView, Applied, ReadModel, ReadModelError, RebuildBegun, TransactionKind, TransactionView,
 };
 use tally_domain::{AccountEvent, AccountId, Currency, Owner, TransferId};
 use tally_es::{Commit, Revision};
@@ -75,11 +76,25 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 #[derive(Clone)]
 pub struct PgReadModel {
     pool: PgPool,
+    /// While this process rebuilds: the session holding the rebuild's advisory lock
+    /// (see [`REBUILD_LOCK`]), on which the rebuild's start, switch and abandon run.
+    rebuilding: std::sync::Arc<tokio::sync::Mutex<Option<PoolConnection<Postgres>>>>,
 }
+
+/// The session-level advisory lock one rebuild of a read model holds from its start to
+/// its switch or abandon: the schema's name under this key. PostgreSQL scopes advisory
+/// locks to the database and releases a session's when the session ends, so a rebuild
+/// whose process died (or whose connection was terminated) holds nothing, and the next
+/// one drops what it left.
+const REBUILD_LOCK: &str = "pg_try_advisory_lock(1952541817, hashtext(current_schema()))";
+const REBUILD_UNLOCK: &str = "SELECT pg_advisory_unlock(1952541817, hashtext(current_schema()))";
 
 impl PgReadModel {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            rebuilding: Default::default(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -112,14 +127,31 @@ impl PgReadModel {
 
     /// Run `statements` in order in one transaction: all of them take effect or none.
     async fn in_one_transaction(&self, statements: &[&str]) -> Result<(), ReadModelError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        for statement in statements {
-            sqlx::query(statement)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+        let mut connection = self.pool.acquire().await.map_err(unavailable)?;
+        in_one_transaction(&mut connection, statements).await
+    }
+}
+
+/// `statements` in one transaction on `connection`.
+async fn in_one_transaction(
+    connection: &mut PgConnection,
+    statements: &[&str],
+) -> Result<(), ReadModelError> {
+    let mut tx = connection.begin().await.map_err(unavailable)?;
+    for statement in statements {
+        sqlx::query(statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)
+}
+
+/// Close `connection` rather than return it to the pool: a session ends with every
+/// advisory lock it held (a pooled one would keep them).
+async fn close(connection: PoolConnection<Postgres>) {
+    if let Err(e) = connection.detach().close().await {
+        tracing::debug!(error = %e, "closing the rebuild's session");
     }
 }
 
@@ -488,13 +520,42 @@ impl ReadModel for PgReadModel {
     /// by row it took more than half of a rebuild's INSERT time (50 of the ≈ 90 ms for
     /// 7,368 rows), and a rebuild inserts every account before its movements.
     /// `finish_rebuild` adds it, validated in one pass.
-    async fn begin_rebuild(&self) -> Result<(), ReadModelError> {
-        self.in_one_transaction(&[
-            "DROP TABLE IF EXISTS transactions_next, accounts_next",
-            "CREATE TABLE accounts_next (LIKE accounts INCLUDING ALL)",
-            "CREATE TABLE transactions_next (LIKE transactions INCLUDING ALL)",
-        ])
-        .await
+    ///
+    /// One rebuild at a time: the rebuild's session holds an advisory lock until its
+    /// switch or abandon, and the new generation is made only once it has it (a
+    /// leftover of a rebuild whose process died is dropped first).
+    async fn begin_rebuild(&self) -> Result<RebuildBegun, ReadModelError> {
+        let mut rebuilding = self.rebuilding.lock().await;
+        if rebuilding.is_some() {
+            return Ok(RebuildBegun::AnotherRunning);
+        }
+        let mut session = self.pool.acquire().await.map_err(unavailable)?;
+        let locked: bool = sqlx::query_scalar(&format!("SELECT {REBUILD_LOCK}"))
+            .fetch_one(&mut *session)
+            .await
+            .map_err(unavailable)?;
+        if !locked {
+            return Ok(RebuildBegun::AnotherRunning);
+        }
+        let made = in_one_transaction(
+            &mut session,
+            &[
+                "DROP TABLE IF EXISTS transactions_next, accounts_next",
+                "CREATE TABLE accounts_next (LIKE accounts INCLUDING ALL)",
+                "CREATE TABLE transactions_next (LIKE transactions INCLUDING ALL)",
+            ],
+        )
+        .await;
+        match made {
+            Ok(()) => {
+                *rebuilding = Some(session);
+                Ok(RebuildBegun::Started)
+            }
+            Err(e) => {
+                close(session).await;
+                Err(e)
+            }
+        }
     }
 
     /// One transaction. The live tables are locked against writers (readers go on);
@@ -503,8 +564,16 @@ impl ReadModel for PgReadModel {
     /// is added and validated; then the live tables are dropped and the new ones take
     /// their names — readers wait only for that last step, and never see a partial or
     /// empty read model.
+    ///
+    /// On the rebuild's own session: if that session was lost, so was the lock, and
+    /// another rebuild may have taken the new generation over — this one fails
+    /// instead of switching to it.
     async fn finish_rebuild(&self) -> Result<(), ReadModelError> {
-        self.in_one_transaction(&[
+        let mut rebuilding = self.rebuilding.lock().await;
+        let session = rebuilding
+            .as_mut()
+            .ok_or_else(|| ReadModelError("no rebuild of this process is running".into()))?;
+        in_one_transaction(session, &[
             "SET LOCAL statement_timeout = 0",
             "LOCK TABLE accounts, transactions, accounts_next, transactions_next IN EXCLUSIVE MODE",
             // Movements past the rebuilt position of accounts both generations hold.
@@ -532,12 +601,30 @@ impl ReadModel for PgReadModel {
                 "ALTER TABLE transactions RENAME CONSTRAINT transactions_next_account_id_fkey TO {MOVEMENTS_FOREIGN_KEY}"
             ),
         ])
-        .await
+        .await?;
+        // Switched: the lock goes back, and the session to the pool.
+        let mut session = rebuilding.take().expect("checked above");
+        match sqlx::query(REBUILD_UNLOCK).execute(&mut *session).await {
+            Ok(_) => {}
+            Err(_) => close(session).await,
+        }
+        Ok(())
     }
 
+    /// Drops the new generation on the rebuild's own session, then ends that session
+    /// (and with it the lock), whether or not the drop went through: a generation left
+    /// behind is dropped by the next rebuild's start.
     async fn abandon_rebuild(&self) -> Result<(), ReadModelError> {
-        self.in_one_transaction(&["DROP TABLE IF EXISTS transactions_next, accounts_next"])
-            .await
+        let Some(mut session) = self.rebuilding.lock().await.take() else {
+            return Ok(());
+        };
+        let dropped = in_one_transaction(
+            &mut session,
+            &["DROP TABLE IF EXISTS transactions_next, accounts_next"],
+        )
+        .await;
+        close(session).await;
+        dropped
     }
 
     async fn account(&self, id: &AccountId) -> Result<Option<AccountView>, ReadModelError> {

@@ -3,7 +3,7 @@
 //! written once and checked against every read model: the in-memory one (api.rs)
 //! and PostgreSQL (real_backends.rs).
 
-use tally_app::{Applied, ReadModel, TransactionKind};
+use tally_app::{Applied, ReadModel, RebuildBegun, TransactionKind};
 use tally_domain::{AccountEvent, AccountId, Currency};
 use tally_es::{Commit, CommitMetadata, Revision};
 
@@ -196,7 +196,7 @@ pub async fn a_rebuild_fills_a_new_generation_beside_the_live_one_and_switches_a
     ];
     assert_eq!(rm.apply_all(&o[..2]).await.unwrap(), Applied::Applied);
 
-    rm.begin_rebuild().await.unwrap();
+    assert_eq!(rm.begin_rebuild().await.unwrap(), RebuildBegun::Started);
     // The rebuild replays what the store held when it read the stream.
     let replayed = rm.apply_runs_rebuilding(&[&o[..2]]).await.unwrap();
     assert_eq!(replayed, vec![Applied::Applied]);
@@ -231,8 +231,51 @@ pub async fn a_rebuild_fills_a_new_generation_beside_the_live_one_and_switches_a
     );
 
     // An abandoned rebuild leaves the live generation as it was.
-    rm.begin_rebuild().await.unwrap();
+    assert_eq!(rm.begin_rebuild().await.unwrap(), RebuildBegun::Started);
     rm.abandon_rebuild().await.unwrap();
     assert_eq!(rm.position(&old).await.unwrap(), Revision::new(4));
     assert_eq!(rm.position(&late).await.unwrap(), Revision::new(2));
+}
+
+/// One rebuild at a time: while one runs, another — through `rm` or `another`, a second
+/// handle on the same read model (another process's, where the read model is shared) —
+/// is refused and changes nothing: the running one's new generation keeps what it
+/// replayed and switches over whole. Once it has switched, or been abandoned, the next
+/// may begin.
+pub async fn one_rebuild_runs_at_a_time(rm: &dyn ReadModel, another: &dyn ReadModel) {
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let id = AccountId::parse(&format!("one-at-a-time-{tag}")).unwrap();
+    let c = [opened(&id), deposited(&id, 2, 500, 500)];
+
+    assert_eq!(rm.begin_rebuild().await.unwrap(), RebuildBegun::Started);
+    assert_eq!(
+        rm.apply_runs_rebuilding(&[&c[..]]).await.unwrap(),
+        vec![Applied::Applied]
+    );
+    for handle in [rm, another] {
+        assert_eq!(
+            handle.begin_rebuild().await.unwrap(),
+            RebuildBegun::AnotherRunning,
+            "a second rebuild is refused while one runs"
+        );
+    }
+    // The refused one dropped nothing: the first switches over with what it replayed
+    // (the live generation never held this account).
+    rm.finish_rebuild().await.unwrap();
+    let view = rm.account(&id).await.unwrap().expect("the rebuilt account");
+    assert_eq!((view.revision, view.balance), (Revision::new(2), 500));
+
+    // Switched: the next may begin, through either handle; abandoned, too.
+    assert_eq!(
+        another.begin_rebuild().await.unwrap(),
+        RebuildBegun::Started
+    );
+    assert_eq!(
+        rm.begin_rebuild().await.unwrap(),
+        RebuildBegun::AnotherRunning
+    );
+    another.abandon_rebuild().await.unwrap();
+    assert_eq!(rm.begin_rebuild().await.unwrap(), RebuildBegun::Started);
+    rm.abandon_rebuild().await.unwrap();
+    assert_eq!(rm.position(&id).await.unwrap(), Revision::new(2));
 }
