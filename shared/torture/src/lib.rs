@@ -260,6 +260,49 @@ where
     })
 }
 
+/// Evidence for a read model judged level with the store and then found apart from it
+/// by the final check (which reads the store again, with the same reading of the read
+/// model): how many commits the store held at each check, and whether a third reading of
+/// both still finds them apart. The violations stay; this says which side moved.
+async fn explain_late_differences(
+    ops: &[Op],
+    store: &dyn tally_es::EventStore,
+    base: &str,
+    accounts: &[String],
+    settled: &check::Verdict,
+    last: &mut check::Verdict,
+) -> Result<(), String> {
+    if !last
+        .violations
+        .iter()
+        .any(|v| v.invariant == "read-model-equals-store")
+    {
+        return Ok(());
+    }
+    let again = check::Observed::from_api(base, accounts).await?;
+    let third = check::check(ops, store, &again).await?;
+    for v in last
+        .violations
+        .iter_mut()
+        .filter(|v| v.invariant == "read-model-equals-store")
+    {
+        let account = v.detail.split(':').next().unwrap_or_default().to_owned();
+        let still = third
+            .violations
+            .iter()
+            .find(|t| t.invariant == v.invariant && t.detail.starts_with(&format!("{account}:")));
+        v.detail.push_str(&format!(
+            " [the read model was judged level with the store at {} commits; this check read \
+             {} commits; a third reading ({} commits) finds {}]",
+            settled.commits,
+            last.commits,
+            third.commits,
+            still.map_or("them level".to_owned(), |t| format!("`{}`", t.detail)),
+        ));
+    }
+    Ok(())
+}
+
 /// After the load: read the read model through the API and check the history against
 /// the store, again every second while the read model is still behind the store (the
 /// projection settling after the last fault), up to `within`. Returns the verdict and
@@ -287,7 +330,11 @@ pub async fn settle_and_check(
             // The accounts' past, once the read model has been judged (see
             // read_past), and the whole verdict again with it.
             observed.read_past(base).await?;
-            return Ok((check::check(ops, store, &observed).await?, settled));
+            let mut last = check::check(ops, store, &observed).await?;
+            if !behind {
+                explain_late_differences(ops, store, base, accounts, &verdict, &mut last).await?;
+            }
+            return Ok((last, settled));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
