@@ -31,7 +31,9 @@ use tally_domain::{
     Account, AccountCommand, AccountId, Amount, Caller, Currency, Reference, Transfer,
     TransferCommand, TransferError, TransferEvent, TransferFailure, TransferId, TransferStatus,
 };
-use tally_es::{Commit, Delivery, EventStore, Revision, StoreError, StoredCommit, Subscription};
+use tally_es::{
+    Aggregate, Commit, Delivery, EventStore, Revision, StoreError, StoredCommit, Subscription,
+};
 use time::OffsetDateTime;
 
 /// How many transfers one saga process drives at once from its stream (or a Lambda
@@ -42,6 +44,14 @@ pub const DRIVEN_AT_ONCE: usize = 32;
 /// How many ended transfers a saga process remembers, so that its sweeps skip them: a
 /// bound on its memory (about 100 bytes each), not on correctness.
 const REMEMBERED_ENDS: usize = 100_000;
+
+/// How many transfer streams a process keeps in memory, decoded (a few commits each),
+/// so that reading one again — a client polling `GET /transfers/{id}`, each pass of
+/// the saga — asks the store only for what came after.
+const REMEMBERED_TRANSFERS: usize = 4_096;
+
+/// A transfer stream's commits, as far as this process has read them.
+type KnownCommits = Arc<Vec<Commit<TransferEvent>>>;
 
 /// How long a request waits for the accounts' revisions before recording zero.
 const SEEN_WITHIN: Duration = Duration::from_secs(2);
@@ -69,7 +79,6 @@ pub struct TransferView {
 impl TransferView {
     /// The transfer folded from its stream's commits; `None` for an empty stream.
     pub fn fold(id: TransferId, commits: &[Commit<TransferEvent>]) -> Option<Self> {
-        use tally_es::Aggregate;
         let mut state = Transfer::default();
         let mut steps = Vec::new();
         let mut revision = Revision::ZERO;
@@ -168,6 +177,8 @@ pub struct Saga {
     /// Transfers known to have ended, the newest [`REMEMBERED_ENDS`]: a sweep does not
     /// read them again (one that dropped out is read once more, and found ended).
     ended: Arc<Mutex<lru::LruCache<TransferId, ()>>>,
+    /// Transfer streams read recently (see [`REMEMBERED_TRANSFERS`]).
+    known: Arc<Mutex<lru::LruCache<TransferId, KnownCommits>>>,
     faults: Faults,
 }
 
@@ -195,6 +206,9 @@ impl Saga {
             driving: Arc::default(),
             ended: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(REMEMBERED_ENDS).expect("non-zero"),
+            ))),
+            known: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED_TRANSFERS).expect("non-zero"),
             ))),
             faults: Faults::NONE,
         }
@@ -238,6 +252,10 @@ impl Saga {
             .transfers
             .execute(&id.stream_id(), command, &ctx)
             .await?;
+        if executed.commit.revision == Revision::new(1) {
+            // The stream's first commit, for good: what the read below goes on from.
+            self.remember(&id, Arc::new(vec![executed.commit.clone()]));
+        }
         let view = match self.get(&id).await? {
             Some(view) => view,
             // Just appended: the store has it. Answer with what was appended.
@@ -265,12 +283,44 @@ impl Saga {
 
     /// The transfer `id`, read from its stream.
     pub async fn get(&self, id: &TransferId) -> Result<Option<TransferView>, TransferRequestError> {
-        let stored = self.store.read(&id.stream_id(), Revision::new(1)).await?;
-        let commits = stored
-            .iter()
-            .map(Commit::<TransferEvent>::decode)
-            .collect::<Result<Vec<_>, _>>()?;
+        let commits = self.commits(id).await?;
         Ok(TransferView::fold(id.clone(), &commits))
+    }
+
+    /// Every commit of transfer `id`'s stream, read from the store now: what this
+    /// process read before (a transfer stream only grows) and what the store has after
+    /// it — on S3 one GET when nothing new came, where a whole read is a listing and a
+    /// GET per commit.
+    async fn commits(&self, id: &TransferId) -> Result<KnownCommits, TransferRequestError> {
+        let stream = id.stream_id();
+        let known = self.known.lock().expect("poisoned").get(id).cloned();
+        let after = known
+            .as_ref()
+            .and_then(|k| k.last())
+            .map_or(Revision::ZERO, Commit::last_revision);
+        let stored = self.store.read_after(&stream, after).await?;
+        if stored.is_empty() {
+            if let Some(known) = known {
+                return Ok(known);
+            }
+        }
+        let mut commits = known.map_or_else(Vec::new, |k| k.as_ref().clone());
+        for commit in &stored {
+            commits.push(Commit::<TransferEvent>::decode(commit)?);
+        }
+        let commits = Arc::new(commits);
+        if !commits.is_empty() {
+            self.remember(id, commits.clone());
+        }
+        Ok(commits)
+    }
+
+    /// Keep `commits` as what is known of transfer `id`, unless more is known already.
+    fn remember(&self, id: &TransferId, commits: KnownCommits) {
+        let mut known = self.known.lock().expect("poisoned");
+        if known.peek(id).is_none_or(|k| k.len() < commits.len()) {
+            known.put(id.clone(), commits);
+        }
     }
 
     /// Drive transfer `id` as far as it goes now: to its end, or until a step cannot be
@@ -295,11 +345,12 @@ impl Saga {
         // Each pass runs one step; a lost race only costs a pass. Bounded, in case a
         // store answers inconsistently: the sweep comes back.
         for _ in 0..32 {
-            let (state, revision) = self
-                .transfers
-                .load_from_store(&stream)
+            let commits = self
+                .commits(id)
                 .await
                 .map_err(|e| SagaError::Transfer(e.to_string()))?;
+            let state = Transfer::replay(commits.iter().flat_map(|c| c.events.iter()));
+            let revision = commits.last().map_or(Revision::ZERO, Commit::last_revision);
             let next = match state.status {
                 TransferStatus::NotRequested => return Ok(state.status),
                 s if s.is_final() => return Ok(s),

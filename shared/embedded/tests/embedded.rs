@@ -549,6 +549,9 @@ struct Counting {
     reads: std::sync::atomic::AtomicUsize,
     /// Appends that lost their race.
     conflicts: std::sync::atomic::AtomicUsize,
+    /// Reads of a transfer's stream from its start (a listing and a GET per commit on
+    /// S3).
+    whole_transfer_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Counting {
@@ -560,6 +563,7 @@ impl Counting {
             commits_read: Default::default(),
             reads: Default::default(),
             conflicts: Default::default(),
+            whole_transfer_reads: Default::default(),
         });
         (store, counting)
     }
@@ -581,6 +585,10 @@ impl EventStore for Counting {
         from: Revision,
     ) -> Result<Vec<StoredCommit>, tally_es::StoreError> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if from == Revision::new(1) && tally_domain::TransferId::of_stream(stream).is_some() {
+            self.whole_transfer_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let commits = self.inner.read(stream, from).await?;
         self.commits_read
             .fetch_add(commits.len(), std::sync::atomic::Ordering::SeqCst);
@@ -1790,6 +1798,116 @@ async fn a_holder_s_opening_is_read_from_the_store_once() {
         queries.holder(&missing, &Caller::Service).await,
         Err(tally_app::QueryError::NotFound) | Ok(None)
     ));
+}
+
+/// A transfer's stream is read whole once per process at most: the saga's passes and
+/// every `GET /transfers/{id}` after ask the store only for what came after what the
+/// process holds (on S3 a whole read is a listing and a GET per commit, and a client
+/// polling a transfer's status made one per poll).
+#[tokio::test]
+async fn a_transfer_polled_again_and_again_reads_only_what_came_after() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counting) = Counting::open(dir.path());
+    let stream_out = Arc::new(InProcessStream::new(1024));
+    let accounts = Arc::new(CommandHandler::<Account>::new(
+        counting.clone(),
+        stream_out.clone(),
+    ));
+    let transfers = Arc::new(CommandHandler::<tally_domain::Transfer>::new(
+        counting.clone(),
+        stream_out,
+    ));
+    let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
+    for name in ["payer", "payee"] {
+        open_account(&accounts, &AccountId::parse(name).unwrap()).await;
+    }
+    accounts
+        .execute(
+            AccountId::parse("payer").unwrap().stream_id(),
+            AccountCommand::Deposit {
+                amount: policy.parse("100").unwrap(),
+            },
+            &CommandContext::default(),
+        )
+        .await
+        .unwrap();
+    let read_model = Arc::new(MemoryReadModel::default());
+    let cache = Arc::new(MemoryCache::default());
+    let projector = Projector::new(counting.clone(), read_model.clone(), cache.clone());
+    let queries = tally_app::Queries::new(read_model, cache, projector, false);
+    let saga = tally_app::Saga::new(
+        accounts,
+        transfers,
+        counting.clone(),
+        queries,
+        Currency::USD,
+    );
+    counting.whole_transfer_reads.store(0, Ordering::SeqCst);
+
+    let (requested, _) = saga
+        .request(
+            "alice",
+            "pay-once",
+            tally_app::TransferRequest {
+                from: AccountId::parse("payer").unwrap(),
+                to: AccountId::parse("payee").unwrap(),
+                amount: policy.parse("40").unwrap(),
+                reference: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    // The request's command loaded the new stream (empty) to decide on it; its read
+    // of the transfer after went on from the commit it had just appended.
+    assert_eq!(counting.whole_transfer_reads.swap(0, Ordering::SeqCst), 1);
+    let status = saga.drive(&requested.id).await.unwrap();
+    assert_eq!(status, tally_domain::TransferStatus::Completed);
+    let mut last = Revision::ZERO;
+    for _ in 0..10 {
+        let view = saga
+            .get(&requested.id)
+            .await
+            .unwrap()
+            .expect("the transfer");
+        assert_eq!(view.state.status, tally_domain::TransferStatus::Completed);
+        last = view.revision;
+    }
+    assert!(
+        last > Revision::new(1),
+        "the steps are recorded in its stream"
+    );
+    assert_eq!(
+        counting.whole_transfer_reads.load(Ordering::SeqCst),
+        0,
+        "the saga's passes and ten reads each asked only for what came after"
+    );
+    // Another process (nothing in memory) reads it whole once, then only what is new.
+    let other = Counting::open(dir.path()).1;
+    let accounts = Arc::new(CommandHandler::<Account>::new(
+        other.clone(),
+        Arc::new(InProcessStream::new(16)),
+    ));
+    let transfers = Arc::new(CommandHandler::<tally_domain::Transfer>::new(
+        other.clone(),
+        Arc::new(InProcessStream::new(16)),
+    ));
+    let read_model = Arc::new(MemoryReadModel::default());
+    let cache = Arc::new(MemoryCache::default());
+    let projector = Projector::new(other.clone(), read_model.clone(), cache.clone());
+    let queries = tally_app::Queries::new(read_model, cache, projector, false);
+    let reader = tally_app::Saga::new(accounts, transfers, other.clone(), queries, Currency::USD);
+    for _ in 0..5 {
+        let view = reader
+            .get(&requested.id)
+            .await
+            .unwrap()
+            .expect("the transfer");
+        assert_eq!(view.state.status, tally_domain::TransferStatus::Completed);
+        assert_eq!(view.revision, last);
+    }
+    assert_eq!(other.whole_transfer_reads.load(Ordering::SeqCst), 1);
 }
 
 /// An outbox that, while the relay forgets an entry, lets a new command record the
