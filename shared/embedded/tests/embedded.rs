@@ -1809,15 +1809,7 @@ async fn a_transfer_polled_again_and_again_reads_only_what_came_after() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (_, counting) = Counting::open(dir.path());
-    let stream_out = Arc::new(InProcessStream::new(1024));
-    let accounts = Arc::new(CommandHandler::<Account>::new(
-        counting.clone(),
-        stream_out.clone(),
-    ));
-    let transfers = Arc::new(CommandHandler::<tally_domain::Transfer>::new(
-        counting.clone(),
-        stream_out,
-    ));
+    let (saga, accounts) = saga_on(&counting);
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     for name in ["payer", "payee"] {
         open_account(&accounts, &AccountId::parse(name).unwrap()).await;
@@ -1832,17 +1824,6 @@ async fn a_transfer_polled_again_and_again_reads_only_what_came_after() {
         )
         .await
         .unwrap();
-    let read_model = Arc::new(MemoryReadModel::default());
-    let cache = Arc::new(MemoryCache::default());
-    let projector = Projector::new(counting.clone(), read_model.clone(), cache.clone());
-    let queries = tally_app::Queries::new(read_model, cache, projector, false);
-    let saga = tally_app::Saga::new(
-        accounts,
-        transfers,
-        counting.clone(),
-        queries,
-        Currency::USD,
-    );
     counting.whole_transfer_reads.store(0, Ordering::SeqCst);
 
     let (requested, _) = saga
@@ -1885,19 +1866,7 @@ async fn a_transfer_polled_again_and_again_reads_only_what_came_after() {
     );
     // Another process (nothing in memory) reads it whole once, then only what is new.
     let other = Counting::open(dir.path()).1;
-    let accounts = Arc::new(CommandHandler::<Account>::new(
-        other.clone(),
-        Arc::new(InProcessStream::new(16)),
-    ));
-    let transfers = Arc::new(CommandHandler::<tally_domain::Transfer>::new(
-        other.clone(),
-        Arc::new(InProcessStream::new(16)),
-    ));
-    let read_model = Arc::new(MemoryReadModel::default());
-    let cache = Arc::new(MemoryCache::default());
-    let projector = Projector::new(other.clone(), read_model.clone(), cache.clone());
-    let queries = tally_app::Queries::new(read_model, cache, projector, false);
-    let reader = tally_app::Saga::new(accounts, transfers, other.clone(), queries, Currency::USD);
+    let (reader, _) = saga_on(&other);
     for _ in 0..5 {
         let view = reader
             .get(&requested.id)
@@ -1908,6 +1877,32 @@ async fn a_transfer_polled_again_and_again_reads_only_what_came_after() {
         assert_eq!(view.revision, last);
     }
     assert_eq!(other.whole_transfer_reads.load(Ordering::SeqCst), 1);
+}
+
+/// A saga over `store` (one process's: its handlers, queries and memory), and its
+/// account handler.
+fn saga_on(store: &Arc<Counting>) -> (tally_app::Saga, Arc<CommandHandler<Account>>) {
+    let stream_out = Arc::new(InProcessStream::new(1024));
+    let accounts = Arc::new(CommandHandler::<Account>::new(
+        store.clone(),
+        stream_out.clone(),
+    ));
+    let transfers = Arc::new(CommandHandler::<tally_domain::Transfer>::new(
+        store.clone(),
+        stream_out,
+    ));
+    let read_model = Arc::new(MemoryReadModel::default());
+    let cache = Arc::new(MemoryCache::default());
+    let projector = Projector::new(store.clone(), read_model.clone(), cache.clone());
+    let queries = tally_app::Queries::new(read_model, cache, projector, false);
+    let saga = tally_app::Saga::new(
+        accounts.clone(),
+        transfers,
+        store.clone(),
+        queries,
+        Currency::USD,
+    );
+    (saga, accounts)
 }
 
 /// An outbox that, while the relay forgets an entry, lets a new command record the
