@@ -131,6 +131,7 @@ print_env() {
 export TALLY_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 export TALLY_TEST_REDIS_URL=redis://127.0.0.1:6379
 export TALLY_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export TALLY_TEST_S3_LOG=$RUN/moto.log
 export TALLY_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export TALLY_TANSU_BIN=$(tansu_bin)
 export TALLY_REDIS_SERVER_BIN=$(command -v redis-server)

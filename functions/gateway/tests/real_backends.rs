@@ -172,6 +172,46 @@ fn probe_commit(stream: &StreamId, revision: u64) -> tally_es::StoredCommit {
     .unwrap()
 }
 
+/// A stream read from its start with no segments — the command load of every open and
+/// of every transfer's request (a new stream), a transfer's first read in a process —
+/// GETs its segment head and probes its keys on S3, and lists nothing: a listing costs moto several GETs
+/// (the more the more keys the bucket holds), and AWS a dozen. Counted in moto's
+/// request log (`make test`'s moto writes one; `TALLY_TEST_S3_LOG`).
+#[tokio::test]
+async fn a_stream_read_from_its_start_without_segments_is_probed_not_listed() {
+    let bucket = unique("probed");
+    let store = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket);
+    store.ensure_bucket().await.unwrap();
+    let new = stream("never-written");
+    let short = stream("two-commits");
+    for revision in [1, 2] {
+        use tally_es::EventStore;
+        store.append(&probe_commit(&short, revision)).await.unwrap();
+    }
+    let listings = || async {
+        // moto logs a request once it has answered it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let log = std::fs::read_to_string(required_env("TALLY_TEST_S3_LOG")).unwrap();
+        log.lines()
+            .filter(|l| l.contains(&format!("/{bucket}/?list-type=2")))
+            .count()
+    };
+    use tally_es::EventStore;
+    assert!(store
+        .read_after(&new, Revision::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.read_after(&short, Revision::ZERO).await.unwrap(),
+        vec![probe_commit(&short, 1), probe_commit(&short, 2)]
+    );
+    assert_eq!(listings().await, 0, "read from the start by GETs alone");
+    // What it saves: `read` lists (and the count above would see it).
+    assert_eq!(store.read(&short, Revision::new(1)).await.unwrap().len(), 2);
+    assert_eq!(listings().await, 1);
+}
+
 /// Segments are a copy the store checks before it trusts: a sealed segment that is gone,
 /// one whose bytes are not what the head's digest says, or a head that does not parse,
 /// is read around — the commits answer, and nothing reads differently. The next

@@ -609,7 +609,14 @@ where
             .snapshot(stream)
             .await
             .unwrap_or_else(|| (A::default(), Revision::ZERO, Vec::new()));
-        let mut stored = self.store.read(stream, revision.next()).await?;
+        // Without a snapshot, from the start with `read_after`: the same commits, and on
+        // S3 a new stream (every open, every transfer's request) costs one GET of its
+        // first key where `read` lists its keys.
+        let mut stored = if revision == Revision::ZERO {
+            self.store.read_after(stream, revision).await?
+        } else {
+            self.store.read(stream, revision.next()).await?
+        };
         if stored
             .first()
             .is_some_and(|c| c.revision != revision.next())

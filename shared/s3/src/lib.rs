@@ -536,6 +536,17 @@ impl S3EventStore {
                 .read_commits_from(stream, Revision::new(1), false)
                 .await;
         }
+        self.read_commits_after_probing(stream, after).await
+    }
+
+    /// [`S3EventStore::read_commits_after`] probing the first keys by GET also from
+    /// the start of the stream (where a gap at revision 1 then reads as an empty
+    /// stream, as `read_after` may answer it).
+    async fn read_commits_after_probing(
+        &self,
+        stream: &StreamId,
+        after: Revision,
+    ) -> Result<Vec<StoredCommit>, StoreError> {
         let (mut commits, more) = self.probe_after(stream, after).await?;
         if let Some(next) = more {
             commits.extend(self.read_commits_from(stream, next, true).await?);
@@ -693,14 +704,27 @@ impl EventStore for S3EventStore {
 
     /// The next keys are probed with a GET (see [`S3EventStore::probe_after`]); past a
     /// few new commits, the rest is read from the segments if they hold it, else
-    /// listed and fetched concurrently.
+    /// listed and fetched concurrently. From the start of a stream: from its segments
+    /// as `read` does when it has them; a stream without (a new one, a transfer's) is
+    /// probed by key like a warm one — a GET per commit and one 404, where `read` lists
+    /// its keys (a listing costs moto several GETs, the more the more keys the bucket
+    /// holds, and AWS a dozen).
     async fn read_after(
         &self,
         stream: &StreamId,
         after: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError> {
         if after == Revision::ZERO {
-            return self.read(stream, Revision::new(1)).await;
+            if let Some((mut commits, covered)) =
+                self.read_segments(stream, Revision::new(1)).await?
+            {
+                commits.extend(self.read_commits_after(stream, covered).await?);
+                if let Some(first) = commits.first() {
+                    check_contiguous(stream, first.revision, &commits)?;
+                }
+                return Ok(commits);
+            }
+            return self.read_commits_after_probing(stream, after).await;
         }
         let (mut commits, more) = self.probe_after(stream, after).await?;
         if let Some(next) = more {
