@@ -610,8 +610,8 @@ where
             .await
             .unwrap_or_else(|| (A::default(), Revision::ZERO, Vec::new()));
         // Without a snapshot, from the start with `read_after`: the same commits, and on
-        // S3 a new stream (every open, every transfer's request) costs one GET of its
-        // first key where `read` lists its keys.
+        // S3 a new stream (every open, every transfer's request) costs a GET of its first
+        // key where `read` lists its keys.
         let mut stored = if revision == Revision::ZERO {
             self.store.read_after(stream, revision).await?
         } else {

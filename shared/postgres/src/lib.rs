@@ -86,7 +86,7 @@ pub struct PgReadModel {
 /// locks to the database and releases a session's when the session ends, so a rebuild
 /// whose process died (or whose connection was terminated) holds nothing, and the next
 /// one drops what it left.
-const REBUILD_LOCK: &str = "pg_try_advisory_lock(1952541817, hashtext(current_schema()))";
+const REBUILD_LOCK: &str = "SELECT pg_try_advisory_lock(1952541817, hashtext(current_schema()))";
 const REBUILD_UNLOCK: &str = "SELECT pg_advisory_unlock(1952541817, hashtext(current_schema()))";
 
 impl PgReadModel {
@@ -530,7 +530,7 @@ impl ReadModel for PgReadModel {
             return Ok(RebuildBegun::AnotherRunning);
         }
         let mut session = self.pool.acquire().await.map_err(unavailable)?;
-        let locked: bool = sqlx::query_scalar(&format!("SELECT {REBUILD_LOCK}"))
+        let locked: bool = sqlx::query_scalar(REBUILD_LOCK)
             .fetch_one(&mut *session)
             .await
             .map_err(unavailable)?;

@@ -514,14 +514,28 @@ impl S3EventStore {
         from: Revision,
         at_boundary: bool,
     ) -> Result<Vec<StoredCommit>, StoreError> {
+        match self.read_through_segments(stream, from).await? {
+            Some(commits) => Ok(commits),
+            None => self.read_commits_from(stream, from, at_boundary).await,
+        }
+    }
+
+    /// The commits of `stream` whose last event is at or after `from`, from its
+    /// segments and the commits after them; `None` when it has no segments that reach
+    /// `from` (the caller reads the commits alone).
+    async fn read_through_segments(
+        &self,
+        stream: &StreamId,
+        from: Revision,
+    ) -> Result<Option<Vec<StoredCommit>>, StoreError> {
         let Some((mut commits, covered)) = self.read_segments(stream, from).await? else {
-            return self.read_commits_from(stream, from, at_boundary).await;
+            return Ok(None);
         };
         commits.extend(self.read_commits_after(stream, covered).await?);
         if let Some(first) = commits.first() {
             check_contiguous(stream, first.revision, &commits)?;
         }
-        Ok(commits)
+        Ok(Some(commits))
     }
 
     /// The commits after `after` (a commit boundary), from the commit objects alone:
@@ -715,16 +729,10 @@ impl EventStore for S3EventStore {
         after: Revision,
     ) -> Result<Vec<StoredCommit>, StoreError> {
         if after == Revision::ZERO {
-            if let Some((mut commits, covered)) =
-                self.read_segments(stream, Revision::new(1)).await?
-            {
-                commits.extend(self.read_commits_after(stream, covered).await?);
-                if let Some(first) = commits.first() {
-                    check_contiguous(stream, first.revision, &commits)?;
-                }
-                return Ok(commits);
-            }
-            return self.read_commits_after_probing(stream, after).await;
+            return match self.read_through_segments(stream, Revision::new(1)).await? {
+                Some(commits) => Ok(commits),
+                None => self.read_commits_after_probing(stream, after).await,
+            };
         }
         let (mut commits, more) = self.probe_after(stream, after).await?;
         if let Some(next) = more {
