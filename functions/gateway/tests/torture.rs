@@ -230,3 +230,166 @@ async fn the_checker_catches_a_transfer_credit_never_made() {
         report.markdown()
     );
 }
+
+/// A store that lands a client's deposit the moment the checker asks it for its streams
+/// the `nth` time: a command whose client hung up (or a transfer the saga's sweep drives
+/// on) arriving between two readings of the settling checker.
+struct LandsLate {
+    inner: std::sync::Arc<dyn tally_es::EventStore>,
+    api: tally_testkit::cases::Api,
+    calls: std::sync::atomic::AtomicUsize,
+    nth: usize,
+}
+
+#[async_trait::async_trait]
+impl tally_es::EventStore for LandsLate {
+    async fn append(&self, commit: &tally_es::StoredCommit) -> Result<(), tally_es::AppendError> {
+        self.inner.append(commit).await
+    }
+
+    async fn read(
+        &self,
+        stream: &tally_es::StreamId,
+        from: tally_es::Revision,
+    ) -> Result<Vec<tally_es::StoredCommit>, tally_es::StoreError> {
+        self.inner.read(stream, from).await
+    }
+
+    async fn read_after(
+        &self,
+        stream: &tally_es::StreamId,
+        after: tally_es::Revision,
+    ) -> Result<Vec<tally_es::StoredCommit>, tally_es::StoreError> {
+        self.inner.read_after(stream, after).await
+    }
+
+    async fn streams(&self) -> Result<Vec<tally_es::StreamId>, tally_es::StoreError> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if call == self.nth {
+            let (status, body, _) = self
+                .api
+                .send(
+                    "POST",
+                    "/accounts/late/deposit",
+                    Some(r#"{"amount": "5.00"}"#),
+                    &[("idempotency-key", "late-deposit")],
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        self.inner.streams().await
+    }
+
+    async fn ready(&self) -> Result<(), tally_es::StoreError> {
+        self.inner.ready().await
+    }
+}
+
+fn op(
+    kind: tally_torture::client::Kind,
+    key: &str,
+    amount: Option<i64>,
+    outcome: tally_torture::client::Outcome,
+    revision: Option<u64>,
+) -> tally_torture::client::Op {
+    tally_torture::client::Op {
+        client: 0,
+        kind,
+        account: "late".into(),
+        to: None,
+        transfer: None,
+        amount,
+        key: Some(key.into()),
+        if_match: None,
+        min_revision: None,
+        floor: 0,
+        started_ms: 0,
+        ended_ms: 0,
+        outcome,
+        status: None,
+        problem: None,
+        retry_after: None,
+        revision,
+        balance: None,
+        hung_up: false,
+        retry: false,
+        error: None,
+    }
+}
+
+/// The settling checker judges the read model level with the store, and the store then
+/// moves before the final reading (a deposit whose client hung up lands): the read model
+/// was judged against a store that is gone, so the checker settles again rather than
+/// report the projection behind — the late difference of the CI run on 23267c8 (three
+/// accounts a transfer's steps moved after the read model was judged level).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settling_checker_judges_again_a_store_that_moved_after_it_judged() {
+    use tally_torture::client::{Kind, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let host = tally_host::Host::build(
+        &tally_host::Config::with_data_dir(dir.path()),
+        tally_host::Role::Gateway,
+    )
+    .await
+    .unwrap();
+    host.start_projection().await.unwrap();
+    let app = tally_host::gateway_app(&host);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let api = tally_testkit::cases::Api::new(base.clone());
+    let (status, body, _) = api
+        .send(
+            "POST",
+            "/accounts",
+            Some(r#"{"id": "late", "holder": {"name": "Holder late", "email": "late@torture-holder.example"}}"#),
+            &[("idempotency-key", "late-open")],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let ops = [
+        op(Kind::Open, "late-open", None, Outcome::Ok, Some(1)),
+        // Sent, never answered: the checker allows it in the store or not.
+        op(
+            Kind::Deposit,
+            "late-deposit",
+            Some(500),
+            Outcome::Info,
+            None,
+        ),
+    ];
+    // The read model judged level at the first check (streams asked once); the deposit
+    // lands as the final check asks (the second time).
+    let store = LandsLate {
+        inner: host.store.clone(),
+        api,
+        calls: Default::default(),
+        nth: 2,
+    };
+    let (verdict, _) = tally_torture::settle_and_check(
+        &ops,
+        &store,
+        &base,
+        &["late".to_owned()],
+        std::time::Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert!(
+        verdict.violations.is_empty(),
+        "a store that moved after the judging is judged again, not reported: {:?}",
+        verdict.violations
+    );
+    assert_eq!(
+        verdict.heads.get("late"),
+        Some(&2),
+        "the final verdict holds the late deposit: {:?}",
+        verdict.heads
+    );
+    assert_eq!(
+        verdict.moved_after_judged,
+        ["late: 1 → 2"],
+        "the report says the store moved after the judging"
+    );
+    server.abort();
+}

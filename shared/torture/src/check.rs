@@ -68,6 +68,13 @@ pub struct Verdict {
     pub transfers: usize,
     /// Sum of all balances in the store (minor units).
     pub total_balance: i64,
+    /// Every stream's last revision as this check read it (accounts' and transfers'):
+    /// two checks with the same heads read the same store.
+    #[serde(skip)]
+    pub heads: BTreeMap<String, u64>,
+    /// The streams the store moved on between a reading that judged the read model
+    /// level and the final reading (see `settle_and_check`), as `stream: from → to`.
+    pub moved_after_judged: Vec<String>,
 }
 
 impl Verdict {
@@ -322,6 +329,9 @@ pub async fn check(
             }
         };
         let mut f = Folded::default();
+        if let Some(last) = commits.last() {
+            v.heads.insert(name.clone(), last.last_revision().get());
+        }
         for stored in &commits {
             v.commits += 1;
             if stored.revision.get() != f.revision + 1 {
@@ -561,6 +571,10 @@ async fn check_transfers(
                 state.apply(event);
                 ends += usize::from(state.status.is_final());
             }
+        }
+        if let Some(last) = stored.last() {
+            v.heads
+                .insert(stream.as_str().to_owned(), last.last_revision().get());
         }
         if stored.is_empty() {
             // Listed, but no commit: a request cut off between its outbox record and

@@ -303,10 +303,36 @@ async fn explain_late_differences(
     Ok(())
 }
 
+/// The streams whose head differs between two readings, as `stream: from → to`.
+fn moved_streams(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> Vec<String> {
+    let mut streams: Vec<&String> = before.keys().chain(after.keys()).collect();
+    streams.sort();
+    streams.dedup();
+    streams
+        .into_iter()
+        .filter(|s| before.get(*s) != after.get(*s))
+        .map(|s| {
+            let at = |heads: &std::collections::BTreeMap<String, u64>| {
+                heads.get(s).copied().unwrap_or(0)
+            };
+            format!("{s}: {} → {}", at(before), at(after))
+        })
+        .collect()
+}
+
 /// After the load: read the read model through the API and check the history against
 /// the store, again every second while the read model is still behind the store (the
-/// projection settling after the last fault), up to `within`. Returns the verdict and
-/// how long the read model took to settle.
+/// projection settling after the last fault), up to `within`. A read model judged level
+/// is checked once more with its past (the final verdict), and that reading of the store
+/// must find it as the judging one did (the same head of every stream): a store that
+/// moved in between (the saga's sweep driving on a transfer left pending by a fault, a
+/// command whose client hung up landing now) leaves the read model judged against a
+/// store that is gone, and a transfer driven while the check read the store is seen
+/// half (its accounts read before its steps, its stream after), so the settling goes on.
+/// Returns the verdict and how long the read model took to settle.
 pub async fn settle_and_check(
     ops: &[Op],
     store: &dyn tally_es::EventStore,
@@ -315,6 +341,7 @@ pub async fn settle_and_check(
     within: Duration,
 ) -> Result<(check::Verdict, f64), String> {
     let started = Instant::now();
+    let mut moved = Vec::new();
     loop {
         let mut observed = check::Observed::from_api(base, accounts).await?;
         let verdict = check::check(ops, store, &observed).await?;
@@ -325,17 +352,25 @@ pub async fn settle_and_check(
                 "read-model-equals-store" | "every-transfer-ended"
             )
         });
-        if !behind || started.elapsed() >= within {
-            let settled = started.elapsed().as_secs_f64();
-            // The accounts' past, once the read model has been judged (see
-            // read_past), and the whole verdict again with it.
-            observed.read_past(base).await?;
-            let mut last = check::check(ops, store, &observed).await?;
-            if !behind {
-                explain_late_differences(ops, store, base, accounts, &verdict, &mut last).await?;
-            }
-            return Ok((last, settled));
+        let out_of_time = started.elapsed() >= within;
+        if behind && !out_of_time {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let settled = started.elapsed().as_secs_f64();
+        // The accounts' past, once the read model has been judged (see read_past), and
+        // the whole verdict again with it.
+        observed.read_past(base).await?;
+        let mut last = check::check(ops, store, &observed).await?;
+        if !behind {
+            if last.heads != verdict.heads && !out_of_time {
+                moved.extend(moved_streams(&verdict.heads, &last.heads));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            explain_late_differences(ops, store, base, accounts, &verdict, &mut last).await?;
+        }
+        last.moved_after_judged = moved;
+        return Ok((last, settled));
     }
 }

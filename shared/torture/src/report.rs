@@ -29,6 +29,10 @@ pub struct Report {
     pub violations: BTreeMap<&'static str, usize>,
     /// Up to five examples per violated invariant.
     pub examples: BTreeMap<&'static str, Vec<String>>,
+    /// Streams the store moved on after a reading judged the read model level with it
+    /// (a late command, a transfer driven by the saga's sweep): the checker settled
+    /// again. Not a violation; here so that a store read short once would show.
+    pub moved_after_judged: Vec<String>,
     pub checked: Checked,
     /// Second by second: operations ended by outcome, and their latency.
     pub seconds: Vec<Second>,
@@ -146,6 +150,7 @@ impl Report {
             faults: load.faults.clone(),
             violations: verdict.by_invariant(),
             examples,
+            moved_after_judged: verdict.moved_after_judged.clone(),
             checked: Checked {
                 streams: verdict.streams,
                 commits: verdict.commits,
@@ -228,6 +233,13 @@ impl Report {
             c.total_balance_minor / 100,
             c.total_balance_minor % 100
         );
+        if !self.moved_after_judged.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nThe store moved on after a reading judged the read model level with it, so the checker settled again: {}.",
+                self.moved_after_judged.join("; ")
+            );
+        }
         if !self.examples.is_empty() {
             let _ = writeln!(md, "\n## Violations (up to {EXAMPLES} examples each)\n");
             for (invariant, list) in &self.examples {
