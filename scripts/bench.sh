@@ -114,6 +114,22 @@ wait_segments() {
   echo "bench: streams still outside segments after 2 min (${behind:-no figure}); the rebuild reads their commits" >&2
 }
 
+# Until the projector at $1 has packed what the topic holds (tally_packs_behind 0 in its
+# /metrics: it packs once the topic has been still for a few seconds), at most 2 minutes.
+wait_packs() {
+  local start behind
+  start=$(date +%s)
+  for _ in $(seq 1 1200); do
+    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_packs_behind" {print $2}')
+    if [ "${behind:-}" = 0 ]; then
+      echo "bench: the topic packed $(( $(date +%s) - start )) s after the segments" >&2
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench: no pack of the topic's end after 2 min (${behind:-no figure}); the rebuild reads every stream" >&2
+}
+
 # An all-in-one gateway on $DEV_PORT with the environment given, measured as target
 # NAME, then stopped.
 load_gateway() {
@@ -192,6 +208,8 @@ load_stack() (
   # On S3 the projector copies each stream into segments as it settles; the rebuild
   # reads those (the projector is the eleventh function of scripts/stack.sh: port 8111).
   [ "$store" = s3 ] && wait_segments http://127.0.0.1:8111
+  # Then packs of every stream, with the topic's offsets; the rebuild reads those.
+  [ "$store" = s3 ] && wait_packs http://127.0.0.1:8111
   stop_all
   rebuild "$name"
 )

@@ -168,6 +168,8 @@ pub fn summary(report: &RebuildReport, elapsed: Duration) -> serde_json::Value {
         "streams": report.streams,
         "commits": report.commits,
         "events": report.events,
+        "packed_streams": report.packed,
+        "after_pack_streams": report.after_pack,
         "seconds": elapsed.as_secs_f64(),
         "events_per_second": rate(report.events, elapsed),
     })

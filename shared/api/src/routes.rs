@@ -168,6 +168,7 @@ async fn rebuild(State(state): State<AppState>, who: Who) -> Result<Json<Value>,
         e => ApiError::Unavailable(e.to_string()),
     })?;
     Ok(Json(json!({
-        "streams": report.streams, "commits": report.commits, "events": report.events
+        "streams": report.streams, "commits": report.commits, "events": report.events,
+        "packed": report.packed, "after_pack": report.after_pack
     })))
 }

@@ -23,6 +23,7 @@ pub mod compaction;
 pub mod faults;
 pub mod history;
 mod locks;
+pub mod packing;
 pub mod ports;
 pub mod projection;
 pub mod queries;

@@ -2,6 +2,7 @@
 
 use crate::compaction::Compactor;
 use crate::faults::{Fault, Faults};
+use crate::packing::StreamRead;
 use crate::ports::{Applied, Cache, CachedBalance, ReadModel, ReadModelError, RebuildBegun};
 use futures::stream::{self, StreamExt};
 use std::collections::HashMap;
@@ -66,6 +67,11 @@ pub struct RebuildReport {
     pub events: usize,
     /// Streams that could not be caught up (see the log).
     pub failed: usize,
+    /// Streams a rebuild read from a pack alone, with no request of their own (see
+    /// [`crate::packing`]).
+    pub packed: usize,
+    /// Streams a rebuild read from a pack and then, from the store, what came after it.
+    pub after_pack: usize,
 }
 
 /// What [`Projector::handle_batch`] did, in commits.
@@ -104,6 +110,8 @@ pub struct Projector {
     recent: Option<Arc<dyn RecentCommits>>,
     /// Told of every commit handled, to copy streams into segments as they grow.
     compactor: Option<Arc<Compactor>>,
+    /// Packs of many streams, which a rebuild reads instead of every stream.
+    packer: Option<Arc<crate::packing::Packer>>,
     faults: Faults,
     /// Deliveries handled, for `drop-projection`.
     handled: Arc<AtomicU64>,
@@ -122,6 +130,7 @@ impl Projector {
             cache,
             recent: None,
             compactor: None,
+            packer: None,
             faults: Faults::NONE,
             handled: Arc::default(),
         }
@@ -143,6 +152,17 @@ impl Projector {
     /// The compactor it tells of each commit, if any.
     pub fn compactor(&self) -> Option<&Arc<Compactor>> {
         self.compactor.as_ref()
+    }
+
+    /// Rebuild through `packer`'s packs (see [`crate::packing`]).
+    pub fn with_packer(mut self, packer: Arc<crate::packing::Packer>) -> Self {
+        self.packer = Some(packer);
+        self
+    }
+
+    /// The packer a rebuild reads through, if any.
+    pub fn packer(&self) -> Option<&Arc<crate::packing::Packer>> {
+        self.packer.as_ref()
     }
 
     /// Inject `faults` (tests only; see [`crate::faults`]).
@@ -464,9 +484,29 @@ impl Projector {
         progress: &mut impl FnMut(&RebuildReport),
     ) -> Result<RebuildReport, ProjectionError> {
         let mut report = RebuildReport::default();
-        let streams = self.account_streams().await?;
-        let mut batches = stream::iter(streams)
-            .map(|id| self.read_all(id.stream_id().clone()))
+        // Through the newest pack, when there is one to use; else every stream whole.
+        let planned = match &self.packer {
+            Some(packer) => packer.plan().await,
+            None => None,
+        };
+        let reads = match planned {
+            Some(reads) => reads,
+            None => self
+                .account_streams()
+                .await?
+                .into_iter()
+                .map(|id| StreamRead::Whole(id.stream_id().clone()))
+                .collect(),
+        };
+        for read in &reads {
+            match read {
+                StreamRead::Packed(_) => report.packed += 1,
+                StreamRead::PackedThenAfter(_) => report.after_pack += 1,
+                StreamRead::Whole(_) => {}
+            }
+        }
+        let mut batches = stream::iter(reads)
+            .map(|read| self.read_all(read))
             .buffer_unordered(REBUILD_CONCURRENCY)
             .chunks(REBUILD_BATCH)
             .map(|read| self.replay(read))
@@ -481,12 +521,15 @@ impl Projector {
         Ok(report)
     }
 
-    /// Every commit of `stream`, decoded.
+    /// Every commit of a stream, read as `read` says, decoded.
     async fn read_all(
         &self,
-        stream: StreamId,
+        read: StreamRead,
     ) -> Result<Vec<Commit<AccountEvent>>, ProjectionError> {
-        let stored = self.store.read(&stream, Revision::new(1)).await?;
+        let stored = match (&self.packer, read) {
+            (Some(packer), read) => packer.read(read).await?,
+            (None, read) => self.store.read(read.stream(), Revision::new(1)).await?,
+        };
         Ok(decode_all(&stored)?)
     }
 
@@ -502,7 +545,7 @@ impl Projector {
             streams: runs.len(),
             commits: runs.iter().map(Vec::len).sum(),
             events: runs.iter().flatten().map(|c| c.events.len()).sum(),
-            failed: 0,
+            ..RebuildReport::default()
         })
     }
 

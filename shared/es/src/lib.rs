@@ -14,6 +14,9 @@
 //!   [`Subscription`]), implemented by adapter crates;
 //! * [`segments`] — history in segments (the [`Compact`] port): the layout and its
 //!   checks, shared by the stores that keep one;
+//! * [`packs`] — many streams' history in one object, with the commit topic's marks up
+//!   to which it is whole (the [`packs::Packs`] and [`packs::TopicMarks`] ports): what a
+//!   rebuild reads instead of every stream;
 //! * [`testing`] — a given/when/then harness for any aggregate.
 
 mod aggregate;
@@ -22,6 +25,7 @@ mod commit;
 pub mod conformance;
 mod event;
 mod ids;
+pub mod packs;
 mod sealed;
 pub mod segments;
 mod snapshot;

@@ -88,8 +88,15 @@ impl SegmentHead {
         if &head.stream != stream {
             return Err(format!("it is the head of stream `{}`", head.stream));
         }
+        head.check()?;
+        Ok(head)
+    }
+
+    /// Its sealed ranges and commits follow each other from revision 1 without a hole,
+    /// and every commit is of its stream.
+    pub fn check(&self) -> Result<(), String> {
         let mut next = Revision::new(1);
-        for s in &head.sealed {
+        for s in &self.sealed {
             if s.first != next || s.last < s.first || s.commits == 0 {
                 return Err(format!(
                     "sealed segment {}-{} where {next} comes next",
@@ -98,10 +105,10 @@ impl SegmentHead {
             }
             next = s.last.next();
         }
-        if !head.commits.is_empty() {
-            check_contiguous(stream, next, &head.commits).map_err(|e| e.to_string())?;
+        if !self.commits.is_empty() {
+            check_contiguous(&self.stream, next, &self.commits).map_err(|e| e.to_string())?;
         }
-        Ok(head)
+        Ok(())
     }
 
     /// The bytes to store.

@@ -4,10 +4,12 @@ use crate::config::Config;
 use async_trait::async_trait;
 use std::sync::Arc;
 use tally_api::AppState;
+use tally_app::packing::Packer;
 use tally_app::{
     Cache, CommandHandler, Compactor, Faults, Projector, PublishMode, Queries, ReadModel, Relay,
     Saga,
 };
+use tally_domain::AccountId;
 use tally_embedded::{DirEventStore, InProcessStream, MemoryCache, MemoryReadModel};
 use tally_es::{
     Compact, EventPublisher, EventStore, EventStream, Outbox, PublishError, SnapshotStore,
@@ -180,6 +182,48 @@ fn compact_every(compactor: Arc<Compactor>, period: std::time::Duration) {
             metrics::counter!("tally_segments_written_total").increment(report.segments as u64);
             metrics::counter!("tally_segments_failures_total").increment(report.failed as u64);
             metrics::gauge!("tally_segments_streams_behind").set(compactor.behind() as f64);
+        }
+    });
+}
+
+/// How often the packer looks at the topic (see [`tally_app::packing`]).
+const PACK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How much longer than the compactor the packer waits for a still topic: the streams
+/// are in segments when it packs them.
+const PACK_AFTER_COMPACTION: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Write packs in the background, as the topic settles.
+fn pack_every(packer: Arc<Packer>, period: std::time::Duration) {
+    tokio::spawn(async move {
+        // Failures in a row: the first is a warning, the next ones (a broker or a store
+        // down answers every second) only every minute.
+        let mut failures = 0u64;
+        loop {
+            tokio::time::sleep(period).await;
+            match packer.tick().await {
+                Ok(Some(packed)) => {
+                    failures = 0;
+                    if packed.written {
+                        metrics::counter!("tally_packs_written_total").increment(1);
+                        tracing::info!(
+                            streams = packed.streams,
+                            read = packed.read,
+                            "a pack was written"
+                        );
+                    }
+                }
+                Ok(None) => failures = 0,
+                Err(e) => {
+                    metrics::counter!("tally_packs_failures_total").increment(1);
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, failures_in_a_row = failures + 1,
+                            "packing failed; again later");
+                    }
+                    failures += 1;
+                }
+            }
+            metrics::gauge!("tally_packs_behind").set(f64::from(u8::from(packer.behind())));
         }
     });
 }
@@ -440,6 +484,22 @@ impl Host {
             }
         };
 
+        // On S3 with a broker, a rebuild reads through packs of many streams (and the
+        // process that compacts writes them: `start_projection`).
+        if let (Some(s3), Some(kafka)) = (&s3, &kafka) {
+            let quiet = std::time::Duration::from_secs(config.compaction_quiet_seconds)
+                + PACK_AFTER_COMPACTION;
+            let packer = Packer::new(
+                store.clone(),
+                Arc::new(s3.clone()),
+                Arc::new(kafka.clone()),
+                |s| AccountId::of_stream(s).is_some(),
+            )
+            .with_quiet(quiet)
+            .with_at_most(std::time::Duration::from_secs(config.pack_at_most_seconds));
+            projector = projector.with_packer(Arc::new(packer));
+        }
+
         // A lone query function on the embedded backends receives no stream: it reads
         // through the store.
         let read_through = role == Role::Query && read_model_kind == "memory";
@@ -539,6 +599,9 @@ impl Host {
         }
         if let Some(compactor) = projector.compactor() {
             compact_every(compactor.clone(), COMPACT_EVERY);
+            if let Some(packer) = projector.packer() {
+                pack_every(packer.clone(), PACK_EVERY);
+            }
         }
         Ok(tokio::spawn(
             async move { projector.run(subscription).await },

@@ -71,6 +71,11 @@ pub struct Config {
     /// (see `tally_app::compaction`).
     #[serde(default = "default_compaction_quiet_seconds")]
     pub compaction_quiet_seconds: u64,
+    /// On S3 with a broker, that projector also writes packs of every account's history
+    /// for rebuilds once the topic has been still a little longer than that, and at
+    /// least this often while it keeps moving (seconds; see `tally_app::packing`).
+    #[serde(default = "default_pack_at_most_seconds")]
+    pub pack_at_most_seconds: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,
 
@@ -122,6 +127,9 @@ fn default_catch_up_every() -> u64 {
 }
 fn default_compaction_quiet_seconds() -> u64 {
     tally_app::compaction::QUIET.as_secs()
+}
+fn default_pack_at_most_seconds() -> u64 {
+    tally_app::packing::AT_MOST.as_secs()
 }
 fn default_topic() -> String {
     "tally.commits".into()

@@ -18,6 +18,7 @@
 //!   a valid one: a commit the store did not produce changes nothing.
 
 pub mod mac;
+mod marks;
 pub use mac::{StreamKey, MAC_HEADER};
 
 use async_trait::async_trait;
@@ -76,6 +77,8 @@ pub struct KafkaStream {
     config: KafkaConfig,
     /// Replaced by a new one when it fails fatally (see [`KafkaStream::publish`]).
     producer: std::sync::Arc<std::sync::RwLock<FutureProducer>>,
+    /// The plain consumer of the topic's marks (`tally_es::packs`), made on first use.
+    marks_consumer: marks::MarksConsumer,
 }
 
 fn kafka(e: KafkaError) -> PublishError {
@@ -89,6 +92,7 @@ impl KafkaStream {
         Ok(Self {
             config,
             producer: std::sync::Arc::new(std::sync::RwLock::new(producer)),
+            marks_consumer: Default::default(),
         })
     }
 

@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 mod http;
 mod outbox;
+mod packs;
 mod segments;
 
 pub use tally_es::segments::SEGMENT_COMMITS;

@@ -362,6 +362,50 @@ impl S3EventStore {
     }
 }
 
+impl S3EventStore {
+    /// Every stream with an outbox entry not done yet, read completely — every page of
+    /// the listing, and every batch object however young (`pending` leaves those to the
+    /// writer that is publishing them): what a rebuild through a pack must read from
+    /// the store. An entry this process knows done is left out; one another process did
+    /// may still be in (its batch object not deleted yet), which only costs a read.
+    pub(crate) async fn unpublished_streams(
+        &self,
+    ) -> Result<std::collections::BTreeSet<StreamId>, StoreError> {
+        let prefix = format!("{}outbox/", self.prefix);
+        let mut streams = std::collections::BTreeSet::new();
+        for (key, _) in self.list(&prefix, None).await? {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let paths = if rest.starts_with(BATCH_MARK) {
+                match self.outbox_batches.known(&key) {
+                    Known::Remaining(paths) => paths,
+                    Known::Finished => continue,
+                    Known::New => {
+                        // Deleted since the listing: every entry of it was done.
+                        let Some(body) = self.get_bytes_if_any(&key).await? else {
+                            continue;
+                        };
+                        String::from_utf8_lossy(&body)
+                            .lines()
+                            .map(str::to_owned)
+                            .collect()
+                    }
+                }
+            } else {
+                vec![rest.to_owned()]
+            };
+            streams.extend(
+                paths
+                    .iter()
+                    .filter_map(|p| parse_entry(p))
+                    .map(|(stream, _, _)| stream),
+            );
+        }
+        Ok(streams)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

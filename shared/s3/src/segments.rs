@@ -33,7 +33,7 @@ impl S3EventStore {
     }
 
     /// The head of `stream`'s segments, if it has one that reads as one.
-    async fn head(&self, stream: &StreamId) -> Result<Option<SegmentHead>, StoreError> {
+    pub(crate) async fn head(&self, stream: &StreamId) -> Result<Option<SegmentHead>, StoreError> {
         let key = self.segment_key(stream, HEAD_NAME);
         let Some(bytes) = self.get_bytes_if_any(&key).await? else {
             return Ok(None);
@@ -80,7 +80,7 @@ impl S3EventStore {
 
     /// The commits of the sealed segment `entry` of `stream`; `None` if it is missing
     /// or is not what the head says it is.
-    async fn sealed(
+    pub(crate) async fn sealed(
         &self,
         stream: &StreamId,
         entry: &Sealed,
