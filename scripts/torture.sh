@@ -8,6 +8,7 @@
 #   TORTURE_SEED=42 TORTURE_SECONDS=60 make torture
 #   TORTURE_TOPOLOGY=dev make torture        only one topology (dev, stack, stack-pg; default: all three)
 #   TORTURE_PROFILE=perf make torture        an optimised build (default: debug)
+#   TORTURE_KEEP_LOGS=1 make torture         keep the processes' logs and data of a run that passed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

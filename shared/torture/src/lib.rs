@@ -169,6 +169,30 @@ impl Nemesis {
 
     /// Count one fault of `kind`, and note when it came.
     pub fn count(&self, kind: &'static str) {
+        self.counter().count(kind);
+    }
+
+    /// What counts faults for a task of its own (one that learns later what happened).
+    pub fn counter(&self) -> FaultCounter {
+        FaultCounter {
+            faults: self.faults.clone(),
+            started: self.started,
+            timeline: self.timeline.clone(),
+        }
+    }
+}
+
+/// Counts faults into a run's report, from any task.
+#[derive(Clone)]
+pub struct FaultCounter {
+    faults: Arc<Mutex<FaultCounts>>,
+    started: Instant,
+    timeline: Arc<Mutex<Vec<FaultAt>>>,
+}
+
+impl FaultCounter {
+    /// Count one fault of `kind`, and note when it came.
+    pub fn count(&self, kind: &'static str) {
         *self.faults.lock().expect("faults").entry(kind).or_default() += 1;
         self.timeline.lock().expect("timeline").push(FaultAt {
             at_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),

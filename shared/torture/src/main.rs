@@ -119,11 +119,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         std::process::exit(1);
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if std::env::var_os("TORTURE_KEEP_LOGS").is_some() {
+        eprintln!("torture: the run's data and logs are in {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(())
 }
 
-/// A fresh working directory for the run's data and logs (kept when a run fails).
+/// A fresh working directory for the run's data and logs (kept when a run fails, or
+/// with `TORTURE_KEEP_LOGS` set).
 fn tempfile_dir() -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "tally-torture-{}-{}",

@@ -139,6 +139,9 @@ pub async fn run_on(
                 ("AWS_ACCESS_KEY_ID", "test".into()),
                 ("AWS_SECRET_ACCESS_KEY", "test".into()),
                 ("AWS_REGION", "us-east-1".into()),
+                // Packs written while the load runs (not only once it stops), so that
+                // the rebuilds during traffic read through them, under the faults.
+                ("TALLY_PACK_AT_MOST_SECONDS", "10".into()),
             ];
             let server = Arc::new(Mutex::new(s3));
             (env, Store::S3 { server, store })
@@ -202,7 +205,11 @@ pub async fn run_on(
         }
         procs.push(Arc::new(Mutex::new(p)));
     }
-    let projector_base = procs[7].lock().await.base();
+    let projector = FUNCTIONS
+        .iter()
+        .position(|name| *name == "projector")
+        .expect("the projector is one of the functions");
+    let projector_base = procs[projector].lock().await.base();
     let mut gateway = Proc::new(
         "gateway",
         binaries.path("gateway"),
@@ -350,12 +357,33 @@ pub async fn run_on(
                         }
                         "rebuild-during-traffic" => {
                             // In the background: traffic goes on while it replays.
+                            // Counted by how it ended: done (and whether through a pack,
+                            // on S3), refused while another ran, or not done.
                             let (http, url) =
                                 (http.clone(), format!("{projector_base}/projector/rebuild"));
+                            let counter = nemesis.counter();
                             tokio::spawn(async move {
-                                let _ = http.post(url).send().await;
+                                let answer = match http.post(url).send().await {
+                                    Ok(answer) => answer,
+                                    Err(_) => return counter.count("rebuild-cut-off"),
+                                };
+                                match answer.status().as_u16() {
+                                    200 => {
+                                        let report: serde_json::Value =
+                                            answer.json().await.unwrap_or_default();
+                                        counter.count("rebuild-during-traffic");
+                                        let through = ["packed", "after_pack"]
+                                            .iter()
+                                            .filter_map(|k| report[k].as_u64())
+                                            .sum::<u64>();
+                                        if through > 0 {
+                                            counter.count("rebuild-through-a-pack");
+                                        }
+                                    }
+                                    409 => counter.count("rebuild-refused-another-running"),
+                                    _ => counter.count("rebuild-failed"),
+                                }
                             });
-                            nemesis.count("rebuild-during-traffic");
                         }
                         _ => {
                             let published =
