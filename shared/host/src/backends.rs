@@ -187,7 +187,7 @@ fn compact_every(compactor: Arc<Compactor>, period: std::time::Duration) {
 }
 
 /// How often the packer looks at the topic (see [`tally_app::packing`]).
-const PACK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const PACK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How much longer than the compactor the packer waits for a still topic: the streams
 /// are in segments when it packs them.
@@ -486,7 +486,8 @@ impl Host {
 
         // On S3 with a broker, a rebuild reads through packs of many streams (and the
         // process that compacts writes them: `start_projection`).
-        if let (Some(s3), Some(kafka)) = (&s3, &kafka) {
+        // `TALLY_PACK_AT_MOST_SECONDS=0`: no packs (a rebuild reads every stream).
+        if let (Some(s3), Some(kafka), true) = (&s3, &kafka, config.pack_at_most_seconds > 0) {
             let quiet = std::time::Duration::from_secs(config.compaction_quiet_seconds)
                 + PACK_AFTER_COMPACTION;
             let packer = Packer::new(

@@ -73,7 +73,8 @@ pub struct Config {
     pub compaction_quiet_seconds: u64,
     /// On S3 with a broker, that projector also writes packs of every account's history
     /// for rebuilds once the topic has been still a little longer than that, and at
-    /// least this often while it keeps moving (seconds; see `tally_app::packing`).
+    /// least this often while it keeps moving (seconds; see `tally_app::packing`); 0:
+    /// no packs, a rebuild reads every stream.
     #[serde(default = "default_pack_at_most_seconds")]
     pub pack_at_most_seconds: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).

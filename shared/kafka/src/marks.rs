@@ -51,6 +51,9 @@ impl KafkaStream {
                     .set("group.id", "tally-pack-marks")
                     .set("enable.auto.commit", "false")
                     .set("enable.partition.eof", "false")
+                    // tansu holds a fetch for the whole wait even when it has the
+                    // records (see `subscribe`): 500 ms by default, per read.
+                    .set("fetch.wait.max.ms", "5")
                     .create()
                     .map_err(|e| failed("a consumer", e))?;
                 *held = Some(consumer);
@@ -91,7 +94,7 @@ impl<'a> Reader<'a> {
     fn read(
         &self,
         from: &BTreeMap<i32, i64>,
-        mut seen: impl FnMut(i32, i64, Option<(StreamId, Revision)>) -> Result<(), PublishError>,
+        mut seen: impl FnMut(i32, i64, Option<StreamId>, Option<Revision>) -> Result<(), PublishError>,
     ) -> Result<(), PublishError> {
         let mut assignment = TopicPartitionList::new();
         let mut remaining = BTreeMap::new();
@@ -137,7 +140,7 @@ impl<'a> Reader<'a> {
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .and_then(|v| v.parse::<u64>().ok())
                 });
-                seen(p, offset, stream.zip(revision.map(Revision::new)))?;
+                seen(p, offset, stream, revision.map(Revision::new))?;
                 if remaining.get(&p).is_some_and(|high| offset + 1 >= *high) {
                     remaining.remove(&p);
                 }
@@ -171,10 +174,10 @@ fn marks_now(consumer: &BaseConsumer, topic: &str) -> Result<Vec<Mark>, PublishE
         .filter(|m| m.offset > 0)
         .map(|m| (m.partition, m.offset - 1))
         .collect();
-    reader.read(&before, |p, offset, message| {
+    reader.read(&before, |p, offset, stream, revision| {
         if let Some(mark) = marks.get_mut(&p) {
             if offset + 1 == mark.offset {
-                mark.before = message;
+                mark.before = stream.zip(revision);
             }
         }
         Ok(())
@@ -216,11 +219,12 @@ fn streams_since_now(
     let mut streams = BTreeSet::new();
     let mut checked: BTreeSet<i32> = BTreeSet::new();
     let mut borne_out = true;
-    reader.read(&from, |p, offset, message| {
+    reader.read(&from, |p, offset, stream, revision| {
         let mark = by_partition.get(&p);
         match mark.and_then(|m| m.before.as_ref().map(|b| (m.offset, b))) {
             Some((at, before)) if !checked.contains(&p) => {
                 checked.insert(p);
+                let message = stream.clone().zip(revision);
                 if offset + 1 != at || message.as_ref() != Some(before) {
                     borne_out = false;
                 }
@@ -230,7 +234,8 @@ fn streams_since_now(
             }
             _ => {}
         }
-        if let Some((stream, _)) = message {
+        // Any message's stream, whatever else it carries: a name too many costs a read.
+        if let Some(stream) = stream {
             streams.insert(stream);
         }
         Ok(())
