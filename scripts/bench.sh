@@ -98,36 +98,31 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# Until the projector (or all-in-one gateway) at $1 has every stream it saw in segments
-# (tally_segments_streams_behind 0 in its /metrics), at most 2 minutes.
-wait_segments() {
-  local start behind
+# Until the gauge $2 in the /metrics of $1 reads 0, at most 2 minutes; $3 says what
+# that means, $4 what it means when it does not come.
+wait_zero() {
+  local start value
   start=$(date +%s)
   for _ in $(seq 1 1200); do
-    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_segments_streams_behind" {print $2}')
-    if [ "${behind:-}" = 0 ]; then
-      echo "bench: every stream in segments $(( $(date +%s) - start )) s after the load" >&2
+    value=$(curl -fsS "$1/metrics" 2>/dev/null | awk -v gauge="$2" '$1 == gauge {print $2}')
+    if [ "${value:-}" = 0 ]; then
+      echo "bench: $3 $(( $(date +%s) - start )) s later" >&2
       return 0
     fi
     sleep 0.1
   done
-  echo "bench: streams still outside segments after 2 min (${behind:-no figure}); the rebuild reads their commits" >&2
+  echo "bench: after 2 min, $4 ($2: ${value:-no figure})" >&2
 }
-
-# Until the projector at $1 has packed what the topic holds (tally_packs_behind 0 in its
-# /metrics: it packs once the topic has been still for a few seconds), at most 2 minutes.
+# The projector (or all-in-one gateway) at $1 has every stream it saw in segments.
+wait_segments() {
+  wait_zero "$1" tally_segments_streams_behind "every stream in segments" \
+    "streams still outside segments: the rebuild reads their commits"
+}
+# The projector at $1 has packed what the topic holds (it packs once the topic has been
+# still for a few seconds).
 wait_packs() {
-  local start behind
-  start=$(date +%s)
-  for _ in $(seq 1 1200); do
-    behind=$(curl -fsS "$1/metrics" 2>/dev/null | awk '$1 == "tally_packs_behind" {print $2}')
-    if [ "${behind:-}" = 0 ]; then
-      echo "bench: the topic packed $(( $(date +%s) - start )) s after the segments" >&2
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "bench: no pack of the topic's end after 2 min (${behind:-no figure}); the rebuild reads every stream" >&2
+  wait_zero "$1" tally_packs_behind "the topic packed" \
+    "no pack of the topic's end: the rebuild reads every stream"
 }
 
 # An all-in-one gateway on $DEV_PORT with the environment given, measured as target

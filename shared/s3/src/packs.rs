@@ -5,9 +5,8 @@
 //! the streams instead). A reader lists `packs/` (a few keys), GETs the newest and checks
 //! it against the digest in its name.
 
-use crate::{S3EventStore, READ_CONCURRENCY};
+use crate::S3EventStore;
 use async_trait::async_trait;
-use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 use tally_es::packs::{Pack, Packs};
 use tally_es::segments::SegmentHead;
@@ -89,17 +88,9 @@ impl Packs for S3EventStore {
     }
 
     async fn unpack(&self, head: &SegmentHead) -> Result<Option<Vec<StoredCommit>>, StoreError> {
-        let stream = &head.stream;
-        let sealed: Vec<Option<Vec<StoredCommit>>> = stream::iter(head.sealed.clone())
-            .map(|s| async move { self.sealed(stream, &s).await })
-            .buffered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut commits = Vec::new();
-        for run in sealed {
-            let Some(run) = run else { return Ok(None) };
-            commits.extend(run);
-        }
+        let Some(mut commits) = self.sealed_runs(&head.stream, head.sealed.clone()).await? else {
+            return Ok(None);
+        };
         commits.extend(head.commits.iter().cloned());
         Ok(Some(commits))
     }

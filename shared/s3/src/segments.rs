@@ -63,24 +63,37 @@ impl S3EventStore {
         if covered < from {
             return Ok(None);
         }
-        let sealed: Vec<Option<Vec<StoredCommit>>> = stream::iter(head.sealed_from(from))
-            .map(|s| async move { self.sealed(stream, &s).await })
-            .buffered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut commits = Vec::new();
-        for run in sealed {
-            let Some(run) = run else { return Ok(None) };
-            commits.extend(run);
-        }
+        let Some(mut commits) = self.sealed_runs(stream, head.sealed_from(from)).await? else {
+            return Ok(None);
+        };
         commits.extend(head.commits);
         commits.retain(|c| c.last_revision() >= from);
         Ok(Some((commits, covered)))
     }
 
+    /// The commits of the sealed segments `entries` of `stream`, in order (fetched at
+    /// once); `None` if one of them is missing or is not what the head says it is.
+    pub(crate) async fn sealed_runs(
+        &self,
+        stream: &StreamId,
+        entries: Vec<Sealed>,
+    ) -> Result<Option<Vec<StoredCommit>>, StoreError> {
+        let runs: Vec<Option<Vec<StoredCommit>>> = stream::iter(entries)
+            .map(|s| async move { self.sealed(stream, &s).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut commits = Vec::new();
+        for run in runs {
+            let Some(run) = run else { return Ok(None) };
+            commits.extend(run);
+        }
+        Ok(Some(commits))
+    }
+
     /// The commits of the sealed segment `entry` of `stream`; `None` if it is missing
     /// or is not what the head says it is.
-    pub(crate) async fn sealed(
+    async fn sealed(
         &self,
         stream: &StreamId,
         entry: &Sealed,
