@@ -6,6 +6,7 @@ use crate::KafkaStream;
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,8 +16,22 @@ use tally_es::{PublishError, Revision, StreamId};
 
 /// How long one question to the broker may take.
 const ASK: Duration = Duration::from_secs(5);
-/// How long reading a tail may take in all.
-const READ_FOR: Duration = Duration::from_secs(60);
+/// How long reading a tail may take in all (a broker down the whole time: then the
+/// packer tries again later, and a rebuild reads every stream).
+const READ_FOR: Duration = Duration::from_secs(30);
+
+/// An error of the connection to the broker, which the client recovers from.
+fn transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NetworkException
+    )
+}
 
 fn failed(what: &str, e: impl std::fmt::Display) -> PublishError {
     PublishError(format!("{what}: {e}"))
@@ -126,7 +141,17 @@ impl<'a> Reader<'a> {
                 let Some(message) = self.consumer.poll(Duration::from_millis(500)) else {
                     continue;
                 };
-                let message = message.map_err(|e| failed(&format!("reading {}", self.topic), e))?;
+                let message = match message {
+                    Ok(message) => message,
+                    // The client reconnects by itself: a broker that was down (now, or
+                    // when this consumer last read: the events wait in its queue) only
+                    // delays the read, up to the deadline.
+                    Err(KafkaError::MessageConsumption(code)) if transient(code) => {
+                        tracing::debug!(?code, topic = %self.topic, "the broker is not answering yet");
+                        continue;
+                    }
+                    Err(e) => return Err(failed(&format!("reading {}", self.topic), e)),
+                };
                 let (p, offset) = (message.partition(), message.offset());
                 let stream = message
                     .key()
