@@ -197,7 +197,7 @@ const PACK_AFTER_COMPACTION: std::time::Duration = std::time::Duration::from_sec
 fn pack_every(packer: Arc<Packer>, period: std::time::Duration) {
     tokio::spawn(async move {
         // Failures in a row: the first is a warning, the next ones (a broker or a store
-        // down answers every second) only every minute.
+        // that is down fails every look) only every sixtieth.
         let mut failures = 0u64;
         loop {
             tokio::time::sleep(period).await;
