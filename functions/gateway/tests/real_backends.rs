@@ -1249,6 +1249,146 @@ async fn outbox_entries_done_together_are_deleted_together_and_each_caller_waits
     store.done(&stream, Revision::new(7), "a1").await.unwrap();
 }
 
+/// With a lease, a process's next commits on a stream it recorded an entry for moments
+/// ago write no outbox object: they join the lease. A relay of another process leaves a
+/// lease alone until its takeover time, then publishes every commit of its streams from
+/// the listed revision on — the ones whose writer died before their publish among them
+/// — and deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over_after_its_writer()
+{
+    use std::collections::BTreeSet;
+    use tally_es::{EventStore, Outbox};
+    let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
+    let bucket = unique("outbox-lease");
+    let (window, takeover) = (Duration::from_millis(1500), Duration::from_secs(4));
+    let writer = s3_store(&endpoint, &bucket).with_outbox_lease_taken_over_after(window, takeover);
+    writer.ensure_bucket().await.unwrap();
+    let hot = stream("hot");
+    let leased_at = std::time::Instant::now();
+    for n in 1..=3 {
+        writer
+            .record(&hot, Revision::new(n), &format!("a{n}"))
+            .await
+            .unwrap();
+        writer.append(&probe_commit(&hot, n)).await.unwrap();
+    }
+    let objects = writer.keys("outbox/").await.unwrap();
+    assert_eq!(
+        objects.len(),
+        1,
+        "the first entry wrote a lease, the next two joined it: {objects:?}"
+    );
+    assert!(objects[0].starts_with("outbox/="), "{objects:?}");
+    assert!(
+        writer.pending(100).await.unwrap().len() == 3,
+        "the writer lists the entries that joined its lease"
+    );
+    // The writer publishes the first and dies before it publishes the other two.
+    writer.done(&hot, Revision::new(1), "a1").await.unwrap();
+
+    let relay = s3_store(&endpoint, &bucket);
+    assert!(
+        relay.pending(100).await.unwrap().is_empty(),
+        "another process's lease is not read before its takeover time"
+    );
+    // Before its window closed, the lease was renewed for the stream in use: past the
+    // window, the next entry joins the renewal (never appended: its writer died first).
+    tokio::time::sleep(window.saturating_sub(leased_at.elapsed()) + Duration::from_millis(100))
+        .await;
+    let before = writer.keys("outbox/").await.unwrap();
+    assert_eq!(before.len(), 2, "the lease and its renewal: {before:?}");
+    writer.record(&hot, Revision::new(4), "a4").await.unwrap();
+    assert_eq!(
+        writer.keys("outbox/").await.unwrap(),
+        before,
+        "the entry joined the renewal"
+    );
+
+    tokio::time::sleep(takeover.saturating_sub(leased_at.elapsed()) + Duration::from_millis(500))
+        .await;
+    let pending = relay.pending(100).await.unwrap();
+    let revisions: BTreeSet<u64> = pending
+        .iter()
+        .filter(|e| e.stream == hot)
+        .map(|e| e.revision.get())
+        .collect();
+    assert_eq!(
+        revisions,
+        BTreeSet::from([1, 2, 3]),
+        "every commit of the lease's stream from its revision on (the published one again: at least once): {pending:?}"
+    );
+    for e in &pending {
+        assert!(relay
+            .read_commit(&e.stream, e.revision)
+            .await
+            .unwrap()
+            .is_some());
+        relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+    }
+    assert!(
+        !writer.keys("outbox/").await.unwrap().contains(&objects[0]),
+        "the relay deleted the lease it took over once it did every entry"
+    );
+    // A lease whose stream has nothing from its revision on (an entry whose append
+    // never happened) is deleted when taken over, its renewal too.
+    writer
+        .record(&stream("cold"), Revision::new(1), "c1")
+        .await
+        .unwrap();
+    // The renewal of the first (its stream from revision 3, the one entry that joined
+    // it never landed) is taken over in turn: commit 3 once more, then nothing is left.
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        for e in relay.pending(100).await.unwrap() {
+            assert_eq!((e.stream.as_str(), e.revision.get()), ("hot", 3), "{e:?}");
+            relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+        }
+        left = writer.keys("outbox/").await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        left.is_empty(),
+        "every lease is taken over and deleted: {left:?}"
+    );
+}
+
+/// A lease whose every entry was done is deleted by its writer when its window closes;
+/// until then, entries keep joining it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_whose_entries_were_all_done_is_deleted_by_its_writer_when_its_window_closes() {
+    use tally_es::Outbox;
+    let bucket = unique("lease-closes");
+    let writer = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket)
+        .with_outbox_lease(Duration::from_secs(1));
+    writer.ensure_bucket().await.unwrap();
+    let (a, b) = (stream("a"), stream("b"));
+    for n in 1..=5 {
+        for s in [&a, &b] {
+            writer.record(s, Revision::new(n), "x").await.unwrap();
+            writer.done(s, Revision::new(n), "x").await.unwrap();
+        }
+    }
+    let objects = writer.keys("outbox/").await.unwrap();
+    assert!(
+        objects.len() <= 2 && objects.iter().all(|k| k.starts_with("outbox/=")),
+        "ten entries on two streams: one lease per stream at most: {objects:?}"
+    );
+    for _ in 0..40 {
+        if writer.keys("outbox/").await.unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the leases outlived their window: {:?}",
+        writer.keys("outbox/").await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbox_entries_recorded_together_share_one_object_and_a_relay_finishes_what_it_did() {
     use tally_es::Outbox;

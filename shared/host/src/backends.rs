@@ -313,7 +313,10 @@ impl Host {
                 }
             }
             (None | Some("s3"), Some(s3_config)) => {
-                let s3 = tally_s3::S3EventStore::new(&s3_config)?;
+                // Outbox leases (`TALLY_OUTBOX_LEASE_SECONDS`, 0: none): a command on a
+                // stream this process wrote to moments ago writes no outbox object.
+                let s3 = tally_s3::S3EventStore::new(&s3_config)?
+                    .with_outbox_lease(std::time::Duration::from_secs(config.outbox_lease_seconds));
                 let scope = format!(
                     "s3:{}/{}/{}",
                     s3_config.endpoint.as_deref().unwrap_or("aws"),

@@ -77,6 +77,13 @@ pub struct Config {
     /// no packs, a rebuild reads every stream.
     #[serde(default = "default_pack_at_most_seconds")]
     pub pack_at_most_seconds: u64,
+    /// On S3, each outbox object is a lease open this long (seconds): a command on a
+    /// stream the process recorded an entry for within it writes no outbox object of
+    /// its own. A crashed process's last commits reach the stream through the relay
+    /// this long plus 15 s after (see `tally_s3`'s `outbox` module). 0: no leases (an
+    /// outbox object per group of concurrent commands, read by a relay after 2 s).
+    #[serde(default = "default_outbox_lease_seconds")]
+    pub outbox_lease_seconds: u64,
     /// Gateway proxy mode: `function=http://host:port,...` (see `make stack`).
     pub upstreams: Option<String>,
 
@@ -131,6 +138,9 @@ fn default_compaction_quiet_seconds() -> u64 {
 }
 fn default_pack_at_most_seconds() -> u64 {
     tally_app::packing::AT_MOST.as_secs()
+}
+fn default_outbox_lease_seconds() -> u64 {
+    5
 }
 fn default_topic() -> String {
     "tally.commits".into()

@@ -8,7 +8,10 @@
 //!   that loaded the same revision exactly one wins; the other gets 412 (or 409 while
 //!   the first write is in flight), which becomes [`AppendError::Conflict`].
 //! * `outbox/~{process}-{seq}` — the outbox (see `tally_es::Outbox`): the entries a
-//!   process recorded together, one object per group (see the `outbox` module).
+//!   process recorded together, one object per group; with a lease,
+//!   `outbox/={process}-{seq}-{takeover_ms}`: such a group that also covers every
+//!   commit its writer appends to the streams it lists for a few seconds (see the
+//!   `outbox` module).
 //!
 //! Reads list a stream's keys from a start-after cursor and fetch the commits
 //! concurrently. Requests go through `aws-sdk-s3`, which sends them with the pooled
@@ -113,6 +116,16 @@ pub struct S3EventStore {
     outbox_batches: Arc<outbox::Batches>,
     /// How many commits a sealed segment holds (see the `segments` module).
     segment_commits: usize,
+    /// Outbox batches are leases (see the `outbox` module); `None`: plain batches.
+    outbox_lease: Option<LeaseTimes>,
+}
+
+/// An outbox lease's use window, and when after its write another process takes it
+/// over.
+#[derive(Clone, Copy, Debug)]
+struct LeaseTimes {
+    window: Duration,
+    takeover: Duration,
 }
 
 /// A key (to delete, or an outbox entry to record) and where its outcome goes.
@@ -223,7 +236,32 @@ impl S3EventStore {
             outbox_records: Arc::default(),
             outbox_batches: Arc::default(),
             segment_commits: SEGMENT_COMMITS,
+            outbox_lease: None,
         })
+    }
+
+    /// Make each outbox batch a lease open for `window` (see the `outbox` module): a
+    /// command on a stream this process recorded an entry for less than `window` ago
+    /// writes no outbox object. Another process takes a lease over `window` plus the
+    /// operation timeout plus a margin after it was written — how long a crashed
+    /// process's last commits may wait for the relay. `Duration::ZERO`: no leases.
+    pub fn with_outbox_lease(self, window: Duration) -> Self {
+        self.with_outbox_lease_taken_over_after(
+            window,
+            window + OPERATION_TIMEOUT + outbox::TAKEOVER_MARGIN,
+        )
+    }
+
+    /// [`S3EventStore::with_outbox_lease`] with a takeover time of the caller's (tests:
+    /// it must be past the window by more than any append can take).
+    #[doc(hidden)]
+    pub fn with_outbox_lease_taken_over_after(
+        mut self,
+        window: Duration,
+        takeover: Duration,
+    ) -> Self {
+        self.outbox_lease = (!window.is_zero()).then_some(LeaseTimes { window, takeover });
+        self
     }
 
     /// Seal segments of `commits` commits instead of [`SEGMENT_COMMITS`] (tests, to

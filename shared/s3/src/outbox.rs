@@ -15,6 +15,31 @@
 //! list it again and publish its commit once more, which consumers ignore (delivery is
 //! at least once). Single-entry keys, `outbox/{stream}/{revision:020}[.{attempt}]`
 //! (what earlier versions wrote), are still listed and deleted.
+//!
+//! ## Leases
+//!
+//! With a lease (`S3EventStore::with_outbox_lease`, what the host sets up), a batch
+//! object says more: `outbox/={process}-{seq:012}-{takeover_ms}` promises, for each
+//! stream it lists, that *every* commit of that stream from the listed revision on that
+//! its writer appends within the lease's use window (counted from just before the PUT)
+//! is published — by that writer, or else by whoever takes the lease over. So while the
+//! window is open, a command of this process on a stream the lease lists records
+//! nothing new: its entry joins the lease in memory, and the command's path to the
+//! store is its one conditional PUT. A fifth of a window before it closes, the lease is
+//! renewed for the streams an entry was recorded for in it (a lease listing them at the
+//! highest revision recorded, with no entries of its own), so a stream in steady use
+//! never waits for an outbox PUT: a process pays one renewal PUT and its delete per
+//! window.
+//!
+//! The writer deletes a lease once its window has closed and every entry that joined
+//! it was done. Another process's relay leaves a lease alone until `takeover_ms` after
+//! its `Last-Modified` (the window, plus the longest an append begun inside it can
+//! take, plus a margin for clocks): by then its writer appends nothing more under it,
+//! so the relay reads each listed stream from the listed revision, publishes every
+//! commit it finds (a commit published twice is applied once), and deletes the lease.
+//! What this trusts: that an append lands within the store's operation timeout of being
+//! sent, or never. (A commit that lands later still reaches the read model through the
+//! projector's periodic catch-up from the store, and a rebuild reads it.)
 
 use crate::{failed, to_time, S3EventStore};
 use bytes::Bytes;
@@ -29,6 +54,13 @@ use tokio::sync::mpsc;
 /// What starts a batch object's name after `outbox/` (never a stream id's first
 /// character).
 const BATCH_MARK: char = '~';
+/// What starts a lease's name (a batch that covers the streams it lists for a while;
+/// see the module's documentation). Neither mark is a stream id's character.
+const LEASE_MARK: char = '=';
+/// How long after a lease's use window another process takes it over, past the
+/// longest an append begun inside the window can take (the store's operation timeout):
+/// room for the clocks of the writer, the server and the relay to disagree.
+pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 /// The most entries one batch object lists.
 const MAX_BATCH: usize = 1000;
 /// How long a batch whose every entry was done is remembered as finished, so that a
@@ -61,7 +93,20 @@ struct Table {
     entries: HashMap<String, String>,
     /// Batches whose every entry was done, with when.
     finished: HashMap<String, Instant>,
+    /// Stream → this process's lease that covers it while its window is open.
+    leases: HashMap<String, Lease>,
     pruned: Option<Instant>,
+}
+
+/// One stream's place in a lease of this process.
+#[derive(Debug)]
+struct Lease {
+    /// The lease object's key.
+    key: String,
+    /// The lease covers the stream's commits from this revision on.
+    from: Revision,
+    /// Its use window closes then.
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -70,6 +115,11 @@ struct Batch {
     since: Instant,
     /// Read from a listing (a relay's), not written by this process.
     listed: bool,
+    /// A lease of this process whose use window is open: entries may still join it,
+    /// so it is not finished when its remaining entries are done.
+    open_until: Option<Instant>,
+    /// A lease's streams that an entry was recorded for, with the highest revision.
+    touched: HashMap<String, Revision>,
 }
 
 /// What `done` came to.
@@ -118,8 +168,126 @@ impl Batches {
                 remaining,
                 since: Instant::now(),
                 listed,
+                open_until: None,
+                touched: HashMap::new(),
             },
         );
+    }
+
+    /// Keep `entries` as the pending entries of lease `key`, whose use window closes at
+    /// `until`: until then, the streams its `lines` name (the entries' and a renewal's)
+    /// are covered by it (see [`Batches::join_lease`]).
+    fn open_lease(&self, key: &str, lines: &[String], entries: Vec<String>, until: Instant) {
+        let mut table = self.table();
+        table.prune();
+        for line in lines {
+            let Some((stream, revision, _)) = parse_entry(line) else {
+                continue;
+            };
+            let from = match table.leases.get(stream.as_str()) {
+                Some(lease) if lease.key == key => lease.from.min(revision),
+                _ => revision,
+            };
+            table.leases.insert(
+                stream.as_str().to_owned(),
+                Lease {
+                    key: key.to_owned(),
+                    from,
+                    until,
+                },
+            );
+        }
+        let mut touched = HashMap::new();
+        for (stream, revision, _) in entries.iter().filter_map(|e| parse_entry(e)) {
+            let last = touched
+                .entry(stream.as_str().to_owned())
+                .or_insert(revision);
+            *last = (*last).max(revision);
+        }
+        let remaining: HashSet<String> = entries.into_iter().collect();
+        for e in &remaining {
+            table.entries.insert(e.clone(), key.to_owned());
+        }
+        table.open.insert(
+            key.to_owned(),
+            Batch {
+                remaining,
+                since: Instant::now(),
+                listed: false,
+                open_until: Some(until),
+                touched,
+            },
+        );
+    }
+
+    /// The streams lease `key` should hand on to a renewal as its window ends: the ones
+    /// an entry was recorded for in it, that no newer lease covers yet, each with the
+    /// highest revision recorded (no later entry of this process is below it but one
+    /// that cannot land: its revision is taken).
+    fn to_renew(&self, key: &str) -> Vec<(StreamId, Revision)> {
+        let table = self.table();
+        let Some(batch) = table.open.get(key) else {
+            return Vec::new();
+        };
+        let mut renew: Vec<(StreamId, Revision)> = batch
+            .touched
+            .iter()
+            .filter(|(stream, _)| table.leases.get(*stream).is_some_and(|l| l.key == key))
+            .filter_map(|(stream, revision)| Some((StreamId::parse(stream).ok()?, *revision)))
+            .collect();
+        renew.sort();
+        renew
+    }
+
+    /// If a lease of this process covers `entry`'s stream at its revision and its
+    /// window is still open, `entry` joins it (nothing to write): true.
+    fn join_lease(&self, entry: &str) -> bool {
+        let Some((stream, revision, _)) = parse_entry(entry) else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut table = self.table();
+        let key = match table.leases.get(stream.as_str()) {
+            Some(lease) if lease.until > now && lease.from <= revision => lease.key.clone(),
+            _ => return false,
+        };
+        let Some(batch) = table.open.get_mut(&key) else {
+            return false;
+        };
+        if batch.open_until.is_none_or(|until| until <= now) {
+            return false;
+        }
+        batch.remaining.insert(entry.to_owned());
+        let last = batch
+            .touched
+            .entry(stream.as_str().to_owned())
+            .or_insert(revision);
+        *last = (*last).max(revision);
+        table.entries.insert(entry.to_owned(), key);
+        true
+    }
+
+    /// Close lease `key`'s use window: nothing joins it any more. `Some(key)` when
+    /// every entry of it was done (delete it), `None` when some are still pending (the
+    /// last one's `done` deletes it).
+    fn close_lease(&self, key: &str) -> Option<String> {
+        let mut table = self.table();
+        table.leases.retain(|_, lease| lease.key != key);
+        let batch = table.open.get_mut(key)?;
+        batch.open_until = None;
+        if !batch.remaining.is_empty() {
+            return None;
+        }
+        table.open.remove(key);
+        table.finished.insert(key.to_owned(), Instant::now());
+        Some(key.to_owned())
+    }
+
+    /// Batch `key` (read from a listing) had nothing left to do.
+    fn finish(&self, key: &str) {
+        let mut table = self.table();
+        table.forget(key);
+        table.finished.insert(key.to_owned(), Instant::now());
     }
 
     fn done(&self, entry: &str) -> Done {
@@ -131,7 +299,7 @@ impl Batches {
             return Done::Unknown;
         };
         batch.remaining.remove(entry);
-        if !batch.remaining.is_empty() {
+        if !batch.remaining.is_empty() || batch.open_until.is_some() {
             return Done::Pending;
         }
         table.open.remove(&key);
@@ -189,6 +357,8 @@ impl Table {
         }
         self.pruned = Some(Instant::now());
         self.finished.retain(|_, at| at.elapsed() < FINISHED_MEMORY);
+        let now = Instant::now();
+        self.leases.retain(|_, lease| lease.until > now);
         let stale: Vec<String> = self
             .open
             .iter()
@@ -225,6 +395,13 @@ fn parse_entry(path: &str) -> Option<(StreamId, Revision, String)> {
     ))
 }
 
+/// A lease's takeover delay from its key (`={process}-{seq}-{takeover_ms}`), if `rest`
+/// (the key after `outbox/`) names one.
+fn takeover_of(rest: &str) -> Option<time::Duration> {
+    let ms = rest.strip_prefix(LEASE_MARK)?.rsplit_once('-')?.1;
+    Some(time::Duration::milliseconds(ms.parse().ok()?))
+}
+
 /// Write what arrives on `queue` in batch objects: whatever is waiting, up to
 /// [`MAX_BATCH`] entries, in one PUT, then the next batch. Ends when every store is
 /// dropped.
@@ -240,34 +417,93 @@ pub(crate) async fn record_in_batches(
                 Err(_) => break,
             }
         }
-        let batches = &store.outbox_batches;
-        let key = format!(
-            "{}outbox/{BATCH_MARK}{}-{:012}",
-            store.prefix,
-            batches.process,
-            batches.seq.fetch_add(1, Ordering::Relaxed)
-        );
-        let body = batch
-            .iter()
-            .map(|(e, _)| e.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let written = store
-            .put(&key, Bytes::from(body), "text/plain")
-            .await
-            .map_err(|e| e.to_string());
-        if written.is_ok() {
-            batches.open(&key, batch.iter().map(|(e, _)| e.clone()), false);
-        }
+        let entries: Vec<String> = batch.iter().map(|(e, _)| e.clone()).collect();
+        let written = write_batch(&store, &entries.clone(), entries).await;
         for (_, reply) in batch {
             let _ = reply.send(written.clone().map_err(StoreError::Unavailable));
         }
     }
 }
 
+/// Write one batch object listing `lines`, and keep `entries` (of them) as its pending
+/// entries. With a lease, the object is a lease: its window is closed by a timer (which
+/// renews it first for the streams in use).
+///
+/// Boxed, with its type spelled out: the timer it starts writes renewals through it.
+fn write_batch<'a>(
+    store: &'a S3EventStore,
+    lines: &'a [String],
+    entries: Vec<String>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+    Box::pin(async move {
+        let batches = &store.outbox_batches;
+        let seq = batches.seq.fetch_add(1, Ordering::Relaxed);
+        let key = match store.outbox_lease {
+            Some(lease) => format!(
+                "{}outbox/{LEASE_MARK}{}-{seq:012}-{}",
+                store.prefix,
+                batches.process,
+                lease.takeover.as_millis()
+            ),
+            None => format!(
+                "{}outbox/{BATCH_MARK}{}-{seq:012}",
+                store.prefix, batches.process
+            ),
+        };
+        // A lease's window counts from before the PUT is sent: the object's Last-Modified,
+        // from which others count its takeover, is later.
+        let sent = Instant::now();
+        store
+            .put(&key, Bytes::from(lines.join("\n")), "text/plain")
+            .await
+            .map_err(|e| e.to_string())?;
+        match store.outbox_lease {
+            Some(lease) => {
+                let until = sent + lease.window;
+                batches.open_lease(&key, lines, entries, until);
+                tokio::spawn(close_at(store.clone(), key, until, lease.window / 5));
+            }
+            None => batches.open(&key, entries, false),
+        }
+        Ok(())
+    })
+}
+
+/// At `ahead` before `until`, renew lease `key` for the streams in use (a new lease
+/// that lists them and has no entries of its own: the next commands on them join it
+/// instead of waiting for a PUT); at `until`, close its window, and delete it if every
+/// entry that joined it was done by then.
+async fn close_at(store: S3EventStore, key: String, until: Instant, ahead: Duration) {
+    tokio::time::sleep_until((until - ahead).into()).await;
+    let renew = store.outbox_batches.to_renew(&key);
+    if !renew.is_empty() {
+        let attempt = format!("renewal-{:016x}", fastrand::u64(..));
+        let lines: Vec<String> = renew
+            .iter()
+            .filter_map(|(stream, revision)| entry_path(stream, *revision, &attempt).ok())
+            .collect();
+        let renewing = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write_batch(&renewing, &lines, Vec::new()).await {
+                tracing::debug!(error = %e, "an outbox lease was not renewed; the next command writes one");
+            }
+        });
+    }
+    tokio::time::sleep_until(until.into()).await;
+    if let Some(key) = store.outbox_batches.close_lease(&key) {
+        if let Err(e) = store.delete_gathered(key.clone()).await {
+            tracing::warn!(%key, error = %e, "a finished outbox lease stays until a relay takes it over");
+        }
+    }
+}
+
 impl S3EventStore {
-    /// Record `entry` in the next batch object; returns once that object is written.
+    /// Record `entry`: nothing to write if a lease of this process covers it (it joins
+    /// the lease), else in the next batch object; returns once that object is written.
     pub(crate) async fn record_batched(&self, entry: String) -> Result<(), StoreError> {
+        if self.outbox_lease.is_some() && self.outbox_batches.join_lease(&entry) {
+            return Ok(());
+        }
         self.through(&self.outbox_records, record_in_batches, entry, "record")
             .await
     }
@@ -317,7 +553,22 @@ impl S3EventStore {
                 .last_modified()
                 .and_then(to_time)
                 .unwrap_or_else(OffsetDateTime::now_utc);
-            let paths = if rest.starts_with(BATCH_MARK) {
+            let paths = if let Some(takeover) = takeover_of(rest) {
+                listed.insert(key.to_owned());
+                match self.outbox_batches.known(key) {
+                    Known::Remaining(paths) => paths,
+                    Known::Finished => continue,
+                    Known::New if OffsetDateTime::now_utc() - recorded_at < takeover => {
+                        // Its writer may still add to it: not ours yet.
+                        complete = false;
+                        continue;
+                    }
+                    Known::New => match self.take_over(key).await? {
+                        Some(paths) => paths,
+                        None => continue,
+                    },
+                }
+            } else if rest.starts_with(BATCH_MARK) {
                 listed.insert(key.to_owned());
                 match self.outbox_batches.known(key) {
                     Known::Remaining(paths) => paths,
@@ -363,6 +614,43 @@ impl S3EventStore {
 }
 
 impl S3EventStore {
+    /// Take over another process's lease past its takeover time: an entry for every
+    /// commit of each stream it lists from the listed revision on (named by the listed
+    /// attempt, so that two leases never name one entry), kept as the lease's pending
+    /// entries. `None` if there is nothing to publish (the lease is deleted) or the
+    /// lease is gone.
+    async fn take_over(&self, key: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let Some(body) = self.get_bytes_if_any(key).await? else {
+            return Ok(None);
+        };
+        let mut from: HashMap<StreamId, (Revision, String)> = HashMap::new();
+        for (stream, revision, attempt) in String::from_utf8_lossy(&body)
+            .lines()
+            .filter_map(parse_entry)
+        {
+            let first = from.entry(stream).or_insert((revision, attempt.clone()));
+            if revision < first.0 {
+                *first = (revision, attempt);
+            }
+        }
+        let mut paths = Vec::new();
+        for (stream, (revision, attempt)) in from {
+            for commit in tally_es::EventStore::read(self, &stream, revision).await? {
+                if commit.revision >= revision {
+                    paths.push(entry_path(&stream, commit.revision, &attempt)?);
+                }
+            }
+        }
+        if paths.is_empty() {
+            self.outbox_batches.finish(key);
+            self.delete_gathered(key.to_owned()).await?;
+            return Ok(None);
+        }
+        paths.sort();
+        self.outbox_batches.open(key, paths.clone(), true);
+        Ok(Some(paths))
+    }
+
     /// Every stream with an outbox entry not done yet, read completely — every page of
     /// the listing, and every batch object however young (`pending` leaves those to the
     /// writer that is publishing them): what a rebuild through a pack must read from
@@ -377,7 +665,8 @@ impl S3EventStore {
             let Some(rest) = key.strip_prefix(&prefix) else {
                 continue;
             };
-            let paths = if rest.starts_with(BATCH_MARK) {
+            let paths = if rest.starts_with([BATCH_MARK, LEASE_MARK]) {
+                // A lease names the streams it covers, as a batch does.
                 match self.outbox_batches.known(&key) {
                     Known::Remaining(paths) => paths,
                     Known::Finished => continue,
@@ -449,5 +738,120 @@ mod tests {
         assert!(matches!(batches.known("read"), Known::New));
         assert!(matches!(batches.known("mine"), Known::Remaining(_)));
         assert!(matches!(batches.done("s/1.a"), Done::Unknown));
+    }
+
+    #[test]
+    fn an_entry_joins_an_open_lease_of_its_stream_from_the_leased_revision_on() {
+        let batches = Batches::default();
+        let until = Instant::now() + Duration::from_secs(60);
+        let first = vec!["s/00000000000000000005.a".to_owned()];
+        batches.open_lease("L", &first, first.clone(), until);
+        assert!(batches.join_lease("s/00000000000000000006.b"));
+        assert!(
+            !batches.join_lease("s/00000000000000000004.c"),
+            "before the lease's revision"
+        );
+        assert!(
+            !batches.join_lease("t/00000000000000000006.d"),
+            "another stream"
+        );
+        assert!(matches!(batches.known("L"), Known::Remaining(r) if r.len() == 2));
+        // Every entry done while the window is open: the lease stays (others may join).
+        assert!(matches!(
+            batches.done("s/00000000000000000005.a"),
+            Done::Pending
+        ));
+        assert!(matches!(
+            batches.done("s/00000000000000000006.b"),
+            Done::Pending
+        ));
+        assert_eq!(
+            batches.close_lease("L").as_deref(),
+            Some("L"),
+            "closed with nothing left: delete it"
+        );
+        assert!(matches!(batches.known("L"), Known::Finished));
+        assert!(
+            !batches.join_lease("s/00000000000000000007.e"),
+            "a closed lease takes no one"
+        );
+    }
+
+    #[test]
+    fn a_lease_closed_with_entries_pending_is_finished_by_its_last_done() {
+        let batches = Batches::default();
+        let until = Instant::now() + Duration::from_secs(60);
+        let first = vec!["s/00000000000000000001.a".to_owned()];
+        batches.open_lease("L", &first, first.clone(), until);
+        assert!(batches.join_lease("s/00000000000000000002.b"));
+        assert!(matches!(
+            batches.done("s/00000000000000000001.a"),
+            Done::Pending
+        ));
+        assert_eq!(batches.close_lease("L"), None);
+        assert!(matches!(batches.done("s/00000000000000000002.b"), Done::Last(k) if k == "L"));
+    }
+
+    #[test]
+    fn a_lease_past_its_window_takes_no_one_even_before_it_is_closed() {
+        let batches = Batches::default();
+        let first = vec!["s/00000000000000000001.a".to_owned()];
+        batches.open_lease("L", &first, first.clone(), Instant::now());
+        assert!(!batches.join_lease("s/00000000000000000002.b"));
+    }
+
+    #[test]
+    fn a_lease_hands_on_the_streams_in_use_and_a_renewal_covers_them_without_entries() {
+        let batches = Batches::default();
+        let until = Instant::now() + Duration::from_secs(60);
+        let lines = vec![
+            "s/00000000000000000003.a".to_owned(),
+            "t/00000000000000000001.b".to_owned(),
+        ];
+        batches.open_lease("L", &lines, lines.clone(), until);
+        assert!(batches.join_lease("s/00000000000000000004.c"));
+        assert!(batches.join_lease("s/00000000000000000005.d"));
+        let renew = batches.to_renew("L");
+        assert_eq!(
+            renew,
+            vec![
+                (StreamId::parse("s").unwrap(), Revision::new(5)),
+                (StreamId::parse("t").unwrap(), Revision::new(1))
+            ]
+        );
+        // The renewal lists them and holds no entry: it is finished once closed.
+        let renewal = vec!["s/00000000000000000005.renewal-1".to_owned()];
+        batches.open_lease("R", &renewal, Vec::new(), until);
+        assert!(
+            batches.join_lease("s/00000000000000000006.e"),
+            "s now joins the renewal"
+        );
+        assert!(
+            matches!(batches.known("R"), Known::Remaining(r) if r == ["s/00000000000000000006.e"])
+        );
+        assert!(
+            !batches.join_lease("s/00000000000000000004.f"),
+            "below the renewal's revision"
+        );
+        assert_eq!(
+            batches.to_renew("L"),
+            vec![(StreamId::parse("t").unwrap(), Revision::new(1))],
+            "a stream a newer lease covers is not renewed again"
+        );
+        assert!(matches!(
+            batches.done("s/00000000000000000006.e"),
+            Done::Pending
+        ));
+        assert_eq!(batches.close_lease("R").as_deref(), Some("R"));
+    }
+
+    #[test]
+    fn a_lease_key_carries_its_takeover_time() {
+        assert_eq!(
+            takeover_of("=0123abcd-000000000007-20000"),
+            Some(time::Duration::seconds(20))
+        );
+        assert_eq!(takeover_of("~0123abcd-000000000007"), None);
+        assert_eq!(takeover_of("=nonsense"), None);
     }
 }
