@@ -1304,6 +1304,14 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
         before,
         "the entry joined the renewal"
     );
+    // A lease whose stream has nothing from its revision on (an entry whose append
+    // never happened) is deleted when taken over.
+    writer
+        .record(&stream("cold"), Revision::new(1), "c1")
+        .await
+        .unwrap();
+    // The writer dies: it renews nothing more.
+    drop(writer);
 
     tokio::time::sleep(takeover.saturating_sub(leased_at.elapsed()) + Duration::from_millis(500))
         .await;
@@ -1327,15 +1335,9 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
         relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
     }
     assert!(
-        !writer.keys("outbox/").await.unwrap().contains(&objects[0]),
+        !relay.keys("outbox/").await.unwrap().contains(&objects[0]),
         "the relay deleted the lease it took over once it did every entry"
     );
-    // A lease whose stream has nothing from its revision on (an entry whose append
-    // never happened) is deleted when taken over, its renewal too.
-    writer
-        .record(&stream("cold"), Revision::new(1), "c1")
-        .await
-        .unwrap();
     // The renewal of the first (its stream from revision 3, the one entry that joined
     // it never landed) is taken over in turn: commit 3 once more, then nothing is left.
     let mut left = Vec::new();
@@ -1344,7 +1346,7 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
             assert_eq!((e.stream.as_str(), e.revision.get()), ("hot", 3), "{e:?}");
             relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
         }
-        left = writer.keys("outbox/").await.unwrap();
+        left = relay.keys("outbox/").await.unwrap();
         if left.is_empty() {
             break;
         }
@@ -1357,13 +1359,17 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
 }
 
 /// A lease whose every entry was done is deleted by its writer when its window closes;
-/// until then, entries keep joining it.
+/// until then, entries keep joining it. Streams in use are renewed (leases with no
+/// entries of their own, deleted in turn) until they have not been used for six
+/// windows; then nothing is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_whose_entries_were_all_done_is_deleted_by_its_writer_when_its_window_closes() {
+    use std::collections::BTreeSet;
     use tally_es::Outbox;
     let bucket = unique("lease-closes");
-    let writer = s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket)
-        .with_outbox_lease(Duration::from_secs(1));
+    let window = Duration::from_secs(1);
+    let writer =
+        s3_store(&required_env("TALLY_TEST_S3_ENDPOINT"), &bucket).with_outbox_lease(window);
     writer.ensure_bucket().await.unwrap();
     let (a, b) = (stream("a"), stream("b"));
     for n in 1..=5 {
@@ -1372,20 +1378,32 @@ async fn a_lease_whose_entries_were_all_done_is_deleted_by_its_writer_when_its_w
             writer.done(s, Revision::new(n), "x").await.unwrap();
         }
     }
-    let objects = writer.keys("outbox/").await.unwrap();
+    let first: BTreeSet<String> = writer.keys("outbox/").await.unwrap().into_iter().collect();
     assert!(
-        objects.len() <= 2 && objects.iter().all(|k| k.starts_with("outbox/=")),
-        "ten entries on two streams: one lease per stream at most: {objects:?}"
+        first.len() <= 2 && first.iter().all(|k| k.starts_with("outbox/=")),
+        "ten entries on two streams: one lease per stream at most: {first:?}"
     );
-    for _ in 0..40 {
-        if writer.keys("outbox/").await.unwrap().is_empty() {
-            return;
+    let mut closed = false;
+    for _ in 0..30 {
+        let now: BTreeSet<String> = writer.keys("outbox/").await.unwrap().into_iter().collect();
+        if now.is_disjoint(&first) {
+            closed = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "the leases outlived their window: {:?}",
-        writer.keys("outbox/").await
+    assert!(closed, "the first leases outlived their window");
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = writer.keys("outbox/").await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        left.is_empty(),
+        "renewals outlived the streams' use: {left:?}"
     );
 }
 

@@ -61,6 +61,11 @@ const LEASE_MARK: char = '=';
 /// longest an append begun inside the window can take (the store's operation timeout):
 /// room for the clocks of the writer, the server and the relay to disagree.
 pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
+/// Streams this process recorded an entry for within this many lease windows are kept
+/// covered by renewals.
+const RENEW_WINDOWS: u32 = 6;
+/// The most streams one renewal lists (the most recently used).
+const MAX_RENEWAL: usize = 10_000;
 /// The most entries one batch object lists.
 const MAX_BATCH: usize = 1000;
 /// How long a batch whose every entry was done is remembered as finished, so that a
@@ -95,6 +100,9 @@ struct Table {
     finished: HashMap<String, Instant>,
     /// Stream → this process's lease that covers it while its window is open.
     leases: HashMap<String, Lease>,
+    /// Stream → when this process last recorded an entry for it, and the highest
+    /// revision it recorded (what renewals keep covered).
+    touched: HashMap<String, (Instant, Revision)>,
     pruned: Option<Instant>,
 }
 
@@ -118,8 +126,6 @@ struct Batch {
     /// A lease of this process whose use window is open: entries may still join it,
     /// so it is not finished when its remaining entries are done.
     open_until: Option<Instant>,
-    /// A lease's streams that an entry was recorded for, with the highest revision.
-    touched: HashMap<String, Revision>,
 }
 
 /// What `done` came to.
@@ -169,7 +175,6 @@ impl Batches {
                 since: Instant::now(),
                 listed,
                 open_until: None,
-                touched: HashMap::new(),
             },
         );
     }
@@ -197,13 +202,6 @@ impl Batches {
                 },
             );
         }
-        let mut touched = HashMap::new();
-        for (stream, revision, _) in entries.iter().filter_map(|e| parse_entry(e)) {
-            let last = touched
-                .entry(stream.as_str().to_owned())
-                .or_insert(revision);
-            *last = (*last).max(revision);
-        }
         let remaining: HashSet<String> = entries.into_iter().collect();
         for e in &remaining {
             table.entries.insert(e.clone(), key.to_owned());
@@ -215,28 +213,58 @@ impl Batches {
                 since: Instant::now(),
                 listed: false,
                 open_until: Some(until),
-                touched,
             },
         );
     }
 
-    /// The streams lease `key` should hand on to a renewal as its window ends: the ones
-    /// an entry was recorded for in it, that no newer lease covers yet, each with the
-    /// highest revision recorded (no later entry of this process is below it but one
-    /// that cannot land: its revision is taken).
-    fn to_renew(&self, key: &str) -> Vec<(StreamId, Revision)> {
-        let table = self.table();
-        let Some(batch) = table.open.get(key) else {
-            return Vec::new();
-        };
-        let mut renew: Vec<(StreamId, Revision)> = batch
+    /// Note that this process records an entry for `entry`'s stream.
+    fn touch(&self, entry: &str) {
+        if let Some((stream, revision, _)) = parse_entry(entry) {
+            touch(&mut self.table(), &stream, revision);
+        }
+    }
+
+    /// The streams to renew now: the ones this process recorded an entry for within
+    /// `horizon` whose lease (if any) closes before `lapse`, each with the highest
+    /// revision recorded (no later entry of this process is below it but one that
+    /// cannot land: its revision is taken) — the most recently used first, at most
+    /// [`MAX_RENEWAL`]. Forgets streams not used within `horizon`.
+    fn to_renew(&self, horizon: Duration, lapse: Instant) -> Vec<(StreamId, Revision)> {
+        let mut table = self.table();
+        let now = Instant::now();
+        table
+            .touched
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < horizon);
+        let table = &*table;
+        let mut renew: Vec<(Instant, &String, Revision)> = table
             .touched
             .iter()
-            .filter(|(stream, _)| table.leases.get(*stream).is_some_and(|l| l.key == key))
-            .filter_map(|(stream, revision)| Some((StreamId::parse(stream).ok()?, *revision)))
+            .filter(|(stream, _)| table.leases.get(*stream).is_none_or(|l| l.until < lapse))
+            .map(|(stream, (at, revision))| (*at, stream, *revision))
             .collect();
-        renew.sort();
+        renew.sort_by_key(|r| std::cmp::Reverse(r.0));
         renew
+            .into_iter()
+            .take(MAX_RENEWAL)
+            .filter_map(|(_, stream, revision)| Some((StreamId::parse(stream).ok()?, revision)))
+            .collect()
+    }
+
+    /// The leases of this process whose window has closed by `now`: closed, and the
+    /// keys of those with nothing pending (to delete; the others go with their last
+    /// `done`).
+    fn close_leases(&self, now: Instant) -> Vec<String> {
+        let closing: Vec<String> = self
+            .table()
+            .open
+            .iter()
+            .filter(|(_, b)| b.open_until.is_some_and(|until| until <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        closing
+            .iter()
+            .filter_map(|key| self.close_lease(key))
+            .collect()
     }
 
     /// If a lease of this process covers `entry`'s stream at its revision and its
@@ -258,12 +286,8 @@ impl Batches {
             return false;
         }
         batch.remaining.insert(entry.to_owned());
-        let last = batch
-            .touched
-            .entry(stream.as_str().to_owned())
-            .or_insert(revision);
-        *last = (*last).max(revision);
         table.entries.insert(entry.to_owned(), key);
+        touch(&mut table, &stream, revision);
         true
     }
 
@@ -371,6 +395,15 @@ impl Table {
     }
 }
 
+fn touch(table: &mut Table, stream: &StreamId, revision: Revision) {
+    let now = Instant::now();
+    let last = table
+        .touched
+        .entry(stream.as_str().to_owned())
+        .or_insert((now, revision));
+    *last = (now, last.1.max(revision));
+}
+
 /// `stream`'s entry of `attempt` at `revision` as a batch lists it.
 pub(crate) fn entry_path(
     stream: &StreamId,
@@ -403,14 +436,45 @@ fn takeover_of(rest: &str) -> Option<time::Duration> {
 }
 
 /// Write what arrives on `queue` in batch objects: whatever is waiting, up to
-/// [`MAX_BATCH`] entries, in one PUT, then the next batch. Ends when every store is
+/// [`MAX_BATCH`] entries, in one PUT, then the next batch. With leases, also every fifth
+/// of a window: close the leases whose window has closed (deleting the finished ones),
+/// and renew the streams in use whose lease closes before the next look — one lease
+/// listing them all, with the entries waiting, if any. Ends when every store is
 /// dropped.
 pub(crate) async fn record_in_batches(
     store: S3EventStore,
     mut queue: mpsc::UnboundedReceiver<crate::KeyRequest>,
 ) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
+    let tick = store
+        .outbox_lease
+        .map_or(Duration::from_secs(3600), |l| l.window / 5);
+    let mut looks = tokio::time::interval(tick);
+    looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut batch = Vec::new();
+        let mut renew = Vec::new();
+        tokio::select! {
+            first = queue.recv() => match first {
+                Some(first) => batch.push(first),
+                None => break,
+            },
+            _ = looks.tick(), if store.outbox_lease.is_some() => {
+                let window = store.outbox_lease.map_or(Duration::ZERO, |l| l.window);
+                let now = Instant::now();
+                for key in store.outbox_batches.close_leases(now) {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.delete_gathered(key.clone()).await {
+                            tracing::warn!(%key, error = %e, "a finished outbox lease stays until a relay takes it over");
+                        }
+                    });
+                }
+                renew = store.outbox_batches.to_renew(window * RENEW_WINDOWS, now + tick * 2);
+                if renew.is_empty() {
+                    continue;
+                }
+            }
+        }
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(next) => batch.push(next),
@@ -418,7 +482,19 @@ pub(crate) async fn record_in_batches(
             }
         }
         let entries: Vec<String> = batch.iter().map(|(e, _)| e.clone()).collect();
-        let written = write_batch(&store, &entries.clone(), entries).await;
+        let attempt = format!("renewal-{:016x}", fastrand::u64(..));
+        let mut lines = entries.clone();
+        lines.extend(
+            renew
+                .iter()
+                .filter_map(|(stream, revision)| entry_path(stream, *revision, &attempt).ok()),
+        );
+        let written = write_batch(&store, &lines, entries).await;
+        if let Err(e) = &written {
+            if batch.is_empty() {
+                tracing::debug!(error = %e, "outbox leases not renewed; the next commands write new ones");
+            }
+        }
         for (_, reply) in batch {
             let _ = reply.send(written.clone().map_err(StoreError::Unavailable));
         }
@@ -426,83 +502,49 @@ pub(crate) async fn record_in_batches(
 }
 
 /// Write one batch object listing `lines`, and keep `entries` (of them) as its pending
-/// entries. With a lease, the object is a lease: its window is closed by a timer (which
-/// renews it first for the streams in use).
-///
-/// Boxed, with its type spelled out: the timer it starts writes renewals through it.
-fn write_batch<'a>(
-    store: &'a S3EventStore,
-    lines: &'a [String],
+/// entries; with a lease, the object is a lease (closed by `record_in_batches`).
+async fn write_batch(
+    store: &S3EventStore,
+    lines: &[String],
     entries: Vec<String>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
-    Box::pin(async move {
-        let batches = &store.outbox_batches;
-        let seq = batches.seq.fetch_add(1, Ordering::Relaxed);
-        let key = match store.outbox_lease {
-            Some(lease) => format!(
-                "{}outbox/{LEASE_MARK}{}-{seq:012}-{}",
-                store.prefix,
-                batches.process,
-                lease.takeover.as_millis()
-            ),
-            None => format!(
-                "{}outbox/{BATCH_MARK}{}-{seq:012}",
-                store.prefix, batches.process
-            ),
-        };
-        // A lease's window counts from before the PUT is sent: the object's Last-Modified,
-        // from which others count its takeover, is later.
-        let sent = Instant::now();
-        store
-            .put(&key, Bytes::from(lines.join("\n")), "text/plain")
-            .await
-            .map_err(|e| e.to_string())?;
-        match store.outbox_lease {
-            Some(lease) => {
-                let until = sent + lease.window;
-                batches.open_lease(&key, lines, entries, until);
-                tokio::spawn(close_at(store.clone(), key, until, lease.window / 5));
-            }
-            None => batches.open(&key, entries, false),
-        }
-        Ok(())
-    })
-}
-
-/// At `ahead` before `until`, renew lease `key` for the streams in use (a new lease
-/// that lists them and has no entries of its own: the next commands on them join it
-/// instead of waiting for a PUT); at `until`, close its window, and delete it if every
-/// entry that joined it was done by then.
-async fn close_at(store: S3EventStore, key: String, until: Instant, ahead: Duration) {
-    tokio::time::sleep_until((until - ahead).into()).await;
-    let renew = store.outbox_batches.to_renew(&key);
-    if !renew.is_empty() {
-        let attempt = format!("renewal-{:016x}", fastrand::u64(..));
-        let lines: Vec<String> = renew
-            .iter()
-            .filter_map(|(stream, revision)| entry_path(stream, *revision, &attempt).ok())
-            .collect();
-        let renewing = store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = write_batch(&renewing, &lines, Vec::new()).await {
-                tracing::debug!(error = %e, "an outbox lease was not renewed; the next command writes one");
-            }
-        });
+) -> Result<(), String> {
+    let batches = &store.outbox_batches;
+    let seq = batches.seq.fetch_add(1, Ordering::Relaxed);
+    let key = match store.outbox_lease {
+        Some(lease) => format!(
+            "{}outbox/{LEASE_MARK}{}-{seq:012}-{}",
+            store.prefix,
+            batches.process,
+            lease.takeover.as_millis()
+        ),
+        None => format!(
+            "{}outbox/{BATCH_MARK}{}-{seq:012}",
+            store.prefix, batches.process
+        ),
+    };
+    // A lease's window counts from before the PUT is sent: the object's Last-Modified,
+    // from which others count its takeover, is later.
+    let sent = Instant::now();
+    store
+        .put(&key, Bytes::from(lines.join("\n")), "text/plain")
+        .await
+        .map_err(|e| e.to_string())?;
+    match store.outbox_lease {
+        Some(lease) => batches.open_lease(&key, lines, entries, sent + lease.window),
+        None => batches.open(&key, entries, false),
     }
-    tokio::time::sleep_until(until.into()).await;
-    if let Some(key) = store.outbox_batches.close_lease(&key) {
-        if let Err(e) = store.delete_gathered(key.clone()).await {
-            tracing::warn!(%key, error = %e, "a finished outbox lease stays until a relay takes it over");
-        }
-    }
+    Ok(())
 }
 
 impl S3EventStore {
     /// Record `entry`: nothing to write if a lease of this process covers it (it joins
     /// the lease), else in the next batch object; returns once that object is written.
     pub(crate) async fn record_batched(&self, entry: String) -> Result<(), StoreError> {
-        if self.outbox_lease.is_some() && self.outbox_batches.join_lease(&entry) {
-            return Ok(());
+        if self.outbox_lease.is_some() {
+            if self.outbox_batches.join_lease(&entry) {
+                return Ok(());
+            }
+            self.outbox_batches.touch(&entry);
         }
         self.through(&self.outbox_records, record_in_batches, entry, "record")
             .await
@@ -801,27 +843,39 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_hands_on_the_streams_in_use_and_a_renewal_covers_them_without_entries() {
+    fn streams_in_use_are_renewed_before_their_lease_closes_and_a_renewal_covers_them() {
         let batches = Batches::default();
         let until = Instant::now() + Duration::from_secs(60);
         let lines = vec![
             "s/00000000000000000003.a".to_owned(),
             "t/00000000000000000001.b".to_owned(),
         ];
+        for line in &lines {
+            batches.touch(line);
+        }
         batches.open_lease("L", &lines, lines.clone(), until);
         assert!(batches.join_lease("s/00000000000000000004.c"));
         assert!(batches.join_lease("s/00000000000000000005.d"));
-        let renew = batches.to_renew("L");
+        let hour = Duration::from_secs(3600);
+        assert!(
+            batches
+                .to_renew(hour, Instant::now() + Duration::from_secs(1))
+                .is_empty(),
+            "their lease is open past the next look"
+        );
+        let mut renew = batches.to_renew(hour, until + Duration::from_secs(1));
+        renew.sort();
         assert_eq!(
             renew,
             vec![
                 (StreamId::parse("s").unwrap(), Revision::new(5)),
                 (StreamId::parse("t").unwrap(), Revision::new(1))
-            ]
+            ],
+            "each at the highest revision recorded"
         );
         // The renewal lists them and holds no entry: it is finished once closed.
         let renewal = vec!["s/00000000000000000005.renewal-1".to_owned()];
-        batches.open_lease("R", &renewal, Vec::new(), until);
+        batches.open_lease("R", &renewal, Vec::new(), until + Duration::from_secs(30));
         assert!(
             batches.join_lease("s/00000000000000000006.e"),
             "s now joins the renewal"
@@ -834,15 +888,25 @@ mod tests {
             "below the renewal's revision"
         );
         assert_eq!(
-            batches.to_renew("L"),
+            batches.to_renew(hour, until + Duration::from_secs(1)),
             vec![(StreamId::parse("t").unwrap(), Revision::new(1))],
-            "a stream a newer lease covers is not renewed again"
+            "a stream whose lease stays open is not renewed again"
         );
         assert!(matches!(
             batches.done("s/00000000000000000006.e"),
             Done::Pending
         ));
-        assert_eq!(batches.close_lease("R").as_deref(), Some("R"));
+        assert_eq!(
+            batches.close_leases(until + Duration::from_secs(31)),
+            vec!["R".to_owned()],
+            "R finished; L still has entries pending"
+        );
+        assert!(
+            batches
+                .to_renew(Duration::ZERO, until + Duration::from_secs(1))
+                .is_empty(),
+            "streams not used within the horizon are forgotten"
+        );
     }
 
     #[test]
