@@ -25,11 +25,12 @@
 //! is published — by that writer, or else by whoever takes the lease over. So while the
 //! window is open, a command of this process on a stream the lease lists records
 //! nothing new: its entry joins the lease in memory, and the command's path to the
-//! store is its one conditional PUT. A fifth of a window before it closes, the lease is
-//! renewed for the streams an entry was recorded for in it (a lease listing them at the
-//! highest revision recorded, with no entries of its own), so a stream in steady use
-//! never waits for an outbox PUT: a process pays one renewal PUT and its delete per
-//! window.
+//! store is its one conditional PUT. Every fifth of a window, the record task closes
+//! the leases whose window has closed and renews the streams this process recorded an
+//! entry for within the last two windows whose lease would close before its next look:
+//! one lease listing them all, each at the highest revision recorded, with no entries
+//! of its own. So a stream in use never waits for an outbox PUT, and a process pays at
+//! most one renewal PUT (and its delete) per fifth of a window.
 //!
 //! The writer deletes a lease once its window has closed and every entry that joined
 //! it was done. Another process's relay leaves a lease alone until `takeover_ms` after
@@ -63,7 +64,7 @@ const LEASE_MARK: char = '=';
 pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 /// Streams this process recorded an entry for within this many lease windows are kept
 /// covered by renewals.
-const RENEW_WINDOWS: u32 = 6;
+const RENEW_WINDOWS: u32 = 2;
 /// The most streams one renewal lists (the most recently used).
 const MAX_RENEWAL: usize = 10_000;
 /// The most entries one batch object lists.
