@@ -1360,8 +1360,8 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
 
 /// A lease whose every entry was done is deleted by its writer when its window closes;
 /// until then, entries keep joining it. Streams in use are renewed (leases with no
-/// entries of their own, deleted in turn) until they have not been used for two
-/// windows; then nothing is left.
+/// entries of their own, deleted in turn) until the writer has been idle for a
+/// window; then nothing is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_whose_entries_were_all_done_is_deleted_by_its_writer_when_its_window_closes() {
     use std::collections::BTreeSet;

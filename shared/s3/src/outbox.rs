@@ -27,9 +27,10 @@
 //! nothing new: its entry joins the lease in memory, and the command's path to the
 //! store is its one conditional PUT. Every fifth of a window, the record task closes
 //! the leases whose window has closed and renews the streams this process recorded an
-//! entry for within the last two windows whose lease would close before its next look:
-//! one lease listing them all, each at the highest revision recorded, with no entries
-//! of its own. So a stream in use never waits for an outbox PUT, and a process pays at
+//! entry for within the last six windows whose lease would close before its next look
+//! (an idle process, none within the last window, renews nothing and lets its leases
+//! lapse): one lease listing them all, each at the highest revision recorded, with no
+//! entries of its own. So a stream in use never waits for an outbox PUT, and a process pays at
 //! most one renewal PUT (and its delete) per fifth of a window.
 //!
 //! The writer deletes a lease once its window has closed and every entry that joined
@@ -64,7 +65,7 @@ const LEASE_MARK: char = '=';
 pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(5);
 /// Streams this process recorded an entry for within this many lease windows are kept
 /// covered by renewals.
-const RENEW_WINDOWS: u32 = 2;
+const RENEW_WINDOWS: u32 = 6;
 /// The most streams one renewal lists (the most recently used).
 const MAX_RENEWAL: usize = 10_000;
 /// The most entries one batch object lists.
@@ -225,17 +226,32 @@ impl Batches {
         }
     }
 
-    /// The streams to renew now: the ones this process recorded an entry for within
-    /// `horizon` whose lease (if any) closes before `lapse`, each with the highest
+    /// The streams to renew now, if this process recorded an entry within `active`:
+    /// the ones it recorded an entry for within `horizon` whose lease (if any) closes
+    /// before `lapse`, each with the highest
     /// revision recorded (no later entry of this process is below it but one that
     /// cannot land: its revision is taken) — the most recently used first, at most
     /// [`MAX_RENEWAL`]. Forgets streams not used within `horizon`.
-    fn to_renew(&self, horizon: Duration, lapse: Instant) -> Vec<(StreamId, Revision)> {
+    fn to_renew(
+        &self,
+        horizon: Duration,
+        active: Duration,
+        lapse: Instant,
+    ) -> Vec<(StreamId, Revision)> {
         let mut table = self.table();
         let now = Instant::now();
         table
             .touched
             .retain(|_, (at, _)| now.saturating_duration_since(*at) < horizon);
+        if !table
+            .touched
+            .values()
+            .any(|(at, _)| now.saturating_duration_since(*at) < active)
+        {
+            // Idle: let the leases lapse, so that a rebuild after the traffic finds no
+            // stream named by one.
+            return Vec::new();
+        }
         let table = &*table;
         let mut renew: Vec<(Instant, &String, Revision)> = table
             .touched
@@ -470,7 +486,9 @@ pub(crate) async fn record_in_batches(
                         }
                     });
                 }
-                renew = store.outbox_batches.to_renew(window * RENEW_WINDOWS, now + tick * 2);
+                renew = store
+                    .outbox_batches
+                    .to_renew(window * RENEW_WINDOWS, window, now + tick * 2);
                 if renew.is_empty() {
                     continue;
                 }
@@ -860,11 +878,11 @@ mod tests {
         let hour = Duration::from_secs(3600);
         assert!(
             batches
-                .to_renew(hour, Instant::now() + Duration::from_secs(1))
+                .to_renew(hour, hour, Instant::now() + Duration::from_secs(1))
                 .is_empty(),
             "their lease is open past the next look"
         );
-        let mut renew = batches.to_renew(hour, until + Duration::from_secs(1));
+        let mut renew = batches.to_renew(hour, hour, until + Duration::from_secs(1));
         renew.sort();
         assert_eq!(
             renew,
@@ -889,7 +907,7 @@ mod tests {
             "below the renewal's revision"
         );
         assert_eq!(
-            batches.to_renew(hour, until + Duration::from_secs(1)),
+            batches.to_renew(hour, hour, until + Duration::from_secs(1)),
             vec![(StreamId::parse("t").unwrap(), Revision::new(1))],
             "a stream whose lease stays open is not renewed again"
         );
@@ -904,10 +922,28 @@ mod tests {
         );
         assert!(
             batches
-                .to_renew(Duration::ZERO, until + Duration::from_secs(1))
+                .to_renew(Duration::ZERO, hour, until + Duration::from_secs(1))
                 .is_empty(),
             "streams not used within the horizon are forgotten"
         );
+    }
+
+    #[test]
+    fn an_idle_process_renews_nothing() {
+        let batches = Batches::default();
+        batches.touch("s/00000000000000000003.a");
+        let (hour, later) = (
+            Duration::from_secs(3600),
+            Instant::now() + Duration::from_secs(60),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            batches
+                .to_renew(hour, Duration::from_millis(10), later)
+                .is_empty(),
+            "nothing recorded within the last window: the leases lapse"
+        );
+        assert_eq!(batches.to_renew(hour, hour, later).len(), 1);
     }
 
     #[test]
