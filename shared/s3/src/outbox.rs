@@ -166,19 +166,7 @@ impl Batches {
     fn open(&self, key: &str, entries: impl IntoIterator<Item = String>, listed: bool) {
         let mut table = self.table();
         table.prune();
-        let remaining: HashSet<String> = entries.into_iter().collect();
-        for e in &remaining {
-            table.entries.insert(e.clone(), key.to_owned());
-        }
-        table.open.insert(
-            key.to_owned(),
-            Batch {
-                remaining,
-                since: Instant::now(),
-                listed,
-                open_until: None,
-            },
-        );
+        table.keep(key, entries, listed, None);
     }
 
     /// Keep `entries` as the pending entries of lease `key`, whose use window closes at
@@ -204,19 +192,7 @@ impl Batches {
                 },
             );
         }
-        let remaining: HashSet<String> = entries.into_iter().collect();
-        for e in &remaining {
-            table.entries.insert(e.clone(), key.to_owned());
-        }
-        table.open.insert(
-            key.to_owned(),
-            Batch {
-                remaining,
-                since: Instant::now(),
-                listed: false,
-                open_until: Some(until),
-            },
-        );
+        table.keep(key, entries, false, Some(until));
     }
 
     /// Note that this process records an entry for `entry`'s stream.
@@ -380,6 +356,29 @@ impl Batches {
 }
 
 impl Table {
+    /// Keep `entries` as the pending entries of batch `key`.
+    fn keep(
+        &mut self,
+        key: &str,
+        entries: impl IntoIterator<Item = String>,
+        listed: bool,
+        open_until: Option<Instant>,
+    ) {
+        let remaining: HashSet<String> = entries.into_iter().collect();
+        for e in &remaining {
+            self.entries.insert(e.clone(), key.to_owned());
+        }
+        self.open.insert(
+            key.to_owned(),
+            Batch {
+                remaining,
+                since: Instant::now(),
+                listed,
+                open_until,
+            },
+        );
+    }
+
     fn forget(&mut self, key: &str) {
         if let Some(batch) = self.open.remove(key) {
             for e in batch.remaining {
