@@ -613,41 +613,34 @@ impl S3EventStore {
                 .last_modified()
                 .and_then(to_time)
                 .unwrap_or_else(OffsetDateTime::now_utc);
-            let paths = if let Some(takeover) = takeover_of(rest) {
+            // A lease is due to others at its takeover time, a batch once it is a
+            // couple of seconds old (its writer is publishing it meanwhile).
+            let lease = takeover_of(rest);
+            let due_after = match lease {
+                Some(takeover) => Some(takeover),
+                None if rest.starts_with(BATCH_MARK) => Some(UNREAD_YOUNGER_THAN),
+                None => None,
+            };
+            let paths = if let Some(due_after) = due_after {
                 listed.insert(key.to_owned());
                 match self.outbox_batches.known(key) {
                     Known::Remaining(paths) => paths,
                     Known::Finished => continue,
-                    Known::New if OffsetDateTime::now_utc() - recorded_at < takeover => {
-                        // Its writer may still add to it: not ours yet.
-                        complete = false;
-                        continue;
-                    }
-                    Known::New => match self.take_over(key).await? {
-                        Some(paths) => paths,
-                        None => continue,
-                    },
-                }
-            } else if rest.starts_with(BATCH_MARK) {
-                listed.insert(key.to_owned());
-                match self.outbox_batches.known(key) {
-                    Known::Remaining(paths) => paths,
-                    Known::Finished => continue,
-                    Known::New if OffsetDateTime::now_utc() - recorded_at < UNREAD_YOUNGER_THAN => {
+                    Known::New if OffsetDateTime::now_utc() - recorded_at < due_after => {
+                        // Its writer may still add to it or publish it: not ours yet.
                         complete = false;
                         continue;
                     }
                     Known::New => {
-                        // Gone since the listing: nothing to do.
-                        let Some(body) = self.get_bytes_if_any(key).await? else {
-                            continue;
+                        let paths = if lease.is_some() {
+                            self.take_over(key).await?
+                        } else {
+                            self.batch_paths(key).await?.inspect(|paths| {
+                                self.outbox_batches.open(key, paths.clone(), true);
+                            })
                         };
-                        let paths: Vec<String> = String::from_utf8_lossy(&body)
-                            .lines()
-                            .filter(|l| parse_entry(l).is_some())
-                            .map(str::to_owned)
-                            .collect();
-                        self.outbox_batches.open(key, paths.clone(), true);
+                        // `None`: gone since the listing, or nothing to publish.
+                        let Some(paths) = paths else { continue };
                         paths
                     }
                 }
@@ -674,20 +667,32 @@ impl S3EventStore {
 }
 
 impl S3EventStore {
+    /// The entries a batch object or a lease lists (its body's lines that name one),
+    /// or `None` if it is gone.
+    async fn batch_paths(&self, key: &str) -> Result<Option<Vec<String>>, StoreError> {
+        let Some(body) = self.get_bytes_if_any(key).await? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            String::from_utf8_lossy(&body)
+                .lines()
+                .filter(|l| parse_entry(l).is_some())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
+
     /// Take over another process's lease past its takeover time: an entry for every
     /// commit of each stream it lists from the listed revision on (named by the listed
     /// attempt, so that two leases never name one entry), kept as the lease's pending
     /// entries. `None` if there is nothing to publish (the lease is deleted) or the
     /// lease is gone.
     async fn take_over(&self, key: &str) -> Result<Option<Vec<String>>, StoreError> {
-        let Some(body) = self.get_bytes_if_any(key).await? else {
+        let Some(listed) = self.batch_paths(key).await? else {
             return Ok(None);
         };
         let mut from: HashMap<StreamId, (Revision, String)> = HashMap::new();
-        for (stream, revision, attempt) in String::from_utf8_lossy(&body)
-            .lines()
-            .filter_map(parse_entry)
-        {
+        for (stream, revision, attempt) in listed.iter().filter_map(|p| parse_entry(p)) {
             let first = from.entry(stream).or_insert((revision, attempt.clone()));
             if revision < first.0 {
                 *first = (revision, attempt);
@@ -731,14 +736,11 @@ impl S3EventStore {
                     Known::Remaining(paths) => paths,
                     Known::Finished => continue,
                     Known::New => {
-                        // Deleted since the listing: every entry of it was done.
-                        let Some(body) = self.get_bytes_if_any(&key).await? else {
+                        // `None`: deleted since the listing, every entry of it done.
+                        let Some(paths) = self.batch_paths(&key).await? else {
                             continue;
                         };
-                        String::from_utf8_lossy(&body)
-                            .lines()
-                            .map(str::to_owned)
-                            .collect()
+                        paths
                     }
                 }
             } else {
