@@ -43,8 +43,9 @@
 //! sent, or never. (A commit that lands later still reaches the read model through the
 //! projector's periodic catch-up from the store, and a rebuild reads it.)
 
-use crate::{failed, to_time, S3EventStore};
+use crate::{failed, to_time, S3EventStore, READ_CONCURRENCY};
 use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -698,14 +699,20 @@ impl S3EventStore {
                 *first = (revision, attempt);
             }
         }
-        let mut paths = Vec::new();
-        for (stream, (revision, attempt)) in from {
-            for commit in tally_es::EventStore::read(self, &stream, revision).await? {
-                if commit.revision >= revision {
-                    paths.push(entry_path(&stream, commit.revision, &attempt)?);
-                }
-            }
-        }
+        // A renewal may list many streams: read them `READ_CONCURRENCY` at a time.
+        let found: Vec<Vec<String>> = stream::iter(from)
+            .map(|(stream, (revision, attempt))| async move {
+                tally_es::EventStore::read(self, &stream, revision)
+                    .await?
+                    .iter()
+                    .filter(|commit| commit.revision >= revision)
+                    .map(|commit| entry_path(&stream, commit.revision, &attempt))
+                    .collect::<Result<Vec<String>, StoreError>>()
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut paths: Vec<String> = found.into_iter().flatten().collect();
         if paths.is_empty() {
             self.outbox_batches.finish(key);
             self.delete_gathered(key.to_owned()).await?;
