@@ -17,11 +17,12 @@ before the request is answered — one file per object, written to a temporary n
 renamed over the old one, so a SIGKILL at any point leaves either the old or the new
 object — and a restart loads them back. So `make torture` can kill the S3 server like
 any other process. Kept: bucket names, keys and bodies (hence ETags, which are the
-body's MD5). Not kept: user metadata, versions, ACLs, tags — nothing Tally or tansu's
-S3 storage reads back.
+body's MD5), and Last-Modified (the file's modification time). Not kept: user
+metadata, versions, ACLs, tags — nothing Tally or tansu's S3 storage reads back.
 """
 
 import argparse
+import datetime
 import hashlib
 import os
 import signal
@@ -147,7 +148,13 @@ def restore() -> int:
                     data = f.read()
                 size = int.from_bytes(data[:4], "big")
                 key = data[4 : 4 + size].decode()
-                backend.put_object(bucket, key, data[4 + size :])
+                restored = backend.put_object(bucket, key, data[4 + size :])
+                # Last-Modified as the object was written (the file's time), not the
+                # restart's: readers that count an object's age from it (a relay
+                # taking an outbox lease over) see what they would see on S3.
+                restored.last_modified = datetime.datetime.fromtimestamp(
+                    os.path.getmtime(path), datetime.timezone.utc
+                ).replace(tzinfo=None)
                 count += 1
     finally:
         backend._restoring = False
