@@ -366,6 +366,7 @@ pub async fn settle_and_check(
 ) -> Result<(check::Verdict, f64), String> {
     let started = Instant::now();
     let mut moved = Vec::new();
+    let mut last_said = 0;
     loop {
         let mut observed = check::Observed::from_api(base, accounts).await?;
         let verdict = check::check(ops, store, &observed).await?;
@@ -378,6 +379,33 @@ pub async fn settle_and_check(
         });
         let out_of_time = started.elapsed() >= within;
         if behind && !out_of_time {
+            // Every 10 s, what the read model is still waiting for (a long settle is
+            // worth a look: what a fault left usually reaches it within seconds).
+            let waited = started.elapsed().as_secs();
+            if waited > 0 && waited.is_multiple_of(10) && waited != last_said {
+                last_said = waited;
+                let waiting: Vec<&str> = verdict
+                    .violations
+                    .iter()
+                    .filter(|v| {
+                        matches!(
+                            v.invariant,
+                            "read-model-equals-store" | "every-transfer-ended"
+                        )
+                    })
+                    .map(|v| v.detail.as_str())
+                    .collect();
+                eprintln!(
+                    "torture: settling for {waited}s; {} behind, e.g. {}",
+                    waiting.len(),
+                    waiting
+                        .iter()
+                        .take(2)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
