@@ -668,6 +668,23 @@ impl S3EventStore {
 }
 
 impl S3EventStore {
+    /// Whether the outbox holds no object at all — no single entry, batch object or
+    /// lease, however young (one LIST of one key): what a harness waits for before it
+    /// checks that every commit reached the stream.
+    pub async fn outbox_is_empty(&self) -> Result<bool, StoreError> {
+        let prefix = format!("{}outbox/", self.prefix);
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+        Ok(page.contents().is_empty())
+    }
+
     /// The entries a batch object or a lease lists (its body's lines that name one),
     /// or `None` if it is gone.
     async fn batch_paths(&self, key: &str) -> Result<Option<Vec<String>>, StoreError> {

@@ -101,9 +101,9 @@ impl Store {
     /// then — by the relay taking it over.
     async fn outbox_empty(&self) -> Result<bool, tally_es::StoreError> {
         match self {
-            Store::S3 { store, .. } => Ok(tally_es::packs::Packs::unpublished_streams(store)
-                .await?
-                .is_empty()),
+            // One LIST: reading every lease's body each time (as `unpublished_streams`
+            // does) kept moto too busy for the relay to take them over.
+            Store::S3 { store, .. } => store.outbox_is_empty().await,
             Store::Postgres { store } => Ok(store.pending(10).await?.is_empty()),
         }
     }
@@ -437,7 +437,7 @@ pub async fn run_on(
         if quiet.elapsed() >= DRAIN_WITHIN {
             break false;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     };
     eprintln!(
         "torture {}: the outbox {} {:.1} s after the load",
