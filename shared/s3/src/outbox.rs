@@ -590,14 +590,8 @@ impl S3EventStore {
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let prefix = format!("{}outbox/", self.prefix);
         let page = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&prefix)
-            .max_keys(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
-            .send()
-            .await
-            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
+            .outbox_page(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
+            .await?;
         let mut entries = Vec::new();
         let mut listed = HashSet::new();
         let mut complete = !page.is_truncated().unwrap_or(false);
@@ -672,17 +666,23 @@ impl S3EventStore {
     /// lease, however young (one LIST of one key): what a harness waits for before it
     /// checks that every commit reached the stream.
     pub async fn outbox_is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.outbox_page(1).await?.contents().is_empty())
+    }
+
+    /// The first page of a listing of `outbox/`, up to `max_keys` keys.
+    async fn outbox_page(
+        &self,
+        max_keys: i32,
+    ) -> Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output, StoreError> {
         let prefix = format!("{}outbox/", self.prefix);
-        let page = self
-            .client
+        self.client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&prefix)
-            .max_keys(1)
+            .max_keys(max_keys)
             .send()
             .await
-            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))?;
-        Ok(page.contents().is_empty())
+            .map_err(|e| failed(format_args!("LIST {prefix}"), &e))
     }
 
     /// The entries a batch object or a lease lists (its body's lines that name one),
