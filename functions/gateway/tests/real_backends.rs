@@ -1358,6 +1358,71 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
     );
 }
 
+/// A lease taken over late publishes the commits it can have promised — those written
+/// by its Last-Modified plus its takeover time — not every later commit of its streams.
+/// (Regression: a takeover republished a hot stream's whole history since the lease,
+/// for every lease that listed it; after a run with long broker outages the relay
+/// worked through thousands of commits and the outbox did not drain in 90 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_taken_over_late_publishes_only_the_commits_it_can_have_promised() {
+    use std::collections::BTreeSet;
+    use tally_es::{EventStore, Outbox};
+    let endpoint = required_env("TALLY_TEST_S3_ENDPOINT");
+    let bucket = unique("lease-late");
+    let (window, takeover) = (Duration::from_millis(500), Duration::from_secs(2));
+    let writer = s3_store(&endpoint, &bucket).with_outbox_lease_taken_over_after(window, takeover);
+    writer.ensure_bucket().await.unwrap();
+    let hot = stream("hot");
+    // Two commits under the writer's lease (the second joins it); it dies before it
+    // publishes either.
+    for n in 1..=2 {
+        writer
+            .record(&hot, Revision::new(n), &format!("a{n}"))
+            .await
+            .unwrap();
+        writer.append(&probe_commit(&hot, n)).await.unwrap();
+    }
+    drop(writer);
+    // Well past the lease's takeover time (listings count whole seconds), another
+    // process — its own outbox entries, not the lease's — goes on writing the stream.
+    tokio::time::sleep(takeover + Duration::from_millis(2500)).await;
+    let other = s3_store(&endpoint, &bucket);
+    for n in 3..=30 {
+        other.append(&probe_commit(&hot, n)).await.unwrap();
+    }
+    let relay = s3_store(&endpoint, &bucket);
+    let pending = relay.pending(1000).await.unwrap();
+    let revisions: BTreeSet<u64> = pending
+        .iter()
+        .filter(|e| e.stream == hot)
+        .map(|e| e.revision.get())
+        .collect();
+    assert_eq!(
+        revisions,
+        BTreeSet::from([1, 2]),
+        "the takeover publishes the lease's commits, not the stream's later ones: {pending:?}"
+    );
+    for e in &pending {
+        relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+    }
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        for e in relay.pending(1000).await.unwrap() {
+            assert!(e.revision.get() <= 2, "a later commit taken over: {e:?}");
+            relay.done(&e.stream, e.revision, &e.attempt).await.unwrap();
+        }
+        left = relay.keys("outbox/").await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        left.is_empty(),
+        "every lease is taken over and deleted: {left:?}"
+    );
+}
+
 /// A lease whose every entry was done is deleted by its writer when its window closes;
 /// until then, entries keep joining it. Streams in use are renewed (leases with no
 /// entries of their own, deleted in turn) until the writer has been idle for a

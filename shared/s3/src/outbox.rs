@@ -37,8 +37,10 @@
 //! it was done. Another process's relay leaves a lease alone until `takeover_ms` after
 //! its `Last-Modified` (the window, plus the longest an append begun inside it can
 //! take, plus a margin for clocks): by then its writer appends nothing more under it,
-//! so the relay reads each listed stream from the listed revision, publishes every
-//! commit it finds (a commit published twice is applied once), and deletes the lease.
+//! so the relay lists each listed stream's commits from the listed revision on,
+//! publishes every one written by the lease's `Last-Modified` plus its takeover time
+//! (the commits the lease can have promised; a commit published twice is applied
+//! once), and deletes the lease.
 //! What this trusts: that an append lands within the store's operation timeout of being
 //! sent, or never. (A commit that lands later still reaches the read model through the
 //! projector's periodic catch-up from the store, and a rebuild reads it.)
@@ -627,8 +629,8 @@ impl S3EventStore {
                         continue;
                     }
                     Known::New => {
-                        let paths = if lease.is_some() {
-                            self.take_over(key).await?
+                        let paths = if let Some(takeover) = lease {
+                            self.take_over(key, recorded_at + takeover).await?
                         } else {
                             self.batch_paths(key).await?.inspect(|paths| {
                                 self.outbox_batches.open(key, paths.clone(), true);
@@ -701,11 +703,27 @@ impl S3EventStore {
     }
 
     /// Take over another process's lease past its takeover time: an entry for every
-    /// commit of each stream it lists from the listed revision on (named by the listed
-    /// attempt, so that two leases never name one entry), kept as the lease's pending
+    /// commit of each stream it lists from the listed revision on that was written by
+    /// `until` (the lease's Last-Modified plus its takeover time), named by the listed
+    /// attempt, so that two leases never name one entry; kept as the lease's pending
     /// entries. `None` if there is nothing to publish (the lease is deleted) or the
     /// lease is gone.
-    async fn take_over(&self, key: &str) -> Result<Option<Vec<String>>, StoreError> {
+    ///
+    /// Why `until` bounds it: an entry joins a lease only within its use window,
+    /// counted from before the lease's PUT, and its append lands within the operation
+    /// timeout or never — so every commit the lease promises was written, by the
+    /// server's clock (the one that stamped the lease), before the lease's
+    /// Last-Modified plus its window plus that timeout, which its takeover time
+    /// exceeds. A commit written later joined another lease or recorded its own entry.
+    /// Without the bound, a lease taken over minutes late (a relay behind after a
+    /// broker outage) would republish every commit of a hot stream since, for every
+    /// lease that lists it. The commits are found by listing their keys (with when each
+    /// was written), not read: the relay reads each one it publishes.
+    async fn take_over(
+        &self,
+        key: &str,
+        until: OffsetDateTime,
+    ) -> Result<Option<Vec<String>>, StoreError> {
         let Some(listed) = self.batch_paths(key).await? else {
             return Ok(None);
         };
@@ -716,20 +734,32 @@ impl S3EventStore {
                 *first = (revision, attempt);
             }
         }
-        // A renewal may list many streams: read them `READ_CONCURRENCY` at a time.
+        // A listing's times are whole seconds (rounded down): a commit listed in the
+        // second after `until` may have been written by it.
+        let until = until + time::Duration::SECOND;
+        // A renewal may list many streams: list them `READ_CONCURRENCY` at a time.
         let found: Vec<Vec<String>> = stream::iter(from)
             .map(|(stream, (revision, attempt))| async move {
-                tally_es::EventStore::read(self, &stream, revision)
-                    .await?
-                    .iter()
-                    .filter(|commit| commit.revision >= revision)
-                    .map(|commit| entry_path(&stream, commit.revision, &attempt))
-                    .collect::<Result<Vec<String>, StoreError>>()
+                let start_after = (revision.get() > 1)
+                    .then(|| self.commit_key(&stream, Revision::new(revision.get() - 1)));
+                let mut paths = Vec::new();
+                for (commit, written) in
+                    self.list(&self.stream_prefix(&stream), start_after).await?
+                {
+                    if written.is_some_and(|at| at > until) {
+                        continue;
+                    }
+                    let revision = self.revision_of(&stream, &commit)?;
+                    paths.push(entry_path(&stream, revision, &attempt)?);
+                }
+                Ok::<_, StoreError>(paths)
             })
             .buffer_unordered(READ_CONCURRENCY)
             .try_collect()
             .await?;
+        let streams = found.len();
         let mut paths: Vec<String> = found.into_iter().flatten().collect();
+        tracing::info!(%key, streams, commits = paths.len(), "took over an outbox lease past its takeover time");
         if paths.is_empty() {
             self.outbox_batches.finish(key);
             self.delete_gathered(key.to_owned()).await?;

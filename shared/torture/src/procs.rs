@@ -51,7 +51,12 @@ impl Proc {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOST", "127.0.0.1")
             .env("PORT", self.port.to_string())
-            .env("RUST_LOG", "warn")
+            // Warnings, and what the relay does (each commit it publishes, each lease it
+            // takes over): what a failed drain is read from.
+            .env(
+                "RUST_LOG",
+                "warn,tally_app::relay=info,tally_s3::outbox=info,tally_host=info",
+            )
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
