@@ -207,9 +207,12 @@ fn spawn_relay_loop(relay: tally_app::Relay, leader: Leader) {
                 continue;
             }
             match relay.sweep().await {
-                Ok(report) if report.published + report.abandoned > 0 => {
+                Ok(report)
+                    if report.published + report.already_published + report.abandoned > 0 =>
+                {
                     tracing::info!(
                         published = report.published,
+                        already_published = report.already_published,
                         abandoned = report.abandoned,
                         waiting = report.waiting,
                         "relay sweep"
@@ -236,7 +239,8 @@ async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
                 async move {
                     let report = relay.sweep().await?;
                     Ok::<_, BoxError>(serde_json::json!({
-                        "published": report.published, "abandoned": report.abandoned, "waiting": report.waiting
+                        "published": report.published, "already_published": report.already_published,
+                        "abandoned": report.abandoned, "waiting": report.waiting
                     }))
                 }
             },
@@ -254,7 +258,8 @@ async fn run_relay(host: Host, leader: Leader) -> Result<(), BoxError> {
                 }
                 match relay.sweep().await {
                     Ok(r) => axum::Json(serde_json::json!({
-                        "published": r.published, "abandoned": r.abandoned, "waiting": r.waiting
+                        "published": r.published, "already_published": r.already_published,
+                        "abandoned": r.abandoned, "waiting": r.waiting
                     }))
                     .into_response(),
                     Err(e) => tally_runtime::problem(
@@ -368,6 +373,72 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+    }
+
+    /// Entries that name one commit — on S3, the leases a relay takes over, which each
+    /// name every commit of their streams for a while — cost one publish, in one sweep
+    /// or the next. (Regression: a relay published a commit once per entry naming it;
+    /// after a run with broker outages it worked through thousands of repeats.)
+    #[tokio::test]
+    async fn a_relay_publishes_a_commit_once_for_every_entry_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(tally_embedded::DirEventStore::open(dir.path()).unwrap());
+        let id = AccountId::parse("named-twice").unwrap();
+        let commit = Commit::new(
+            id.stream_id().clone(),
+            Revision::new(1),
+            time::OffsetDateTime::now_utc(),
+            vec![AccountEvent::Opened {
+                id: id.clone(),
+                currency: Currency::USD,
+                owner: None,
+                holder: None,
+            }],
+            CommitMetadata::default(),
+        );
+        store.append(&commit.encode()).await.unwrap();
+        for attempt in ["lease-a", "lease-b"] {
+            store
+                .record(id.stream_id(), Revision::new(1), attempt)
+                .await
+                .unwrap();
+        }
+        let published = Arc::new(Counting::default());
+        let relay = tally_app::Relay::new(store.clone(), store.clone(), published.clone())
+            .with_grace(Duration::ZERO);
+        let report = relay.sweep().await.unwrap();
+        assert_eq!(
+            (report.published, report.already_published),
+            (1, 1),
+            "{report:?}"
+        );
+        assert_eq!(
+            published.0.load(Ordering::SeqCst),
+            1,
+            "one publish for two entries"
+        );
+        assert!(
+            store.pending(10).await.unwrap().is_empty(),
+            "both entries done"
+        );
+
+        // A later entry naming the same commit: done without a publish.
+        store
+            .record(id.stream_id(), Revision::new(1), "lease-c")
+            .await
+            .unwrap();
+        let report = relay.sweep().await.unwrap();
+        assert_eq!(
+            (report.published, report.already_published),
+            (0, 1),
+            "{report:?}"
+        );
+        assert_eq!(
+            published.0.load(Ordering::SeqCst),
+            1,
+            "remembered as published"
+        );
+        assert!(store.pending(10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
