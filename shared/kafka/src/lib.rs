@@ -75,8 +75,10 @@ impl KafkaConfig {
 #[derive(Clone)]
 pub struct KafkaStream {
     config: KafkaConfig,
-    /// Replaced by a new one when it fails fatally (see [`KafkaStream::publish`]).
-    producer: std::sync::Arc<std::sync::RwLock<FutureProducer>>,
+    /// Made on the first publish — a function that never publishes (a query, the
+    /// projector) runs no producer's threads — and replaced by a new one when it fails
+    /// fatally (see [`KafkaStream::publish`]).
+    producer: std::sync::Arc<std::sync::RwLock<Option<FutureProducer>>>,
     /// The plain consumer of the topic's marks (`tally_es::packs`), made on first use.
     marks_consumer: marks::MarksConsumer,
 }
@@ -86,12 +88,12 @@ fn kafka(e: KafkaError) -> PublishError {
 }
 
 impl KafkaStream {
-    /// Create the producer (connects lazily).
+    /// The stream of `config`; its producer is made on the first publish, and connects
+    /// then.
     pub fn new(config: KafkaConfig) -> Result<Self, PublishError> {
-        let producer = Self::producer(&config)?;
         Ok(Self {
             config,
-            producer: std::sync::Arc::new(std::sync::RwLock::new(producer)),
+            producer: std::sync::Arc::default(),
             marks_consumer: Default::default(),
         })
     }
@@ -112,11 +114,26 @@ impl KafkaStream {
             .map_err(kafka)
     }
 
-    fn current(&self) -> FutureProducer {
-        self.producer
+    /// The producer, made now if this is the first publish.
+    fn current(&self) -> Result<FutureProducer, PublishError> {
+        if let Some(producer) = self
+            .producer
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+            .as_ref()
+        {
+            return Ok(producer.clone());
+        }
+        let mut slot = self
+            .producer
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(producer) = slot.as_ref() {
+            return Ok(producer.clone()); // Another publish made it meanwhile.
+        }
+        let producer = Self::producer(&self.config)?;
+        *slot = Some(producer.clone());
+        Ok(producer)
     }
 
     /// A producer that failed fatally refuses every later message: put a new one in its
@@ -129,7 +146,10 @@ impl KafkaStream {
             .producer
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if producer.client().fatal_error().is_none() {
+        if producer
+            .as_ref()
+            .is_none_or(|p| p.client().fatal_error().is_none())
+        {
             return; // Another publish renewed it already.
         }
         match Self::producer(&self.config) {
@@ -139,7 +159,7 @@ impl KafkaStream {
                     reason,
                     "the Kafka producer failed fatally; replaced it"
                 );
-                *producer = fresh;
+                *producer = Some(fresh);
             }
             Err(e) => {
                 tracing::error!(error = %e, "the Kafka producer failed fatally and could not be replaced")
@@ -226,7 +246,7 @@ impl EventPublisher for KafkaStream {
             .key(commit.stream.as_str())
             .payload(&payload)
             .headers(headers(commit, &payload, self.config.key.as_ref()));
-        let producer = self.current();
+        let producer = self.current()?;
         let sent = producer.send(record, Duration::ZERO).await;
         match sent {
             Ok(_) => Ok(()),
@@ -434,4 +454,36 @@ pub fn decode_lambda_batch(
         }
     }
     Ok(commits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A function that never publishes (a query, the projector) runs no producer: its
+    /// threads cost every process ≈ 1 % of a core while idle.
+    #[tokio::test]
+    async fn the_producer_is_made_on_the_first_publish() {
+        let stream = KafkaStream::new(KafkaConfig {
+            // Nothing listens there: the publish fails, after the producer is made.
+            brokers: "127.0.0.1:1".into(),
+            topic: "lazy".into(),
+            publish_timeout: Duration::from_millis(300),
+            key: None,
+        })
+        .unwrap();
+        assert!(
+            stream.producer.read().unwrap().is_none(),
+            "no producer before a publish"
+        );
+        let commit = StoredCommit::from_bytes(
+            br#"{"stream":"lazy-1","revision":1,"recorded_at":"2026-12-07T10:00:00Z","events":[{"type":"Probe","version":1,"data":{}}]}"#,
+        )
+        .unwrap();
+        assert!(stream.publish(&commit).await.is_err(), "no broker there");
+        assert!(
+            stream.producer.read().unwrap().is_some(),
+            "made by the publish"
+        );
+    }
 }
