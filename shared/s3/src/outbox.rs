@@ -303,6 +303,12 @@ impl Batches {
         Some(key.to_owned())
     }
 
+    /// Batch `key` is not finished after all: its delete failed, so the object is still
+    /// there, and the next listing is to take it up again as new.
+    fn unfinish(&self, key: &str) {
+        self.table().finished.remove(key);
+    }
+
     /// Batch `key` (read from a listing) had nothing left to do.
     fn finish(&self, key: &str) {
         let mut table = self.table();
@@ -483,7 +489,7 @@ pub(crate) async fn record_in_batches(
                 for key in store.outbox_batches.close_leases(now) {
                     let store = store.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = store.delete_gathered(key.clone()).await {
+                        if let Err(e) = store.delete_finished(key.clone()).await {
                             tracing::warn!(%key, error = %e, "a finished outbox lease stays until a relay takes it over");
                         }
                     });
@@ -576,12 +582,24 @@ impl S3EventStore {
     pub(crate) async fn done_batched(&self, entry: String) -> Result<(), StoreError> {
         match self.outbox_batches.done(&entry) {
             Done::Pending => Ok(()),
-            Done::Last(key) => self.delete_gathered(key).await,
+            Done::Last(key) => self.delete_finished(key).await,
             Done::Unknown => {
                 self.delete_gathered(format!("{}outbox/{entry}", self.prefix))
                     .await
             }
         }
+    }
+
+    /// Delete batch `key`, finished: every entry of it done. If the delete fails, the
+    /// batch is not remembered as finished, so that the next listing takes the object
+    /// up again (a relay then finds its entries' commits published, or publishes them
+    /// again) rather than passing over it for good.
+    async fn delete_finished(&self, key: String) -> Result<(), StoreError> {
+        let deleted = self.delete_gathered(key.clone()).await;
+        if deleted.is_err() {
+            self.outbox_batches.unfinish(&key);
+        }
+        deleted
     }
 
     /// Up to `limit` pending entries: of one listing of `outbox/`, the single-entry
@@ -762,7 +780,7 @@ impl S3EventStore {
         tracing::info!(%key, streams, commits = paths.len(), "took over an outbox lease past its takeover time");
         if paths.is_empty() {
             self.outbox_batches.finish(key);
-            self.delete_gathered(key.to_owned()).await?;
+            self.delete_finished(key.to_owned()).await?;
             return Ok(None);
         }
         paths.sort();
