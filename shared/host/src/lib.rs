@@ -375,16 +375,9 @@ mod tests {
         }
     }
 
-    /// Entries that name one commit — on S3, the leases a relay takes over, which each
-    /// name every commit of their streams for a while — cost one publish, in one sweep
-    /// or the next. (Regression: a relay published a commit once per entry naming it;
-    /// after a run with broker outages it worked through thousands of repeats.)
-    #[tokio::test]
-    async fn a_relay_publishes_a_commit_once_for_every_entry_that_names_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(tally_embedded::DirEventStore::open(dir.path()).unwrap());
-        let id = AccountId::parse("named-twice").unwrap();
-        let commit = Commit::new(
+    /// The commit that opens account `id`, at revision 1.
+    fn opened(id: &AccountId) -> Commit<AccountEvent> {
+        Commit::new(
             id.stream_id().clone(),
             Revision::new(1),
             time::OffsetDateTime::now_utc(),
@@ -395,7 +388,19 @@ mod tests {
                 holder: None,
             }],
             CommitMetadata::default(),
-        );
+        )
+    }
+
+    /// Entries that name one commit — on S3, the leases a relay takes over, which each
+    /// name every commit of their streams for a while — cost one publish, in one sweep
+    /// or the next. (Regression: a relay published a commit once per entry naming it;
+    /// after a run with broker outages it worked through thousands of repeats.)
+    #[tokio::test]
+    async fn a_relay_publishes_a_commit_once_for_every_entry_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(tally_embedded::DirEventStore::open(dir.path()).unwrap());
+        let id = AccountId::parse("named-twice").unwrap();
+        let commit = opened(&id);
         store.append(&commit.encode()).await.unwrap();
         for attempt in ["lease-a", "lease-b"] {
             store
@@ -446,18 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(tally_embedded::DirEventStore::open(dir.path()).unwrap());
         let id = AccountId::parse("left-behind").unwrap();
-        let commit = Commit::new(
-            id.stream_id().clone(),
-            Revision::new(1),
-            time::OffsetDateTime::now_utc(),
-            vec![AccountEvent::Opened {
-                id: id.clone(),
-                currency: Currency::USD,
-                owner: None,
-                holder: None,
-            }],
-            CommitMetadata::default(),
-        );
+        let commit = opened(&id);
         // What a command that died after its append leaves: an outbox entry and a commit.
         store
             .record(id.stream_id(), Revision::new(1), "left-behind")
