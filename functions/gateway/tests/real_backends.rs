@@ -1316,11 +1316,7 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
     tokio::time::sleep(takeover.saturating_sub(leased_at.elapsed()) + Duration::from_millis(500))
         .await;
     let pending = relay.pending(100).await.unwrap();
-    let revisions: BTreeSet<u64> = pending
-        .iter()
-        .filter(|e| e.stream == hot)
-        .map(|e| e.revision.get())
-        .collect();
+    let revisions = revisions_of(&pending, &hot);
     assert_eq!(
         revisions,
         BTreeSet::from([1, 2, 3]),
@@ -1344,6 +1340,18 @@ async fn an_outbox_lease_covers_a_streams_next_commits_and_a_relay_takes_it_over
         assert_eq!((e.stream.as_str(), e.revision.get()), ("hot", 3), "{e:?}");
     })
     .await;
+}
+
+/// The revisions of `stream` that `pending` names.
+fn revisions_of(
+    pending: &[tally_es::OutboxEntry],
+    stream: &StreamId,
+) -> std::collections::BTreeSet<u64> {
+    pending
+        .iter()
+        .filter(|e| &e.stream == stream)
+        .map(|e| e.revision.get())
+        .collect()
 }
 
 /// Do what `relay` lists (each entry checked by `check`) until the outbox is empty —
@@ -1405,11 +1413,7 @@ async fn a_lease_taken_over_late_publishes_only_the_commits_it_can_have_promised
     }
     let relay = s3_store(&endpoint, &bucket);
     let pending = relay.pending(1000).await.unwrap();
-    let revisions: BTreeSet<u64> = pending
-        .iter()
-        .filter(|e| e.stream == hot)
-        .map(|e| e.revision.get())
-        .collect();
+    let revisions = revisions_of(&pending, &hot);
     assert_eq!(
         revisions,
         BTreeSet::from([1, 2]),
