@@ -56,6 +56,27 @@ def _locked(method):
 
 S3Response.put_object = _locked(S3Response.put_object)
 
+# Which of moto's services a request's host names, remembered per host. moto works it
+# out for every request under one lock for all of them, by listing its package
+# directory and stat-ing each of its ≈ 170 entries, then matching hundreds of URL
+# patterns: each stat lets go of the GIL, so under concurrent requests the lock's
+# holder waits for the interpreter behind the other threads and every request queues
+# on it (sampled at 64 concurrent requests: three quarters of moto's request threads
+# were waiting on that lock). The answer depends on the host alone.
+_BACKEND_FOR_HOST = {}
+_backend_for_host = DomainDispatcherApplication.get_backend_for_host
+
+
+def _remembered_backend_for_host(self, host):
+    try:
+        return _BACKEND_FOR_HOST[host]
+    except KeyError:
+        backend = _BACKEND_FOR_HOST[host] = _backend_for_host(self, host)
+        return backend
+
+
+DomainDispatcherApplication.get_backend_for_host = _remembered_backend_for_host
+
 
 def _bucket_dir(bucket: str) -> str:
     return os.path.join(DATA_DIR, bucket)

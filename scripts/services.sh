@@ -70,7 +70,7 @@ redis_up() {
 moto_bin() { echo "$CACHE/venv/bin/moto_server"; }
 # moto's own server lets two conditional creates of one key both succeed when they
 # arrive together; scripts/moto-server serializes its writes (see moto_server.py).
-MOTO_KIND=serialized-writes-1
+MOTO_KIND=serialized-writes-2
 moto_launcher() { echo "$(cd "$(dirname "$0")" && pwd)/moto-server"; }
 
 moto_install() {
