@@ -10,7 +10,9 @@
 #      PostgreSQL read model (from the directory, S3 and PostgreSQL stores);
 #   3. criterion micro-benchmarks (fold, commit encode/decode, 10k-event stream load
 #      with and without a snapshot from the directory store, S3 and PostgreSQL);
-#   4. serverless figures per function (cold start, binary size, RSS after 1k requests).
+#   4. serverless figures per function (cold start, binary size, RSS after 1k requests);
+#   5. the run's chart, when every part ran, and issue 16's targets beside this run's
+#      figures (results/<time>-targets.md, by scripts/bench-targets.py).
 #
 # Results: bench/results/<time>-<what>.{json,md}, and a summary on stdout.
 #
@@ -249,6 +251,17 @@ if [ -z "$ONLY" ]; then
     --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
     --rebuild "dev=$OUT/$stamp-rebuild-dev.json" --rebuild "dev-pg=$OUT/$stamp-rebuild-dev-pg.json" \
     --rebuild "stack=$OUT/$stamp-rebuild-stack.json" --rebuild "stack-pg=$OUT/$stamp-rebuild-stack-pg.json"
+fi
+
+# 6. Issue 16's targets, each beside this run's figure (a part left out: not measured).
+if [ -z "$QUICK" ]; then
+  this_run() { [ -n "$1" ] && [ "$(basename "$1")" \> "$stamp" ] && echo "$1"; }
+  python3 scripts/bench-targets.py \
+    --stack "$(this_run "$(ls -t "$OUT"/*Z-stack.json 2>/dev/null | head -n 1)")" \
+    --dev-pg "$(this_run "$(ls -t "$OUT"/*Z-dev-pg.json 2>/dev/null | head -n 1)")" \
+    --rebuild-stack "$(ls "$OUT/$stamp-rebuild-stack.json" 2>/dev/null)" \
+    --rebuild-dev "$(ls "$OUT/$stamp-rebuild-dev.json" 2>/dev/null)" \
+    --micro "$(ls "$OUT/$stamp-micro.txt" 2>/dev/null)" | tee "$OUT/$stamp-targets.md" >&2
 fi
 
 echo "bench: done in $(( $(date +%s) - started )) s; results in $OUT/" >&2
