@@ -242,10 +242,13 @@ if want serverless; then
     "$BIN/tally-bench" --out "$OUT" serverless --bin-dir "$BIN" --profile "$PROFILE" --runs $runs --requests $requests --with-backends )
 fi
 
+# The newest load report of a kind (a load report is <time>Z-<target>.json;
+# <time>Z-rebuild-<target>.json is not one), and it only if this run wrote it.
+newest() { ls -t "$OUT"/*Z-"$1".json 2>/dev/null | head -n 1; }
+this_run() { [ -n "$1" ] && [ "$(basename "$1")" \> "$stamp" ] && echo "$1"; }
+
 # 5. The run's charts, from the JSON files it wrote (the newest of each kind).
 if [ -z "$ONLY" ]; then
-  # (A load report is <time>Z-<target>.json; <time>Z-rebuild-<target>.json is not one.)
-  newest() { ls -t "$OUT"/*Z-"$1".json 2>/dev/null | head -n 1; }
   "$BIN/tally-bench" --out "$OUT" picture --name "$stamp-bench" \
     --load "dev=$(newest dev)" --load "dev-pg=$(newest dev-pg)" \
     --load "stack=$(newest stack)" --load "stack-pg=$(newest stack-pg)" \
@@ -255,10 +258,8 @@ fi
 
 # 6. Issue 16's targets, each beside this run's figure (a part left out: not measured).
 if [ -z "$QUICK" ]; then
-  this_run() { [ -n "$1" ] && [ "$(basename "$1")" \> "$stamp" ] && echo "$1"; }
   python3 scripts/bench-targets.py \
-    --stack "$(this_run "$(ls -t "$OUT"/*Z-stack.json 2>/dev/null | head -n 1)")" \
-    --dev-pg "$(this_run "$(ls -t "$OUT"/*Z-dev-pg.json 2>/dev/null | head -n 1)")" \
+    --stack "$(this_run "$(newest stack)")" --dev-pg "$(this_run "$(newest dev-pg)")" \
     --rebuild-stack "$(ls "$OUT/$stamp-rebuild-stack.json" 2>/dev/null)" \
     --rebuild-dev "$(ls "$OUT/$stamp-rebuild-dev.json" 2>/dev/null)" \
     --micro "$(ls "$OUT/$stamp-micro.txt" 2>/dev/null)" | tee "$OUT/$stamp-targets.md" >&2
