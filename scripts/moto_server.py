@@ -19,17 +19,6 @@ object — and a restart loads them back. So `make torture` can kill the S3 serv
 any other process. Kept: bucket names, keys and bodies (hence ETags, which are the
 body's MD5), and Last-Modified (the file's modification time). Not kept: user
 metadata, versions, ACLs, tags — nothing Tally or tansu's S3 storage reads back.
-
-Connections that stay open. moto's own server (werkzeug's development server) answers
-every request with `Connection: close` and starts a thread per connection, so each S3
-request cost a TCP connection on both sides and a thread in moto, and moto's accept
-loop waited for each new thread to get the interpreter before it accepted the next
-(sampled at c=16 in the stack: a fifth of moto's samples in its accept loop's thread
-start). No S3 client meets that on AWS: the SDK keeps its connections. This serves the
-same application with waitress instead (a pool of `TALLY_MOTO_THREADS` request threads,
-16 by default, and keep-alive connections), and writes the access log werkzeug wrote,
-one line per request in the same format, which `tally-bench load --s3-log`,
-scripts/s3-requests.py and tests read.
 """
 
 import argparse
@@ -39,12 +28,15 @@ import os
 import signal
 import sys
 import threading
-import time
 
-import waitress
+from werkzeug.serving import run_simple
 
 from moto.core.models import DEFAULT_ACCOUNT_ID
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from moto.s3.models import S3Backend, s3_backends
 from moto.s3.responses import S3Response
 
@@ -204,51 +196,13 @@ def main() -> None:
         os.makedirs(DATA_DIR, exist_ok=True)
         print(f"moto: {restore()} objects loaded from {DATA_DIR}", file=sys.stderr, flush=True)
 
-    server = waitress.create_server(
-        _access_logged(DomainDispatcherApplication(create_backend_app)),
-        host=args.host,
-        port=args.port,
-        threads=int(os.environ.get("TALLY_MOTO_THREADS", "16")),
-        # Every test and function keeps its own pooled connections: never stop
-        # accepting (waitress's default limit is 100 open connections), and poll rather
-        # than select, which fails past 1,024 descriptors.
-        connection_limit=100_000,
-        backlog=1024,
-        asyncore_use_poll=True,
-        ident=None,
+    run_simple(
+        args.host,
+        args.port,
+        DomainDispatcherApplication(create_backend_app),
+        threaded=True,
+        request_handler=MotoRequestHandler,
     )
-    server.run()
-
-
-def _access_logged(app):
-    """`app`, writing werkzeug's access-log line for each request to stderr once the
-    application has answered it: `127.0.0.1 - - [07/Dec/2026 15:25:56] "PUT /path?query
-    HTTP/1.1" 200 -`, the time in UTC."""
-    lock = threading.Lock()
-
-    def logged(environ, start_response):
-        status = []
-
-        def start(line, headers, exc_info=None):
-            status.append(line.split(" ", 1)[0])
-            return start_response(line, headers, exc_info)
-
-        try:
-            return app(environ, start)
-        finally:
-            line = '%s - - [%s] "%s %s %s" %s -\n' % (
-                environ.get("REMOTE_ADDR", "-"),
-                time.strftime("%d/%b/%Y %H:%M:%S", time.gmtime()),
-                environ["REQUEST_METHOD"],
-                environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/"),
-                environ.get("SERVER_PROTOCOL", "HTTP/1.1"),
-                status[0] if status else "500",
-            )
-            with lock:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-
-    return logged
 
 
 if __name__ == "__main__":

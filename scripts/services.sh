@@ -21,8 +21,6 @@ S3_PORT=${TALLY_S3_PORT:-4566}
 KAFKA_PORT=${TALLY_KAFKA_PORT:-9092}
 TANSU_VERSION=0.6.0
 MOTO_VERSION=5.2.5
-# The HTTP server moto runs under (keep-alive connections; see scripts/moto_server.py).
-WAITRESS_VERSION=3.0.2
 mkdir -p "$CACHE" "$RUN"
 
 log() { echo "services: $*" >&2; }
@@ -71,16 +69,15 @@ redis_up() {
 
 moto_bin() { echo "$CACHE/venv/bin/moto_server"; }
 # moto's own server lets two conditional creates of one key both succeed when they
-# arrive together; scripts/moto-server serializes its writes, and serves keep-alive
-# connections (see moto_server.py). A new kind restarts a moto started the old way.
-MOTO_KIND=serialized-writes-3
+# arrive together; scripts/moto-server serializes its writes (see moto_server.py).
+MOTO_KIND=serialized-writes-2
 moto_launcher() { echo "$(cd "$(dirname "$0")" && pwd)/moto-server"; }
 
 moto_install() {
-  if [ -x "$(moto_bin)" ] && [ -x "$CACHE/venv/bin/waitress-serve" ]; then return; fi
+  if [ -x "$(moto_bin)" ]; then return; fi
   log "installing moto $MOTO_VERSION (S3 server) into $CACHE/venv"
   python3 -m venv "$CACHE/venv"
-  "$CACHE/venv/bin/pip" install -q "moto[s3]==$MOTO_VERSION" flask flask-cors "waitress==$WAITRESS_VERSION"
+  "$CACHE/venv/bin/pip" install -q "moto[s3]==$MOTO_VERSION" flask flask-cors
 }
 
 # SQLite storage (libsql) lets a test kill the broker and start it again without losing
