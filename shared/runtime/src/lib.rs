@@ -20,6 +20,13 @@
 //! extensions do not exist in server mode.
 
 mod problem;
+
+/// Every binary's allocator: mimalloc in place of glibc's malloc. A command, a query and
+/// a rebuild allocate in many small pieces (JSON, headers, the S3 SDK's layers); glibc
+/// spent 13–25 % of those processes' CPU in malloc and free (`perf`, bench/README
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod server;
 mod telemetry;
 
