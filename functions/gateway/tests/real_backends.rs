@@ -724,8 +724,9 @@ async fn dropping_the_read_model_and_rebuilding_it_from_the_store_gives_identica
 }
 
 /// More streams than one rebuild batch (`REBUILD_BATCH`), commits of one and of two
-/// events: the batched rebuild gives exactly the rows the projector gave commit by
-/// commit.
+/// events, movements with and without a transfer: the batched rebuild (its movements
+/// copied in with `COPY`) gives exactly the rows the projector gave commit by commit
+/// (with `INSERT`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit() {
     use tally_domain::{AccountEvent, Currency};
@@ -773,6 +774,18 @@ async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit
         ];
         if n % 3 == 0 {
             commits.push(commit(4, vec![AccountEvent::Closed]));
+        } else {
+            // A movement with its transfer and counterparty (the other columns NULL).
+            let transfer = tally_domain::TransferId::parse(&format!("{n:032x}")).unwrap();
+            commits.push(commit(
+                4,
+                vec![AccountEvent::TransferredOut {
+                    transfer,
+                    counterparty: AccountId::parse("batch-000").unwrap(),
+                    amount: 1,
+                    balance: amount - 2,
+                }],
+            ));
         }
         commits
     });
@@ -783,15 +796,16 @@ async fn a_rebuild_in_batches_gives_the_rows_the_projector_gave_commit_by_commit
     }
     let pool = host.pg.as_ref().unwrap().pool().clone();
     let live = dump(&pool).await;
+    let closed = streams.div_ceil(3);
     assert_eq!(
         live.len(),
-        streams * 3,
-        "an account row and two movements each"
+        streams * 3 + (streams - closed),
+        "an account row and two movements each, and a transfer out of those not closed"
     );
 
     let report = host.state.projector.rebuild().await.unwrap();
     assert_eq!(report.streams, streams);
-    assert_eq!(report.events, streams * 3 + streams.div_ceil(3));
+    assert_eq!(report.events, streams * 4);
     assert_eq!(
         dump(&pool).await,
         live,

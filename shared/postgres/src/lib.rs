@@ -257,6 +257,7 @@ async fn apply_in(
     let Tables {
         accounts,
         transactions,
+        ..
     } = tables;
     let mut outcomes = vec![Applied::Duplicate; runs.len()];
     let ids: Vec<&str> = runs
@@ -380,7 +381,11 @@ async fn apply_in(
             }
         }
     }
-    if !rows.revision.is_empty() {
+    if rows.revision.is_empty() {
+        // Nothing to insert.
+    } else if tables.bulk {
+        rows.copy_into(tx, transactions).await?;
+    } else {
         sqlx::query(&format!(
             "INSERT INTO {transactions} (account_id, revision, kind, amount, balance, recorded_at, transfer, counterparty)
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[], $7::text[], $8::text[])",
@@ -429,18 +434,25 @@ async fn apply_in(
 struct Tables {
     accounts: &'static str,
     transactions: &'static str,
+    /// Movements go in with `COPY` rather than an `INSERT` of unnested arrays: a
+    /// rebuild's batch holds thousands of them (64 streams in full), where `COPY`
+    /// costs PostgreSQL less per row; the live projector's batches hold a few, where
+    /// `COPY`'s extra round trip would cost more than it saves.
+    bulk: bool,
 }
 
 /// The generation readers use.
 const LIVE: Tables = Tables {
     accounts: "accounts",
     transactions: "transactions",
+    bulk: false,
 };
 
 /// The generation a rebuild fills beside the live one.
 const NEXT: Tables = Tables {
     accounts: "accounts_next",
     transactions: "transactions_next",
+    bulk: true,
 };
 
 /// How many times `apply_runs` plans again after losing an account's opening to a
@@ -476,6 +488,75 @@ impl<'a> TransactionRows<'a> {
         };
         self.transfer.push(transfer);
         self.counterparty.push(counterparty);
+    }
+
+    /// The rows in `COPY`'s text format: a line per row, tab-separated columns in the
+    /// order of [`TransactionRows::COLUMNS`], `\N` for NULL.
+    fn copy_text(&self) -> Result<String, ReadModelError> {
+        use std::fmt::Write;
+        let mut text = String::with_capacity(self.revision.len() * 96);
+        for i in 0..self.revision.len() {
+            copy_field(&mut text, Some(self.account_id[i]));
+            let at = floor_to_the_microsecond(self.recorded_at[i])
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| ReadModelError(format!("a movement's time: {e}")))?;
+            let _ = write!(
+                text,
+                "\t{}\t{}\t{}\t{}\t{at}\t",
+                self.revision[i], self.kind[i], self.amount[i], self.balance[i]
+            );
+            copy_field(&mut text, self.transfer[i].as_deref());
+            text.push('\t');
+            copy_field(&mut text, self.counterparty[i].as_deref());
+            text.push('\n');
+        }
+        Ok(text)
+    }
+
+    const COLUMNS: &'static str =
+        "account_id, revision, kind, amount, balance, recorded_at, transfer, counterparty";
+
+    /// Insert the rows into `table` with one `COPY … FROM STDIN` in `tx`.
+    async fn copy_into(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        table: &str,
+    ) -> Result<(), ReadModelError> {
+        let text = self.copy_text()?;
+        let mut copy = (**tx)
+            .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", Self::COLUMNS))
+            .await
+            .map_err(unavailable)?;
+        if let Err(e) = copy.send(text.into_bytes()).await {
+            let _ = copy.abort(e.to_string()).await;
+            return Err(unavailable(e));
+        }
+        let copied = copy.finish().await.map_err(unavailable)?;
+        if copied != self.revision.len() as u64 {
+            return Err(ReadModelError(format!(
+                "copied {copied} of {} movements",
+                self.revision.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `value` as a column of `COPY`'s text format: `\N` for NULL, and the backslash, tab,
+/// newline and carriage return escaped.
+fn copy_field(text: &mut String, value: Option<&str>) {
+    let Some(value) = value else {
+        text.push_str("\\N");
+        return;
+    };
+    for c in value.chars() {
+        match c {
+            '\\' => text.push_str("\\\\"),
+            '\t' => text.push_str("\\t"),
+            '\n' => text.push_str("\\n"),
+            '\r' => text.push_str("\\r"),
+            c => text.push(c),
+        }
     }
 }
 
@@ -743,5 +824,54 @@ impl ReadModel for PgReadModel {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_specially_and_writes_null_as_backslash_n() {
+        let mut text = String::new();
+        copy_field(&mut text, Some("a\\b\tc\nd\re"));
+        assert_eq!(text, "a\\\\b\\tc\\nd\\re");
+        text.clear();
+        copy_field(&mut text, None);
+        assert_eq!(text, "\\N");
+    }
+
+    #[test]
+    fn copy_text_is_a_line_per_movement_in_the_columns_order_with_times_to_the_microsecond() {
+        let at = time::macros::datetime!(2026-12-07 18:00:00.123456789 UTC);
+        let mut rows = TransactionRows::default();
+        rows.push(
+            "acc-1",
+            &TransactionView {
+                revision: Revision::new(2),
+                kind: TransactionKind::named("deposit").unwrap(),
+                amount: 250,
+                balance: 250,
+                recorded_at: at,
+                transfer: None,
+            },
+        );
+        let transfer = TransferId::parse(&"ab".repeat(16)).unwrap();
+        rows.push(
+            "acc-1",
+            &TransactionView {
+                revision: Revision::new(3),
+                kind: TransactionKind::named("transfer-out").unwrap(),
+                amount: 50,
+                balance: 200,
+                recorded_at: at,
+                transfer: Some((transfer, AccountId::parse("acc-2").unwrap())),
+            },
+        );
+        assert_eq!(
+            rows.copy_text().unwrap(),
+            "acc-1\t2\tdeposit\t250\t250\t2026-12-07T18:00:00.123456Z\t\\N\t\\N\n\
+             acc-1\t3\ttransfer-out\t50\t200\t2026-12-07T18:00:00.123456Z\tabababababababababababababababab\tacc-2\n"
+        );
     }
 }
