@@ -138,6 +138,11 @@ pub struct Level {
     pub projection_lag: Figures,
     /// Lag probes that never saw the revision (within 10 s).
     pub lag_timeouts: u64,
+    /// Commands (deposits and withdrawals) sent per second, answered or not — what the
+    /// tables and `scripts/bench-targets.py` read as the level's commands/s.
+    pub commands_per_second: f64,
+    /// Of those, the ones answered 2xx or 422 (a refused withdrawal), per second.
+    pub successful_commands_per_second: f64,
     /// When the level began and ended (UTC, RFC 3339).
     pub window: [String; 2],
     #[serde(skip)]
@@ -190,19 +195,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// Commands (deposits and withdrawals) per second at each level, in the mixed
-    /// workload.
-    pub fn commands_per_second(&self, level: &Level) -> f64 {
-        self.commands(level) as f64 / level.seconds.max(1e-9)
-    }
-
     /// Deposits and withdrawals sent in `level`.
     pub fn commands(&self, level: &Level) -> u64 {
-        ["deposit", "withdraw"]
-            .iter()
-            .filter_map(|op| level.ops.get(op))
-            .map(|f| f.count)
-            .sum()
+        commands_in(&level.ops, false)
     }
 
     /// Count each level's S3 requests in `log` (the S3 server's access log) to `bucket`.
@@ -675,9 +670,12 @@ async fn level(
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
     };
+    let per_second = |n: u64| n as f64 / seconds.max(1e-9);
     Level {
         concurrency,
         seconds,
+        commands_per_second: per_second(commands_in(&ops, false)),
+        successful_commands_per_second: per_second(commands_in(&ops, true)),
         ops,
         projection_lag: lag.0.figures(seconds),
         lag_timeouts: lag.1,
@@ -685,6 +683,23 @@ async fn level(
         bounds: (began, ended),
         s3_requests: None,
     }
+}
+
+/// The deposits and withdrawals among `ops`: all sent, or only those answered as
+/// [`Recorder::record`] counts success.
+fn commands_in(ops: &BTreeMap<&'static str, Figures>, successful: bool) -> u64 {
+    ["deposit", "withdraw"]
+        .iter()
+        .filter_map(|op| ops.get(op))
+        .map(|f| {
+            let failed = if successful {
+                f.errors.values().sum::<u64>()
+            } else {
+                0
+            };
+            f.count.saturating_sub(failed)
+        })
+        .sum()
 }
 
 fn pick(rng: &mut fastrand::Rng) -> Op {
@@ -800,7 +815,7 @@ pub fn markdown(report: &Report) -> String {
                 .levels
                 .iter()
                 .find(|l| l.concurrency == c.concurrency)
-                .map(|l| report.commands_per_second(l));
+                .map(|l| l.commands_per_second);
             let (tally, fraction) = match tally {
                 Some(t) => (
                     format!("{t:.0}"),

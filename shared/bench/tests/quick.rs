@@ -72,6 +72,20 @@ async fn a_quick_run_measures_every_operation_and_the_projection_lag() {
     }
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["levels"][1]["concurrency"], 4);
+    // What the chart and scripts/bench-targets.py read: the level's deposits and
+    // withdrawals over its seconds, every one of them answered here.
+    for (level, written) in report.levels.iter().zip(json["levels"].as_array().unwrap()) {
+        let commands = (level.ops["deposit"].count + level.ops["withdraw"].count) as f64;
+        let per_second = written["commands_per_second"].as_f64().unwrap();
+        assert!(
+            (per_second - commands / level.seconds).abs() < 1e-6,
+            "{written}"
+        );
+        assert_eq!(
+            written["successful_commands_per_second"],
+            written["commands_per_second"]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,8 @@ fn report(levels: &[(u64, u64, f64)]) -> serde_json::Value {
             json!({
                 "concurrency": concurrency,
                 "seconds": 1.0,
+                "commands_per_second": commands,
+                "successful_commands_per_second": commands - 1,
                 "ops": {
                     "deposit": {"count": commands - commands / 2, "errors": {"503": 1}},
                     "withdraw": {"count": commands / 2, "errors": {}},
