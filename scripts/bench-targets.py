@@ -17,6 +17,7 @@ import json
 import re
 import sys
 
+
 def load(path):
     if not path:
         return None
