@@ -23,8 +23,8 @@ mod problem;
 
 /// Every binary's allocator: mimalloc in place of glibc's malloc. A command, a query and
 /// a rebuild allocate in many small pieces (JSON, headers, the S3 SDK's layers); glibc
-/// spent 13–25 % of those processes' CPU in malloc and free (`perf`, bench/README
-/// "The allocator").
+/// spent 12–16 % of the functions' CPU and ≈ 23 % of a rebuild's in malloc and free
+/// (`perf`; bench/README "The allocator and COPY in the rebuild").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod server;
