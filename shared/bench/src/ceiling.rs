@@ -133,6 +133,7 @@ pub async fn measure(
         brokers: backends.kafka_brokers.clone(),
         topic: "tally.bench-ceiling".into(),
         publish_timeout: std::time::Duration::from_secs(10),
+        fetch_wait: tally_kafka::DEFAULT_FETCH_WAIT,
         key: None,
     })
     .map_err(|e| e.to_string())?;

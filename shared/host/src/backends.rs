@@ -432,6 +432,7 @@ impl Host {
                     brokers: brokers.clone(),
                     topic: config.kafka_topic.clone(),
                     publish_timeout: std::time::Duration::from_secs(10),
+                    fetch_wait: config.kafka_fetch_wait()?,
                     key,
                 })?;
                 let mut commands = CommandHandler::new(store.clone(), Arc::new(kafka.clone()))

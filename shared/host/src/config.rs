@@ -38,6 +38,10 @@ pub struct Config {
     pub kafka_topic: String,
     #[serde(default = "default_group")]
     pub kafka_group: String,
+    /// How long the broker may hold a consumer's fetch (ms; librdkafka's
+    /// `fetch.wait.max.ms`). See [`tally_kafka::KafkaConfig::fetch_wait`].
+    #[serde(default = "default_kafka_fetch_wait_ms")]
+    pub kafka_fetch_wait_ms: u64,
     /// The transfer saga's consumer group.
     #[serde(default = "default_saga_group")]
     pub saga_group: String,
@@ -144,6 +148,9 @@ fn default_outbox_lease_seconds() -> u64 {
 }
 fn default_topic() -> String {
     "tally.commits".into()
+}
+fn default_kafka_fetch_wait_ms() -> u64 {
+    tally_kafka::DEFAULT_FETCH_WAIT.as_millis() as u64
 }
 fn default_group() -> String {
     "tally-projector".into()
@@ -256,6 +263,17 @@ impl Config {
             .transpose()?)
     }
 
+    /// `TALLY_KAFKA_FETCH_WAIT_MS` as a duration: 1 ms to 5 minutes, librdkafka's range
+    /// (0 would have an idle consumer ask without pause).
+    pub fn kafka_fetch_wait(&self) -> Result<std::time::Duration, BoxError> {
+        match self.kafka_fetch_wait_ms {
+            ms @ 1..=300_000 => Ok(std::time::Duration::from_millis(ms)),
+            ms => Err(
+                format!("TALLY_KAFKA_FETCH_WAIT_MS is {ms}: it must be 1 to 300000 (ms)").into(),
+            ),
+        }
+    }
+
     /// The S3 settings, if the S3 store is configured.
     pub fn s3(&self) -> Result<Option<tally_s3::S3Config>, BoxError> {
         let Some(bucket) = &self.s3_bucket else {
@@ -294,4 +312,49 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, envy::Error> {
+        envy::prefixed("TALLY_").from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn the_fetch_wait_defaults_to_the_kafka_crates_and_takes_milliseconds() {
+        let default = config(&[]).unwrap();
+        assert_eq!(
+            default.kafka_fetch_wait().unwrap(),
+            tally_kafka::DEFAULT_FETCH_WAIT
+        );
+        let set = config(&[("TALLY_KAFKA_FETCH_WAIT_MS", "7")]).unwrap();
+        assert_eq!(
+            set.kafka_fetch_wait().unwrap(),
+            std::time::Duration::from_millis(7)
+        );
+    }
+
+    #[test]
+    fn a_fetch_wait_outside_librdkafkas_range_is_refused_with_its_name() {
+        for bad in ["0", "300001"] {
+            let e = config(&[("TALLY_KAFKA_FETCH_WAIT_MS", bad)])
+                .unwrap()
+                .kafka_fetch_wait()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("TALLY_KAFKA_FETCH_WAIT_MS") && e.contains(bad),
+                "{e}"
+            );
+        }
+        let e = config(&[("TALLY_KAFKA_FETCH_WAIT_MS", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KAFKA_FETCH_WAIT_MS") && e.contains("soon"),
+            "{e}"
+        );
+    }
 }

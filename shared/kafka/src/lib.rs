@@ -46,13 +46,31 @@ pub struct KafkaConfig {
     pub topic: String,
     /// How long a publish may wait for the broker before it fails (the outbox covers it).
     pub publish_timeout: Duration,
+    /// How long the broker may hold a consumer's fetch that has no data yet
+    /// (librdkafka's `fetch.wait.max.ms`, `TALLY_KAFKA_FETCH_WAIT_MS`). Kafka answers as
+    /// soon as a record arrives, so there a longer wait only makes an idle consumer ask
+    /// less often; tansu holds every fetch for the whole wait, so there it is also the
+    /// projection's delay. Default [`DEFAULT_FETCH_WAIT`].
+    pub fetch_wait: Duration,
     /// The key messages are signed and checked with; `None`: neither (a warning at
     /// start says the topic is then trusted).
     pub key: Option<StreamKey>,
 }
 
+/// [`KafkaConfig::fetch_wait`]'s default. On tansu, which holds every fetch for the
+/// whole wait, it is the projection's delay and the consumers' rate: the projection lag
+/// was ≈ 400 ms at librdkafka's default 500 ms, p50/p99 41/68 ms at 25 ms, and 11/18 ms
+/// at 5 ms (make bench, stack, concurrency 1). At 5 ms each idle consumer asked 200
+/// times a second (tansu 12–14 % of a core with the stack idle), and under load each
+/// fetch carried a handful of commits: the projector's batches were small. At 20 ms the
+/// stack spent 1.5–3 ms less CPU per command outside moto, and answered 20–40 % more
+/// commands at c=64 (bench/README, "The consumers' fetch wait"); the lag's p50 at
+/// concurrency 1 went from 18 to 35 ms.
+pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(20);
+
 impl KafkaConfig {
-    /// From `TALLY_KAFKA_BROKERS` and `TALLY_KAFKA_TOPIC` (default `tally.commits`).
+    /// From `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC` (default `tally.commits`) and
+    /// `TALLY_KAFKA_FETCH_WAIT_MS` (default [`DEFAULT_FETCH_WAIT`]).
     pub fn from_env() -> Result<Self, String> {
         let brokers = std::env::var("TALLY_KAFKA_BROKERS")
             .ok()
@@ -62,6 +80,13 @@ impl KafkaConfig {
             brokers,
             topic: std::env::var("TALLY_KAFKA_TOPIC").unwrap_or_else(|_| "tally.commits".into()),
             publish_timeout: Duration::from_secs(10),
+            fetch_wait: match std::env::var("TALLY_KAFKA_FETCH_WAIT_MS") {
+                Ok(ms) if !ms.is_empty() => Duration::from_millis(
+                    ms.parse()
+                        .map_err(|e| format!("TALLY_KAFKA_FETCH_WAIT_MS `{ms}`: {e}"))?,
+                ),
+                _ => DEFAULT_FETCH_WAIT,
+            },
             key: std::env::var("TALLY_STREAM_KEY")
                 .ok()
                 .filter(|v| !v.is_empty())
@@ -269,13 +294,8 @@ impl EventStream for KafkaStream {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
-            // How long the broker may hold a fetch that has no data yet. Kafka answers
-            // as soon as a record arrives (fetch.min.bytes = 1), but not every broker
-            // does — tansu holds the fetch for the whole wait: the projection lag was
-            // ≈ 400 ms at the default 500 ms, p50/p99 41/68 ms at 25 ms, and 11/18 ms
-            // at 5 ms (make bench, stack, concurrency 1). An idle consumer then asks
-            // 200 times a second: 6 % of a core in tansu, 2 % in the projector, here.
-            .set("fetch.wait.max.ms", "5")
+            // See `KafkaConfig::fetch_wait`.
+            .set("fetch.wait.max.ms", fetch_wait_ms(&self.config))
             .set("topic.metadata.refresh.interval.ms", "2000")
             .create()
             .map_err(kafka)?;
@@ -289,6 +309,16 @@ impl EventStream for KafkaStream {
             key: self.config.key.clone(),
         }))
     }
+}
+
+/// [`KafkaConfig::fetch_wait`] as librdkafka takes it: whole milliseconds, at least 1
+/// (0 would have an idle consumer ask without pause).
+fn fetch_wait_ms(config: &KafkaConfig) -> String {
+    config
+        .fetch_wait
+        .as_millis()
+        .clamp(1, i32::MAX as u128)
+        .to_string()
 }
 
 /// A consumer-group member. Offsets are committed by [`Subscription::ack`] — every
@@ -460,6 +490,22 @@ pub fn decode_lambda_batch(
 mod tests {
     use super::*;
 
+    #[test]
+    fn librdkafka_takes_the_fetch_wait_in_whole_milliseconds_and_never_zero() {
+        let wait = |fetch_wait| {
+            fetch_wait_ms(&KafkaConfig {
+                brokers: String::new(),
+                topic: String::new(),
+                publish_timeout: Duration::ZERO,
+                fetch_wait,
+                key: None,
+            })
+        };
+        assert_eq!(wait(DEFAULT_FETCH_WAIT), "20");
+        assert_eq!(wait(Duration::from_micros(7_900)), "7");
+        assert_eq!(wait(Duration::ZERO), "1");
+    }
+
     /// A function that never publishes (a query, the projector) runs no producer: its
     /// threads cost every process ≈ 1 % of a core while idle.
     #[tokio::test]
@@ -469,6 +515,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             topic: "lazy".into(),
             publish_timeout: Duration::from_millis(300),
+            fetch_wait: DEFAULT_FETCH_WAIT,
             key: None,
         })
         .unwrap();

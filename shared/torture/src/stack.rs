@@ -241,6 +241,7 @@ pub async fn run_on(
         brokers: broker_address.clone(),
         topic: topic.clone(),
         publish_timeout: Duration::from_secs(5),
+        fetch_wait: tally_kafka::DEFAULT_FETCH_WAIT,
         // Signed like the functions' publishes, so that the duplicated and reordered
         // deliveries reach the consumers (an unsigned message is passed over).
         key: Some(tally_kafka::StreamKey::parse(&stream_key)?),
