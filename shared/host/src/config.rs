@@ -263,15 +263,9 @@ impl Config {
             .transpose()?)
     }
 
-    /// `TALLY_KAFKA_FETCH_WAIT_MS` as a duration: 1 ms to 5 minutes, librdkafka's range
-    /// (0 would have an idle consumer ask without pause).
+    /// `TALLY_KAFKA_FETCH_WAIT_MS` as a duration ([`tally_kafka::fetch_wait_of_ms`]).
     pub fn kafka_fetch_wait(&self) -> Result<std::time::Duration, BoxError> {
-        match self.kafka_fetch_wait_ms {
-            ms @ 1..=300_000 => Ok(std::time::Duration::from_millis(ms)),
-            ms => Err(
-                format!("TALLY_KAFKA_FETCH_WAIT_MS is {ms}: it must be 1 to 300000 (ms)").into(),
-            ),
-        }
+        Ok(tally_kafka::fetch_wait_of_ms(self.kafka_fetch_wait_ms)?)
     }
 
     /// The S3 settings, if the S3 store is configured.

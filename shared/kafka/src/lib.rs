@@ -68,6 +68,17 @@ pub struct KafkaConfig {
 /// concurrency 1 went from 18 to 35 ms.
 pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(20);
 
+/// `TALLY_KAFKA_FETCH_WAIT_MS`'s milliseconds as a [`KafkaConfig::fetch_wait`]: 1 ms to
+/// 5 minutes, librdkafka's range (0 would have an idle consumer ask without pause).
+pub fn fetch_wait_of_ms(ms: u64) -> Result<Duration, String> {
+    match ms {
+        1..=300_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "TALLY_KAFKA_FETCH_WAIT_MS is {ms}: it must be 1 to 300000 (ms)"
+        )),
+    }
+}
+
 impl KafkaConfig {
     /// From `TALLY_KAFKA_BROKERS`, `TALLY_KAFKA_TOPIC` (default `tally.commits`) and
     /// `TALLY_KAFKA_FETCH_WAIT_MS` (default [`DEFAULT_FETCH_WAIT`]).
@@ -81,10 +92,10 @@ impl KafkaConfig {
             topic: std::env::var("TALLY_KAFKA_TOPIC").unwrap_or_else(|_| "tally.commits".into()),
             publish_timeout: Duration::from_secs(10),
             fetch_wait: match std::env::var("TALLY_KAFKA_FETCH_WAIT_MS") {
-                Ok(ms) if !ms.is_empty() => Duration::from_millis(
+                Ok(ms) if !ms.is_empty() => fetch_wait_of_ms(
                     ms.parse()
                         .map_err(|e| format!("TALLY_KAFKA_FETCH_WAIT_MS `{ms}`: {e}"))?,
-                ),
+                )?,
                 _ => DEFAULT_FETCH_WAIT,
             },
             key: std::env::var("TALLY_STREAM_KEY")
