@@ -322,14 +322,11 @@ impl EventStream for KafkaStream {
     }
 }
 
-/// [`KafkaConfig::fetch_wait`] as librdkafka takes it: whole milliseconds, at least 1
-/// (0 would have an idle consumer ask without pause).
+/// [`KafkaConfig::fetch_wait`] as librdkafka takes it: whole milliseconds within its
+/// range, 1 ms to 5 minutes (0 would have an idle consumer ask without pause; past 5
+/// minutes librdkafka refuses the consumer).
 fn fetch_wait_ms(config: &KafkaConfig) -> String {
-    config
-        .fetch_wait
-        .as_millis()
-        .clamp(1, i32::MAX as u128)
-        .to_string()
+    config.fetch_wait.as_millis().clamp(1, 300_000).to_string()
 }
 
 /// A consumer-group member. Offsets are committed by [`Subscription::ack`] — every
@@ -502,7 +499,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn librdkafka_takes_the_fetch_wait_in_whole_milliseconds_and_never_zero() {
+    fn librdkafka_takes_the_fetch_wait_in_whole_milliseconds_within_its_range() {
         let wait = |fetch_wait| {
             fetch_wait_ms(&KafkaConfig {
                 brokers: String::new(),
@@ -515,6 +512,7 @@ mod tests {
         assert_eq!(wait(DEFAULT_FETCH_WAIT), "20");
         assert_eq!(wait(Duration::from_micros(7_900)), "7");
         assert_eq!(wait(Duration::ZERO), "1");
+        assert_eq!(wait(Duration::from_secs(600)), "300000");
     }
 
     /// A function that never publishes (a query, the projector) runs no producer: its
