@@ -648,6 +648,18 @@ async fn balance_of(api: &Api, id: &str) -> String {
     b["balance"].as_str().unwrap().to_owned()
 }
 
+/// The balance of account `id` at least at revision `min` (read-your-writes: a
+/// transfer's step names the account revision it wrote; without it, the read model
+/// may not have projected that step yet).
+async fn balance_at(api: &Api, id: &str, min: &Value) -> String {
+    let min = min
+        .as_u64()
+        .unwrap_or_else(|| panic!("a revision, not {min}"));
+    let (s, b) = api.get(&format!("/accounts/{id}?min_revision={min}")).await;
+    assert_eq!(s, 200, "{b}");
+    b["balance"].as_str().unwrap().to_owned()
+}
+
 /// Transfers end to end: a completed one moves the money once (a retry with the key
 /// moves nothing), appears in both histories with its counterparty, and each refusal
 /// ends `failed` (nothing moved) or `reversed` (the debit refunded); bad requests are
@@ -765,8 +777,14 @@ pub async fn transfers_move_money_once(api: &Api, prefix: &str) {
         (s, p["type"].as_str()),
         (422, Some("/problems/idempotency-key-reused"))
     );
-    assert_eq!(balance_of(api, &a).await, "75.00");
-    assert_eq!(balance_of(api, &b).await, "25.00");
+    assert_eq!(
+        balance_at(api, &a, &done["steps"][1]["revision"]).await,
+        "75.00"
+    );
+    assert_eq!(
+        balance_at(api, &b, &done["steps"][2]["revision"]).await,
+        "25.00"
+    );
     let (_, history) = api
         .get(&format!("/accounts/{a}/transactions?min_revision=3"))
         .await;
@@ -798,6 +816,7 @@ pub async fn transfers_move_money_once(api: &Api, prefix: &str) {
         (Some("failed"), Some("insufficient-funds")),
         "{failed}"
     );
+    let mut refunded = Value::Null;
     for (to, code) in [
         (closed.clone(), "account-closed"),
         (format!("{prefix}-nobody"), "account-not-found"),
@@ -813,9 +832,22 @@ pub async fn transfers_move_money_once(api: &Api, prefix: &str) {
             (Some("reversed"), Some(code), Some(to.as_str())),
             "{reversed}"
         );
+        // The refund is the last step, on the payer's account.
+        let last = reversed["steps"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (last["step"].as_str(), last["account"].as_str()),
+            (Some("reversed"), Some(a.as_str())),
+            "{reversed}"
+        );
+        refunded = last["revision"].clone();
     }
     assert_eq!(
-        balance_of(api, &a).await,
+        balance_at(api, &a, &refunded).await,
         "75.00",
         "both debits were refunded"
     );
