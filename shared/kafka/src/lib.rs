@@ -68,15 +68,21 @@ pub struct KafkaConfig {
 /// concurrency 1 went from 18 to 35 ms.
 pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(20);
 
-/// `TALLY_KAFKA_FETCH_WAIT_MS`'s milliseconds as a [`KafkaConfig::fetch_wait`]: 1 ms to
-/// 5 minutes, librdkafka's range (0 would have an idle consumer ask without pause).
+/// librdkafka's range for `fetch.wait.max.ms`, in milliseconds: 0 would have an idle
+/// consumer ask without pause, and past 5 minutes librdkafka refuses the consumer.
+pub const FETCH_WAIT_RANGE_MS: std::ops::RangeInclusive<u64> = 1..=300_000;
+
+/// `TALLY_KAFKA_FETCH_WAIT_MS`'s milliseconds as a [`KafkaConfig::fetch_wait`], within
+/// [`FETCH_WAIT_RANGE_MS`].
 pub fn fetch_wait_of_ms(ms: u64) -> Result<Duration, String> {
-    match ms {
-        1..=300_000 => Ok(Duration::from_millis(ms)),
-        _ => Err(format!(
-            "TALLY_KAFKA_FETCH_WAIT_MS is {ms}: it must be 1 to 300000 (ms)"
-        )),
+    if FETCH_WAIT_RANGE_MS.contains(&ms) {
+        return Ok(Duration::from_millis(ms));
     }
+    Err(format!(
+        "TALLY_KAFKA_FETCH_WAIT_MS is {ms}: it must be {} to {} (ms)",
+        FETCH_WAIT_RANGE_MS.start(),
+        FETCH_WAIT_RANGE_MS.end()
+    ))
 }
 
 impl KafkaConfig {
@@ -322,11 +328,12 @@ impl EventStream for KafkaStream {
     }
 }
 
-/// [`KafkaConfig::fetch_wait`] as librdkafka takes it: whole milliseconds within its
-/// range, 1 ms to 5 minutes (0 would have an idle consumer ask without pause; past 5
-/// minutes librdkafka refuses the consumer).
+/// [`KafkaConfig::fetch_wait`] as librdkafka takes it: whole milliseconds within
+/// [`FETCH_WAIT_RANGE_MS`] (a `KafkaConfig` may be built by hand, unchecked).
 fn fetch_wait_ms(config: &KafkaConfig) -> String {
-    config.fetch_wait.as_millis().clamp(1, 300_000).to_string()
+    let ms = u64::try_from(config.fetch_wait.as_millis()).unwrap_or(u64::MAX);
+    ms.clamp(*FETCH_WAIT_RANGE_MS.start(), *FETCH_WAIT_RANGE_MS.end())
+        .to_string()
 }
 
 /// A consumer-group member. Offsets are committed by [`Subscription::ack`] — every

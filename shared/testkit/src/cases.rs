@@ -642,10 +642,9 @@ pub async fn settled(api: &Api, id: &str, seconds: u64) -> Value {
     }
 }
 
+/// The balance of account `id` as the read model holds it now.
 async fn balance_of(api: &Api, id: &str) -> String {
-    let (s, b) = api.get(&format!("/accounts/{id}")).await;
-    assert_eq!(s, 200, "{b}");
-    b["balance"].as_str().unwrap().to_owned()
+    balance_in(api, &format!("/accounts/{id}")).await
 }
 
 /// The balance of account `id` at least at revision `min` (read-your-writes: a
@@ -655,7 +654,12 @@ async fn balance_at(api: &Api, id: &str, min: &Value) -> String {
     let min = min
         .as_u64()
         .unwrap_or_else(|| panic!("a revision, not {min}"));
-    let (s, b) = api.get(&format!("/accounts/{id}?min_revision={min}")).await;
+    balance_in(api, &format!("/accounts/{id}?min_revision={min}")).await
+}
+
+/// The balance `GET path` answers, which must be 200.
+async fn balance_in(api: &Api, path: &str) -> String {
+    let (s, b) = api.get(path).await;
     assert_eq!(s, 200, "{b}");
     b["balance"].as_str().unwrap().to_owned()
 }
