@@ -9,6 +9,9 @@
 #   scripts/cpu-per-command.sh                  c=64, 3000 operations, 20 s idle
 #   CONCURRENCY=16 OPS=2000 IDLE=10 scripts/cpu-per-command.sh
 #
+# The functions log at `warn` into .stack/cpu-logs/; STACK_RUST_LOG sets another level,
+# and with TALLY_LOG_SPANS=1 scripts/span-times.py reads where each command's time went.
+#
 # Needs the `perf` build (`cargo build --profile perf --workspace --bins`, what
 # `make bench` builds) and the services (`./scripts/services.sh up`). Nothing is kept:
 # the figures go to stdout.
@@ -38,7 +41,7 @@ cleanup() {
   rm -rf "$OUT"
 }
 trap cleanup EXIT INT TERM
-PROFILE=$PROFILE PORT=$PORT RUST_LOG=warn STACK_LOGS=.stack/cpu-logs ./scripts/stack.sh >/dev/null 2>&1 &
+PROFILE=$PROFILE PORT=$PORT RUST_LOG=${STACK_RUST_LOG:-warn} STACK_LOGS=.stack/cpu-logs ./scripts/stack.sh >/dev/null 2>&1 &
 stack=$!
 # Until every function answers through the gateway (a 4xx is an answer; 502/503 is not).
 for _ in $(seq 1 600); do
