@@ -8,7 +8,8 @@
 #      stacks with the bare backends' ceiling measured first;
 #   2. rebuilds: `admin rebuild` replaying what each load wrote into an empty
 #      PostgreSQL read model (from the directory, S3 and PostgreSQL stores);
-#   3. criterion micro-benchmarks (fold, commit encode/decode, 10k-event stream load
+#   3. criterion micro-benchmarks (fold, commit encode/decode, a bearer token checked
+#      in full and remembered, 10k-event stream load
 #      with and without a snapshot from the directory store, S3 and PostgreSQL);
 #   4. serverless figures per function (cold start, binary size, RSS after 1k requests);
 #   5. the run's chart, when every part ran, and issue 16's targets beside this run's
@@ -227,7 +228,7 @@ if [ -z "$QUICK" ] && want micro; then
       || psql -h 127.0.0.1 -U postgres -d postgres -qc "create database tally_bench_load"
     TALLY_EVENT_STORE_URL=postgres://postgres@127.0.0.1:5432/tally_bench_load \
     TALLY_S3_BUCKET=tally-bench-load cargo bench --profile "$PROFILE" -p tally-bench --bench domain --bench load 2>&1 \
-      | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|load)/|time:|thrpt:' >&2
+      | tee "$OUT/$stamp-micro.txt" | grep -E '^(fold|commit|auth|load)/|time:|thrpt:' >&2
   )
 fi
 

@@ -13,7 +13,12 @@
 //!   keys older than [`AuthConfig::max_key_age`] are fetched again on the next token;
 //! * checks `iss`, `aud`, `exp` and `nbf` (with [`AuthConfig::leeway`]) and requires
 //!   `sub`, `exp`, `iss` and `aud` (the `jsonwebtoken` crate does the JOSE);
-//! * reads the scopes from `scope` (space-separated, RFC 8693/9068) or `scp` (a list).
+//! * reads the scopes from `scope` (space-separated, RFC 8693/9068) or `scp` (a list);
+//! * remembers the tokens it verified ([`AuthConfig::verified_tokens`] of them, least
+//!   recently used out first), so a client's next request with the same token costs a
+//!   lookup, not a signature check: a remembered token is taken only with the very key
+//!   set it was checked against (any fetch of the keys forgets them all) and only until
+//!   its `exp` plus the leeway, as the full check would.
 //!
 //! What a token proves is a [`Principal`]: its subject (the owner of the accounts it
 //! opens) and its [`Scopes`].
@@ -174,11 +179,15 @@ pub struct AuthConfig {
     pub refresh_every: Duration,
     /// Keys fetched longer ago than this are fetched again on the next token.
     pub max_key_age: Duration,
+    /// How many verified tokens are remembered (0: every request checks its token's
+    /// signature). A client sends the same token until it expires; an RSA signature
+    /// check costs tens of microseconds, a lookup well under one.
+    pub verified_tokens: usize,
 }
 
 impl AuthConfig {
     /// Defaults for `issuer` and `audience`: 30 s leeway, a refresh at most every 10 s,
-    /// keys kept 15 minutes.
+    /// keys kept 15 minutes, [`DEFAULT_VERIFIED_TOKENS`] tokens remembered.
     pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Self {
         Self {
             issuer: issuer.into(),
@@ -187,6 +196,7 @@ impl AuthConfig {
             leeway: Duration::from_secs(30),
             refresh_every: Duration::from_secs(10),
             max_key_age: Duration::from_secs(15 * 60),
+            verified_tokens: DEFAULT_VERIFIED_TOKENS,
         }
     }
 
@@ -200,6 +210,10 @@ impl AuthConfig {
     }
 }
 
+/// [`AuthConfig::verified_tokens`]' default: a few kilobytes each at most (the token,
+/// its subject and scopes), a few megabytes in all.
+pub const DEFAULT_VERIFIED_TOKENS: usize = 4096;
+
 struct Key {
     key: DecodingKey,
     /// The algorithm the JWK pins, if it does.
@@ -212,6 +226,17 @@ struct KeySet {
     /// The key of a set with exactly one, for tokens without a `kid`.
     only: Option<String>,
     fetched_at: Option<Instant>,
+    /// Counts the fetches: a remembered token names the set it was checked against.
+    generation: u64,
+}
+
+/// A token that verified: what it proves, until when, against which key set.
+struct Verified {
+    principal: Principal,
+    /// Its `exp` plus the leeway, in seconds since the epoch: past it, the full check
+    /// refuses the token.
+    until: u64,
+    generation: u64,
 }
 
 /// Checks bearer tokens of one issuer. Cheap to share (`Arc`).
@@ -222,11 +247,16 @@ pub struct Verifier {
     /// Held while fetching (one fetch at a time): when the last attempt was, and why
     /// it failed if it did.
     fetching: Mutex<Option<(Instant, Option<String>)>>,
+    /// The tokens verified lately, by their text; `None` when none are remembered.
+    verified: Option<std::sync::Mutex<lru::LruCache<String, Verified>>>,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Required by the validation; a number of seconds, possibly with a fraction.
+    #[serde(default)]
+    exp: Option<f64>,
     #[serde(default)]
     scope: Option<String>,
     #[serde(default)]
@@ -247,6 +277,8 @@ impl Verifier {
             .build()
             .expect("an HTTP client with a timeout builds");
         Self {
+            verified: std::num::NonZeroUsize::new(config.verified_tokens)
+                .map(|n| std::sync::Mutex::new(lru::LruCache::new(n))),
             config,
             http,
             keys: RwLock::new(KeySet::default()),
@@ -277,6 +309,9 @@ impl Verifier {
 
     /// Check a token.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(principal) = self.remembered(token).await {
+            return Ok(principal);
+        }
         let invalid = |why: &str| AuthError::Invalid(why.to_owned());
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("not a signed JWT ({e})")))?;
@@ -287,8 +322,8 @@ impl Verifier {
             )));
         }
         self.refresh_if_old().await?;
-        let claims = match self.check(token, &header).await? {
-            Some(claims) => claims,
+        let (claims, generation) = match self.check(token, &header).await? {
+            Some(checked) => checked,
             None => {
                 // An unknown key: the issuer may have rotated. Fetch again, at a
                 // bounded rate, and look once more.
@@ -305,16 +340,72 @@ impl Verifier {
             (None, Some(scp)) => Scopes::parse(scp.iter().map(String::as_str)),
             (None, None) => Scopes::default(),
         };
-        Ok(Principal { subject, scopes })
+        let principal = Principal { subject, scopes };
+        self.remember(token, &principal, claims.exp, generation);
+        Ok(principal)
     }
 
-    /// Check the token against the key its header names; `None` if no such key is
-    /// known.
+    /// How many verified tokens are remembered now.
+    pub fn remembered_tokens(&self) -> usize {
+        self.verified
+            .as_ref()
+            .and_then(|v| v.lock().ok().map(|v| v.len()))
+            .unwrap_or(0)
+    }
+
+    /// What `token` proves, if it verified against the key set held now, before its
+    /// `exp` plus the leeway, and the keys are not due to be fetched again.
+    async fn remembered(&self, token: &str) -> Option<Principal> {
+        let verified = self.verified.as_ref()?;
+        let generation = {
+            let keys = self.keys.read().await;
+            let fresh = keys
+                .fetched_at
+                .is_some_and(|at| at.elapsed() <= self.config.max_key_age);
+            // Keys due to be fetched again: the full path fetches them.
+            fresh.then_some(keys.generation)?
+        };
+        let mut verified = verified.lock().ok()?;
+        let hit = verified.get(token)?;
+        if hit.generation == generation && jsonwebtoken::get_current_timestamp() <= hit.until {
+            return Some(hit.principal.clone());
+        }
+        verified.pop(token);
+        None
+    }
+
+    /// Remember that `token` proved `principal` against key set `generation`, until
+    /// its `exp` (without one, it is not remembered).
+    fn remember(&self, token: &str, principal: &Principal, exp: Option<f64>, generation: u64) {
+        let (Some(verified), Some(exp)) = (&self.verified, exp) else {
+            return;
+        };
+        if !exp.is_finite() || exp < 0.0 {
+            return;
+        }
+        // Whole seconds, as the check compares them.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let exp = exp.floor() as u64;
+        let until = exp.saturating_add(self.config.leeway.as_secs());
+        if let Ok(mut verified) = verified.lock() {
+            verified.put(
+                token.to_owned(),
+                Verified {
+                    principal: principal.clone(),
+                    until,
+                    generation,
+                },
+            );
+        }
+    }
+
+    /// Check the token against the key its header names: its claims and the key set's
+    /// generation; `None` if no such key is known.
     async fn check(
         &self,
         token: &str,
         header: &jsonwebtoken::Header,
-    ) -> Result<Option<Claims>, AuthError> {
+    ) -> Result<Option<(Claims, u64)>, AuthError> {
         let keys = self.keys.read().await;
         let kid = match (&header.kid, &keys.only) {
             (Some(kid), _) => kid,
@@ -338,7 +429,7 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.leeway = self.config.leeway.as_secs();
         jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
-            .map(|data| Some(data.claims))
+            .map(|data| Some((data.claims, keys.generation)))
             .map_err(|e| AuthError::Invalid(describe(&e)))
     }
 
@@ -385,8 +476,11 @@ impl Verifier {
             }
         };
         *last = Some((Instant::now(), None));
+        // Under `fetching`, so no other fetch moves the generation meanwhile.
+        let generation = self.keys.read().await.generation + 1;
         let mut keys = KeySet {
             fetched_at: Some(Instant::now()),
+            generation,
             ..KeySet::default()
         };
         for jwk in &set.keys {

@@ -1,6 +1,8 @@
 //! CPU-only micro-benchmarks of the domain and the toolkit: folding a 10,000-event
-//! stream into an account, and encoding/decoding a commit (the JSON that the store and
-//! the broker carry). `cargo bench --profile perf -p tally-bench --bench domain`.
+//! stream into an account, encoding/decoding a commit (the JSON that the store and the
+//! broker carry), and checking a bearer token (RS256) with and without the verifier's
+//! record of tokens it verified. `cargo bench --profile perf -p tally-bench --bench
+//! domain`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
@@ -52,6 +54,39 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
+/// One RS256 token checked again and again, as a client's requests carry it: each time
+/// in full (`TALLY_AUTH_VERIFIED_TOKENS=0`), and remembered (the default). The keys come
+/// from an issuer on loopback, fetched once before measuring.
+fn auth(c: &mut Criterion) {
+    use tally_auth::testing::TestIssuer;
+    use tally_auth::{AuthConfig, Verifier};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let issuer = rt.block_on(TestIssuer::with_rsa());
+    let token = issuer.token("client-a", "accounts:read accounts:write");
+    let mut group = c.benchmark_group("auth");
+    group.throughput(Throughput::Elements(1));
+    for (name, remembered) in [
+        ("RS256 token, checked in full", 0),
+        ("RS256 token, remembered", 4096),
+    ] {
+        let mut config = AuthConfig::new(&issuer.url, tally_auth::testing::AUDIENCE);
+        config.verified_tokens = remembered;
+        let verifier = Verifier::new(config);
+        rt.block_on(verifier.verify(&token))
+            .expect("the token verifies");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(verifier.verify(black_box(&token)))
+                    .expect("verifies")
+            })
+        });
+    }
+    group.finish();
+}
+
 // Shorter than criterion's default (3 s warm-up, 5 s measuring): these run in
 // microseconds, their confidence intervals stay within 0.5 %, and `make bench` keeps
 // to its ten minutes.
@@ -60,6 +95,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = fold, codec
+    targets = fold, codec, auth
 }
 criterion_main!(benches);

@@ -104,6 +104,10 @@ pub struct Config {
     pub auth_leeway_seconds: u64,
     /// The subject that owns the accounts opened before owners were recorded.
     pub auth_legacy_owner: Option<String>,
+    /// How many verified tokens each process remembers (0: none; every request checks
+    /// its token's signature).
+    #[serde(default = "default_auth_verified_tokens")]
+    pub auth_verified_tokens: usize,
 
     /// The key (base64, at least 32 bytes) every message on the commit topic is signed
     /// with and checked against (`tally_kafka::mac`). Unset: the topic is trusted.
@@ -120,6 +124,9 @@ fn default_auth_audience() -> String {
 }
 fn default_auth_leeway_seconds() -> u64 {
     30
+}
+fn default_auth_verified_tokens() -> usize {
+    tally_auth::DEFAULT_VERIFIED_TOKENS
 }
 
 fn default_data_dir() -> PathBuf {
@@ -207,6 +214,7 @@ impl Config {
         let mut config = tally_auth::AuthConfig::new(issuer, &self.auth_audience);
         config.discovery_url = self.auth_discovery_url.clone();
         config.leeway = std::time::Duration::from_secs(self.auth_leeway_seconds);
+        config.verified_tokens = self.auth_verified_tokens;
         let legacy_owner = self
             .auth_legacy_owner
             .as_deref()

@@ -206,3 +206,64 @@ async fn an_issuer_out_of_reach_is_unavailable_not_a_bad_token() {
         Err(AuthError::Unavailable(_))
     ));
 }
+
+/// A verified token is remembered, so the next request with it costs no signature
+/// check; but only while the full check would pass: not past its `exp` (plus the
+/// leeway), and not once the keys are fetched again without its key.
+#[tokio::test]
+async fn a_verified_token_is_remembered_only_while_its_key_is_published_and_it_is_unexpired() {
+    let issuer = Issuer::start(vec![
+        jwk(&rsa(), Algorithm::RS256, "rsa-1"),
+        jwk(&ed(ED_KEY_1), Algorithm::EdDSA, "ed-1"),
+    ])
+    .await;
+    let mut config = AuthConfig::new(&issuer.url, AUDIENCE);
+    config.refresh_every = Duration::from_millis(100);
+    config.leeway = Duration::ZERO;
+    let verifier = Verifier::new(config.clone());
+    let claims = issuer.claims("client-a", "accounts:read");
+    let token = sign(Algorithm::RS256, Some("rsa-1"), &claims, &rsa());
+    let first = verifier.verify(&token).await.unwrap();
+    assert_eq!(verifier.remembered_tokens(), 1);
+    assert_eq!(verifier.verify(&token).await.unwrap(), first);
+    assert_eq!(verifier.remembered_tokens(), 1);
+    // A refused token is not remembered, and another token's text is not this one's.
+    let tampered = format!("{token}x");
+    assert!(verifier.verify(&tampered).await.is_err());
+    assert_eq!(verifier.remembered_tokens(), 1);
+
+    // The issuer withdraws the RSA key; a token with an unknown kid has the keys
+    // fetched again, and the remembered token goes with its key.
+    issuer.publish(vec![jwk(&ed(ED_KEY_1), Algorithm::EdDSA, "ed-1")]);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let unknown = sign(Algorithm::EdDSA, Some("ed-9"), &claims, &ed(ED_KEY_2));
+    assert!(verifier.verify(&unknown).await.is_err());
+    assert_eq!(issuer.fetches(), 2);
+    match verifier.verify(&token).await {
+        Err(AuthError::Invalid(why)) => assert!(why.contains("does not publish"), "{why}"),
+        other => panic!("a token of a withdrawn key: {other:?}"),
+    }
+
+    // A remembered token expires as a checked one does.
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut short = issuer.claims("client-a", "accounts:read");
+    short["exp"] = json!(now + 1);
+    let short = sign(Algorithm::EdDSA, Some("ed-1"), &short, &ed(ED_KEY_1));
+    assert!(verifier.verify(&short).await.is_ok());
+    assert!(verifier.verify(&short).await.is_ok());
+    while jsonwebtoken::get_current_timestamp() <= now + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match verifier.verify(&short).await {
+        Err(AuthError::Invalid(why)) => assert!(why.contains("expired"), "{why}"),
+        other => panic!("an expired remembered token: {other:?}"),
+    }
+
+    // None remembered when none are wanted.
+    config.verified_tokens = 0;
+    let forgetful = Verifier::new(config);
+    let token = sign(Algorithm::EdDSA, Some("ed-1"), &claims, &ed(ED_KEY_1));
+    assert!(forgetful.verify(&token).await.is_ok());
+    assert!(forgetful.verify(&token).await.is_ok());
+    assert_eq!(forgetful.remembered_tokens(), 0);
+}
