@@ -1713,6 +1713,108 @@ async fn a_stream_turn_in_redis_is_one_process_s_until_it_gives_it_back() {
     );
 }
 
+/// A turn taken with the record and given back with a commit, in one round trip each
+/// way: what `take` then `after`, and `remember` then `give_back`, do one by one.
+#[tokio::test]
+async fn a_stream_turn_in_redis_comes_with_the_recent_commits_and_gives_the_next_one_back() {
+    use tally_es::{Commit, CommitMetadata, RecentCommits, StoredCommit, TurnsWithRecent};
+    let mut redis = PrivateService::redis().await;
+    let cache = std::sync::Arc::new(
+        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
+    );
+    let one = std::sync::Arc::new(tally_redis::RecentInRedis::new(cache.clone(), "s3:one"));
+    let other = std::sync::Arc::new(tally_redis::RecentInRedis::new(cache, "s3:one"));
+    let stream = StreamId::parse("handed").unwrap();
+    let at = time::OffsetDateTime::now_utc();
+    let commit = |revision: u64| -> StoredCommit {
+        Commit::new(
+            stream.clone(),
+            Revision::new(revision),
+            at,
+            vec![tally_domain::AccountEvent::Deposited {
+                amount: 1,
+                balance: revision as i64,
+            }],
+            CommitMetadata::default(),
+        )
+        .encode()
+    };
+    let patience = Duration::from_millis(150);
+    let (token, found) = one
+        .take_reading(&stream, patience, Revision::ZERO)
+        .await
+        .expect("a free turn");
+    assert_eq!(found, None, "no record yet: cannot tell");
+    assert!(other
+        .take_reading(&stream, patience, Revision::ZERO)
+        .await
+        .is_none());
+    // The waiter takes the turn once it is given back, with the commit made in it.
+    let waiting = {
+        let (other, stream) = (other.clone(), stream.clone());
+        tokio::spawn(async move {
+            other
+                .take_reading(&stream, Duration::from_secs(5), Revision::ZERO)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    one.remember_giving_back(&stream, &token, Some(&commit(1)))
+        .await;
+    let (token, found) = waiting.await.unwrap().expect("the waiter takes it");
+    assert_eq!(found, Some(vec![commit(1)]));
+    assert_eq!(one.after(&stream, Revision::new(1)).await, Some(vec![]));
+    // Another's token remembers the commit but leaves the turn as it is.
+    one.remember_giving_back(&stream, "not-the-token", Some(&commit(2)))
+        .await;
+    assert!(one
+        .take_reading(&stream, patience, Revision::new(1))
+        .await
+        .is_none());
+    // Given back without a commit: only the turn.
+    other.remember_giving_back(&stream, &token, None).await;
+    let (token, found) = one
+        .take_reading(&stream, patience, Revision::new(1))
+        .await
+        .expect("given back");
+    assert_eq!(found, Some(vec![commit(2)]));
+    // Kept as `remember` keeps them: the newest RECENT_KEPT, a hole says nothing.
+    for revision in 3..=40 {
+        one.remember(&commit(revision)).await;
+    }
+    one.remember_giving_back(&stream, &token, Some(&commit(42)))
+        .await;
+    let (token, found) = one
+        .take_reading(&stream, patience, Revision::new(40))
+        .await
+        .unwrap();
+    assert_eq!(found, None, "41 never reached the record");
+    one.remember_giving_back(&stream, &token, None).await;
+    let (_, found) = one
+        .take_reading(&stream, patience, Revision::new(41))
+        .await
+        .unwrap();
+    assert_eq!(found, Some(vec![commit(42)]));
+    assert_eq!(
+        one.after(&stream, Revision::new(20)).await,
+        None,
+        "only the newest {} are kept",
+        tally_redis::RECENT_KEPT
+    );
+    // Redis down: no turn, at once.
+    redis.stop().await;
+    let started = std::time::Instant::now();
+    assert!(one
+        .take_reading(&stream, Duration::from_secs(5), Revision::new(42))
+        .await
+        .is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Hole 2 of issue 13: when another transaction inserted a new account's row after this
 /// one's row lock found none (a query's catch-up racing the projector, a rebuild beside
 /// the live projector), the whole run was taken for a duplicate — the commits after the

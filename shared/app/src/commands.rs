@@ -14,7 +14,7 @@ use tally_domain::{
 use tally_es::{
     Aggregate, AppendError, Commit, CommitMetadata, DecodeError, EventPublisher, EventStore,
     Outbox, RecentCommits, RememberedKey, Revision, Snapshot, SnapshotStore, StoreError,
-    StoredCommit, StreamId, StreamTurns,
+    StoredCommit, StreamId, StreamTurns, TurnsWithRecent,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -121,6 +121,19 @@ enum Attempt<E: std::error::Error> {
     /// outcome unknown: reload and look again.
     Conflict,
     Failed(CommandError<E>),
+}
+
+/// A command's turn on its stream among processes (see
+/// [`CommandHandler::with_stream_turns`]).
+struct SharedTurn {
+    /// What to give it back with.
+    token: String,
+    /// With [`TurnsWithRecent`]: the warm state's revision and what the recent commits
+    /// held after it as the turn was taken; the first load takes it.
+    read: Mutex<Option<(Revision, Option<Vec<StoredCommit>>)>>,
+    /// With [`TurnsWithRecent`]: the commit appended during the turn, remembered as the
+    /// turn is given back.
+    handed: Mutex<Option<StoredCommit>>,
 }
 
 /// How a commit reaches the stream after the append.
@@ -310,6 +323,10 @@ pub struct CommandHandler<A: Aggregate> {
     /// Turn-taking per stream with other processes (see
     /// [`CommandHandler::with_stream_turns`]).
     turns: Option<Arc<dyn StreamTurns>>,
+    /// The same turns and recent commits as one, whose turns are taken and given back
+    /// with the record in one round trip each (see
+    /// [`CommandHandler::with_turns_and_recent`]).
+    handover: Option<Arc<dyn TurnsWithRecent>>,
     clock: fn() -> OffsetDateTime,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -335,6 +352,7 @@ where
             trust_warm: false,
             recent: None,
             turns: None,
+            handover: None,
             clock: now_to_the_microsecond,
             _aggregate: PhantomData,
         }
@@ -400,6 +418,18 @@ where
         self
     }
 
+    /// [`CommandHandler::with_recent_commits`] and [`CommandHandler::with_stream_turns`]
+    /// on one record that keeps both (Redis: `tally_redis::RecentInRedis`), which a
+    /// command then reaches one round trip fewer each way: its turn comes with what the
+    /// record holds after its warm state, and its commit is remembered as it gives the
+    /// turn back (still before the next holder can take it).
+    pub fn with_turns_and_recent<T: TurnsWithRecent>(mut self, both: Arc<T>) -> Self {
+        self.recent = Some(both.clone());
+        self.turns = Some(both.clone());
+        self.handover = Some(both);
+        self
+    }
+
     /// Inject `faults` (tests only; see [`crate::faults`]).
     pub fn with_faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
@@ -422,14 +452,11 @@ where
             .lock(stream)
             .instrument(tracing::debug_span!("command.turn"))
             .await;
-        let shared_turn = match &self.turns {
-            Some(turns) => turns
-                .take(stream, TURN_PATIENCE)
-                .instrument(tracing::debug_span!("command.shared_turn"))
-                .await
-                .map(|token| (turns, token)),
-            None => None,
-        };
+        let shared_turn = self
+            .take_turn(stream)
+            .instrument(tracing::debug_span!("command.shared_turn"))
+            .await;
+        let turn = shared_turn.as_ref();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(2))
             .with_max_delay(Duration::from_millis(100))
@@ -437,7 +464,7 @@ where
             .with_jitter();
         let attempted = Mutex::new(Vec::new());
         let unknown = AtomicBool::new(false);
-        let attempt = || self.attempt(stream, command.clone(), ctx, &attempted, &unknown);
+        let attempt = || self.attempt(stream, command.clone(), ctx, &attempted, &unknown, turn);
         let outcome = match attempt
             .retry(backoff)
             .when(|e| matches!(e, Attempt::Conflict))
@@ -447,9 +474,9 @@ where
             Err(Attempt::Conflict) => {
                 // Out of attempts; one of them may still have landed ambiguously.
                 async {
-                    let (loaded, _) = self.load(stream, false, false).await?;
+                    let (loaded, _) = self.load(stream, false, false, None).await?;
                     match self.find_ours(stream, &loaded, &attempted).await? {
-                        Some(commit) => Ok(self.adopt(commit, &loaded).await),
+                        Some(commit) => Ok(self.adopt(commit, &loaded, turn).await),
                         None => Err(CommandError::Contention),
                     }
                 }
@@ -457,8 +484,8 @@ where
             }
             Err(Attempt::Failed(e)) => Err(e),
         };
-        if let Some((turns, token)) = shared_turn {
-            turns.give_back(stream, &token).await;
+        if let Some(turn) = shared_turn {
+            self.give_turn_back(stream, turn).await;
         }
         match outcome {
             // An append whose answer never came may still land: "nothing was written"
@@ -467,6 +494,48 @@ where
                 e @ (CommandError::Store(StoreError::Unavailable(_)) | CommandError::Contention),
             ) if unknown.load(Ordering::SeqCst) => Err(CommandError::OutcomeUnknown(e.to_string())),
             other => other,
+        }
+    }
+
+    /// The stream's turn among processes, if turns are taken and it could be had within
+    /// [`TURN_PATIENCE`]; with [`TurnsWithRecent`] and a warm state, together with what
+    /// the recent commits hold after it.
+    async fn take_turn(&self, stream: &StreamId) -> Option<SharedTurn> {
+        let warm = || {
+            self.warm
+                .lock()
+                .expect("warm streams poisoned")
+                .peek(stream)
+                .map(|loaded| loaded.revision)
+        };
+        let (token, read) = match (&self.handover, &self.turns) {
+            (Some(both), _) => match warm() {
+                Some(after) => {
+                    let (token, found) = both.take_reading(stream, TURN_PATIENCE, after).await?;
+                    (token, Some((after, found)))
+                }
+                None => (both.take(stream, TURN_PATIENCE).await?, None),
+            },
+            (None, Some(turns)) => (turns.take(stream, TURN_PATIENCE).await?, None),
+            (None, None) => return None,
+        };
+        Some(SharedTurn {
+            token,
+            read: Mutex::new(read),
+            handed: Mutex::new(None),
+        })
+    }
+
+    /// Give `turn` back, remembering the commit it handed over first if there is one.
+    async fn give_turn_back(&self, stream: &StreamId, turn: SharedTurn) {
+        let handed = turn.handed.into_inner().expect("turn poisoned");
+        match (&self.handover, &self.turns) {
+            (Some(both), _) => {
+                both.remember_giving_back(stream, &turn.token, handed.as_ref())
+                    .await
+            }
+            (None, Some(turns)) => turns.give_back(stream, &turn.token).await,
+            (None, None) => {}
         }
     }
 
@@ -512,8 +581,13 @@ where
 
     /// An earlier attempt's commit that landed after all: publish it and answer with it.
     /// `loaded` is the state it was found in: commits past it make it superseded.
-    async fn adopt(&self, commit: Commit<A::Event>, loaded: &Loaded<A>) -> Executed<A> {
-        self.after_append(commit.encode()).await;
+    async fn adopt(
+        &self,
+        commit: Commit<A::Event>,
+        loaded: &Loaded<A>,
+        turn: Option<&SharedTurn>,
+    ) -> Executed<A> {
+        self.after_append(commit.encode(), turn).await;
         let superseded = loaded.revision > commit.last_revision();
         Executed {
             commit,
@@ -534,12 +608,14 @@ where
     /// says whether the store was read. `lost_race`: an earlier attempt lost the
     /// append on the warm state (so a record with nothing after it is stale). A decision
     /// on an unverified state may only end in an append, which the store's conditional
-    /// create checks (a stale state loses the race and reloads).
+    /// create checks (a stale state loses the race and reloads). `turn`: the command's
+    /// turn, which may come with the record's answer for the warm state (read once).
     async fn load(
         &self,
         stream: &StreamId,
         trust_warm: bool,
         lost_race: bool,
+        turn: Option<&SharedTurn>,
     ) -> Result<(Loaded<A>, bool), CommandError<A::Error>> {
         let warm = self
             .warm
@@ -551,7 +627,13 @@ where
             // After an append on this very state lost, the winner's commit is due in
             // the record: its writer puts it there right after its own append, which
             // may still be on its way. Ask again a few times before reading the store.
-            let mut found = recent.after(stream, loaded.revision).await;
+            let read_with_turn = turn
+                .and_then(|t| t.read.lock().expect("turn poisoned").take())
+                .filter(|(after, _)| *after == loaded.revision && !lost_race);
+            let mut found = match read_with_turn {
+                Some((_, found)) => found,
+                None => recent.after(stream, loaded.revision).await,
+            };
             for _ in 0..RECENT_WAITS {
                 if !(lost_race && found.as_ref().is_some_and(Vec::is_empty)) {
                     break;
@@ -688,6 +770,7 @@ where
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
         unknown: &AtomicBool,
+        turn: Option<&SharedTurn>,
     ) -> Result<Executed<A>, Attempt<A::Error>> {
         let tries = attempted.lock().expect("attempt list poisoned").len();
         let trust = if self.recent.is_some() {
@@ -696,19 +779,21 @@ where
             self.trust_warm && tries == 0
         };
         let (mut loaded, verified) = self
-            .load(stream, trust, tries > 0)
+            .load(stream, trust, tries > 0, turn)
             .instrument(tracing::debug_span!("command.load"))
             .await
             .map_err(Attempt::Failed)?;
         let mut decided = self
-            .decide(stream, &loaded, command.clone(), ctx, attempted)
+            .decide(stream, &loaded, command.clone(), ctx, attempted, turn)
             .await;
         if !verified && !matches!(decided, Ok(Decided::Append(_))) {
             (loaded, _) = self
-                .load(stream, false, false)
+                .load(stream, false, false, None)
                 .await
                 .map_err(Attempt::Failed)?;
-            decided = self.decide(stream, &loaded, command, ctx, attempted).await;
+            decided = self
+                .decide(stream, &loaded, command, ctx, attempted, turn)
+                .await;
         }
         let commit = match decided? {
             Decided::Answer(executed) => return Ok(executed),
@@ -772,7 +857,7 @@ where
             after.snapshot_revision = after.revision;
         }
         self.keep_warm(stream, after);
-        self.after_append(stored).await;
+        self.after_append(stored, turn).await;
         Ok(Executed {
             commit,
             replayed: false,
@@ -790,6 +875,7 @@ where
         command: A::Command,
         ctx: &CommandContext,
         attempted: &Mutex<Vec<(String, Revision)>>,
+        turn: Option<&SharedTurn>,
     ) -> Result<Decided<A>, Attempt<A::Error>> {
         loaded
             .state
@@ -801,7 +887,7 @@ where
             .await
             .map_err(Attempt::Failed)?;
         if let Some(commit) = ours {
-            return Ok(Decided::Answer(self.adopt(commit, loaded).await));
+            return Ok(Decided::Answer(self.adopt(commit, loaded, turn).await));
         }
         let honour_keys = !self.faults.has(Fault::ApplyRetriesTwice);
         if let Some((key, fingerprint)) = ctx.idempotency.as_ref().filter(|_| honour_keys) {
@@ -904,15 +990,21 @@ where
     }
 
     /// The fast path to projections. A failure never fails the command: the commit is
-    /// durable, its outbox entry stays, and the relay publishes it later.
-    async fn after_append(&self, stored: StoredCommit) {
+    /// durable, its outbox entry stays, and the relay publishes it later. The commit is
+    /// remembered in the recent commits now, or — with [`TurnsWithRecent`] and the
+    /// stream's turn held — as the turn is given back.
+    async fn after_append(&self, stored: StoredCommit, turn: Option<&SharedTurn>) {
         if self.faults.has(Fault::CrashAfterAppend) {
             tracing::error!(stream = %stored.stream, revision = %stored.revision,
                 "fault injection: crashing after the append, before the publish");
             std::process::abort();
         }
-        if let Some(recent) = &self.recent {
-            recent.remember(&stored).await;
+        match (turn, &self.handover, &self.recent) {
+            (Some(turn), Some(_), _) => {
+                *turn.handed.lock().expect("turn poisoned") = Some(stored.clone());
+            }
+            (_, _, Some(recent)) => recent.remember(&stored).await,
+            _ => {}
         }
         let publisher = self.publisher.clone();
         let outbox = self.outbox.clone();

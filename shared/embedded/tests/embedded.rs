@@ -1437,7 +1437,6 @@ impl tally_es::StreamTurns for Turns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn processes_that_take_turns_on_a_stream_do_not_race_for_its_revisions() {
-    use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (_, counting) = Counting::open(dir.path());
     let (recent, turns) = (Arc::new(Recent::default()), Arc::new(Turns::default()));
@@ -1448,11 +1447,20 @@ async fn processes_that_take_turns_on_a_stream_do_not_race_for_its_revisions() {
                 .with_stream_turns(turns.clone()),
         )
     };
-    let (a, b) = (process(), process());
+    two_processes_deposit_at_once_without_racing(process(), process(), &counting).await;
+}
+
+/// Two processes warm on one stream, then 2 × 25 deposits at once: none of their
+/// appends loses a race, and the stream ends as the deposits make it.
+async fn two_processes_deposit_at_once_without_racing(
+    a: Arc<CommandHandler<Account>>,
+    b: Arc<CommandHandler<Account>>,
+    counting: &Counting,
+) {
+    use std::sync::atomic::Ordering;
     let policy = AmountPolicy::new(Currency::USD, 1_000_000_00);
     let id = AccountId::parse("turns").unwrap();
     open_account(&a, &id).await;
-    // Both processes warm, then 2 × 25 deposits at once.
     b.execute(
         id.stream_id(),
         AccountCommand::Deposit {
@@ -1486,6 +1494,102 @@ async fn processes_that_take_turns_on_a_stream_do_not_race_for_its_revisions() {
     let (state, revision) = a.load_from_store(id.stream_id()).await.unwrap();
     assert_eq!(revision, Revision::new(52));
     assert_eq!(state.balance_money().minor, 51_00);
+}
+
+/// [`Recent`] and [`Turns`] as one [`tally_es::TurnsWithRecent`], counting how each is
+/// reached: through the combined calls, or one by one.
+#[derive(Default)]
+struct Both {
+    recent: Recent,
+    turns: Turns,
+    /// Calls of `after` and `remember` on their own.
+    apart: std::sync::atomic::AtomicUsize,
+    /// Turns taken with a read, and given back with a commit.
+    taken_reading: std::sync::atomic::AtomicUsize,
+    given_back_with_a_commit: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl tally_es::RecentCommits for Both {
+    async fn after(&self, stream: &StreamId, after: Revision) -> Option<Vec<StoredCommit>> {
+        self.apart.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.recent.after(stream, after).await
+    }
+    async fn head(&self, stream: &StreamId) -> Option<Revision> {
+        self.recent.head(stream).await
+    }
+    async fn remember(&self, commit: &StoredCommit) {
+        self.apart.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.recent.remember(commit).await
+    }
+}
+
+#[async_trait::async_trait]
+impl tally_es::StreamTurns for Both {
+    async fn take(&self, stream: &StreamId, patience: std::time::Duration) -> Option<String> {
+        tally_es::StreamTurns::take(&self.turns, stream, patience).await
+    }
+    async fn give_back(&self, stream: &StreamId, token: &str) {
+        tally_es::StreamTurns::give_back(&self.turns, stream, token).await
+    }
+}
+
+#[async_trait::async_trait]
+impl tally_es::TurnsWithRecent for Both {
+    async fn take_reading(
+        &self,
+        stream: &StreamId,
+        patience: std::time::Duration,
+        after: Revision,
+    ) -> Option<(String, Option<Vec<StoredCommit>>)> {
+        use tally_es::{RecentCommits, StreamTurns};
+        let token = self.turns.take(stream, patience).await?;
+        self.taken_reading
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some((token, self.recent.after(stream, after).await))
+    }
+    async fn remember_giving_back(
+        &self,
+        stream: &StreamId,
+        token: &str,
+        commit: Option<&StoredCommit>,
+    ) {
+        use tally_es::{RecentCommits, StreamTurns};
+        if let Some(commit) = commit {
+            self.given_back_with_a_commit
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.recent.remember(commit).await;
+        }
+        self.turns.give_back(stream, token).await
+    }
+}
+
+/// With turns and the record as one, each command takes its turn together with what
+/// the record holds after its warm state, and remembers its commit as it gives the turn
+/// back: no call reaches the record on its own, and no append loses a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_whose_turns_hand_over_the_recent_commits_reach_them_with_the_turns() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counting) = Counting::open(dir.path());
+    let both = Arc::new(Both::default());
+    let process = || {
+        Arc::new(
+            CommandHandler::<Account>::new(counting.clone(), Arc::new(InProcessStream::new(64)))
+                .with_turns_and_recent(both.clone()),
+        )
+    };
+    let (a, b) = (process(), process());
+    two_processes_deposit_at_once_without_racing(a, b, &counting).await;
+    // The opening and b's first deposit found nothing warm: their turns came without a
+    // read, and a cold load read the store. The 50 deposits after were warm.
+    assert_eq!(both.taken_reading.load(Ordering::SeqCst), 50);
+    assert_eq!(both.given_back_with_a_commit.load(Ordering::SeqCst), 52);
+    assert_eq!(
+        both.apart.load(Ordering::SeqCst),
+        0,
+        "the record was reached only with the turns"
+    );
 }
 
 /// Records the name of every span opened.

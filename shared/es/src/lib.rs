@@ -42,6 +42,6 @@ pub use snapshot::{RememberedKey, Snapshot, SnapshotStore};
 pub use store::{
     check_contiguous, error_chain, outbox_name, AppendError, Compact, Compacted, Delivery,
     EventPublisher, EventStore, EventStream, KeyStore, Outbox, OutboxEntry, PublishError,
-    RecentCommits, Revocations, StoreError, StreamTurns, Subscription,
+    RecentCommits, Revocations, StoreError, StreamTurns, Subscription, TurnsWithRecent,
 };
 pub use upcast::{decode_event, ChainError, Upcaster, Upcasters};

@@ -251,6 +251,33 @@ pub trait StreamTurns: Send + Sync + 'static {
     async fn give_back(&self, stream: &StreamId, token: &str);
 }
 
+/// [`StreamTurns`] kept together with the [`RecentCommits`] that a turn hands over, so
+/// that each end of a turn is one round trip instead of two: the turn is taken together
+/// with what the record holds after the taker's state, and given back together with
+/// the commit made during it (remembered before the turn is free, as the next holder
+/// expects). What each half does is what the two traits' methods do one after the
+/// other.
+#[async_trait]
+pub trait TurnsWithRecent: StreamTurns + RecentCommits {
+    /// [`StreamTurns::take`]; with the turn, what [`RecentCommits::after`] answers for
+    /// `after`, read as the turn was taken. `None` when the turn could not be had.
+    async fn take_reading(
+        &self,
+        stream: &StreamId,
+        patience: std::time::Duration,
+        after: Revision,
+    ) -> Option<(String, Option<Vec<StoredCommit>>)>;
+
+    /// [`RecentCommits::remember`] `commit` (if there is one), then
+    /// [`StreamTurns::give_back`] the turn taken with `token`.
+    async fn remember_giving_back(
+        &self,
+        stream: &StreamId,
+        token: &str,
+        commit: Option<&StoredCommit>,
+    );
+}
+
 /// What a subscription delivers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Delivery {

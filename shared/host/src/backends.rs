@@ -449,14 +449,11 @@ impl Host {
                 }
                 // Functions share their streams (one per command, and the saga): they
                 // take turns per stream and catch warm streams up through Redis rather
-                // than racing and reading the store.
+                // than racing and reading the store, a turn and the record in one round
+                // trip each way.
                 if let Some(recent) = &recent {
-                    commands = commands
-                        .with_recent_commits(recent.clone())
-                        .with_stream_turns(recent.clone());
-                    transfers = transfers
-                        .with_recent_commits(recent.clone())
-                        .with_stream_turns(recent.clone());
+                    commands = commands.with_turns_and_recent(recent.clone());
+                    transfers = transfers.with_turns_and_recent(recent.clone());
                 }
                 (
                     Arc::new(kafka.clone()),

@@ -4,7 +4,11 @@
 //! Turns ([`StreamTurns`], also [`RecentInRedis`]): `{prefix}turn:{store}:{stream}` holds
 //! the token of the process whose command on the stream goes now (`SET NX PX`, lapsing
 //! after [`TURN_LEASE`]); the others poll for it, and give up waiting (going ahead
-//! without) after the command handler's patience or as soon as Redis fails.
+//! without) after the command handler's patience or as soon as Redis fails. As
+//! [`TurnsWithRecent`], a turn is taken together with a read of the stream's recent
+//! commits ([`TAKE_READING`]) and given back together with the commit made in it
+//! ([`REMEMBER_GIVING_BACK`]): one round trip each way, each a Lua script over the
+//! turn's key and the record's (on a Redis Cluster the two would need one hash slot).
 //!
 //! Recent commits ([`RecentInRedis`]): `{prefix}recent:{store}:{stream}` is a sorted set
 //! of the stream's newest [`RECENT_KEPT`] commits (their stored JSON, scored by
@@ -47,6 +51,7 @@ use tally_app::{Cache, CachedBalance, FillToken, Lookup};
 use tally_domain::{AccountId, Currency};
 use tally_es::{
     RecentCommits, Revision, Revocations, StoreError, StoredCommit, StreamId, StreamTurns,
+    TurnsWithRecent,
 };
 use tokio::sync::Mutex;
 
@@ -108,6 +113,30 @@ pub const TURN_LEASE: Duration = Duration::from_secs(10);
 const GIVE_BACK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"#;
+
+/// Take the turn `KEYS[1]` with token `ARGV[1]` for `ARGV[2]` ms (as `take`'s `SET NX
+/// PX`); if taken, also what the record `KEYS[2]` holds after revision `ARGV[3]` and
+/// whether there is a record (as `after`'s pipeline): `{1, known, commits}`, or
+/// `{0, 0, {}}` when the turn is another's.
+const TAKE_READING: &str = r#"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0, 0, {}} end
+return {1, redis.call('EXISTS', KEYS[2]),
+        redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[3], '+inf')}
+"#;
+
+/// Remember commit `ARGV[3]` at revision `ARGV[2]` in the record `KEYS[2]` (as
+/// `remember`'s pipeline: the newest `ARGV[4]` kept, for `ARGV[5]` seconds) unless
+/// `ARGV[2]` is empty, then give the turn `KEYS[1]` back if it is still token
+/// `ARGV[1]`'s (as [`GIVE_BACK`]).
+const REMEMBER_GIVING_BACK: &str = r#"
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 "#;
 
 /// How a write treats an absent entry.
@@ -417,6 +446,8 @@ pub struct RecentInRedis {
     /// `{prefix}turn:{store}:`.
     turn_keys: String,
     give_back_script: Script,
+    take_reading_script: Script,
+    remember_giving_back_script: Script,
     /// Records a remember failed to extend: deleted as soon as Redis answers again, so
     /// that none shows a head older than a commit it missed (a projector's sweep would
     /// take that stream for one in step with the read model).
@@ -434,6 +465,8 @@ impl RecentInRedis {
             keys,
             turn_keys,
             give_back_script: Script::new(GIVE_BACK),
+            take_reading_script: Script::new(TAKE_READING),
+            remember_giving_back_script: Script::new(REMEMBER_GIVING_BACK),
             stale: std::sync::Mutex::default(),
         }
     }
@@ -483,20 +516,7 @@ impl RecentCommits for RecentInRedis {
                     .await
             })
             .await?;
-        if !known {
-            return None;
-        }
-        let commits = newer
-            .iter()
-            .map(|b| StoredCommit::from_bytes(b))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tracing::warn!(%stream, error = %e, "unreadable recent commit in redis"))
-            .ok()?;
-        // A hole (a commit whose write never reached Redis) cannot be told from the
-        // end of the stream: read the store.
-        let contiguous: Result<(), StoreError> =
-            tally_es::check_contiguous(stream, after.next(), &commits);
-        contiguous.ok().map(|()| commits)
+        read_after(stream, after, known, &newer)
     }
 
     async fn head(&self, stream: &StreamId) -> Option<Revision> {
@@ -541,33 +561,25 @@ impl RecentCommits for RecentInRedis {
     }
 }
 
-#[async_trait]
-impl StreamTurns for RecentInRedis {
-    async fn take(&self, stream: &StreamId, patience: Duration) -> Option<String> {
-        let key = self.turn_key(stream);
-        let token = format!("{:016x}", fastrand::u64(..));
-        let lease = u64::try_from(TURN_LEASE.as_millis()).unwrap_or(u64::MAX);
+impl RecentInRedis {
+    /// Poll `try_once` for `stream`'s turn until it is had (`Some(Some(_))`), Redis
+    /// fails (`None`), or `patience` would run out, pausing 2 ms at first and up to
+    /// 20 ms.
+    async fn poll_turn<T, F, Fut>(
+        &self,
+        stream: &StreamId,
+        patience: Duration,
+        mut try_once: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<Option<T>>>,
+    {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
-            let taken: Option<String> = self
-                .redis
-                .with(|mut c| {
-                    let (key, token) = (key.clone(), token.clone());
-                    async move {
-                        redis::cmd("SET")
-                            .arg(key)
-                            .arg(token)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(lease)
-                            .query_async::<Option<String>>(&mut c)
-                            .await
-                    }
-                })
-                .await?;
-            if taken.is_some() {
-                return Some(token);
+            if let Some(taken) = try_once().await? {
+                return Some(taken);
             }
             if started.elapsed() + pause > patience {
                 tracing::debug!(%stream, "no turn within the patience; going ahead without");
@@ -576,6 +588,44 @@ impl StreamTurns for RecentInRedis {
             tokio::time::sleep(pause).await;
             pause = (pause * 3 / 2).min(Duration::from_millis(20));
         }
+    }
+}
+
+/// [`TURN_LEASE`] in milliseconds, as `PX` takes it.
+fn lease_ms() -> u64 {
+    u64::try_from(TURN_LEASE.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A new turn's token.
+fn turn_token() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+#[async_trait]
+impl StreamTurns for RecentInRedis {
+    async fn take(&self, stream: &StreamId, patience: Duration) -> Option<String> {
+        let (key, token) = (self.turn_key(stream), turn_token());
+        self.poll_turn(stream, patience, || {
+            let (key, token) = (key.clone(), token.clone());
+            async move {
+                let taken: Option<String> = self
+                    .redis
+                    .with(|mut c| async move {
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(token)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(lease_ms())
+                            .query_async::<Option<String>>(&mut c)
+                            .await
+                    })
+                    .await?;
+                Some(taken.map(|_| ()))
+            }
+        })
+        .await
+        .map(|()| token)
     }
 
     async fn give_back(&self, stream: &StreamId, token: &str) {
@@ -589,6 +639,110 @@ impl StreamTurns for RecentInRedis {
             })
             .await;
     }
+}
+
+/// One round trip each way: [`TAKE_READING`] and [`REMEMBER_GIVING_BACK`].
+#[async_trait]
+impl TurnsWithRecent for RecentInRedis {
+    async fn take_reading(
+        &self,
+        stream: &StreamId,
+        patience: Duration,
+        after: Revision,
+    ) -> Option<(String, Option<Vec<StoredCommit>>)> {
+        let (turn, record) = (self.turn_key(stream), self.recent_key(stream));
+        let token = turn_token();
+        let (known, newer) = self
+            .poll_turn(stream, patience, || {
+                let (turn, record, token) = (turn.clone(), record.clone(), token.clone());
+                let script = self.take_reading_script.clone();
+                async move {
+                    let (taken, known, newer): (i64, i64, Vec<Vec<u8>>) = self
+                        .redis
+                        .with(|mut c| async move {
+                            script
+                                .key(turn)
+                                .key(record)
+                                .arg(token)
+                                .arg(lease_ms())
+                                .arg(after.get())
+                                .invoke_async(&mut c)
+                                .await
+                        })
+                        .await?;
+                    Some((taken == 1).then_some((known == 1, newer)))
+                }
+            })
+            .await?;
+        let found = read_after(stream, after, known, &newer);
+        Some((token, found))
+    }
+
+    /// A remember that fails marks the stream's record stale, as
+    /// [`RecentCommits::remember`] does.
+    async fn remember_giving_back(
+        &self,
+        stream: &StreamId,
+        token: &str,
+        commit: Option<&StoredCommit>,
+    ) {
+        if commit.is_some() {
+            self.forget_stale().await;
+        }
+        let (turn, record) = (self.turn_key(stream), self.recent_key(stream));
+        let (score, body) = match commit {
+            Some(commit) => (commit.revision.get().to_string(), commit.to_bytes()),
+            None => (String::new(), Vec::new()),
+        };
+        let script = self.remember_giving_back_script.clone();
+        let done: Option<i64> = self
+            .redis
+            .with(|mut c| {
+                let (record, token) = (record.clone(), token.to_owned());
+                async move {
+                    script
+                        .key(turn)
+                        .key(record)
+                        .arg(token)
+                        .arg(score)
+                        .arg(body)
+                        .arg(RECENT_KEPT)
+                        .arg(RECENT_TTL_SECONDS)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await;
+        if done.is_none() && commit.is_some() {
+            if let Ok(mut stale) = self.stale.lock() {
+                stale.insert(record);
+            }
+        }
+    }
+}
+
+/// What the record of `stream` says after `after`, from its commits scored after it
+/// (`newer`) and whether it exists (`known`); see [`RecentCommits::after`].
+fn read_after(
+    stream: &StreamId,
+    after: Revision,
+    known: bool,
+    newer: &[Vec<u8>],
+) -> Option<Vec<StoredCommit>> {
+    if !known {
+        return None;
+    }
+    let commits = newer
+        .iter()
+        .map(|b| StoredCommit::from_bytes(b))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tracing::warn!(%stream, error = %e, "unreadable recent commit in redis"))
+        .ok()?;
+    // A hole (a commit whose write never reached Redis) cannot be told from the end of
+    // the stream: read the store.
+    let contiguous: Result<(), StoreError> =
+        tally_es::check_contiguous(stream, after.next(), &commits);
+    contiguous.ok().map(|()| commits)
 }
 
 /// The record of destroyed data keys ([`Revocations`], read by `tally_vault::KeptKeys`
