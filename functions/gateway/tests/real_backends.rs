@@ -1610,20 +1610,12 @@ async fn outbox_entries_recorded_together_share_one_object_and_a_relay_finishes_
     );
 }
 
-#[tokio::test]
-async fn redis_holds_the_newest_commits_of_each_stream_of_each_store_and_says_when_it_cannot_tell()
-{
-    use tally_es::{Commit, CommitMetadata, RecentCommits, StoredCommit};
-    let redis = PrivateService::redis().await;
-    let cache = std::sync::Arc::new(
-        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
-    );
-    let recent = tally_redis::RecentInRedis::new(cache.clone(), "s3:one");
-    let other_store = tally_redis::RecentInRedis::new(cache, "s3:two");
-    let stream = StreamId::parse("recent").unwrap();
+/// The commits of a test stream: `revision` deposits 1 (the time of each the same, so
+/// that one made twice is equal).
+fn deposits_of(stream: &StreamId) -> impl Fn(u64) -> tally_es::StoredCommit + '_ {
     let at = time::OffsetDateTime::now_utc();
-    let commit = |revision: u64| -> StoredCommit {
-        Commit::new(
+    move |revision| {
+        tally_es::Commit::new(
             stream.clone(),
             Revision::new(revision),
             at,
@@ -1631,10 +1623,24 @@ async fn redis_holds_the_newest_commits_of_each_stream_of_each_store_and_says_wh
                 amount: 1,
                 balance: revision as i64,
             }],
-            CommitMetadata::default(),
+            tally_es::CommitMetadata::default(),
         )
         .encode()
-    };
+    }
+}
+
+#[tokio::test]
+async fn redis_holds_the_newest_commits_of_each_stream_of_each_store_and_says_when_it_cannot_tell()
+{
+    use tally_es::RecentCommits;
+    let redis = PrivateService::redis().await;
+    let cache = std::sync::Arc::new(
+        tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
+    );
+    let recent = tally_redis::RecentInRedis::new(cache.clone(), "s3:one");
+    let other_store = tally_redis::RecentInRedis::new(cache, "s3:two");
+    let stream = StreamId::parse("recent").unwrap();
+    let commit = deposits_of(&stream);
     assert_eq!(
         recent.after(&stream, Revision::ZERO).await,
         None,
@@ -1717,7 +1723,7 @@ async fn a_stream_turn_in_redis_is_one_process_s_until_it_gives_it_back() {
 /// way: what `take` then `after`, and `remember` then `give_back`, do one by one.
 #[tokio::test]
 async fn a_stream_turn_in_redis_comes_with_the_recent_commits_and_gives_the_next_one_back() {
-    use tally_es::{Commit, CommitMetadata, RecentCommits, StoredCommit, TurnsWithRecent};
+    use tally_es::{RecentCommits, TurnsWithRecent};
     let mut redis = PrivateService::redis().await;
     let cache = std::sync::Arc::new(
         tally_redis::RedisCache::new(&format!("redis://{}", redis.address()), "t:").unwrap(),
@@ -1725,20 +1731,7 @@ async fn a_stream_turn_in_redis_comes_with_the_recent_commits_and_gives_the_next
     let one = std::sync::Arc::new(tally_redis::RecentInRedis::new(cache.clone(), "s3:one"));
     let other = std::sync::Arc::new(tally_redis::RecentInRedis::new(cache, "s3:one"));
     let stream = StreamId::parse("handed").unwrap();
-    let at = time::OffsetDateTime::now_utc();
-    let commit = |revision: u64| -> StoredCommit {
-        Commit::new(
-            stream.clone(),
-            Revision::new(revision),
-            at,
-            vec![tally_domain::AccountEvent::Deposited {
-                amount: 1,
-                balance: revision as i64,
-            }],
-            CommitMetadata::default(),
-        )
-        .encode()
-    };
+    let commit = deposits_of(&stream);
     let patience = Duration::from_millis(150);
     let (token, found) = one
         .take_reading(&stream, patience, Revision::ZERO)
