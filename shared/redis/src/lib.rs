@@ -125,17 +125,17 @@ return {1, redis.call('EXISTS', KEYS[2]),
         redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[3], '+inf')}
 "#;
 
-/// Remember commit `ARGV[3]` at revision `ARGV[2]` in the record `KEYS[2]` (as
-/// `remember`'s pipeline: the newest `ARGV[4]` kept, for `ARGV[5]` seconds) unless
-/// `ARGV[2]` is empty, then give the turn `KEYS[1]` back if it is still token
-/// `ARGV[1]`'s (as [`GIVE_BACK`]).
+/// Remember commit `ARGV[3]` at revision `ARGV[2]` in the record `KEYS[2]` (the newest
+/// `ARGV[4]` kept, for `ARGV[5]` seconds after the last) unless `ARGV[2]` is empty, then
+/// give the turn `KEYS[1]` back if it is still token `ARGV[1]`'s (as [`GIVE_BACK`])
+/// unless `ARGV[1]` is empty: `remember` and `remember_giving_back` both.
 const REMEMBER_GIVING_BACK: &str = r#"
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
@@ -533,31 +533,8 @@ impl RecentCommits for RecentInRedis {
     /// A remember that fails marks the stream's record stale: it is deleted once
     /// Redis answers again (see `stale`).
     async fn remember(&self, commit: &StoredCommit) {
-        self.forget_stale().await;
-        let key = self.recent_key(&commit.stream);
-        let (score, body) = (commit.revision.get(), commit.to_bytes());
-        let written: Option<()> = self
-            .redis
-            .with(|mut c| {
-                let key = key.clone();
-                async move {
-                    redis::pipe()
-                        .zadd(&key, body, score)
-                        .ignore()
-                        .zremrangebyrank(&key, 0, -(RECENT_KEPT + 1))
-                        .ignore()
-                        .expire(&key, RECENT_TTL_SECONDS)
-                        .ignore()
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await;
-        if written.is_none() {
-            if let Ok(mut stale) = self.stale.lock() {
-                stale.insert(key);
-            }
-        }
+        self.remember_then_give_back(&commit.stream, Some(commit), None)
+            .await
     }
 }
 
@@ -686,6 +663,21 @@ impl TurnsWithRecent for RecentInRedis {
         token: &str,
         commit: Option<&StoredCommit>,
     ) {
+        self.remember_then_give_back(stream, commit, Some(token))
+            .await
+    }
+}
+
+impl RecentInRedis {
+    /// [`REMEMBER_GIVING_BACK`]: remember `commit` if there is one, then give back the
+    /// turn taken with `token` if there is one. A remember that fails marks the
+    /// stream's record stale: it is deleted once Redis answers again (see `stale`).
+    async fn remember_then_give_back(
+        &self,
+        stream: &StreamId,
+        commit: Option<&StoredCommit>,
+        token: Option<&str>,
+    ) {
         if commit.is_some() {
             self.forget_stale().await;
         }
@@ -694,11 +686,12 @@ impl TurnsWithRecent for RecentInRedis {
             Some(commit) => (commit.revision.get().to_string(), commit.to_bytes()),
             None => (String::new(), Vec::new()),
         };
+        let token = token.unwrap_or_default().to_owned();
         let script = self.remember_giving_back_script.clone();
         let done: Option<i64> = self
             .redis
             .with(|mut c| {
-                let (record, token) = (record.clone(), token.to_owned());
+                let record = record.clone();
                 async move {
                     script
                         .key(turn)
